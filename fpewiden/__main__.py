@@ -1,0 +1,3 @@
+from fpewiden.cli import main
+
+main()

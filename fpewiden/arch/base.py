@@ -1,0 +1,22 @@
+"""The interface between architecture adapters and the FPE transform."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PairSpec:
+    """Tensor names of one expandable pair.
+
+    `in_weights` are neuron-major unless `transposed` (GPT-2's Conv1D stores (inputs, neurons) and
+    (neurons, outputs)). Several incoming weights (gate and up of a gated MLP) share one partition.
+    `config_key` is the dotted config.json path that holds this pair's width, for Hugging Face models.
+    """
+
+    name: str
+    in_weights: tuple[str, ...]
+    in_biases: tuple[str | None, ...]
+    out_weight: str
+    transposed: bool = False
+    config_key: str | None = None

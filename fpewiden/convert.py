@@ -1,0 +1,412 @@
+"""`fpewiden convert`: stream a checkpoint pair by pair through FPE and write a widened copy.
+
+Every output shape is known before any value is computed, so each output file's header is written first and
+tensors are filled in as their pairs finish; untouched tensors are copied byte for byte. Peak memory is one
+layer pair. All files go to a temporary path and are renamed into place only when everything succeeded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fpewiden import __version__
+from fpewiden.arch import PairSpec, find_pairs
+from fpewiden.arch.hf import config_activation, set_config_width
+from fpewiden.errors import FpewidenError
+from fpewiden.fpe.expand import Pair, check_fan_in, widen
+from fpewiden.fpe.splits import feature_assignment, group_assignment, random_assignment
+from fpewiden.io.atomic import atomic_dir, atomic_file, check_output
+from fpewiden.io.checkpoint import (
+    MASK_PREFIX,
+    MASKS_FILE,
+    META_PREFIX,
+    Checkpoint,
+    open_checkpoint,
+    pack_mask,
+    packed_size,
+)
+from fpewiden.io.safetensors_stream import StreamingWriter
+
+SPLITS = ("random", "clause", "feature")
+ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """`same` (the pre-conversion non-zero count), an absolute count, or a fraction of the original count."""
+
+    kind: str
+    value: float = 0.0
+
+    @staticmethod
+    def parse(text: str) -> Budget:
+        t = text.strip().lower()
+        if t == "same":
+            return Budget("same")
+        try:
+            if re.fullmatch(r"\d+", t):
+                return Budget("count", int(t))
+            v = float(t)
+        except ValueError:
+            v = -1.0
+        if not 0.0 < v <= 1.0:
+            raise FpewidenError(f"--budget {text!r}: expected 'same', a non-zero count, or a fraction in (0, 1]")
+        return Budget("fraction", v)
+
+    def total(self, original: int) -> int:
+        if self.kind == "same":
+            return original
+        if self.kind == "count":
+            return int(self.value)
+        return round(self.value * original)
+
+    def __str__(self) -> str:
+        return "same" if self.kind == "same" else (str(int(self.value)) if self.kind == "count" else str(self.value))
+
+
+@dataclass
+class ConvertOptions:
+    alpha: int
+    split: str = "random"
+    clauses: list[list[int]] | None = None
+    budget: Budget = field(default_factory=lambda: Budget("same"))
+    seed: int = 0
+    targets: list[str] = field(default_factory=list)
+    activation: str = "relu"
+
+
+@dataclass
+class LayerReport:
+    name: str
+    neurons_before: int
+    neurons_after: int
+    nnz_before: int
+    nnz_after: int
+
+
+def pair_seed(seed: int, name: str) -> int:
+    """Each layer's partition depends only on the seed and the layer's name, not on which others are converted."""
+    return int(hashlib.sha256(f"{seed}:{name}".encode()).hexdigest()[:15], 16)
+
+
+def largest_remainder(total: int, weights: list[int]) -> list[int]:
+    """Integers proportional to `weights` that sum to `total` exactly."""
+    s = sum(weights)
+    if s == 0:
+        return [0] * len(weights)
+    raw = [total * w / s for w in weights]
+    base = [int(r // 1) for r in raw]
+    rest = total - sum(base)
+    order = sorted(range(len(raw)), key=lambda i: (-(raw[i] - base[i]), i))
+    for i in order[:rest]:
+        base[i] += 1
+    return base
+
+
+def load_clauses(path: Path) -> list[list[int]]:
+    if not path.is_file():
+        raise FpewidenError(f"no such clauses file: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise FpewidenError(f"{path} is not valid JSON (expected a list of lists of input indices)") from None
+    if isinstance(data, dict) and "clauses" in data:
+        data = data["clauses"]
+    ok = isinstance(data, list) and data and all(
+        isinstance(c, list) and c and all(isinstance(j, int) and not isinstance(j, bool) for j in c) for c in data
+    )
+    if not ok:
+        raise FpewidenError(f"{path}: expected a non-empty JSON list of non-empty lists of input indices")
+    return data
+
+
+def select_pairs(ck: Checkpoint, targets: list[str]) -> tuple[list[PairSpec], list[PairSpec]]:
+    pairs = find_pairs(ck)
+    if not targets:
+        return pairs, pairs
+    try:
+        pats = [re.compile(t) for t in targets]
+    except re.error as e:
+        raise FpewidenError(f"--targets: invalid regular expression ({e})") from None
+    chosen = [p for p in pairs if any(r.search(p.name) for r in pats)]
+    if not chosen:
+        names = ", ".join(p.name for p in pairs[:8])
+        raise FpewidenError(f"--targets matched no expandable layer; layers are: {names}")
+    if ck.kind == "hf":
+        for key in {p.config_key for p in pairs}:
+            group = [p for p in pairs if p.config_key == key]
+            n = sum(p in chosen for p in group)
+            if 0 < n < len(group):
+                raise FpewidenError(
+                    f"--targets selects {n} of the {len(group)} layers sized by config '{key}'; transformers "
+                    "models have one width per config field, so select all of them or none"
+                )
+    return pairs, chosen
+
+
+def _neuron_major(t: torch.Tensor, transposed: bool) -> torch.Tensor:
+    return t.T if transposed else t
+
+
+def _check_finite(name: str, t: torch.Tensor) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise FpewidenError(f"{name} holds NaN or Inf values; fix the checkpoint before converting")
+
+
+def _assignment(opts: ConvertOptions, pair: Pair, gen: torch.Generator) -> torch.Tensor:
+    support = pair.support()
+    if opts.split == "random":
+        return random_assignment(support, opts.alpha, gen)
+    if opts.split == "clause":
+        assert opts.clauses is not None
+        return group_assignment(support, opts.alpha, opts.clauses, gen)
+    return feature_assignment(_feature_source(pair), support, opts.alpha, gen)
+
+
+def _feature_source(pair: Pair) -> torch.Tensor:
+    """The incoming weights whose Gram matrix defines input clusters; gate and up both count for gated MLPs."""
+    if len(pair.w_in) == 1:
+        return pair.w_in[0]
+    return torch.cat([w.to(torch.float32) for w in pair.w_in], dim=0)
+
+
+class _Plan:
+    """Output shapes, which pair finalises which tensor, and the non-zero reduction each pair owes."""
+
+    def __init__(self, ck: Checkpoint, chosen: list[PairSpec], alpha: int):
+        self.shapes = dict(ck.shapes)
+        self.last_use: dict[str, int] = {}
+        for k, p in enumerate(chosen):
+            for w, b in zip(p.in_weights, p.in_biases, strict=True):
+                s = self.shapes[w]
+                self.shapes[w] = (s[0], s[1] * alpha) if p.transposed else (s[0] * alpha, s[1])
+                if b:
+                    self.shapes[b] = (self.shapes[b][0] * alpha,)
+                self.last_use[w] = k
+            s = self.shapes[p.out_weight]
+            self.shapes[p.out_weight] = (s[0] * alpha, s[1]) if p.transposed else (s[0], s[1] * alpha)
+            self.last_use[p.out_weight] = k
+
+    def owned(self, chosen: list[PairSpec]) -> list[list[str]]:
+        """Partition the touched matrices among pairs: a matrix belongs to the pair that reads it as input."""
+        ins = {w for p in chosen for w in p.in_weights}
+        return [[*p.in_weights, *([p.out_weight] if p.out_weight not in ins else [])] for p in chosen]
+
+
+def _count_nnz(ck: Checkpoint, names: list[str]) -> dict[str, int]:
+    return {n: int(ck.support(n).sum()) for n in names}
+
+
+def convert(
+    src: Path, dst: Path, opts: ConvertOptions, on_pair: Callable[[str, int, int], None] | None = None
+) -> dict:
+    """Convert `src` into `dst`; returns a report (per layer neurons and non-zeros, totals, metadata)."""
+    if opts.alpha < 2:
+        raise FpewidenError(f"--alpha must be at least 2 (got {opts.alpha})")
+    if opts.split not in SPLITS:
+        raise FpewidenError(f"--split {opts.split!r}: choose one of {', '.join(SPLITS)}")
+    if opts.split == "clause" and opts.clauses is None:
+        raise FpewidenError("--split clause needs --clauses FILE")
+    ck = open_checkpoint(src)
+    check_output(dst, [src])
+    if ck.kind == "mlp" and dst.suffix != ".safetensors":
+        raise FpewidenError(f"--out {dst}: MLP checkpoints are written as .safetensors; name the output *.safetensors")
+    if ck.kind == "mlp" and opts.activation not in ACTIVATIONS:
+        raise FpewidenError(f"--activation {opts.activation!r}: choose one of {', '.join(ACTIVATIONS)}")
+    pairs, chosen = select_pairs(ck, opts.targets)
+    if opts.clauses is not None and opts.split == "clause":
+        for p in chosen:
+            d = ck.shapes[p.in_weights[0]][0 if p.transposed else 1]
+            bad = [j for c in opts.clauses for j in c if not 0 <= j < d]
+            if bad:
+                raise FpewidenError(f"clause index {bad[0]} is out of range for layer {p.name}, which has {d} inputs")
+
+    plan = _Plan(ck, chosen, opts.alpha)
+    owned = plan.owned(chosen)
+    if opts.budget.kind == "same":
+        reductions = [0] * len(chosen)
+        total_before = None
+    else:
+        counts = _count_nnz(ck, [n for group in owned for n in group])
+        owned_nnz = [sum(counts[n] for n in group) for group in owned]
+        total_before = sum(owned_nnz)
+        target = opts.budget.total(total_before)
+        if target <= 0:
+            raise FpewidenError(f"--budget {opts.budget} leaves no weights (the layers hold {total_before} non-zeros)")
+        reductions = largest_remainder(total_before - target, owned_nnz)
+
+    touched = {w for p in chosen for w in (*p.in_weights, p.out_weight)}
+    mask_names = sorted(touched | set(ck.packed_masks))
+    reports: list[LayerReport] = []
+    current: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    new_biases: dict[str, torch.Tensor] = {}
+    totals = {"before": 0, "after": 0}
+
+    def process(k: int, p: PairSpec) -> None:
+        def load(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+            if name in current:
+                return current[name]
+            t = ck.get(name)
+            _check_finite(name, t)
+            m = ck.support(name, t)
+            totals["before"] += int(m.sum())
+            return t, m
+
+        loaded = [load(w) for w in p.in_weights]
+        w_out, m_out = load(p.out_weight)
+        biases = [ck.get(b) if b else None for b in p.in_biases]
+        pair = Pair(
+            [_neuron_major(w, p.transposed) for w, _ in loaded],
+            [_neuron_major(m, p.transposed) for _, m in loaded],
+            biases,
+            _neuron_major(w_out, p.transposed),
+            _neuron_major(m_out, p.transposed),
+        )
+        support = pair.support()
+        try:
+            check_fan_in(support, opts.alpha)
+        except FpewidenError as e:
+            raise FpewidenError(f"layer {p.name}: {e}") from None
+        before = pair.nnz()
+        gen = torch.Generator().manual_seed(pair_seed(opts.seed, p.name))
+        assignment = _assignment(opts, pair, gen)
+        try:
+            out = widen(pair, opts.alpha, assignment, before - reductions[k])
+        except FpewidenError as e:
+            raise FpewidenError(f"layer {p.name}: {e}") from None
+        for name, w, m in zip((*p.in_weights, p.out_weight), (*out.w_in, out.w_out), (*out.m_in, out.m_out), strict=True):
+            current[name] = (_neuron_major(w, p.transposed).contiguous(), _neuron_major(m, p.transposed).contiguous())
+        for b, nb in zip(p.in_biases, out.b_in, strict=True):
+            if b and nb is not None:
+                new_biases[b] = nb.to(ck.get(b).dtype)
+        reports.append(LayerReport(p.name, pair.neurons, pair.neurons * opts.alpha, before, out.nnz()))
+
+    activation = opts.activation
+    if ck.kind == "hf":
+        assert ck.config is not None
+        activation = config_activation(ck.config, chosen[0])
+    meta_base = {
+        "format": "pt",
+        f"{META_PREFIX}version": __version__,
+        f"{META_PREFIX}alpha": str(opts.alpha),
+        f"{META_PREFIX}split": opts.split,
+        f"{META_PREFIX}seed": str(opts.seed),
+        f"{META_PREFIX}budget_spec": str(opts.budget),
+        f"{META_PREFIX}source_sha256": ck.sha256(),
+        f"{META_PREFIX}activation": activation,
+        f"{META_PREFIX}kind": ck.kind,
+    }
+
+    def metadata() -> dict[str, str]:
+        m = dict(meta_base)
+        m[f"{META_PREFIX}budget"] = str(totals["after"])
+        m[f"{META_PREFIX}nnz_before"] = str(totals["before"])
+        m[f"{META_PREFIX}layers"] = json.dumps([r.__dict__ for r in reports])
+        m[f"{META_PREFIX}pairs"] = json.dumps(
+            [{"name": p.name, "in": list(p.in_weights), "in_bias": list(p.in_biases), "out": p.out_weight,
+              "transposed": p.transposed} for p in chosen]
+        )
+        if ck.kind == "mlp":
+            first = ck.shapes[pairs[0].in_weights[0]]
+            widths = [first[1], *[plan.shapes[p.in_weights[0]][0] for p in pairs], plan.shapes[pairs[-1].out_weight][0]]
+            m[f"{META_PREFIX}widths"] = json.dumps(widths)
+        return m
+
+    by_file: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}
+    for name in ck.shapes:
+        by_file.setdefault(ck.file_of[name], {})[name] = (ck.dtypes[name], plan.shapes[name])
+    mask_layout = {f"{MASK_PREFIX}{n}": ("U8", (packed_size(plan.shapes[n]),)) for n in mask_names}
+    reserve = 4096 + 512 * len(chosen)
+
+    def write_all(weights_path: Callable[[str], Path], masks_path: Path | None) -> None:
+        """Fill every output file; masks go inside the single weights file when `masks_path` is None."""
+        if masks_path is None:
+            (only,) = by_file
+            by_file[only].update(mask_layout)
+        writers = {f: StreamingWriter(weights_path(f), layout, meta_base, reserve) for f, layout in by_file.items()}
+        if masks_path is not None:
+            writers[MASKS_FILE] = StreamingWriter(masks_path, mask_layout, meta_base, reserve)
+        mask_file = MASKS_FILE if masks_path is not None else next(iter(by_file))
+        try:
+            written: set[str] = set()
+            packed = dict(ck.packed_masks)
+            for k, p in enumerate(chosen):
+                process(k, p)
+                if on_pair:
+                    on_pair(p.name, k + 1, len(chosen))
+                for name in [n for n in current if plan.last_use[n] <= k]:
+                    w, m = current.pop(name)
+                    writers[ck.file_of[name]].write(name, w)
+                    packed[name] = pack_mask(m)
+                    totals["after"] += int(m.sum())
+                    written.add(name)
+            for name, b in new_biases.items():
+                writers[ck.file_of[name]].write(name, b)
+                written.add(name)
+            for name in ck.shapes:
+                if name in written:
+                    continue
+                if name in ck.headers:
+                    writers[ck.file_of[name]].copy_raw(name, ck.headers[name], name)
+                else:
+                    writers[ck.file_of[name]].write(name, ck.get(name))
+            for n in mask_names:
+                writers[mask_file].write(f"{MASK_PREFIX}{n}", packed[n])
+            final = metadata()
+            for w in writers.values():
+                w.set_metadata(final)
+                w.close()
+        except BaseException:
+            for w in writers.values():
+                if not w.file.closed:
+                    w.abort()
+            raise
+
+    if ck.kind == "mlp":
+        with atomic_file(dst) as tmp:
+            write_all(lambda f: tmp, None)
+    else:
+        with atomic_dir(dst) as tmp:
+            write_all(lambda f: tmp / f, tmp / MASKS_FILE)
+            _write_hf_extras(ck, tmp, chosen, plan, opts.alpha)
+    return {
+        "src": str(src),
+        "dst": str(dst),
+        "layers": [r.__dict__ for r in reports],
+        "nnz_before": totals["before"],
+        "nnz_after": totals["after"],
+        "metadata": {k[len(META_PREFIX) :]: v for k, v in metadata().items() if k.startswith(META_PREFIX)},
+    }
+
+
+def _write_hf_extras(ck: Checkpoint, out: Path, chosen: list[PairSpec], plan: _Plan, alpha: int) -> None:
+    """Config with the new widths, the shard index, and every other file of the model directory unchanged."""
+    assert ck.config is not None
+    config = json.loads(json.dumps(ck.config))
+    for p in chosen:
+        if p.config_key:
+            s = plan.shapes[p.in_weights[0]]
+            set_config_width(config, p.config_key, s[1] if p.transposed else s[0])
+    skip = {"config.json", "model.safetensors.index.json", MASKS_FILE, *ck.file_of.values()}
+    for item in ck.path.iterdir():
+        if item.name in skip:
+            continue
+        if item.is_dir():
+            shutil.copytree(item, out / item.name)
+        else:
+            shutil.copy2(item, out / item.name)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    index = ck.path / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        total = sum((out / f).stat().st_size for f in set(ck.file_of.values()))
+        data.setdefault("metadata", {})["total_size"] = total
+        (out / index.name).write_text(json.dumps(data, indent=2) + "\n")

@@ -1,0 +1,61 @@
+"""`fpewiden inspect`: per expandable layer, its width, non-zeros and interference, plus FPE metadata."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fpewiden.arch import find_pairs
+from fpewiden.io.checkpoint import open_checkpoint
+from fpewiden.metrics import feature_capacity, mean_abs_cosine
+
+
+def inspect_checkpoint(path: Path) -> dict:
+    """A JSON-ready report. Gated MLPs report metrics on the gate projection (both read the same inputs)."""
+    ck = open_checkpoint(path)
+    meta = ck.fpe_metadata()
+    before = {r["name"]: r["neurons_before"] for r in json.loads(meta.get("layers", "[]"))}
+    layers = []
+    seen: dict[str, tuple[int, int]] = {}
+    for p in find_pairs(ck):
+        stats = []
+        for name in (*p.in_weights, p.out_weight):
+            if name not in seen:
+                t = ck.get(name)
+                seen[name] = (int(ck.support(name, t).sum()), t.numel())
+            stats.append(seen[name])
+        raw = ck.get(p.in_weights[0]).float()
+        w_in = raw * ck.support(p.in_weights[0], raw)
+        w_in = w_in.T if p.transposed else w_in
+        cosine, sampled = mean_abs_cosine(w_in)
+        nnz = sum(s[0] for s in stats)
+        numel = sum(s[1] for s in stats)
+        layers.append(
+            {
+                "name": p.name,
+                "in_shape": list(w_in.shape),
+                "out_shape": list(ck.shapes[p.out_weight]),
+                "neurons_before": before.get(p.name, w_in.shape[0]),
+                "neurons": w_in.shape[0],
+                "nnz": nnz,
+                "params": numel,
+                "density": nnz / numel if numel else 0.0,
+                "feature_capacity": feature_capacity(w_in),
+                "mean_abs_cosine": cosine,
+                "cosine_sampled": sampled,
+            }
+        )
+    nnz_total = sum(v[0] for v in seen.values())
+    params_total = sum(v[1] for v in seen.values())
+    return {
+        "path": str(path),
+        "kind": ck.kind,
+        "fpewiden": {k: v for k, v in meta.items() if k not in {"layers", "pairs"}},
+        "layers": layers,
+        "totals": {
+            "neurons": sum(r["neurons"] for r in layers),
+            "nnz": nnz_total,
+            "params": params_total,
+            "density": nnz_total / params_total if params_total else 0.0,
+        },
+    }

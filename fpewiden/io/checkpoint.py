@@ -1,0 +1,194 @@
+"""Open a checkpoint (MLP state dict file or Hugging Face directory) as named tensors plus fpewiden's metadata.
+
+Nothing here unpickles arbitrary objects: `.pt`/`.bin` go through `torch.load(weights_only=True)` and must hold
+only tensors. Safetensors are read one tensor at a time so large sharded models never sit in memory whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from fpewiden.errors import FpewidenError
+from fpewiden.io.safetensors_stream import DTYPE_NAMES, Header, read_header, read_tensor
+
+MASK_PREFIX = "fpewiden_mask."
+MASKS_FILE = "fpewiden_masks.safetensors"
+META_PREFIX = "fpewiden."
+PICKLE_SUFFIXES = {".pt", ".pth", ".bin"}
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Bit-pack a boolean mask (1 bit per weight, row-major) into a uint8 vector."""
+    return torch.from_numpy(np.packbits(mask.reshape(-1).numpy()))
+
+
+def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    n = int(np.prod(shape)) if shape else 1
+    bits = np.unpackbits(packed.numpy(), count=n).astype(bool)
+    return torch.from_numpy(bits).reshape(shape)
+
+
+def packed_size(shape: tuple[int, ...]) -> int:
+    return (int(np.prod(shape)) + 7) // 8
+
+
+@dataclass
+class Checkpoint:
+    """Named tensors, where each lives, fpewiden metadata and masks. Tensors are read on demand."""
+
+    path: Path
+    kind: Literal["mlp", "hf"]
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, str]
+    file_of: dict[str, str]  # tensor name -> output file name it belongs in
+    metadata: dict[str, str] = field(default_factory=dict)
+    config: dict | None = None
+    headers: dict[str, Header] = field(default_factory=dict)  # tensor name -> safetensors header, when on disk
+    memory: dict[str, torch.Tensor] = field(default_factory=dict)  # tensors loaded from a pickle
+    packed_masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)  # weight files, for hashing
+
+    def get(self, name: str) -> torch.Tensor:
+        if name in self.memory:
+            return self.memory[name]
+        return read_tensor(self.headers[name], name)
+
+    def mask(self, name: str) -> torch.Tensor | None:
+        packed = self.packed_masks.get(name)
+        return None if packed is None else unpack_mask(packed, self.shapes[name])
+
+    def support(self, name: str, tensor: torch.Tensor | None = None) -> torch.Tensor:
+        """The stored mask where there is one; otherwise the tensor's non-zeros."""
+        m = self.mask(name)
+        if m is not None:
+            return m
+        return (self.get(name) if tensor is None else tensor) != 0
+
+    def fpe_metadata(self) -> dict[str, str]:
+        return {k[len(META_PREFIX) :]: v for k, v in self.metadata.items() if k.startswith(META_PREFIX)}
+
+    def sha256(self) -> str:
+        h = hashlib.sha256()
+        for p in sorted(self.files):
+            with open(p, "rb") as f:
+                while chunk := f.read(16 << 20):
+                    h.update(chunk)
+        return h.hexdigest()
+
+
+def open_checkpoint(path: Path) -> Checkpoint:
+    if not path.exists():
+        raise FpewidenError(f"no such file or directory: {path}")
+    if path.is_dir():
+        return _open_hf_dir(path)
+    if path.stat().st_size == 0:
+        raise FpewidenError(f"{path} is empty")
+    if path.suffix == ".safetensors":
+        return _open_safetensors_file(path)
+    if path.suffix in PICKLE_SUFFIXES:
+        return _open_pickle(path)
+    raise FpewidenError(
+        f"unsupported checkpoint {path}: expected .safetensors, .pt, .pth, .bin or a Hugging Face model directory"
+    )
+
+
+def _split_masks(ck: Checkpoint, tensors: dict[str, torch.Tensor] | None) -> None:
+    for name in [n for n in ck.shapes if n.startswith(MASK_PREFIX)]:
+        ck.packed_masks[name[len(MASK_PREFIX) :]] = tensors[name] if tensors is not None else ck.get(name)
+        for d in (ck.shapes, ck.dtypes, ck.file_of, ck.headers, ck.memory):
+            d.pop(name, None)
+
+
+def _open_safetensors_file(path: Path) -> Checkpoint:
+    header = read_header(path)
+    ck = Checkpoint(
+        path=path,
+        kind="mlp",
+        shapes={n: e.shape for n, e in header.entries.items()},
+        dtypes={n: e.dtype for n, e in header.entries.items()},
+        file_of=dict.fromkeys(header.entries, path.name),
+        metadata=header.metadata,
+        headers=dict.fromkeys(header.entries, header),
+        files=[path],
+    )
+    _split_masks(ck, None)
+    return ck
+
+
+def _open_pickle(path: Path) -> Checkpoint:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise FpewidenError(
+            f"{path} holds objects other than tensors; refusing to unpickle it (only weights-only state dicts load)"
+        ) from None
+    except (EOFError, RuntimeError, zipfile.BadZipFile, OSError, ValueError):
+        raise FpewidenError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt)") from None
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict) and len(obj) <= 3:
+            obj = obj[key]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise FpewidenError(f"{path} does not hold a state dict of tensors")
+    tensors = {str(k): v.contiguous() for k, v in obj.items()}
+    for k, v in tensors.items():
+        if v.dtype not in DTYPE_NAMES:
+            raise FpewidenError(f"{path}: tensor {k} has dtype {v.dtype}, which fpewiden does not handle")
+    ck = Checkpoint(
+        path=path,
+        kind="mlp",
+        shapes={k: tuple(v.shape) for k, v in tensors.items()},
+        dtypes={k: DTYPE_NAMES[v.dtype] for k, v in tensors.items()},
+        file_of=dict.fromkeys(tensors, path.with_suffix(".safetensors").name),
+        memory=tensors,
+        files=[path],
+    )
+    _split_masks(ck, tensors)
+    return ck
+
+
+def _open_hf_dir(path: Path) -> Checkpoint:
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise FpewidenError(f"{path} is a directory without config.json; expected a Hugging Face model directory")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise FpewidenError(f"{cfg_path} is not valid JSON") from None
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+            raise FpewidenError(f"{index} is not a valid safetensors index") from None
+        files = sorted(set(weight_map.values()))
+    elif (path / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise FpewidenError(
+            f"{path} has no model.safetensors or model.safetensors.index.json "
+            "(convert older .bin checkpoints with transformers' save_pretrained first)"
+        )
+    ck = Checkpoint(path=path, kind="hf", shapes={}, dtypes={}, file_of={}, config=config)
+    for fname in files:
+        fpath = path / fname
+        if not fpath.is_file():
+            raise FpewidenError(f"{path}: shard {fname} named by the index is missing")
+        header = read_header(fpath)
+        ck.files.append(fpath)
+        for n, e in header.entries.items():
+            ck.shapes[n], ck.dtypes[n], ck.file_of[n], ck.headers[n] = e.shape, e.dtype, fname, header
+    masks = path / MASKS_FILE
+    if masks.is_file():
+        mh = read_header(masks)
+        ck.metadata = mh.metadata
+        ck.packed_masks = {n[len(MASK_PREFIX) :]: read_tensor(mh, n) for n in mh.entries}
+    return ck

@@ -1,0 +1,189 @@
+"""Read and write safetensors one tensor at a time.
+
+The format is an 8-byte little-endian header length, a JSON header (dtype, shape, data_offsets per tensor plus
+string `__metadata__`), then raw bytes. Because convert knows every output shape before it computes a single
+value, it writes the header first and fills tensors in at their offsets as they are produced: peak memory is
+one layer pair, not one checkpoint. Files written here load with the official `safetensors` package.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fpewiden.errors import FpewidenError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_MAX_HEADER = 100_000_000
+_COPY_CHUNK = 64 << 20
+
+
+@dataclass(frozen=True)
+class Entry:
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute file offset
+    end: int
+
+
+@dataclass(frozen=True)
+class Header:
+    path: Path
+    entries: dict[str, Entry]
+    metadata: dict[str, str]
+
+
+def nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n * DTYPES[dtype].itemsize
+
+
+def read_header(path: Path) -> Header:
+    """Parse and validate a safetensors header; a truncated or corrupt file is a one-line user error."""
+    size = path.stat().st_size
+    if size == 0:
+        raise FpewidenError(f"{path} is empty")
+    bad = f"{path} is not a valid safetensors file (truncated or corrupt)"
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise FpewidenError(bad)
+        (n,) = struct.unpack("<Q", head)
+        if n > min(_MAX_HEADER, size - 8):
+            raise FpewidenError(bad)
+        try:
+            raw = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise FpewidenError(bad) from None
+    if not isinstance(raw, dict):
+        raise FpewidenError(bad)
+    base = 8 + n
+    metadata = raw.pop("__metadata__", None) or {}
+    entries: dict[str, Entry] = {}
+    try:
+        for name, info in raw.items():
+            begin, end = info["data_offsets"]
+            shape = tuple(int(s) for s in info["shape"])
+            dtype = info["dtype"]
+            if dtype not in DTYPES:
+                raise FpewidenError(f"{path}: tensor {name} has dtype {dtype}, which fpewiden does not handle")
+            if not 0 <= begin <= end or base + end > size or end - begin != nbytes(dtype, shape):
+                raise FpewidenError(bad)
+            entries[name] = Entry(dtype, shape, base + begin, base + end)
+    except (KeyError, TypeError, ValueError):
+        raise FpewidenError(bad) from None
+    return Header(path, entries, {str(k): str(v) for k, v in metadata.items()})
+
+
+def read_tensor(header: Header, name: str) -> torch.Tensor:
+    """One tensor, read into fresh memory (never an mmap of a file that a later rename could replace)."""
+    e = header.entries[name]
+    buf = bytearray(e.end - e.start)
+    with open(header.path, "rb") as f:
+        f.seek(e.start)
+        if f.readinto(buf) != len(buf):
+            raise FpewidenError(f"{header.path} is truncated")
+    if not buf:
+        return torch.empty(e.shape, dtype=DTYPES[e.dtype])
+    return torch.frombuffer(buf, dtype=DTYPES[e.dtype]).reshape(e.shape)
+
+
+class StreamingWriter:
+    """A safetensors file whose layout is fixed up front and whose tensors arrive in any order."""
+
+    def __init__(
+        self,
+        path: Path,
+        layout: dict[str, tuple[str, tuple[int, ...]]],
+        metadata: dict[str, str],
+        reserve: int = 0,
+    ):
+        """`reserve` extra header bytes let `set_metadata` record results known only after the tensors."""
+        self.path = path
+        self.offsets: dict[str, tuple[int, int, str, tuple[int, ...]]] = {}
+        self.entries: dict[str, object] = {}
+        pos = 0
+        for name in sorted(layout, key=lambda k: (-DTYPES[layout[k][0]].itemsize, k)):
+            dtype, shape = layout[name]
+            size = nbytes(dtype, shape)
+            self.entries[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + size]}
+            self.offsets[name] = (pos, pos + size, dtype, shape)
+            pos += size
+        blob = self._blob(metadata)
+        self.header_len = len(blob) + reserve + (-(len(blob) + reserve) % 8)
+        self.base = 8 + self.header_len
+        self.pending = set(layout)
+        self.file = open(path, "wb")
+        self.file.write(struct.pack("<Q", self.header_len) + blob.ljust(self.header_len))
+        self.file.truncate(self.base + pos)
+
+    def _blob(self, metadata: dict[str, str]) -> bytes:
+        header = {"__metadata__": metadata, **self.entries} if metadata else dict(self.entries)
+        return json.dumps(header, separators=(",", ":")).encode()
+
+    def set_metadata(self, metadata: dict[str, str]) -> None:
+        """Rewrite the header's metadata in place; trailing spaces pad it, as the format allows."""
+        blob = self._blob(metadata)
+        if len(blob) > self.header_len:
+            raise AssertionError(f"{self.path}: metadata needs {len(blob)} header bytes, {self.header_len} reserved")
+        self.file.seek(8)
+        self.file.write(blob.ljust(self.header_len))
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        start, end, dtype, shape = self.offsets[name]
+        if tuple(tensor.shape) != shape or DTYPE_NAMES[tensor.dtype] != dtype:
+            raise AssertionError(f"{name}: planned {dtype}{list(shape)}, got {tensor.dtype}{list(tensor.shape)}")
+        data = tensor.detach().contiguous().reshape(-1)
+        if data.numel():
+            self.file.seek(self.base + start)
+            self.file.write(data.view(torch.uint8).numpy().data)
+        self.pending.discard(name)
+
+    def copy_raw(self, name: str, src: Header, src_name: str) -> None:
+        """Copy a tensor's bytes unchanged from another safetensors file, without decoding them."""
+        start, end, dtype, shape = self.offsets[name]
+        e = src.entries[src_name]
+        if (e.dtype, e.shape) != (dtype, shape):
+            raise AssertionError(f"{name}: raw copy of a tensor with another dtype or shape")
+        self.file.seek(self.base + start)
+        with open(src.path, "rb") as f:
+            f.seek(e.start)
+            left = e.end - e.start
+            while left:
+                chunk = f.read(min(left, _COPY_CHUNK))
+                if not chunk:
+                    raise FpewidenError(f"{src.path} is truncated")
+                self.file.write(chunk)
+                left -= len(chunk)
+        self.pending.discard(name)
+
+    def close(self) -> None:
+        if self.pending:
+            self.abort()
+            raise AssertionError(f"{self.path}: tensors never written: {sorted(self.pending)[:5]}")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+
+    def abort(self) -> None:
+        self.file.close()
+        self.path.unlink(missing_ok=True)

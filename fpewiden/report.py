@@ -1,0 +1,51 @@
+"""Rich tables and progress bars: presentation only, so the commands stay thin and the logic stays testable."""
+
+from __future__ import annotations
+
+import sys
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+
+def console() -> Console:
+    """Wide enough for the tables when stdout is a pipe (rich would fall back to 80 columns)."""
+    return Console() if sys.stdout.isatty() else Console(width=160)
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=Console(stderr=True), transient=True,
+    )
+
+
+def convert_table(report: dict) -> Table:
+    meta = report["metadata"]
+    t = Table(title=f"{report['dst']}  (α={meta['alpha']}, split={meta['split']}, budget={meta['budget_spec']})")
+    for col in ("layer", "neurons", "non-zeros"):
+        t.add_column(col, justify="right" if col != "layer" else "left")
+    for r in report["layers"]:
+        t.add_row(r["name"], f"{r['neurons_before']} → {r['neurons_after']}", f"{r['nnz_before']} → {r['nnz_after']}")
+    t.add_row("total (distinct matrices)", "", f"{report['nnz_before']} → {report['nnz_after']}", style="bold")
+    return t
+
+
+def inspect_table(report: dict) -> Table:
+    meta = report["fpewiden"]
+    title = str(report["path"])
+    if "alpha" in meta:
+        title += f"  (FPE α={meta.get('alpha')}, split={meta.get('split')}, budget={meta.get('budget_spec')})"
+    t = Table(title=title)
+    for col in ("layer", "W_in shape", "neurons", "non-zeros", "density", "capacity", "mean |cos|"):
+        t.add_column(col, justify="left" if col == "layer" else "right")
+    for r in report["layers"]:
+        neurons = str(r["neurons"]) if r["neurons"] == r["neurons_before"] else f"{r['neurons_before']} → {r['neurons']}"
+        t.add_row(
+            r["name"], "x".join(map(str, r["in_shape"])), neurons, str(r["nnz"]), f"{r['density']:.3f}",
+            f"{r['feature_capacity']:.3f}", f"{r['mean_abs_cosine']:.3f}" + ("*" if r["cosine_sampled"] else ""),
+        )
+    tot = report["totals"]
+    t.add_row("total", "", str(tot["neurons"]), str(tot["nnz"]), f"{tot['density']:.3f}", "", "", style="bold")
+    return t
