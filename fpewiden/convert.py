@@ -7,6 +7,7 @@ layer pair. All files go to a temporary path and are renamed into place only whe
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -21,7 +22,7 @@ from fpewiden import __version__
 from fpewiden.arch import PairSpec, find_pairs
 from fpewiden.arch.hf import config_activation, set_config_width
 from fpewiden.errors import FpewidenError
-from fpewiden.fpe.expand import Pair, check_fan_in, widen
+from fpewiden.fpe.expand import Pair, check_fan_in, count, widen_tensors
 from fpewiden.fpe.splits import feature_assignment, group_assignment, random_assignment
 from fpewiden.io.atomic import atomic_dir, atomic_file, check_output
 from fpewiden.io.checkpoint import (
@@ -120,8 +121,12 @@ def load_clauses(path: Path) -> list[list[int]]:
         raise FpewidenError(f"{path} is not valid JSON (expected a list of lists of input indices)") from None
     if isinstance(data, dict) and "clauses" in data:
         data = data["clauses"]
-    ok = isinstance(data, list) and data and all(
-        isinstance(c, list) and c and all(isinstance(j, int) and not isinstance(j, bool) for j in c) for c in data
+    ok = (
+        isinstance(data, list)
+        and data
+        and all(
+            isinstance(c, list) and c and all(isinstance(j, int) and not isinstance(j, bool) for j in c) for c in data
+        )
     )
     if not ok:
         raise FpewidenError(f"{path}: expected a non-empty JSON list of non-empty lists of input indices")
@@ -202,12 +207,10 @@ class _Plan:
 
 
 def _count_nnz(ck: Checkpoint, names: list[str]) -> dict[str, int]:
-    return {n: int(ck.support(n).sum()) for n in names}
+    return {n: count(ck.support(n)) for n in names}
 
 
-def convert(
-    src: Path, dst: Path, opts: ConvertOptions, on_pair: Callable[[str, int, int], None] | None = None
-) -> dict:
+def convert(src: Path, dst: Path, opts: ConvertOptions, on_pair: Callable[[str, int, int], None] | None = None) -> dict:
     """Convert `src` into `dst`; returns a report (per layer neurons and non-zeros, totals, metadata)."""
     if opts.alpha < 2:
         raise FpewidenError(f"--alpha must be at least 2 (got {opts.alpha})")
@@ -250,44 +253,43 @@ def convert(
     new_biases: dict[str, torch.Tensor] = {}
     totals = {"before": 0, "after": 0}
 
-    def process(k: int, p: PairSpec) -> None:
+    def process(k: int, p: PairSpec, emit: Callable[[str, torch.Tensor, torch.Tensor], None]) -> None:
+        """Convert pair k; hand each finished tensor (original orientation) to `emit` as soon as it exists."""
+
         def load(name: str) -> tuple[torch.Tensor, torch.Tensor]:
             if name in current:
-                return current[name]
+                return current.pop(name)
             t = ck.get(name)
             _check_finite(name, t)
             m = ck.support(name, t)
-            totals["before"] += int(m.sum())
+            totals["before"] += count(m)
             return t, m
 
         loaded = [load(w) for w in p.in_weights]
         w_out, m_out = load(p.out_weight)
-        biases = [ck.get(b) if b else None for b in p.in_biases]
         pair = Pair(
             [_neuron_major(w, p.transposed) for w, _ in loaded],
             [_neuron_major(m, p.transposed) for _, m in loaded],
-            biases,
+            [ck.get(b) if b else None for b in p.in_biases],
             _neuron_major(w_out, p.transposed),
             _neuron_major(m_out, p.transposed),
         )
-        support = pair.support()
+        del loaded, w_out, m_out
         try:
-            check_fan_in(support, opts.alpha)
+            check_fan_in(pair.support(), opts.alpha)
+            before = pair.nnz()
+            assignment = _assignment(opts, pair, torch.Generator().manual_seed(pair_seed(opts.seed, p.name)))
+            after = 0
+            names = (*p.in_weights, p.out_weight)
+            for i, w, m in widen_tensors(pair, opts.alpha, assignment, before - reductions[k]):
+                after += count(m)
+                emit(names[i], _neuron_major(w, p.transposed).contiguous(), _neuron_major(m, p.transposed).contiguous())
         except FpewidenError as e:
             raise FpewidenError(f"layer {p.name}: {e}") from None
-        before = pair.nnz()
-        gen = torch.Generator().manual_seed(pair_seed(opts.seed, p.name))
-        assignment = _assignment(opts, pair, gen)
-        try:
-            out = widen(pair, opts.alpha, assignment, before - reductions[k])
-        except FpewidenError as e:
-            raise FpewidenError(f"layer {p.name}: {e}") from None
-        for name, w, m in zip((*p.in_weights, p.out_weight), (*out.w_in, out.w_out), (*out.m_in, out.m_out), strict=True):
-            current[name] = (_neuron_major(w, p.transposed).contiguous(), _neuron_major(m, p.transposed).contiguous())
-        for b, nb in zip(p.in_biases, out.b_in, strict=True):
-            if b and nb is not None:
-                new_biases[b] = nb.to(ck.get(b).dtype)
-        reports.append(LayerReport(p.name, pair.neurons, pair.neurons * opts.alpha, before, out.nnz()))
+        for b, parent in zip(p.in_biases, pair.b_in, strict=True):
+            if b and parent is not None:
+                new_biases[b] = (parent / opts.alpha).repeat_interleave(opts.alpha).to(parent.dtype)
+        reports.append(LayerReport(p.name, pair.neurons, pair.neurons * opts.alpha, before, after))
 
     activation = opts.activation
     if ck.kind == "hf":
@@ -311,8 +313,16 @@ def convert(
         m[f"{META_PREFIX}nnz_before"] = str(totals["before"])
         m[f"{META_PREFIX}layers"] = json.dumps([r.__dict__ for r in reports])
         m[f"{META_PREFIX}pairs"] = json.dumps(
-            [{"name": p.name, "in": list(p.in_weights), "in_bias": list(p.in_biases), "out": p.out_weight,
-              "transposed": p.transposed} for p in chosen]
+            [
+                {
+                    "name": p.name,
+                    "in": list(p.in_weights),
+                    "in_bias": list(p.in_biases),
+                    "out": p.out_weight,
+                    "transposed": p.transposed,
+                }
+                for p in chosen
+            ]
         )
         if ck.kind == "mlp":
             first = ck.shapes[pairs[0].in_weights[0]]
@@ -338,16 +348,20 @@ def convert(
         try:
             written: set[str] = set()
             packed = dict(ck.packed_masks)
+
+            def emit(k: int, name: str, w: torch.Tensor, m: torch.Tensor) -> None:
+                if plan.last_use[name] > k:  # a later pair reads it (MLP chains): keep it in memory until then
+                    current[name] = (w, m)
+                    return
+                writers[ck.file_of[name]].write(name, w)
+                packed[name] = pack_mask(m)
+                totals["after"] += count(m)
+                written.add(name)
+
             for k, p in enumerate(chosen):
-                process(k, p)
+                process(k, p, functools.partial(emit, k))
                 if on_pair:
                     on_pair(p.name, k + 1, len(chosen))
-                for name in [n for n in current if plan.last_use[n] <= k]:
-                    w, m = current.pop(name)
-                    writers[ck.file_of[name]].write(name, w)
-                    packed[name] = pack_mask(m)
-                    totals["after"] += int(m.sum())
-                    written.add(name)
             for name, b in new_biases.items():
                 writers[ck.file_of[name]].write(name, b)
                 written.add(name)

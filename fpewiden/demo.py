@@ -26,8 +26,10 @@ def run_demo(out: Path, seed: int = 0) -> None:
     con.print(f"[bold]task[/] {TASK}  ({len(task.x)} train / {len(task.x_val)} held-out samples)")
     history = fit(model, (task.x, task.y, task.x_val, task.y_val), FitConfig(epochs=15, lr=1e-2, seed=seed))
     last = history[-1]
-    con.print(f"dense 32→8→16 MLP after {len(history)} epochs: per-clause accuracy {last['accuracy']:.3f}, "
-              f"exact match {last['exact_match']:.3f}")
+    con.print(
+        f"dense 32→8→16 MLP after {len(history)} epochs: per-clause accuracy {last['accuracy']:.3f}, "
+        f"exact match {last['exact_match']:.3f}"
+    )
     dense = out / "dense.safetensors"
     with atomic_file(dense) as tmp:
         save_file(model.tensors(), str(tmp), metadata={"fpewiden.activation": "relu"})

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from fpewiden.arch import find_pairs
+from fpewiden.fpe.expand import count
 from fpewiden.io.checkpoint import open_checkpoint
 from fpewiden.metrics import feature_capacity, mean_abs_cosine
 
@@ -22,7 +23,7 @@ def inspect_checkpoint(path: Path) -> dict:
         for name in (*p.in_weights, p.out_weight):
             if name not in seen:
                 t = ck.get(name)
-                seen[name] = (int(ck.support(name, t).sum()), t.numel())
+                seen[name] = (count(ck.support(name, t)), t.numel())
             stats.append(seen[name])
         raw = ck.get(p.in_weights[0]).float()
         w_in = raw * ck.support(p.in_weights[0], raw)

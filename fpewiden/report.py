@@ -16,8 +16,12 @@ def console() -> Console:
 
 def progress_bar() -> Progress:
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=Console(stderr=True), transient=True,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
     )
 
 
@@ -41,10 +45,17 @@ def inspect_table(report: dict) -> Table:
     for col in ("layer", "W_in shape", "neurons", "non-zeros", "density", "capacity", "mean |cos|"):
         t.add_column(col, justify="left" if col == "layer" else "right")
     for r in report["layers"]:
-        neurons = str(r["neurons"]) if r["neurons"] == r["neurons_before"] else f"{r['neurons_before']} → {r['neurons']}"
+        neurons = str(r["neurons"])
+        if r["neurons"] != r["neurons_before"]:
+            neurons = f"{r['neurons_before']} → {neurons}"
         t.add_row(
-            r["name"], "x".join(map(str, r["in_shape"])), neurons, str(r["nnz"]), f"{r['density']:.3f}",
-            f"{r['feature_capacity']:.3f}", f"{r['mean_abs_cosine']:.3f}" + ("*" if r["cosine_sampled"] else ""),
+            r["name"],
+            "x".join(map(str, r["in_shape"])),
+            neurons,
+            str(r["nnz"]),
+            f"{r['density']:.3f}",
+            f"{r['feature_capacity']:.3f}",
+            f"{r['mean_abs_cosine']:.3f}" + ("*" if r["cosine_sampled"] else ""),
         )
     tot = report["totals"]
     t.add_row("total", "", str(tot["neurons"]), str(tot["nnz"]), f"{tot['density']:.3f}", "", "", style="bold")

@@ -1,5 +1,6 @@
 """Small checkpoints that tests build themselves."""
 
+import itertools
 from pathlib import Path
 
 import torch
@@ -9,7 +10,7 @@ from safetensors.torch import save_file
 def mlp_state(widths=(12, 16, 10, 3), seed=0, density=1.0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     sd = {}
-    for i, (a, b) in enumerate(zip(widths, widths[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(widths)):
         w = torch.randn(b, a, generator=g)
         if density < 1.0:
             w = w * (torch.rand(b, a, generator=g) < density)

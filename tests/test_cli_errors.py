@@ -93,7 +93,9 @@ def test_alpha_below_two(tmp_path):
 def test_alpha_above_fan_in(tmp_path):
     save_file({"0.weight": torch.randn(8, 3), "2.weight": torch.randn(2, 8)}, str(tmp_path / "s.safetensors"))
     assert_user_error(
-        run(*convert_args(tmp_path / "s.safetensors", tmp_path, "--alpha", "4")), "exceeds the non-zero fan-in", tmp_path
+        run(*convert_args(tmp_path / "s.safetensors", tmp_path, "--alpha", "4")),
+        "exceeds the non-zero fan-in",
+        tmp_path,
     )
 
 

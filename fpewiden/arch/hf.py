@@ -76,9 +76,7 @@ def family_of(config: dict) -> Family:
     for fam in FAMILIES.values():
         if model_type in fam.model_types:
             return fam
-    raise FpewidenError(
-        f"unsupported architecture model_type={model_type!r}; supported: {', '.join(SUPPORTED)}"
-    )
+    raise FpewidenError(f"unsupported architecture model_type={model_type!r}; supported: {', '.join(SUPPORTED)}")
 
 
 def _natural_key(name: str) -> list[object]:

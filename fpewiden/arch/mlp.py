@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 
 from fpewiden.arch.base import PairSpec
@@ -30,8 +31,9 @@ def linear_layers(ck: Checkpoint) -> list[tuple[str, str, str | None]]:
     for m in modules:
         bias = f"{m}.bias" if f"{m}.bias" in ck.shapes else None
         if bias and ck.shapes[bias][0] != ck.shapes[f"{m}.weight"][0]:
-            raise FpewidenError(f"{bias} has {ck.shapes[bias][0]} entries but {m}.weight has "
-                                f"{ck.shapes[f'{m}.weight'][0]} rows")
+            raise FpewidenError(
+                f"{bias} has {ck.shapes[bias][0]} entries but {m}.weight has {ck.shapes[f'{m}.weight'][0]} rows"
+            )
         layers.append((m, f"{m}.weight", bias))
     return layers
 
@@ -43,7 +45,7 @@ def find_mlp_pairs(ck: Checkpoint) -> list[PairSpec]:
             f"no expandable layer found in {ck.path}: an MLP needs at least two chained Linear weights "
             f"(found {len(layers)})"
         )
-    for (_, w_a, _), (_, w_b, _) in zip(layers, layers[1:], strict=False):
+    for (_, w_a, _), (_, w_b, _) in itertools.pairwise(layers):
         out_a, in_b = ck.shapes[w_a][0], ck.shapes[w_b][1]
         if out_a != in_b:
             sa, sb = ck.shapes[w_a], ck.shapes[w_b]
@@ -53,5 +55,5 @@ def find_mlp_pairs(ck: Checkpoint) -> list[PairSpec]:
             )
     return [
         PairSpec(name=m, in_weights=(w,), in_biases=(b,), out_weight=nxt[1])
-        for (m, w, b), nxt in zip(layers, layers[1:], strict=False)
+        for (m, w, b), nxt in itertools.pairwise(layers)
     ]

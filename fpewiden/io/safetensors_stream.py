@@ -149,7 +149,7 @@ class StreamingWriter:
         self.file.write(blob.ljust(self.header_len))
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        start, end, dtype, shape = self.offsets[name]
+        start, _end, dtype, shape = self.offsets[name]
         if tuple(tensor.shape) != shape or DTYPE_NAMES[tensor.dtype] != dtype:
             raise AssertionError(f"{name}: planned {dtype}{list(shape)}, got {tensor.dtype}{list(tensor.shape)}")
         data = tensor.detach().contiguous().reshape(-1)
@@ -160,7 +160,7 @@ class StreamingWriter:
 
     def copy_raw(self, name: str, src: Header, src_name: str) -> None:
         """Copy a tensor's bytes unchanged from another safetensors file, without decoding them."""
-        start, end, dtype, shape = self.offsets[name]
+        start, _end, dtype, shape = self.offsets[name]
         e = src.entries[src_name]
         if (e.dtype, e.shape) != (dtype, shape):
             raise AssertionError(f"{name}: raw copy of a tensor with another dtype or shape")

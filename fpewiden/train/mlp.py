@@ -5,6 +5,8 @@ Parameters keep the state dict's names, so a trained model saves back with exact
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -30,7 +32,7 @@ class ChainMLP(nn.Module):
         """A dense MLP with PyTorch's default Linear init; names follow nn.Sequential (`0`, `2`, `4`, …)."""
         torch.manual_seed(seed)
         layers = []
-        for i, (a, b) in enumerate(zip(widths, widths[1:], strict=False)):
+        for i, (a, b) in enumerate(itertools.pairwise(widths)):
             lin = nn.Linear(a, b)
             layers.append((str(2 * i), lin.weight.data, lin.bias.data))
         return ChainMLP(layers, activation)

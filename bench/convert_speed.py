@@ -1,0 +1,145 @@
+"""Convert speed and memory against the I/O floor, same run.
+
+Builds a synthetic Llama-shaped sharded checkpoint (random bf16 gate/up/down), then in separate processes:
+  floor:   read every tensor and write the same checkpoint unchanged (fpewiden's own streaming reader/writer),
+  convert: `fpewiden convert --alpha 2` (budget same).
+Reports seconds, parameters per second and each process's peak RSS, plus the ratio to the floor.
+
+  python bench/convert_speed.py [--layers 8 --hidden 4096 --intermediate 11008 --layers-per-shard 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+FLOOR = r"""
+import sys, json, time, resource
+from pathlib import Path
+from fpewiden.io.checkpoint import open_checkpoint
+from fpewiden.io.safetensors_stream import StreamingWriter
+src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+t = time.perf_counter()
+ck = open_checkpoint(src)
+dst.mkdir()
+files = {}
+for n in ck.shapes:
+    files.setdefault(ck.file_of[n], {})[n] = (ck.dtypes[n], ck.shapes[n])
+for f, layout in files.items():
+    w = StreamingWriter(dst / f, layout, {"format": "pt"})
+    for n in layout:
+        w.write(n, ck.get(n))
+    w.close()
+print(json.dumps({"seconds": time.perf_counter() - t,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+CONVERT = r"""
+import sys, json, time, resource
+from pathlib import Path
+from fpewiden.convert import convert, ConvertOptions
+t = time.perf_counter()
+convert(Path(sys.argv[1]), Path(sys.argv[2]), ConvertOptions(alpha=int(sys.argv[3]), split=sys.argv[4]))
+print(json.dumps({"seconds": time.perf_counter() - t,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+BASELINE = r"""
+import json, resource, torch, fpewiden.convert
+print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def build(root: Path, layers: int, hidden: int, inter: int, per_shard: int) -> int:
+    import torch
+
+    from fpewiden.io.safetensors_stream import StreamingWriter
+
+    root.mkdir()
+    n_shards = (layers + per_shard - 1) // per_shard
+    weight_map = {}
+    params = 0
+    g = torch.Generator().manual_seed(0)
+    for s in range(n_shards):
+        fname = f"model-{s + 1:05d}-of-{n_shards:05d}.safetensors"
+        layout = {}
+        for i in range(s * per_shard, min(layers, (s + 1) * per_shard)):
+            shapes = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+            for proj, shape in shapes.items():
+                layout[f"model.layers.{i}.mlp.{proj}.weight"] = ("BF16", shape)
+        w = StreamingWriter(root / fname, layout, {"format": "pt"})
+        for name, (_, shape) in layout.items():
+            w.write(name, (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16))
+            weight_map[name] = fname
+            params += shape[0] * shape[1]
+        w.close()
+    (root / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (root / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "hidden_size": hidden,
+                "intermediate_size": inter,
+                "num_hidden_layers": layers,
+                "hidden_act": "silu",
+                "num_attention_heads": 32,
+                "vocab_size": 32000,
+            }
+        )
+    )
+    return params
+
+
+def run(code: str, *args: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", code, *args], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--intermediate", type=int, default=11008)
+    ap.add_argument("--layers-per-shard", type=int, default=2)
+    ap.add_argument("--alpha", type=int, default=2)
+    ap.add_argument("--split", default="random")
+    ap.add_argument("--out", type=Path, default=Path("bench/results/convert_speed.json"))
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="fpewiden-bench-"))
+    try:
+        params = build(work / "src", args.layers, args.hidden, args.intermediate, args.layers_per_shard)
+        pair_mb = 3 * args.hidden * args.intermediate * 2 / 2**20
+        base = run(BASELINE)
+        floor = run(FLOOR, str(work / "src"), str(work / "floor"))
+        shutil.rmtree(work / "floor")
+        conv = run(CONVERT, str(work / "src"), str(work / "dst"), str(args.alpha), args.split)
+        result = {
+            "command": "python " + " ".join(sys.argv),
+            "shape": f"{args.layers} layers x gate/up {args.intermediate}x{args.hidden} + down, bf16",
+            "params": params,
+            "input_gb": params * 2 / 1e9,
+            "largest_pair_mb_bf16_in": pair_mb,
+            "largest_pair_mb_bf16_out": pair_mb * args.alpha,
+            "import_baseline_rss_mb": base["peak_rss_mb"],
+            "floor": {**floor, "params_per_s": params / floor["seconds"]},
+            "convert": {**conv, "params_per_s": params / conv["seconds"]},
+            "time_ratio_convert_over_floor": conv["seconds"] / floor["seconds"],
+            "rss_ratio_over_largest_pair_in": conv["peak_rss_mb"] / pair_mb,
+            "rss_ratio_over_largest_pair_out": conv["peak_rss_mb"] / (pair_mb * args.alpha),
+            "bench_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
