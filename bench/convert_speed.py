@@ -3,7 +3,8 @@
 Builds a synthetic Llama-shaped sharded checkpoint (random bf16 gate/up/down), then in separate processes:
   floor:   read every tensor and write the same checkpoint unchanged (fpewiden's own streaming reader/writer),
   convert: `fpewiden convert --alpha 2` (budget same).
-Reports seconds, parameters per second and each process's peak RSS, plus the ratio to the floor.
+  floor_output_sized: the same, but writing α copies of every tensor: the bytes a conversion must write.
+Reports seconds, parameters per second and each process's peak RSS, plus the ratios to both floors.
 
   python bench/convert_speed.py [--layers 8 --hidden 4096 --intermediate 11008 --layers-per-shard 2]
 """
@@ -12,47 +13,58 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+# Peak RSS is read from /proc/self/status VmHWM: unlike ru_maxrss, it is not inherited across fork/exec.
+HWM = "int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) / 1024"
+
 FLOOR = r"""
-import sys, json, time, resource
+import sys, json, time
 from pathlib import Path
 from fpewiden.io.checkpoint import open_checkpoint
 from fpewiden.io.safetensors_stream import StreamingWriter
-src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+src, dst, copies = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 t = time.perf_counter()
 ck = open_checkpoint(src)
 dst.mkdir()
 files = {}
 for n in ck.shapes:
-    files.setdefault(ck.file_of[n], {})[n] = (ck.dtypes[n], ck.shapes[n])
+    for c in range(copies):
+        files.setdefault(ck.file_of[n], {})[f"{n}.{c}"] = (ck.dtypes[n], ck.shapes[n])
 for f, layout in files.items():
     w = StreamingWriter(dst / f, layout, {"format": "pt"})
-    for n in layout:
-        w.write(n, ck.get(n))
+    for n in {k.rsplit(".", 1)[0] for k in layout}:
+        t_ = ck.get(n)
+        for c in range(copies):
+            w.write(f"{n}.{c}", t_)
     w.close()
-print(json.dumps({"seconds": time.perf_counter() - t,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
-"""
+print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_mb": HWM}))
+""".replace("HWM", HWM)
 
 CONVERT = r"""
-import sys, json, time, resource
+import sys, json, time
 from pathlib import Path
 from fpewiden.convert import convert, ConvertOptions
 t = time.perf_counter()
 convert(Path(sys.argv[1]), Path(sys.argv[2]), ConvertOptions(alpha=int(sys.argv[3]), split=sys.argv[4]))
-print(json.dumps({"seconds": time.perf_counter() - t,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
-"""
+print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_mb": HWM}))
+""".replace("HWM", HWM)
 
 BASELINE = r"""
-import json, resource, torch, fpewiden.convert
-print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+import json, torch, fpewiden.convert
+print(json.dumps({"peak_rss_mb": HWM}))
+""".replace("HWM", HWM)
+
+BUILD = r"""
+import sys
+sys.path.insert(0, "bench")
+from pathlib import Path
+from convert_speed import build
+print(build(Path(sys.argv[1]), *map(int, sys.argv[2:])))
 """
 
 
@@ -113,10 +125,27 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fpewiden-bench-"))
     try:
-        params = build(work / "src", args.layers, args.hidden, args.intermediate, args.layers_per_shard)
+        built = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                BUILD,
+                str(work / "src"),
+                str(args.layers),
+                str(args.hidden),
+                str(args.intermediate),
+                str(args.layers_per_shard),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        params = int(built.stdout.split()[-1])
         pair_mb = 3 * args.hidden * args.intermediate * 2 / 2**20
         base = run(BASELINE)
-        floor = run(FLOOR, str(work / "src"), str(work / "floor"))
+        floor = run(FLOOR, str(work / "src"), str(work / "floor"), "1")
+        shutil.rmtree(work / "floor")
+        floor_out = run(FLOOR, str(work / "src"), str(work / "floor"), str(args.alpha))
         shutil.rmtree(work / "floor")
         conv = run(CONVERT, str(work / "src"), str(work / "dst"), str(args.alpha), args.split)
         result = {
@@ -128,11 +157,13 @@ def main() -> None:
             "largest_pair_mb_bf16_out": pair_mb * args.alpha,
             "import_baseline_rss_mb": base["peak_rss_mb"],
             "floor": {**floor, "params_per_s": params / floor["seconds"]},
+            "floor_output_sized": {**floor_out, "note": "read the input, write alpha x its bytes (the output size)"},
             "convert": {**conv, "params_per_s": params / conv["seconds"]},
             "time_ratio_convert_over_floor": conv["seconds"] / floor["seconds"],
+            "time_ratio_convert_over_output_sized_floor": conv["seconds"] / floor_out["seconds"],
+            "rss_net_of_import_mb": conv["peak_rss_mb"] - base["peak_rss_mb"],
             "rss_ratio_over_largest_pair_in": conv["peak_rss_mb"] / pair_mb,
             "rss_ratio_over_largest_pair_out": conv["peak_rss_mb"] / (pair_mb * args.alpha),
-            "bench_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")

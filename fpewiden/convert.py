@@ -7,6 +7,7 @@ layer pair. All files go to a temporary path and are renamed into place only whe
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import hashlib
 import json
@@ -22,7 +23,7 @@ from fpewiden import __version__
 from fpewiden.arch import PairSpec, find_pairs
 from fpewiden.arch.hf import config_activation, set_config_width
 from fpewiden.errors import FpewidenError
-from fpewiden.fpe.expand import Pair, check_fan_in, count, widen_tensors
+from fpewiden.fpe.expand import Pair, check_fan_in, count, widen_blocks
 from fpewiden.fpe.splits import feature_assignment, group_assignment, random_assignment
 from fpewiden.io.atomic import atomic_dir, atomic_file, check_output
 from fpewiden.io.checkpoint import (
@@ -162,7 +163,8 @@ def _neuron_major(t: torch.Tensor, transposed: bool) -> torch.Tensor:
 
 
 def _check_finite(name: str, t: torch.Tensor) -> None:
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    """Two reductions and no temporary: max propagates NaN, and ±Inf shows in max or min."""
+    if t.is_floating_point() and t.numel() and not (torch.isfinite(t.amax()) and torch.isfinite(t.amin())):
         raise FpewidenError(f"{name} holds NaN or Inf values; fix the checkpoint before converting")
 
 
@@ -253,8 +255,8 @@ def convert(src: Path, dst: Path, opts: ConvertOptions, on_pair: Callable[[str, 
     new_biases: dict[str, torch.Tensor] = {}
     totals = {"before": 0, "after": 0}
 
-    def process(k: int, p: PairSpec, emit: Callable[[str, torch.Tensor, torch.Tensor], None]) -> None:
-        """Convert pair k; hand each finished tensor (original orientation) to `emit` as soon as it exists."""
+    def process(k: int, p: PairSpec, emit: Callable[..., None]) -> None:
+        """Convert pair k; hand each block of rows (neuron-major) to `emit` as soon as it exists."""
 
         def load(name: str) -> tuple[torch.Tensor, torch.Tensor]:
             if name in current:
@@ -281,9 +283,10 @@ def convert(src: Path, dst: Path, opts: ConvertOptions, on_pair: Callable[[str, 
             assignment = _assignment(opts, pair, torch.Generator().manual_seed(pair_seed(opts.seed, p.name)))
             after = 0
             names = (*p.in_weights, p.out_weight)
-            for i, w, m in widen_tensors(pair, opts.alpha, assignment, before - reductions[k]):
+            rows = [w.shape[0] * opts.alpha for w in pair.w_in] + [pair.w_out.shape[0]]
+            for i, row, w, m in widen_blocks(pair, opts.alpha, assignment, before - reductions[k]):
                 after += count(m)
-                emit(names[i], _neuron_major(w, p.transposed).contiguous(), _neuron_major(m, p.transposed).contiguous())
+                emit(names[i], row, w, m, rows[i], p.transposed)
         except FpewidenError as e:
             raise FpewidenError(f"layer {p.name}: {e}") from None
         for b, parent in zip(p.in_biases, pair.b_in, strict=True):
@@ -302,13 +305,18 @@ def convert(src: Path, dst: Path, opts: ConvertOptions, on_pair: Callable[[str, 
         f"{META_PREFIX}split": opts.split,
         f"{META_PREFIX}seed": str(opts.seed),
         f"{META_PREFIX}budget_spec": str(opts.budget),
-        f"{META_PREFIX}source_sha256": ck.sha256(),
         f"{META_PREFIX}activation": activation,
         f"{META_PREFIX}kind": ck.kind,
     }
 
+    # hashing the source reads every weight file once more; hashlib releases the GIL, so it overlaps the work
+    hasher = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    source_sha = hasher.submit(ck.sha256)
+    hasher.shutdown(wait=False)
+
     def metadata() -> dict[str, str]:
         m = dict(meta_base)
+        m[f"{META_PREFIX}source_sha256"] = source_sha.result()
         m[f"{META_PREFIX}budget"] = str(totals["after"])
         m[f"{META_PREFIX}nnz_before"] = str(totals["before"])
         m[f"{META_PREFIX}layers"] = json.dumps([r.__dict__ for r in reports])
@@ -349,14 +357,36 @@ def convert(src: Path, dst: Path, opts: ConvertOptions, on_pair: Callable[[str, 
             written: set[str] = set()
             packed = dict(ck.packed_masks)
 
-            def emit(k: int, name: str, w: torch.Tensor, m: torch.Tensor) -> None:
-                if plan.last_use[name] > k:  # a later pair reads it (MLP chains): keep it in memory until then
-                    current[name] = (w, m)
-                    return
-                writers[ck.file_of[name]].write(name, w)
-                packed[name] = pack_mask(m)
-                totals["after"] += count(m)
+            parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+            def finish(name: str, m_packed: torch.Tensor, nnz: int) -> None:
+                packed[name] = m_packed
+                totals["after"] += nnz
                 written.add(name)
+
+            def emit(
+                k: int, name: str, row: int, w: torch.Tensor, m: torch.Tensor, rows: int, transposed: bool
+            ) -> None:
+                """Write a block at its offset when it is final and stored neuron-major; else gather the tensor."""
+                done = row + w.shape[0] == rows
+                if plan.last_use[name] <= k and not transposed:
+                    writers[ck.file_of[name]].write(name, w, row_start=row)
+                    parts.setdefault(name, []).append((pack_mask(m), torch.tensor(count(m))))
+                    if done:
+                        blocks = parts.pop(name)
+                        finish(name, torch.cat([b for b, _ in blocks]), int(sum(n for _, n in blocks)))
+                    return
+                parts.setdefault(name, []).append((w, m))
+                if not done:
+                    return
+                blocks = parts.pop(name)
+                w_all = _neuron_major(torch.cat([b for b, _ in blocks]), transposed).contiguous()
+                m_all = _neuron_major(torch.cat([b for _, b in blocks]), transposed).contiguous()
+                if plan.last_use[name] > k:  # a later pair reads it (MLP chains): keep it in memory until then
+                    current[name] = (w_all, m_all)
+                else:
+                    writers[ck.file_of[name]].write(name, w_all)
+                    finish(name, pack_mask(m_all), count(m_all))
 
             for k, p in enumerate(chosen):
                 process(k, p, functools.partial(emit, k))

@@ -113,3 +113,21 @@ def test_bf16_roundtrip(tmp_path):
     out = load_file(dst)
     assert out["0.weight"].dtype == torch.bfloat16
     assert nnz(out, WEIGHTS) == nnz(sd, WEIGHTS)
+
+
+@pytest.mark.parametrize("budget", ["same", "0.5"])
+def test_streamed_blocks_equal_one_shot(tmp_path, monkeypatch, budget):
+    """Tiny blocks (many block boundaries, ties at the threshold) give the same file content as one block."""
+    import fpewiden.fpe.expand as expand_mod
+
+    sd = {k: torch.round(v * 2) / 2 for k, v in mlp_state(widths=(24, 40, 16, 3)).items()}  # many exact ties
+    src = tmp_path / "m.safetensors"
+    save_file(sd, str(src))
+    opts = ConvertOptions(alpha=3, budget=Budget.parse(budget), seed=5)
+    convert(src, tmp_path / "a.safetensors", opts)
+    monkeypatch.setattr(expand_mod, "_CHUNK", 64)
+    convert(src, tmp_path / "b.safetensors", opts)
+    a, b = load_file(tmp_path / "a.safetensors"), load_file(tmp_path / "b.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

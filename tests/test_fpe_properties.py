@@ -131,3 +131,35 @@ def test_prune_keeps_largest():
     m = [torch.ones(1, 3, dtype=torch.bool), torch.ones(2, 1, dtype=torch.bool)]
     out = prune_to_budget(w, m, 2)
     assert out[0].tolist() == [[False, True, False]] and out[1].view(-1).tolist() == [True, False]
+
+
+@given(
+    st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64]),
+    st.lists(st.tuples(st.integers(1, 6), st.integers(1, 6)), min_size=1, max_size=3),
+    st.integers(0, 999),
+    st.floats(0.0, 1.0),
+    st.booleans(),
+)
+def test_prune_matches_reference_sort(dtype, shapes, seed, keep_ratio, coarse):
+    """Radix select equals a stable sort on (|w|, tensor, row-major position), in every float dtype."""
+    g = torch.Generator().manual_seed(seed)
+    ws, ms = [], []
+    for r, c in shapes:
+        w = torch.randn(r, c, generator=g)
+        if coarse:  # many exact ties
+            w = torch.round(w * 2) / 2
+        ws.append(w.to(dtype))
+        ms.append(torch.rand(r, c, generator=g) < 0.8)
+    total = sum(int(m.sum()) for m in ms)
+    budget = round(keep_ratio * total)
+    got = prune_to_budget(ws, ms, budget)
+    flat = [
+        (float(abs(w.view(-1)[j])), t, j)
+        for t, (w, m) in enumerate(zip(ws, ms))
+        for j in range(m.numel())
+        if m.view(-1)[j]
+    ]
+    removed = {(t, j) for _, t, j in sorted(flat)[: total - budget]}
+    for t, (m, k) in enumerate(zip(ms, got)):
+        expected = [bool(m.view(-1)[j]) and (t, j) not in removed for j in range(m.numel())]
+        assert k.view(-1).tolist() == expected

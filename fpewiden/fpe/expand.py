@@ -33,6 +33,11 @@ def count(mask: torch.Tensor) -> int:
     return int(torch.count_nonzero(mask))
 
 
+def row_counts(mask: torch.Tensor, rows: int = 1024) -> torch.Tensor:
+    """Non-zeros per row, in blocks: count_nonzero(dim=1) on a whole matrix allocates 4 bytes per entry."""
+    return torch.cat([torch.count_nonzero(block, dim=1) for block in mask.split(rows)])
+
+
 @dataclass
 class Pair:
     """An expandable pair: incoming matrices (with masks and optional biases) and the outgoing matrix."""
@@ -60,7 +65,7 @@ class Pair:
 
 def check_fan_in(support: torch.Tensor, alpha: int) -> None:
     """α children need at least α inputs to split; a neuron with none is dead and stays dead."""
-    fan_in = torch.count_nonzero(support, dim=1)
+    fan_in = row_counts(support)
     bad = torch.nonzero((fan_in > 0) & (fan_in < alpha)).flatten()
     if len(bad):
         i = int(bad[0])
@@ -89,7 +94,7 @@ def kth_key(sources: list[tuple[torch.Tensor, torch.Tensor, int]], k: int, dtype
     """Radix select: the k-th smallest magnitude key (1-based) over masked entries, each counted `mult` times.
 
     Returns (key, how many counted entries are strictly smaller). 16 bits per pass: one pass for bf16/fp16, two
-    for fp32; memory is one chunk, time is linear.
+    for fp32, four for fp64; memory is one chunk of keys, time is linear.
     """
     bits = torch.finfo(dtype).bits
     prefix, below = 0, 0
@@ -99,12 +104,13 @@ def kth_key(sources: list[tuple[torch.Tensor, torch.Tensor, int]], k: int, dtype
             flat_t, flat_m = t.reshape(-1), m.reshape(-1)
             dense = count(flat_m) == flat_m.numel()
             for i in range(0, flat_t.numel(), _CHUNK):
-                keys = magnitude_keys(flat_t[i : i + _CHUNK], dtype).to(torch.int64)
+                keys = magnitude_keys(flat_t[i : i + _CHUNK], dtype)
                 if not dense:
                     keys = keys[flat_m[i : i + _CHUNK]]
                 if shift + 16 < bits:
                     keys = keys[(keys >> (shift + 16)) == prefix]
-                hist += torch.bincount((keys >> shift) & 0xFFFF, minlength=1 << 16) * mult
+                digits = keys if bits == 16 else (keys >> shift) & 0xFFFF
+                hist += torch.bincount(digits, minlength=1 << 16) * mult
         cum = hist.cumsum(0)
         digit = int(torch.searchsorted(cum, k - below))
         below += int(cum[digit - 1]) if digit else 0
@@ -137,24 +143,39 @@ def expand(pair: Pair, alpha: int, assignment: torch.Tensor) -> Pair:
     )
 
 
-def _drop(w: torch.Tensor, m: torch.Tensor, threshold: int, ties: int, dtype: torch.dtype) -> torch.Tensor:
-    """Mask without keys below the threshold and without the first `ties` keys equal to it (row-major)."""
-    keys = magnitude_keys(w, dtype)
-    if not ties:
-        return m & (keys >= threshold)
-    keep = m & (keys > threshold)
-    idx = torch.nonzero((m & (keys == threshold)).view(-1)).flatten()[ties:]
-    keep.view(-1)[idx] = True
-    return keep
+def _drop(
+    w: torch.Tensor, m: torch.Tensor, threshold: int, ties_left: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, int]:
+    """Mask without keys below the threshold and without the first `ties_left` keys equal to it (row-major).
+
+    Ties are looked for chunk by chunk and only until enough are gone. Returns the mask and how many ties
+    remain to be removed in later tensors.
+    """
+    keep = m & (magnitude_keys(w, dtype) >= threshold)
+    flat_w, flat_keep = w.reshape(-1), keep.view(-1)
+    for i in range(0, flat_w.numel(), _CHUNK):
+        if not ties_left:
+            break
+        ties = flat_keep[i : i + _CHUNK] & (magnitude_keys(flat_w[i : i + _CHUNK], dtype) == threshold)
+        idx = torch.nonzero(ties).flatten()[:ties_left]
+        flat_keep[i + idx] = False
+        ties_left -= len(idx)
+    return keep, ties_left
 
 
-def widen_tensors(
+def _row_block(cols: int) -> int:
+    """Rows per block: about _CHUNK elements, a multiple of 8 so bit-packed masks of blocks concatenate."""
+    return max(8, (_CHUNK // max(cols, 1)) // 8 * 8)
+
+
+def widen_blocks(
     pair: Pair, alpha: int, assignment: torch.Tensor, budget: int
-) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """FPE on one pair, one output tensor at a time: (index, weights, mask), incoming matrices first.
+) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    """FPE on one pair, streamed as row blocks: (tensor index, first row, weights, mask); incoming tensors first.
 
     Exactly `budget` positions survive across the pair: the largest magnitudes, ties at the threshold broken by
-    position (earlier tensor first, then row-major), so the same input always gives the same output.
+    position (earlier tensor first, then row-major), so the same input always gives the same output. Blocks
+    come in row order, so a writer can put each at its offset and free it: memory stays at the parent tensors.
     """
     expanded_total = sum(count(m) for m in pair.m_in) + alpha * count(pair.m_out)
     if budget > expanded_total:
@@ -170,20 +191,34 @@ def widen_tensors(
         threshold, below = kth_key(sources, remove, dtype)
         ties_left = remove - below
 
-    def prune(w: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        nonlocal ties_left
-        ties_here = min(ties_left, count(m & (magnitude_keys(w, dtype) == threshold))) if ties_left else 0
-        ties_left -= ties_here
-        return _drop(w, m, threshold, ties_here, dtype)
-
+    h, d = pair.w_in[0].shape
+    step = _row_block(d * alpha)  # parent rows per block
     for i, (w, m) in enumerate(zip(pair.w_in, pair.m_in, strict=True)):
-        wide, mask = expand_incoming(w, m, assignment, alpha)
-        keep = prune(wide, mask)
-        del mask
-        yield i, wide.mul_(keep), keep
-    w_out = pair.w_out.repeat_interleave(alpha, dim=1)
-    keep = prune(w_out, pair.m_out.repeat_interleave(alpha, dim=1))
-    yield len(pair.w_in), w_out.mul_(keep), keep
+        for r in range(0, h, step):
+            wide, mask = expand_incoming(w[r : r + step], m[r : r + step], assignment[r : r + step], alpha)
+            keep, ties_left = _drop(wide, mask, threshold, ties_left, dtype)
+            yield i, r * alpha, wide.mul_(keep), keep
+    o = pair.w_out.shape[0]
+    step = _row_block(h * alpha)
+    for r in range(0, o, step):
+        w_out = pair.w_out[r : r + step].repeat_interleave(alpha, dim=1)
+        m_out = pair.m_out[r : r + step].repeat_interleave(alpha, dim=1)
+        keep, ties_left = _drop(w_out, m_out, threshold, ties_left, dtype)
+        yield len(pair.w_in), r, w_out.mul_(keep), keep
+
+
+def widen_tensors(
+    pair: Pair, alpha: int, assignment: torch.Tensor, budget: int
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """`widen_blocks`, with each tensor's blocks joined: (tensor index, weights, mask)."""
+    current, ws, ms = 0, [], []
+    for i, _, w, m in widen_blocks(pair, alpha, assignment, budget):
+        if i != current:
+            yield current, torch.cat(ws), torch.cat(ms)
+            current, ws, ms = i, [], []
+        ws.append(w)
+        ms.append(m)
+    yield current, torch.cat(ws), torch.cat(ms)
 
 
 def prune_to_budget(weights: list[torch.Tensor], masks: list[torch.Tensor], budget: int) -> list[torch.Tensor]:
@@ -199,9 +234,8 @@ def prune_to_budget(weights: list[torch.Tensor], masks: list[torch.Tensor], budg
     ties_left = remove - below
     out = []
     for w, m in zip(weights, masks, strict=True):
-        ties_here = min(ties_left, count(m & (magnitude_keys(w, dtype) == threshold)))
-        out.append(_drop(w, m, threshold, ties_here, dtype))
-        ties_left -= ties_here
+        keep, ties_left = _drop(w, m, threshold, ties_left, dtype)
+        out.append(keep)
     return out
 
 

@@ -11,26 +11,23 @@ from collections.abc import Sequence
 
 import torch
 
-_ROW_CHUNK = 2048
+from fpewiden.fpe.expand import row_counts
 
 
 def random_assignment(support: torch.Tensor, alpha: int, generator: torch.Generator) -> torch.Tensor:
     """A balanced random partition per neuron: child sizes over the parent's support differ by at most one.
 
-    Each row's support positions are put in a random order and dealt round-robin to the children. Rows are
-    processed in chunks so a Llama-sized layer never materialises an int64 index tensor of the whole matrix.
+    Dealing a uniformly shuffled support round-robin is the same as labelling it with a random permutation
+    modulo α, so each row costs one randperm: no sort of the whole matrix.
     """
     h, d = support.shape
-    out = torch.empty((h, d), dtype=torch.int8)
-    positions = torch.arange(d)
-    for start in range(0, h, _ROW_CHUNK):
-        block = support[start : start + _ROW_CHUNK]
-        keys = torch.rand(block.shape, generator=generator)
-        keys.masked_fill_(~block, 2.0)  # off-support positions sort last
-        order = keys.argsort(dim=1)
-        ranks = torch.empty_like(order)
-        ranks.scatter_(1, order, positions.expand_as(order))
-        out[start : start + _ROW_CHUNK] = (ranks % alpha).to(torch.int8)
+    out = torch.zeros((h, d), dtype=torch.int8)
+    fan_in = row_counts(support).tolist()
+    for i, f in enumerate(fan_in):
+        if f == d:
+            out[i] = torch.randperm(d, generator=generator) % alpha
+        elif f:
+            out[i, support[i]] = (torch.randperm(f, generator=generator) % alpha).to(torch.int8)
     return out
 
 

@@ -8,6 +8,8 @@ one layer pair, not one checkpoint. Files written here load with the official `s
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import json
 import os
 import struct
@@ -107,6 +109,13 @@ def read_tensor(header: Header, name: str) -> torch.Tensor:
     return torch.frombuffer(buf, dtype=DTYPES[e.dtype]).reshape(e.shape)
 
 
+def _pwrite_all(fd: int, data: torch.Tensor, offset: int) -> None:
+    view = memoryview(data.view(torch.uint8).numpy()).cast("B")
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
 class StreamingWriter:
     """A safetensors file whose layout is fixed up front and whose tensors arrive in any order."""
 
@@ -132,9 +141,13 @@ class StreamingWriter:
         self.header_len = len(blob) + reserve + (-(len(blob) + reserve) % 8)
         self.base = 8 + self.header_len
         self.pending = set(layout)
+        self.rows_left = {n: (shape[0] if shape else 1) for n, (_, shape) in layout.items()}
         self.file = open(path, "wb")
         self.file.write(struct.pack("<Q", self.header_len) + blob.ljust(self.header_len))
         self.file.truncate(self.base + pos)
+        self.file.flush()
+        self._io = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        self._inflight: concurrent.futures.Future[None] | None = None
 
     def _blob(self, metadata: dict[str, str]) -> bytes:
         header = {"__metadata__": metadata, **self.entries} if metadata else dict(self.entries)
@@ -145,18 +158,40 @@ class StreamingWriter:
         blob = self._blob(metadata)
         if len(blob) > self.header_len:
             raise AssertionError(f"{self.path}: metadata needs {len(blob)} header bytes, {self.header_len} reserved")
+        self.wait()
         self.file.seek(8)
         self.file.write(blob.ljust(self.header_len))
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor, row_start: int = 0) -> None:
+        """Queue a tensor's bytes, or a block of its leading-dimension rows starting at `row_start`.
+
+        The write overlaps whatever the caller computes next (one write in flight per file).
+        """
         start, _end, dtype, shape = self.offsets[name]
-        if tuple(tensor.shape) != shape or DTYPE_NAMES[tensor.dtype] != dtype:
-            raise AssertionError(f"{name}: planned {dtype}{list(shape)}, got {tensor.dtype}{list(tensor.shape)}")
+        rows = tensor.shape[0] if tensor.dim() else 1
+        ok = DTYPE_NAMES[tensor.dtype] == dtype and (
+            tuple(tensor.shape) == shape
+            if row_start == 0 and rows == (shape[0] if shape else 1)
+            else tuple(tensor.shape[1:]) == shape[1:] and row_start + rows <= shape[0]
+        )
+        if not ok:
+            raise AssertionError(
+                f"{name}: planned {dtype}{list(shape)}, got {tensor.dtype}{list(tensor.shape)} at row {row_start}"
+            )
+        row_bytes = nbytes(dtype, shape[1:]) if shape else nbytes(dtype, ())
         data = tensor.detach().contiguous().reshape(-1)
+        self.wait()
         if data.numel():
-            self.file.seek(self.base + start)
-            self.file.write(data.view(torch.uint8).numpy().data)
-        self.pending.discard(name)
+            offset = self.base + start + row_start * row_bytes
+            self._inflight = self._io.submit(_pwrite_all, self.file.fileno(), data, offset)
+        self.rows_left[name] -= rows
+        if self.rows_left[name] <= 0:
+            self.pending.discard(name)
+
+    def wait(self) -> None:
+        if self._inflight is not None:
+            self._inflight.result()
+            self._inflight = None
 
     def copy_raw(self, name: str, src: Header, src_name: str) -> None:
         """Copy a tensor's bytes unchanged from another safetensors file, without decoding them."""
@@ -164,6 +199,7 @@ class StreamingWriter:
         e = src.entries[src_name]
         if (e.dtype, e.shape) != (dtype, shape):
             raise AssertionError(f"{name}: raw copy of a tensor with another dtype or shape")
+        self.wait()
         self.file.seek(self.base + start)
         with open(src.path, "rb") as f:
             f.seek(e.start)
@@ -180,10 +216,16 @@ class StreamingWriter:
         if self.pending:
             self.abort()
             raise AssertionError(f"{self.path}: tensors never written: {sorted(self.pending)[:5]}")
+        self.wait()
+        self._io.shutdown()
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
 
     def abort(self) -> None:
+        """Drop the partial file; a failed background write must not hide the error that caused the abort."""
+        with contextlib.suppress(Exception):
+            self.wait()
+        self._io.shutdown()
         self.file.close()
         self.path.unlink(missing_ok=True)
