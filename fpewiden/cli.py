@@ -101,14 +101,85 @@ def inspect(
 
 @app.command()
 @user_errors
-def demo(
-    out: Annotated[Path, typer.Option("--out", help="Directory for the demo's checkpoints.")] = Path("runs/demo"),
-    seed: Annotated[int, typer.Option(help="Seed for the task, the training and the split.")] = 0,
+def finetune(
+    ckpt: Annotated[Path, typer.Argument(help="Checkpoint: dense, pruned or converted (MLP file or HF dir).")],
+    data: Annotated[
+        str, typer.Option(help="dnf:k=v,..., digits, a .safetensors/.npz/.pt file, or text for --teacher.")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Output checkpoint (same format as the input).")],
+    epochs: Annotated[int | None, typer.Option(help="Epochs.  [default: 10]")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate.  [default: 1e-3]")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size per process.  [default: 128]")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="adam | adamw | sgd  [default: adam]")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="Weight decay.  [default: 0]")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda  [default: auto]")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for data order and splits.  [default: 0]")] = None,
+    teacher: Annotated[Path | None, typer.Option(help="Distil from this HF checkpoint on --data text lines.")] = None,
+    recipe: Annotated[Path | None, typer.Option(help="Take training settings from a recipe; flags override.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT.state.pt after an interruption.")] = False,
 ) -> None:
-    """Train a small dense MLP on a built-in Boolean formula task, convert it at α=2, inspect before and after."""
-    from fpewiden.demo import run_demo
+    """Train with the zero pattern fixed: masks re-applied after every step, saved with the output."""
+    from fpewiden.recipes import train_config
+    from fpewiden.report import console, progress_bar
+    from fpewiden.train.finetune import finetune as run_finetune
+    from fpewiden.train.trainer import Distributed
 
-    run_demo(out, seed)
+    flags = dict(
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        optimizer=optimizer,
+        weight_decay=weight_decay,
+        device=device,
+        seed=seed,
+    )
+    cfg = train_config(recipe, {k: v for k, v in flags.items() if v is not None})
+    show = Distributed.from_env().main
+    with progress_bar(disable=not show) as bar:
+        task = bar.add_task("training", total=None)
+
+        def step(epoch: int, s: int, n: int, total: int) -> None:
+            bar.update(task, completed=(epoch - 1) * n + s, total=total * n, description=f"epoch {epoch}/{total}")
+
+        def epoch_done(m: dict[str, float]) -> None:
+            if show:
+                bar.console.print(
+                    "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items())
+                )
+
+        summary = run_finetune(ckpt, data, out, cfg, teacher, resume, on_step=step, on_epoch=epoch_done)
+    if show:
+        final = summary["final"]
+        console().print(
+            f"wrote {out} ({summary['data']}); final: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in final.items() if isinstance(v, float))
+        )
+
+
+@app.command()
+@user_errors
+def run(
+    recipe: Annotated[Path, typer.Argument(help="YAML recipe (see recipes/).")],
+    out: Annotated[Path, typer.Option("--out", help="Directory for checkpoints, results.json and results.md.")],
+    seeds: Annotated[str | None, typer.Option(help="Comma-separated seeds, overriding the recipe's.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Total epochs, overriding the recipe's.")] = None,
+    warmup_epochs: Annotated[int | None, typer.Option(help="Dense warm-up epochs, overriding the recipe's.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
+) -> None:
+    """Warm up dense, convert each configuration, fine-tune, train the dense baseline as long, compare."""
+    from fpewiden.recipes import load_recipe
+    from fpewiden.run import run_recipe
+
+    overrides: dict[str, object] = {}
+    if seeds is not None:
+        try:
+            overrides["seeds"] = [int(s) for s in seeds.split(",") if s.strip()]
+        except ValueError:
+            raise FpewidenError(f"--seeds {seeds!r}: expected comma-separated integers") from None
+    for key, val in (("epochs", epochs), ("warmup_epochs", warmup_epochs), ("device", device)):
+        if val is not None:
+            overrides[key] = val
+    run_recipe(load_recipe(recipe, overrides), out)
 
 
 def main() -> None:

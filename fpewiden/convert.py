@@ -12,7 +12,6 @@ import functools
 import hashlib
 import json
 import re
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from fpewiden.io.checkpoint import (
     packed_size,
 )
 from fpewiden.io.safetensors_stream import StreamingWriter
+from fpewiden.io.write import write_hf_extras
 
 SPLITS = ("random", "clause", "feature")
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
@@ -420,7 +420,12 @@ def convert(src: Path, dst: Path, opts: ConvertOptions, on_pair: Callable[[str, 
     else:
         with atomic_dir(dst) as tmp:
             write_all(lambda f: tmp / f, tmp / MASKS_FILE)
-            _write_hf_extras(ck, tmp, chosen, plan, opts.alpha)
+            config = json.loads(json.dumps(ck.config))
+            for p in chosen:
+                if p.config_key:
+                    s = plan.shapes[p.in_weights[0]]
+                    set_config_width(config, p.config_key, s[1] if p.transposed else s[0])
+            write_hf_extras(ck, tmp, config)
     return {
         "src": str(src),
         "dst": str(dst),
@@ -429,28 +434,3 @@ def convert(src: Path, dst: Path, opts: ConvertOptions, on_pair: Callable[[str, 
         "nnz_after": totals["after"],
         "metadata": {k[len(META_PREFIX) :]: v for k, v in metadata().items() if k.startswith(META_PREFIX)},
     }
-
-
-def _write_hf_extras(ck: Checkpoint, out: Path, chosen: list[PairSpec], plan: _Plan, alpha: int) -> None:
-    """Config with the new widths, the shard index, and every other file of the model directory unchanged."""
-    assert ck.config is not None
-    config = json.loads(json.dumps(ck.config))
-    for p in chosen:
-        if p.config_key:
-            s = plan.shapes[p.in_weights[0]]
-            set_config_width(config, p.config_key, s[1] if p.transposed else s[0])
-    skip = {"config.json", "model.safetensors.index.json", MASKS_FILE, *ck.file_of.values()}
-    for item in ck.path.iterdir():
-        if item.name in skip:
-            continue
-        if item.is_dir():
-            shutil.copytree(item, out / item.name)
-        else:
-            shutil.copy2(item, out / item.name)
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    index = ck.path / "model.safetensors.index.json"
-    if index.is_file():
-        data = json.loads(index.read_text())
-        total = sum((out / f).stat().st_size for f in set(ck.file_of.values()))
-        data.setdefault("metadata", {})["total_size"] = total
-        (out / index.name).write_text(json.dumps(data, indent=2) + "\n")

@@ -14,7 +14,8 @@ def console() -> Console:
     return Console() if sys.stdout.isatty() else Console(width=160)
 
 
-def progress_bar() -> Progress:
+def progress_bar(disable: bool = False) -> Progress:
+    """Progress on stderr, only for a terminal: logs and pipes get the results, not redraw noise."""
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -22,6 +23,7 @@ def progress_bar() -> Progress:
         TimeElapsedColumn(),
         console=Console(stderr=True),
         transient=True,
+        disable=disable or not sys.stderr.isatty(),
     )
 
 
@@ -59,4 +61,18 @@ def inspect_table(report: dict) -> Table:
         )
     tot = report["totals"]
     t.add_row("total", "", str(tot["neurons"]), str(tot["nnz"]), f"{tot['density']:.3f}", "", "", style="bold")
+    return t
+
+
+def results_table(title: str, summary: list[dict], metrics: list[str]) -> Table:
+    t = Table(title=f"{title}: mean ± std over seeds")
+    for col in ("model", "neurons", "non-zeros", *metrics):
+        t.add_column(col, justify="left" if col == "model" else "right")
+    for s in summary:
+        t.add_row(
+            s["model"],
+            str(s["neurons"]),
+            str(s["nnz"]),
+            *[f"{s[m]['mean']:.4f} ± {s[m]['std']:.4f}" if m in s else "" for m in metrics],
+        )
     return t

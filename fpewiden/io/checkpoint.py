@@ -136,6 +136,9 @@ def _open_pickle(path: Path) -> Checkpoint:
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict) and len(obj) <= 3:
             obj = obj[key]
+    metadata = obj.pop("fpewiden_metadata", {}) if isinstance(obj, dict) else {}
+    if not isinstance(metadata, dict):
+        metadata = {}
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise FpewidenError(f"{path} does not hold a state dict of tensors")
     tensors = {str(k): v.contiguous() for k, v in obj.items()}
@@ -150,6 +153,7 @@ def _open_pickle(path: Path) -> Checkpoint:
         file_of=dict.fromkeys(tensors, path.with_suffix(".safetensors").name),
         memory=tensors,
         files=[path],
+        metadata={str(k): str(v) for k, v in metadata.items()},
     )
     _split_masks(ck, tensors)
     return ck

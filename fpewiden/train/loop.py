@@ -1,13 +1,6 @@
-"""The mask-preserving training loop: short enough to read in one sitting.
-
-A masked weight's gradient is zeroed before the optimizer step (so Adam's moments never accumulate there) and
-the mask is re-applied after it (so weight decay or momentum cannot revive a pruned position): the zero
-pattern is identical, bit for bit, before and after training.
-"""
+"""Supervised tasks over tensors: the loss each label kind implies, and held-out metrics."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -24,6 +17,7 @@ def label_kind(y: torch.Tensor) -> str:
 
 
 def loss_fn(kind: str, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    logits = logits.float()
     if kind == "classes":
         return F.cross_entropy(logits, y)
     if kind == "multilabel":
@@ -32,10 +26,11 @@ def loss_fn(kind: str, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str, batch: int = 4096) -> dict[str, float]:
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str, batch: int = 8192) -> dict[str, float]:
     """Loss and the task metric: accuracy; per-output accuracy and exact match for multi-label; MSE."""
     model.eval()
-    logits = torch.cat([model(x[i : i + batch]) for i in range(0, len(x), batch)])
+    device = next(model.parameters()).device
+    logits = torch.cat([model(x[i : i + batch].to(device)).float().cpu() for i in range(0, len(x), batch)])
     out = {"loss": float(loss_fn(kind, logits, y))}
     if kind == "classes":
         out["accuracy"] = float((logits.argmax(1) == y).float().mean())
@@ -48,47 +43,23 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str, batc
     return out
 
 
-@dataclass
-class FitConfig:
-    epochs: int = 20
-    lr: float = 1e-2
-    batch_size: int = 128
-    weight_decay: float = 0.0
-    seed: int = 0
+class SupervisedTask:
+    """(x, y) in memory; batches are index tensors into it."""
 
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor, kind: str):
+        self.x, self.y, self.x_val, self.y_val, self.kind = x, y, x_val, y_val, kind
+        self.n_train = len(x)
+        self._on: torch.device | None = None
 
-def apply_masks(masks: dict[nn.Parameter, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for p, m in masks.items():
-            p.mul_(m)
+    def _to(self, device: torch.device) -> None:
+        if self._on != device:
+            self.x, self.y = self.x.to(device), self.y.to(device)
+            self._on = device
 
+    def loss(self, model: nn.Module, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+        self._to(device)
+        idx = idx.to(device)
+        return loss_fn(self.kind, model(self.x[idx]), self.y[idx])
 
-def fit(
-    model: nn.Module,
-    data: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-    cfg: FitConfig,
-    masks: dict[nn.Parameter, torch.Tensor] | None = None,
-) -> list[dict[str, float]]:
-    """Adam on (x, y), evaluated on (x_val, y_val) after every epoch; returns the per-epoch history."""
-    x, y, x_val, y_val = data
-    kind = label_kind(y)
-    masks = masks or {}
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    apply_masks(masks)
-    history = []
-    for epoch in range(cfg.epochs):
-        model.train()
-        order = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), cfg.batch_size):
-            idx = order[i : i + cfg.batch_size]
-            loss = loss_fn(kind, model(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            for p, m in masks.items():
-                if p.grad is not None:
-                    p.grad.mul_(m)
-            opt.step()
-            apply_masks(masks)
-        history.append({"epoch": epoch + 1, **evaluate(model, x_val, y_val, kind)})
-    return history
+    def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
+        return evaluate(model, self.x_val, self.y_val, self.kind)

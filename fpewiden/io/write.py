@@ -1,0 +1,83 @@
+"""Write a checkpoint with the same layout as one that was read: same file names, tensor names and dtypes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from fpewiden.errors import FpewidenError
+from fpewiden.io.atomic import atomic_dir, atomic_file
+from fpewiden.io.checkpoint import MASK_PREFIX, MASKS_FILE, Checkpoint
+from fpewiden.io.safetensors_stream import DTYPE_NAMES, DTYPES, StreamingWriter
+
+
+def _layout(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    return {n: (DTYPE_NAMES[t.dtype], tuple(t.shape)) for n, t in tensors.items()}
+
+
+def _write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    w = StreamingWriter(path, _layout(tensors), {"format": "pt", **metadata})
+    try:
+        for n, t in tensors.items():
+            w.write(n, t)
+        w.close()
+    except BaseException:
+        w.abort()
+        raise
+
+
+def write_like(
+    ck: Checkpoint,
+    dst: Path,
+    tensors: dict[str, torch.Tensor],
+    packed_masks: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+    config: dict | None = None,
+) -> None:
+    """`tensors` replace the checkpoint's tensors of the same name (cast to the stored dtype); the rest are copied.
+
+    MLP outputs are one file: `.safetensors` with masks inside, or `.pt` (a weights-only state dict whose masks
+    and metadata ride along as tensors and a string dict). Hugging Face outputs are a directory laid out like the
+    input, with masks in fpewiden_masks.safetensors.
+    """
+    full = {
+        n: tensors[n].detach().to(torch.device("cpu"), DTYPES[ck.dtypes[n]]).contiguous() if n in tensors else ck.get(n)
+        for n in ck.shapes
+    }
+    masks = {f"{MASK_PREFIX}{n}": m for n, m in packed_masks.items()}
+    if ck.kind == "mlp":
+        if dst.suffix == ".safetensors":
+            with atomic_file(dst) as tmp:
+                _write(tmp, {**full, **masks}, metadata)
+        elif dst.suffix in (".pt", ".pth", ".bin"):
+            with atomic_file(dst) as tmp:
+                torch.save({**full, **masks, "fpewiden_metadata": dict(metadata)}, tmp)
+        else:
+            raise FpewidenError(f"--out {dst}: name the output *.safetensors or *.pt")
+        return
+    with atomic_dir(dst) as tmp:
+        by_file: dict[str, dict[str, torch.Tensor]] = {}
+        for n, t in full.items():
+            by_file.setdefault(ck.file_of[n], {})[n] = t
+        for f, ts in by_file.items():
+            _write(tmp / f, ts, metadata)
+        _write(tmp / MASKS_FILE, masks, metadata)
+        write_hf_extras(ck, tmp, config or ck.config or {})
+
+
+def write_hf_extras(ck: Checkpoint, out: Path, config: dict) -> None:
+    """Everything of a model directory besides the weights: config (given), shard index, tokenizer and the rest."""
+    files = set(ck.file_of.values())
+    skip = {"config.json", "model.safetensors.index.json", MASKS_FILE, *files}
+    for item in ck.path.iterdir():
+        if item.name not in skip:
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, out / item.name)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    index = ck.path / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data.setdefault("metadata", {})["total_size"] = sum((out / f).stat().st_size for f in files)
+        (out / index.name).write_text(json.dumps(data, indent=2) + "\n")

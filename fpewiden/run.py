@@ -1,0 +1,166 @@
+"""`fpewiden run`: the paper's protocol end to end, for every seed of a recipe.
+
+Per seed: a fresh dense MLP (or the recipe's checkpoint) is trained for the warm-up epochs; the dense baseline
+continues from there for the remaining epochs; every conversion starts from the same warm model, is converted
+and fine-tuned for the same remaining epochs with its zero pattern fixed. So every model sees the same data for
+the same total number of epochs, and FPE is compared with dense at equal non-zeros.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import yaml
+from safetensors.torch import save_file
+
+from fpewiden.convert import Budget, ConvertOptions, convert
+from fpewiden.errors import FpewidenError
+from fpewiden.io.atomic import atomic_file
+from fpewiden.io.checkpoint import META_PREFIX
+from fpewiden.recipes import Recipe
+from fpewiden.report import console, progress_bar, results_table
+from fpewiden.train.data import load_data
+from fpewiden.train.finetune import finetune
+from fpewiden.train.mlp import ChainMLP
+
+METRICS = ("exact_match", "accuracy", "mse", "cosine", "loss")
+
+
+def _fresh_model(recipe: Recipe, seed: int, path: Path) -> Path:
+    data = load_data(recipe.data, seed)
+    widths = [data.n_inputs, *recipe.model.hidden, data.n_outputs]
+    model = ChainMLP.fresh(widths, recipe.model.activation, seed)
+    with atomic_file(path) as tmp:
+        save_file(model.tensors(), str(tmp), metadata={f"{META_PREFIX}activation": recipe.model.activation})
+    if data.clauses:
+        (path.parent / "clauses.json").write_text(json.dumps(data.clauses) + "\n")
+    return path
+
+
+def _summarise(rows: list[dict]) -> list[dict]:
+    """Mean ± std over seeds for each model label, keeping the order of first appearance."""
+    by_label: dict[str, list[dict]] = {}
+    for r in rows:
+        by_label.setdefault(r["model"], []).append(r)
+    out = []
+    for label, rs in by_label.items():
+        entry = {"model": label, "seeds": len(rs), "neurons": rs[0]["neurons"], "nnz": rs[0]["nnz"]}
+        for m in METRICS:
+            vals = [r["final"][m] for r in rs if m in r["final"]]
+            if vals:
+                entry[m] = {
+                    "mean": statistics.fmean(vals),
+                    "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                    "values": vals,
+                }
+        out.append(entry)
+    return out
+
+
+def markdown(recipe: Recipe, summary: list[dict]) -> str:
+    metrics = [m for m in METRICS if any(m in s for s in summary)]
+    lines = [
+        f"# {recipe.name}",
+        "",
+        recipe.description.strip(),
+        "",
+        f"data `{recipe.data}`, {recipe.epochs} epochs ({recipe.warmup_epochs} dense warm-up), "
+        f"seeds {recipe.seeds}; mean ± std over seeds.",
+        "",
+        "| model | neurons | non-zeros | " + " | ".join(metrics) + " |",
+        "|---|---|---|" + "---|" * len(metrics),
+    ]
+    for s in summary:
+        cells = [f"{s[m]['mean']:.4f} ± {s[m]['std']:.4f}" if m in s else "" for m in metrics]
+        lines.append(f"| {s['model']} | {s['neurons']} | {s['nnz']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_recipe(recipe: Recipe, out: Path) -> dict:
+    if out.exists() and not out.is_dir():
+        raise FpewidenError(f"--out {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    recipe_meta = {f"{META_PREFIX}recipe": json.dumps(recipe.to_dict())}
+    rest = recipe.epochs - recipe.warmup_epochs
+    rows: list[dict] = []
+    jobs = len(recipe.seeds) * (2 + 2 * len(recipe.conversions))
+    with progress_bar() as bar:
+        task = bar.add_task("run", total=jobs)
+
+        def tick(what: str) -> None:
+            bar.update(task, advance=1, description=what)
+
+        for seed in recipe.seeds:
+            d = out / f"seed{seed}"
+            d.mkdir(exist_ok=True)
+            init = (
+                Path(recipe.model.checkpoint)
+                if recipe.model.checkpoint
+                else _fresh_model(recipe, seed, d / "init.safetensors")
+            )
+            warm = d / "warm.safetensors"
+            if recipe.warmup_epochs:
+                finetune(
+                    init, recipe.data, warm, recipe.train_config(recipe.warmup_epochs, seed), extra_metadata=recipe_meta
+                )
+            else:
+                warm = init
+            tick(f"seed {seed}: dense warm-up")
+            dense = finetune(
+                warm, recipe.data, d / "dense.safetensors", recipe.train_config(rest, seed), extra_metadata=recipe_meta
+            )
+            tick(f"seed {seed}: dense baseline")
+            rows.append(_row("dense", d / "dense.safetensors", dense, seed))
+            for c in recipe.conversions:
+                name = f"a{c.alpha}_{c.split}_{c.budget}".replace(".", "p")
+                conv = d / f"{name}.safetensors"
+                clauses = json.loads((d / "clauses.json").read_text()) if c.split == "clause" else None
+                if c.split == "clause" and clauses is None:
+                    raise FpewidenError("recipe: split clause needs a dnf: task (its clauses are the split)")
+                convert(
+                    warm,
+                    conv,
+                    ConvertOptions(
+                        alpha=c.alpha,
+                        split=c.split,
+                        clauses=clauses,
+                        budget=Budget.parse(c.budget),
+                        seed=seed,
+                        activation=recipe.model.activation,
+                    ),
+                )
+                tick(f"seed {seed}: convert {c.label}")
+                res = finetune(
+                    conv,
+                    recipe.data,
+                    d / f"{name}_ft.safetensors",
+                    recipe.train_config(rest, seed),
+                    extra_metadata=recipe_meta,
+                )
+                tick(f"seed {seed}: fine-tune {c.label}")
+                rows.append(_row(c.label, d / f"{name}_ft.safetensors", res, seed))
+    summary = _summarise(rows)
+    result = {"recipe": recipe.to_dict(), "runs": rows, "summary": summary}
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    md = markdown(recipe, summary)
+    (out / "results.md").write_text(md)
+    console().print(results_table(recipe.name, summary, [m for m in METRICS if any(m in s for s in summary)]))
+    console().print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+    return result
+
+
+def _row(label: str, path: Path, res: dict, seed: int) -> dict:
+    from fpewiden.inspect import inspect_checkpoint
+
+    info = inspect_checkpoint(path)
+    return {
+        "model": label,
+        "seed": seed,
+        "path": str(path),
+        "neurons": info["totals"]["neurons"],
+        "nnz": info["totals"]["nnz"],
+        "final": res["final"],
+    }

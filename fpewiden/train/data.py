@@ -1,0 +1,140 @@
+"""DATA specs for finetune, run and bench: built-in tasks (`dnf:...`, `digits`) or tensor files (x, y[, x_val, y_val]).
+
+Labels decide the loss: int labels are classes, a 0/1 float matrix is multi-label, other floats are regression.
+Every problem with the data is a one-line FpewidenError.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fpewiden.errors import FpewidenError
+from fpewiden.train.loop import label_kind
+from fpewiden.train.tasks import DnfSpec, make_dnf
+
+
+@dataclass
+class Dataset:
+    x: torch.Tensor
+    y: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    kind: str
+    spec: str
+    clauses: list[list[int]] | None = None
+
+    @property
+    def n_inputs(self) -> int:
+        return self.x.shape[1]
+
+    @property
+    def n_outputs(self) -> int:
+        if self.kind == "classes":
+            return int(max(self.y.max(), self.y_val.max())) + 1
+        return self.y.shape[1] if self.y.dim() == 2 else 1
+
+    def describe(self) -> str:
+        return (
+            f"{self.spec}: {len(self.x)} train / {len(self.x_val)} held-out, {self.n_inputs} inputs, "
+            f"{self.kind} with {self.n_outputs} output(s)"
+        )
+
+
+def _split(x: torch.Tensor, y: torch.Tensor, val: float, seed: int) -> tuple[torch.Tensor, ...]:
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, round(len(x) * val))
+    v, t = order[:n_val], order[n_val:]
+    return x[t], y[t], x[v], y[v]
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FpewidenError(f"no such data file: {path}")
+    if path.stat().st_size == 0:
+        raise FpewidenError(f"data file {path} is empty")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                return {k: torch.from_numpy(z[k]) for k in z.files}
+        if path.suffix in (".pt", ".pth"):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+                raise FpewidenError(f"{path} must hold a dict of tensors x, y[, x_val, y_val]")
+            return obj
+    except pickle.UnpicklingError:
+        raise FpewidenError(f"{path} holds objects other than tensors; refusing to unpickle it") from None
+    except (OSError, ValueError, RuntimeError, EOFError, zipfile.BadZipFile) as e:
+        if isinstance(e, FpewidenError):
+            raise
+        raise FpewidenError(f"data file {path} is not readable (truncated or corrupt)") from None
+    raise FpewidenError(f"unsupported data file {path}: expected .safetensors, .npz or .pt")
+
+
+def _from_file(path: Path, seed: int, val: float) -> Dataset:
+    t = _read_tensors(path)
+    if "x" not in t or "y" not in t:
+        raise FpewidenError(f"{path} must hold tensors named x and y (found: {', '.join(sorted(t)) or 'none'})")
+    x, y = t["x"].to(torch.float32), t["y"]
+    if y.is_floating_point():
+        y = y.to(torch.float32)
+    else:
+        y = y.to(torch.int64)
+    if "x_val" in t and "y_val" in t:
+        xv, yv = t["x_val"].to(torch.float32), t["y_val"].to(y.dtype)
+    else:
+        x, y, xv, yv = _split(x, y, val, seed) if len(x) >= 2 else (x, y, x, y)
+    return Dataset(x, y, xv, yv, label_kind(y), str(path))
+
+
+def _digits(seed: int, val: float) -> Dataset:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(d.target, dtype=torch.int64)
+    return Dataset(*_split(x, y, val, seed), kind="classes", spec="digits")
+
+
+def load_data(spec: str, seed: int = 0, val: float = 0.2) -> Dataset:
+    """Resolve a DATA spec and check it is usable for training."""
+    s = spec.strip()
+    if s.startswith("dnf"):
+        dnf = DnfSpec.parse(s if ":" not in s or "seed=" in s else f"{s},seed={seed}")
+        task = make_dnf(dnf)
+        data = Dataset(task.x, task.y, task.x_val, task.y_val, "multilabel", s, task.clause_groups())
+    elif s == "digits":
+        data = _digits(seed, val)
+    elif Path(s).suffix in (".safetensors", ".npz", ".pt", ".pth"):
+        data = _from_file(Path(s), seed, val)
+    else:
+        raise FpewidenError(
+            f"unknown data spec {spec!r}: expected dnf:key=value,..., digits, or a .safetensors/.npz/.pt file"
+        )
+    validate(data)
+    return data
+
+
+def validate(data: Dataset) -> None:
+    if len(data.x) == 0 or len(data.x_val) == 0:
+        raise FpewidenError(f"{data.spec}: no training or held-out samples")
+    if data.x.dim() != 2 or len(data.x) != len(data.y) or len(data.x_val) != len(data.y_val):
+        raise FpewidenError(f"{data.spec}: x must be (samples, features) with one y per sample")
+    if data.x_val.shape[1] != data.x.shape[1]:
+        raise FpewidenError(f"{data.spec}: x_val has {data.x_val.shape[1]} features but x has {data.x.shape[1]}")
+    if data.kind == "classes":
+        if int(data.y.min()) < 0:
+            raise FpewidenError(f"{data.spec}: class labels must be non-negative")
+        if len(torch.unique(data.y)) < 2:
+            raise FpewidenError(f"{data.spec}: the training labels hold a single class; nothing to learn")
+    elif data.kind == "multilabel" and bool((data.y == data.y[0]).all()):
+        raise FpewidenError(f"{data.spec}: every training label vector is identical; nothing to learn")

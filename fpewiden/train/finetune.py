@@ -1,0 +1,134 @@
+"""`fpewiden finetune`: load a checkpoint, train it with its zero pattern fixed, write it back in the same format."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from fpewiden import __version__
+from fpewiden.errors import FpewidenError
+from fpewiden.fpe.expand import count
+from fpewiden.io.atomic import atomic_file, check_output
+from fpewiden.io.checkpoint import META_PREFIX
+from fpewiden.io.write import write_like
+from fpewiden.train.data import Dataset, load_data
+from fpewiden.train.loop import SupervisedTask
+from fpewiden.train.model import Trainable, load_trainable
+from fpewiden.train.trainer import Distributed, TrainConfig, train
+
+
+def sidecar(dst: Path, suffix: str) -> Path:
+    """Files that belong to an output sit beside it: `model.safetensors.log.json`, `out_dir.state.pt`."""
+    return dst.parent / f"{dst.name}{suffix}"
+
+
+def check_fit(tr: Trainable, data: Dataset) -> None:
+    """The data's widths must match the model's first and last layers."""
+    if tr.n_inputs is not None and tr.n_inputs != data.n_inputs:
+        raise FpewidenError(
+            f"{data.spec} has {data.n_inputs} input features but the model's first layer reads {tr.n_inputs}"
+        )
+    if tr.n_outputs is None:
+        return
+    if data.kind == "classes" and data.n_outputs > tr.n_outputs:
+        raise FpewidenError(
+            f"{data.spec} has class labels up to {data.n_outputs - 1} but the model has {tr.n_outputs} outputs"
+        )
+    if data.kind != "classes" and data.n_outputs != tr.n_outputs:
+        raise FpewidenError(
+            f"{data.spec} has {data.n_outputs} {data.kind} targets per sample but the model has {tr.n_outputs} outputs"
+        )
+
+
+def finetune(
+    ckpt: Path,
+    data_spec: str,
+    dst: Path,
+    cfg: TrainConfig,
+    teacher: Path | None = None,
+    resume: bool = False,
+    extra_metadata: dict[str, str] | None = None,
+    on_step: Callable[[int, int, int, int], None] | None = None,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> dict:
+    """Train `ckpt` on `data_spec` (or distil from `teacher` on a text file) and write `dst`; returns a summary."""
+    check_output(dst, [ckpt] + ([teacher] if teacher else []))
+    if cfg.epochs < 1 or cfg.batch_size < 1 or not cfg.lr > 0:
+        raise FpewidenError("--epochs, --batch-size and --lr must be positive")
+    torch.manual_seed(cfg.seed)
+    tr = load_trainable(ckpt)
+    before = {n: m.clone() for n, m in tr.masks.items()}
+    clauses = None
+    if teacher is not None:
+        task, spec = _distill_task(tr, teacher, Path(data_spec), cfg.seed)
+    else:
+        if tr.ck.kind == "hf":
+            raise FpewidenError("Hugging Face models are fine-tuned by distillation: pass --teacher and a text file")
+        data = load_data(data_spec, cfg.seed)
+        check_fit(tr, data)
+        task, spec, clauses = (
+            SupervisedTask(data.x, data.y, data.x_val, data.y_val, data.kind),
+            data.describe(),
+            data.clauses,
+        )
+    state = sidecar(dst, ".state.pt")
+    if resume and not state.is_file():
+        raise FpewidenError(f"--resume: no state file {state} to resume from")
+    history = train(tr.model, task, cfg, tr.mask_map(), state, resume, on_step, on_epoch)
+    for n, m in before.items():  # the zero pattern must be exactly what it was
+        assert torch.equal(tr.masks[n], m) and not bool(tr.tensors()[n][~m].any()), n
+    summary = {
+        "checkpoint": str(ckpt),
+        "out": str(dst),
+        "data": spec,
+        "teacher": str(teacher) if teacher else None,
+        "config": asdict(cfg),
+        "nnz": sum(count(tr.tensors()[n] != 0) for n in tr.masks) if tr.masks else None,
+        "history": history,
+        "final": history[-1] if history else {},
+    }
+    if not Distributed.from_env().main:
+        return summary
+    meta = {k: v for k, v in tr.ck.metadata.items() if k.startswith(META_PREFIX)}
+    meta.update(
+        {
+            f"{META_PREFIX}version": __version__,
+            f"{META_PREFIX}activation": tr.activation
+            if tr.ck.kind == "mlp"
+            else meta.get(f"{META_PREFIX}activation", ""),
+            f"{META_PREFIX}train_data": spec,
+            f"{META_PREFIX}train_epochs": str(cfg.epochs),
+            f"{META_PREFIX}train_config": json.dumps(asdict(cfg)),
+            f"{META_PREFIX}train_final": json.dumps(summary["final"]),
+            **(extra_metadata or {}),
+        }
+    )
+    write_like(tr.ck, dst, tr.tensors(), tr.packed_masks(), meta)
+    with atomic_file(sidecar(dst, ".log.json")) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    if clauses:
+        with atomic_file(sidecar(dst, ".clauses.json")) as tmp:
+            tmp.write_text(json.dumps(clauses) + "\n")
+    state.unlink(missing_ok=True)
+    return summary
+
+
+def _distill_task(tr: Trainable, teacher: Path, text: Path, seed: int):
+    from fpewiden.train.distill import DistillTask, check_compatible, read_sentences
+
+    if tr.ck.kind != "hf":
+        raise FpewidenError("--teacher distillation is for Hugging Face model directories")
+    t = load_trainable(teacher)
+    if t.ck.kind != "hf":
+        raise FpewidenError(f"--teacher {teacher} is not a Hugging Face model directory")
+    check_compatible(tr.ck.config or {}, t.ck.config or {})
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(teacher))
+    sentences = read_sentences(text)
+    task = DistillTask(tok, t.model, sentences, seed=seed)
+    return task, f"distill {text} ({task.n_train} train / {len(task.val)} held-out sentences) from {teacher}"

@@ -1,0 +1,113 @@
+"""A checkpoint as a trainable torch module, with its zero pattern as explicit masks, and back to tensors.
+
+MLP state dicts become a ChainMLP; Hugging Face directories load with transformers' AutoModel. Masks come from
+the checkpoint's stored masks; without them, a weight matrix that holds exact zeros is treated as pruned (its
+zeros stay zero) and a matrix without zeros trains densely: the dense baseline.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fpewiden.arch import find_pairs
+from fpewiden.arch.mlp import linear_layers
+from fpewiden.errors import FpewidenError
+from fpewiden.io.checkpoint import META_PREFIX, Checkpoint, open_checkpoint, pack_mask
+from fpewiden.train.mlp import ACTIVATIONS, ChainMLP
+
+
+@dataclass
+class Trainable:
+    ck: Checkpoint
+    model: nn.Module
+    param_of: dict[str, nn.Parameter]  # checkpoint tensor name -> parameter
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)  # checkpoint tensor name -> bool mask
+    activation: str = "relu"
+
+    def mask_map(self) -> dict[nn.Parameter, torch.Tensor]:
+        return {self.param_of[n]: m for n, m in self.masks.items()}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu() for n, p in self.param_of.items()}
+
+    def packed_masks(self) -> dict[str, torch.Tensor]:
+        return {n: pack_mask(m.cpu()) for n, m in self.masks.items()}
+
+    @property
+    def n_inputs(self) -> int | None:
+        if isinstance(self.model, ChainMLP):
+            return self.model.weights[0].shape[1]
+        return None
+
+    @property
+    def n_outputs(self) -> int | None:
+        if isinstance(self.model, ChainMLP):
+            return self.model.weights[-1].shape[0]
+        return None
+
+
+def _mask_for(ck: Checkpoint, name: str, t: torch.Tensor) -> torch.Tensor | None:
+    stored = ck.mask(name)
+    if stored is not None:
+        return stored
+    zeros = t == 0
+    return ~zeros if bool(zeros.any()) else None
+
+
+def load_trainable(path: Path) -> Trainable:
+    ck = open_checkpoint(path)
+    return _load_hf(ck) if ck.kind == "hf" else _load_mlp(ck)
+
+
+def _load_mlp(ck: Checkpoint) -> Trainable:
+    find_pairs(ck)  # validates the chain with the same messages as convert
+    activation = ck.metadata.get(f"{META_PREFIX}activation", "relu")
+    if activation not in ACTIVATIONS:
+        raise FpewidenError(f"{ck.path}: unknown activation {activation!r} in metadata")
+    layers = [(m, ck.get(w), ck.get(b) if b else None) for m, w, b in linear_layers(ck)]
+    model = ChainMLP(layers, activation)
+    param_of: dict[str, nn.Parameter] = dict(model.named_weights())
+    biases = iter(model.biases)
+    for (_m, _, b), has in zip(linear_layers(ck), model.has_bias, strict=True):
+        if has:
+            param_of[b] = next(biases)
+    masks = {}
+    for name in model.named_weights():
+        m = _mask_for(ck, name, ck.get(name))
+        if m is not None:
+            masks[name] = m
+    return Trainable(ck, model, param_of, masks, activation)
+
+
+def _load_hf(ck: Checkpoint) -> Trainable:
+    try:
+        import transformers
+    except ImportError:
+        raise FpewidenError("Hugging Face checkpoints need transformers: pip install 'fpewiden[hf]'") from None
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    try:
+        model = transformers.AutoModel.from_pretrained(str(ck.path))
+    except (OSError, ValueError) as e:
+        raise FpewidenError(f"transformers cannot load {ck.path}: {str(e).splitlines()[0]}") from None
+    model = model.float()
+    params = dict(model.named_parameters())
+    prefix = f"{model.base_model_prefix}."
+    param_of = {}
+    for n in ck.shapes:
+        key = n if n in params else n[len(prefix) :] if n.startswith(prefix) else None
+        if key in params:
+            param_of[n] = params[key]
+    masks = {}
+    for p in find_pairs(ck):
+        for name in (*p.in_weights, p.out_weight):
+            if name in param_of:
+                m = _mask_for(ck, name, ck.get(name))
+                if m is not None:
+                    masks[name] = m
+    return Trainable(ck, model, param_of, masks, json.dumps(ck.config.get("hidden_act", "")) if ck.config else "")

@@ -1,0 +1,193 @@
+"""The mask-preserving training loop, on CPU or GPU, one process or many (torchrun).
+
+A masked weight's gradient is zeroed before the optimizer step (so Adam's moments never accumulate there) and
+the mask is re-applied after it (so weight decay or momentum cannot revive a pruned position): the zero pattern
+is identical, bit for bit, before and after training. Distributed: DistributedDataParallel (NCCL on GPU, gloo on
+CPU), every rank takes a disjoint shard of each epoch's shuffled order, masks are identical on every rank
+because they come from the same checkpoint, and only rank 0 writes. Each epoch's order depends only on
+(seed, epoch), so a run resumed from its per-epoch state file ends with the same weights as one never stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from fpewiden.errors import FpewidenError
+from fpewiden.io.atomic import atomic_file
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    lr: float = 1e-3
+    batch_size: int = 128
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    seed: int = 0
+    device: str = "auto"
+
+
+class Task(Protocol):
+    """What the loop needs from a task: its size, a loss on a batch of indices, and held-out metrics."""
+
+    n_train: int
+
+    def loss(self, model: nn.Module, idx: torch.Tensor, device: torch.device) -> torch.Tensor: ...
+
+    def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]: ...
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise FpewidenError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+    if name not in ("cpu", "cuda"):
+        raise FpewidenError(f"--device {name!r}: choose auto, cpu or cuda")
+    return torch.device(name)
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    raise FpewidenError(f"--optimizer {cfg.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @staticmethod
+    def from_env() -> Distributed:
+        return Distributed(
+            int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+        )
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: torch.device) -> Distributed:
+    """Join the process group torchrun describes; a plain run is a world of one."""
+    dist = Distributed.from_env()
+    if dist.world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(dist.local_rank)
+        torch.distributed.init_process_group(backend=backend)
+    return dist
+
+
+def apply_masks(masks: dict[nn.Parameter, torch.Tensor]) -> None:
+    if masks:
+        with torch.no_grad():
+            torch._foreach_mul_(list(masks), [m.to(p.dtype) for p, m in masks.items()])
+
+
+def mask_grads(masks: dict[nn.Parameter, torch.Tensor]) -> None:
+    """Zero the gradient at pruned positions, so no optimizer state ever builds up there."""
+    live = [(p.grad, m) for p, m in masks.items() if p.grad is not None]
+    if live:
+        torch._foreach_mul_([g for g, _ in live], [m for _, m in live])
+
+
+def epoch_order(n: int, seed: int, epoch: int, dist: Distributed) -> torch.Tensor:
+    """This rank's shard of the epoch's shuffled order; every rank gets the same number of samples."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    per_rank = n // dist.world
+    return order[: per_rank * dist.world][dist.rank :: dist.world]
+
+
+def train(
+    model: nn.Module,
+    task: Task,
+    cfg: TrainConfig,
+    masks: dict[nn.Parameter, torch.Tensor] | None = None,
+    state_path: Path | None = None,
+    resume: bool = False,
+    on_step: Callable[[int, int, int, int], None] | None = None,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> list[dict[str, float]]:
+    """Train in place; returns per-epoch history (train loss, held-out loss and metrics).
+
+    `state_path` receives the model, optimizer state and history after every epoch (atomically); with `resume`
+    an existing state file is continued from. A non-finite loss stops training with a one-line error that names
+    the epoch and step; the state file then still holds the last good epoch.
+    """
+    device = resolve_device(cfg.device)
+    dist = setup_distributed(device)
+    model.to(device)
+    # masks as 0/1 in the parameter's dtype: multiplying by a float mask is >10x faster than by a bool one on CPU
+    masks = {p: m.to(device=device, dtype=p.dtype) for p, m in (masks or {}).items()}
+    apply_masks(masks)
+    wrapped: nn.Module = model
+    if dist.world > 1:
+        wrapped = nn.parallel.DistributedDataParallel(
+            model, device_ids=[dist.local_rank] if device.type == "cuda" else None
+        )
+    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    history: list[dict[str, float]] = []
+    start = 0
+    if resume and state_path is not None and state_path.is_file():
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start, history = int(state["epoch"]), list(state["history"])
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    n_steps = math.ceil((task.n_train // dist.world) / cfg.batch_size)
+    for epoch in range(start, cfg.epochs):
+        wrapped.train()
+        order = epoch_order(task.n_train, cfg.seed, epoch, dist)
+        total, count = 0.0, 0
+        for step, i in enumerate(range(0, len(order), cfg.batch_size)):
+            idx = order[i : i + cfg.batch_size]
+            with autocast:
+                loss = task.loss(wrapped, idx, device)
+            if not bool(torch.isfinite(loss.detach())):
+                where = f" ({state_path} holds epoch {epoch})" if state_path is not None and epoch else ""
+                raise FpewidenError(
+                    f"loss became {float(loss.detach())} at epoch {epoch + 1}, step {step + 1}; stopped{where}"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            mask_grads(masks)
+            opt.step()
+            apply_masks(masks)
+            total += float(loss.detach()) * len(idx)
+            count += len(idx)
+            if on_step:
+                on_step(epoch + 1, step + 1, n_steps, cfg.epochs)
+        metrics = {"epoch": epoch + 1, "train_loss": total / max(count, 1), **task.evaluate(model, device)}
+        history.append(metrics)
+        if on_epoch:
+            on_epoch(metrics)
+        if state_path is not None and dist.main:
+            with atomic_file(state_path) as tmp:
+                torch.save(
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "epoch": epoch + 1,
+                        "history": history,
+                    },
+                    tmp,
+                )
+    model.to("cpu")
+    return history

