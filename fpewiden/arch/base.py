@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -20,3 +21,8 @@ class PairSpec:
     out_weight: str
     transposed: bool = False
     config_key: str | None = None
+
+
+def natural_key(name: str) -> list[object]:
+    """`layers.2` before `layers.10`; `fc1` before `fc2`."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]

@@ -6,7 +6,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fpewiden.arch.base import PairSpec
+from fpewiden.arch.base import PairSpec, natural_key
 from fpewiden.errors import FpewidenError
 from fpewiden.io.checkpoint import Checkpoint
 
@@ -79,15 +79,11 @@ def family_of(config: dict) -> Family:
     raise FpewidenError(f"unsupported architecture model_type={model_type!r}; supported: {', '.join(SUPPORTED)}")
 
 
-def _natural_key(name: str) -> list[object]:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
-
-
 def find_hf_pairs(ck: Checkpoint) -> list[PairSpec]:
     assert ck.config is not None
     fam = family_of(ck.config)
     anchor = re.compile(fam.anchor)
-    prefixes = sorted({m["p"] for n in ck.shapes if (m := anchor.match(n))}, key=_natural_key)
+    prefixes = sorted({m["p"] for n in ck.shapes if (m := anchor.match(n))}, key=natural_key)
     pairs = []
     for p in prefixes:
         ins = tuple(f"{p}.{s}.weight" for s in fam.ins)

@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 import itertools
-import re
 
-from fpewiden.arch.base import PairSpec
+from fpewiden.arch.base import PairSpec, natural_key
 from fpewiden.errors import FpewidenError
 from fpewiden.io.checkpoint import Checkpoint
-
-
-def _natural_key(name: str) -> list[object]:
-    """`layers.2` before `layers.10`; `fc1` before `fc2`."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
 def linear_layers(ck: Checkpoint) -> list[tuple[str, str, str | None]]:
@@ -26,7 +20,7 @@ def linear_layers(ck: Checkpoint) -> list[tuple[str, str, str | None]]:
                 f"{ck.path} is not a plain MLP state dict: tensor {name} {list(shape)} is neither a Linear "
                 "weight nor a bias (for Hugging Face models pass the model directory)"
             )
-    modules.sort(key=_natural_key)
+    modules.sort(key=natural_key)
     layers = []
     for m in modules:
         bias = f"{m}.bias" if f"{m}.bias" in ck.shapes else None
