@@ -47,7 +47,7 @@ def convert(
     src: Annotated[Path, typer.Argument(help="MLP state dict (.safetensors/.pt/.bin) or Hugging Face model dir.")],
     out: Annotated[Path, typer.Option("--out", help="Output .safetensors file, or directory for HF models.")],
     alpha: Annotated[int, typer.Option(help="Children per neuron (α ≥ 2).")] = 2,
-    split: Annotated[str, typer.Option(help="random | clause | feature")] = "random",
+    split: Annotated[str, typer.Option(help="random | clause | feature | shared (one partition per layer)")] = "random",
     clauses: Annotated[
         Path | None, typer.Option(help="JSON list of lists of input indices (for --split clause).")
     ] = None,
@@ -57,6 +57,9 @@ def convert(
         list[str] | None, typer.Option(help="Regex on layer names; repeat to add. Default: every hidden layer.")
     ] = None,
     activation: Annotated[str, typer.Option(help="MLP activation: relu | gelu | silu | tanh.")] = "relu",
+    outgoing: Annotated[
+        str, typer.Option(help="copy (the paper) | grouped (output r keeps child r mod α of each parent: 1:α)")
+    ] = "copy",
 ) -> None:
     """Widen every hidden neuron into α children at exactly the same (or a given) non-zero count."""
     from fpewiden.convert import Budget, ConvertOptions, load_clauses
@@ -71,6 +74,7 @@ def convert(
         seed=seed,
         targets=list(targets or []),
         activation=activation,
+        outgoing=outgoing,
     )
     with progress_bar() as bar:
         task = bar.add_task("converting", total=None)

@@ -22,8 +22,8 @@ from fpewiden import __version__
 from fpewiden.arch import PairSpec, find_pairs
 from fpewiden.arch.hf import config_activation, set_config_width
 from fpewiden.errors import FpewidenError
-from fpewiden.fpe.expand import Pair, check_fan_in, count, widen_blocks
-from fpewiden.fpe.splits import feature_assignment, group_assignment, random_assignment
+from fpewiden.fpe.expand import OUTGOING, Pair, check_fan_in, count, widen_blocks
+from fpewiden.fpe.splits import feature_assignment, group_assignment, random_assignment, shared_assignment
 from fpewiden.io.atomic import atomic_dir, atomic_file, check_output
 from fpewiden.io.checkpoint import (
     MASK_PREFIX,
@@ -37,7 +37,7 @@ from fpewiden.io.checkpoint import (
 from fpewiden.io.safetensors_stream import StreamingWriter
 from fpewiden.io.write import write_hf_extras
 
-SPLITS = ("random", "clause", "feature")
+SPLITS = ("random", "clause", "feature", "shared")
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
 
 
@@ -83,6 +83,7 @@ class ConvertOptions:
     seed: int = 0
     targets: list[str] = field(default_factory=list)
     activation: str = "relu"
+    outgoing: str = "copy"
 
 
 @dataclass
@@ -175,6 +176,8 @@ def _assignment(opts: ConvertOptions, pair: Pair, gen: torch.Generator) -> torch
     if opts.split == "clause":
         assert opts.clauses is not None
         return group_assignment(support, opts.alpha, opts.clauses, gen)
+    if opts.split == "shared":
+        return shared_assignment(support, opts.alpha, gen)
     return feature_assignment(_feature_source(pair), support, opts.alpha, gen)
 
 
@@ -220,6 +223,8 @@ def convert(src: Path, dst: Path, opts: ConvertOptions, on_pair: Callable[[str, 
         raise FpewidenError(f"--split {opts.split!r}: choose one of {', '.join(SPLITS)}")
     if opts.split == "clause" and opts.clauses is None:
         raise FpewidenError("--split clause needs --clauses FILE")
+    if opts.outgoing not in OUTGOING:
+        raise FpewidenError(f"--outgoing {opts.outgoing!r}: choose one of {', '.join(OUTGOING)}")
     ck = open_checkpoint(src)
     check_output(dst, [src])
     if ck.kind == "mlp" and dst.suffix != ".safetensors":
@@ -284,7 +289,7 @@ def convert(src: Path, dst: Path, opts: ConvertOptions, on_pair: Callable[[str, 
             after = 0
             names = (*p.in_weights, p.out_weight)
             rows = [w.shape[0] * opts.alpha for w in pair.w_in] + [pair.w_out.shape[0]]
-            for i, row, w, m in widen_blocks(pair, opts.alpha, assignment, before - reductions[k]):
+            for i, row, w, m in widen_blocks(pair, opts.alpha, assignment, before - reductions[k], opts.outgoing):
                 after += count(m)
                 emit(names[i], row, w, m, rows[i], p.transposed)
         except FpewidenError as e:
@@ -303,6 +308,7 @@ def convert(src: Path, dst: Path, opts: ConvertOptions, on_pair: Callable[[str, 
         f"{META_PREFIX}version": __version__,
         f"{META_PREFIX}alpha": str(opts.alpha),
         f"{META_PREFIX}split": opts.split,
+        f"{META_PREFIX}outgoing": opts.outgoing,
         f"{META_PREFIX}seed": str(opts.seed),
         f"{META_PREFIX}budget_spec": str(opts.budget),
         f"{META_PREFIX}activation": activation,

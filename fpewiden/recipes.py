@@ -20,11 +20,13 @@ class Conversion:
     alpha: int = 2
     split: str = "random"
     budget: str = "same"
+    outgoing: str = "copy"
 
     @property
     def label(self) -> str:
         b = "" if self.budget == "same" else f", budget {self.budget}"
-        return f"FPE α={self.alpha} {self.split}{b}"
+        o = "" if self.outgoing == "copy" else f", {self.outgoing} outgoing"
+        return f"FPE α={self.alpha} {self.split}{o}{b}"
 
 
 @dataclass

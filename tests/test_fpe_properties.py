@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fpewiden.fpe.expand import Pair, expand, prune_to_budget, widen
-from fpewiden.fpe.splits import feature_assignment, group_assignment, random_assignment
+from fpewiden.fpe.splits import feature_assignment, group_assignment, random_assignment, shared_assignment
 
 
 @st.composite
@@ -163,3 +163,29 @@ def test_prune_matches_reference_sort(dtype, shapes, seed, keep_ratio, coarse):
     for t, (m, k) in enumerate(zip(ms, got)):
         expected = [bool(m.view(-1)[j]) and (t, j) not in removed for j in range(m.numel())]
         assert k.view(-1).tolist() == expected
+
+
+@given(pairs(), st.floats(0.3, 1.0))
+def test_grouped_outgoing_and_shared_split(case, budget_ratio):
+    pair, alpha, _, seed = case
+    h, d = pair.w_in[0].shape
+    a = shared_assignment(pair.support(), alpha, torch.Generator().manual_seed(seed))
+    assert bool((a == a[0]).all())  # one partition for the whole layer
+    sizes = torch.bincount(a[0].long(), minlength=alpha)
+    assert int(sizes.max() - sizes.min()) <= 1
+    # budget "same" keeps everything: incoming split disjointly, outgoing kept once per (output, parent)
+    out = widen(pair, alpha, a, pair.nnz(), outgoing="grouped")
+    assert out.nnz() == pair.nnz()
+    for m0, m1 in zip(pair.m_in, out.m_in):
+        assert torch.equal(m1.view(h, alpha, d).any(1), m0)
+    cols = out.w_out.view(-1, h, alpha)
+    r = torch.arange(cols.shape[0]).view(-1, 1, 1) % alpha
+    c = torch.arange(alpha).view(1, 1, alpha)
+    assert not bool(cols[(c != r).expand_as(cols)].any())  # only child r mod α is read by output r
+    kept = cols.gather(2, r.expand(-1, h, 1)).squeeze(2)
+    assert torch.equal(kept, pair.w_out)
+    # and a smaller budget is still exact and keeps the pattern
+    budget = round(budget_ratio * pair.nnz())
+    small = widen(pair, alpha, a, budget, outgoing="grouped")
+    assert small.nnz() == budget
+    assert not bool(small.w_out.view(-1, h, alpha)[(c != r).expand_as(cols)].any())

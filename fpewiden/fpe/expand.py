@@ -168,8 +168,22 @@ def _row_block(cols: int) -> int:
     return max(8, (_CHUNK // max(cols, 1)) // 8 * 8)
 
 
+OUTGOING = ("copy", "grouped")
+
+
+def grouped_outgoing(rows: range, n_cols: int, alpha: int) -> torch.Tensor:
+    """The 1:α outgoing pattern: output r reads only child r mod α of every parent (a (rows, neurons·α) mask).
+
+    Each output keeps exactly one of the α copies per parent, so the outgoing matrix keeps the parent's
+    non-zero count; for α=2 the pattern is 2:4-compatible, and with a shared split the pair becomes α
+    independent dense blocks.
+    """
+    r = torch.tensor(list(rows)).unsqueeze(1) % alpha
+    return (torch.arange(n_cols).unsqueeze(0) % alpha) == r
+
+
 def widen_blocks(
-    pair: Pair, alpha: int, assignment: torch.Tensor, budget: int
+    pair: Pair, alpha: int, assignment: torch.Tensor, budget: int, outgoing: str = "copy"
 ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
     """FPE on one pair, streamed as row blocks: (tensor index, first row, weights, mask); incoming tensors first.
 
@@ -177,14 +191,15 @@ def widen_blocks(
     position (earlier tensor first, then row-major), so the same input always gives the same output. Blocks
     come in row order, so a writer can put each at its offset and free it: memory stays at the parent tensors.
     """
-    expanded_total = sum(count(m) for m in pair.m_in) + alpha * count(pair.m_out)
+    out_mult = alpha if outgoing == "copy" else 1
+    expanded_total = sum(count(m) for m in pair.m_in) + out_mult * count(pair.m_out)
     if budget > expanded_total:
         raise FpewidenError(f"budget {budget} exceeds the {expanded_total} weights available after expansion")
     if budget < 0:
         raise FpewidenError(f"budget {budget} is negative for this layer; choose a larger --budget")
     remove = expanded_total - budget
     dtype = key_dtype([*pair.w_in, pair.w_out])
-    mults = [1] * len(pair.w_in) + [alpha]
+    mults = [1] * len(pair.w_in) + [out_mult]
     sources = list(zip([*pair.w_in, pair.w_out], [*pair.m_in, pair.m_out], mults, strict=True))
     threshold, ties_left = -1, 0
     if remove:
@@ -203,16 +218,19 @@ def widen_blocks(
     for r in range(0, o, step):
         w_out = pair.w_out[r : r + step].repeat_interleave(alpha, dim=1)
         m_out = pair.m_out[r : r + step].repeat_interleave(alpha, dim=1)
+        if outgoing == "grouped":
+            m_out &= grouped_outgoing(range(r, min(o, r + step)), h * alpha, alpha)
+            w_out.mul_(m_out)
         keep, ties_left = _drop(w_out, m_out, threshold, ties_left, dtype)
         yield len(pair.w_in), r, w_out.mul_(keep), keep
 
 
 def widen_tensors(
-    pair: Pair, alpha: int, assignment: torch.Tensor, budget: int
+    pair: Pair, alpha: int, assignment: torch.Tensor, budget: int, outgoing: str = "copy"
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """`widen_blocks`, with each tensor's blocks joined: (tensor index, weights, mask)."""
     current, ws, ms = 0, [], []
-    for i, _, w, m in widen_blocks(pair, alpha, assignment, budget):
+    for i, _, w, m in widen_blocks(pair, alpha, assignment, budget, outgoing):
         if i != current:
             yield current, torch.cat(ws), torch.cat(ms)
             current, ws, ms = i, [], []
@@ -239,8 +257,8 @@ def prune_to_budget(weights: list[torch.Tensor], masks: list[torch.Tensor], budg
     return out
 
 
-def widen(pair: Pair, alpha: int, assignment: torch.Tensor, budget: int) -> Pair:
-    """FPE on one pair, all tensors at once (see `widen_tensors`)."""
-    parts = list(widen_tensors(pair, alpha, assignment, budget))
+def widen(pair: Pair, alpha: int, assignment: torch.Tensor, budget: int, outgoing: str = "copy") -> Pair:
+    """FPE on one pair, all tensors at once (see `widen_blocks`)."""
+    parts = list(widen_tensors(pair, alpha, assignment, budget, outgoing))
     biases = [None if b is None else (b / alpha).repeat_interleave(alpha) for b in pair.b_in]
     return Pair([w for _, w, _ in parts[:-1]], [m for _, _, m in parts[:-1]], biases, parts[-1][1], parts[-1][2])

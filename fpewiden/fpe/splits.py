@@ -31,6 +31,18 @@ def random_assignment(support: torch.Tensor, alpha: int, generator: torch.Genera
     return out
 
 
+def shared_assignment(support: torch.Tensor, alpha: int, generator: torch.Generator) -> torch.Tensor:
+    """One balanced random partition of the inputs, shared by every neuron of the layer.
+
+    Child c of every neuron reads the same input subset, so after one input permutation the widened incoming
+    matrix is α dense blocks: the structure `export --layout fast` runs as a batched MatMul.
+    """
+    h, d = support.shape
+    child = torch.empty(d, dtype=torch.int8)
+    child[torch.randperm(d, generator=generator)] = (torch.arange(d) % alpha).to(torch.int8)
+    return child.unsqueeze(0).expand(h, d).contiguous()
+
+
 def owner_groups(groups: Sequence[Sequence[int]], n_inputs: int) -> list[list[int]]:
     """Make groups exclusive: an input listed by several groups belongs to the first one that lists it.
 
