@@ -33,36 +33,37 @@ SPARSE_MAX_DENSITY = 0.5
 
 
 class BlockIntermediate(nn.Module):
-    """x (B, T, d) -> (α, B, T, h): the α children groups of every neuron, activated.
+    """x (B, T, d) -> α activated children groups, each (B, T, h): per block a Linear-shaped MatMul + bias.
 
-    Explicit permutes with non-negative axes: the TorchScript exporter writes movedim's negative axes into
-    Transpose, which ONNX Runtime rejects.
+    Separate per-block MatMuls with 1-D biases keep ONNX Runtime's MatMul+Add+GELU fusions, which a batched
+    (α, ...) MatMul with Transposes loses (measured slower; bench/results/README.md).
     """
 
     def __init__(self, blocks: Blocks, act: nn.Module):
         super().__init__()
-        self.alpha = blocks.alpha
+        self.split = blocks.w_in.shape[1]
         self.register_buffer("in_perm", blocks.in_perm.clone())
-        self.w = nn.Parameter(blocks.w_in.unsqueeze(1).clone())  # (α, 1, d/α, h)
-        self.b = nn.Parameter(blocks.b_in.unsqueeze(1).clone())  # (α, 1, 1, h)
+        self.w = nn.ParameterList([nn.Parameter(w.clone()) for w in blocks.w_in])  # α × (d/α, h)
+        self.b = nn.ParameterList([nn.Parameter(b[0].clone()) for b in blocks.b_in])  # α × (h,)
         self.act = act
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = x.index_select(2, self.in_perm).unflatten(2, (self.alpha, -1)).permute(2, 0, 1, 3)
-        return self.act(torch.matmul(t, self.w) + self.b)
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        parts = x.index_select(2, self.in_perm).split(self.split, dim=2)
+        return [self.act(torch.matmul(p, w) + b) for p, w, b in zip(parts, self.w, self.b, strict=True)]
 
 
 class BlockOutput(nn.Module):
-    """(α, B, T, h) -> (B, T, o): each output group reads its children group only."""
+    """α groups (B, T, h) -> (B, T, o): each output group reads its children group only."""
 
     def __init__(self, blocks: Blocks, bias: torch.Tensor | None):
         super().__init__()
         self.register_buffer("out_perm", blocks.out_perm.clone())
-        self.w = nn.Parameter(blocks.w_out.unsqueeze(1).clone())  # (α, 1, h, o/α)
+        self.w = nn.ParameterList([nn.Parameter(w.clone()) for w in blocks.w_out])  # α × (h, o/α)
         self.bias = nn.Parameter(bias.clone()) if bias is not None else None
 
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        y = torch.matmul(t, self.w).permute(1, 2, 0, 3).flatten(2).index_select(2, self.out_perm)
+    def forward(self, groups: list[torch.Tensor]) -> torch.Tensor:
+        y = torch.cat([torch.matmul(t, w) for t, w in zip(groups, self.w, strict=True)], dim=2)
+        y = y.index_select(2, self.out_perm)
         return y + self.bias if self.bias is not None else y
 
 
