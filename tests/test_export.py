@@ -137,3 +137,26 @@ def test_minilm_fast_and_fp16_dense(tmp_path):
     dense16 = export(conv, tmp_path / "dense16.onnx", "dense", "fp16")
     assert dense16["verify"]["max_rel_error"] <= 1e-2
     assert dense16["weight_bytes"] < 0.6 * fast["weight_bytes"] * 2
+
+
+@pytest.mark.parametrize("layout", ["dense", "sparse"])
+def test_external_data_round_trip(tmp_path, layout):
+    """Past 2 GiB weights go to OUT.data; forced here on a small model, sparse initializers included."""
+    ckpt = make(tmp_path, alpha=4, budget="0.5")
+    out = tmp_path / "ext.onnx"
+    result = export(ckpt, out, layout, external=True)
+    assert result["external_data"] and (tmp_path / "ext.onnx.data").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith((".ext", "ext"))) == [
+        "ext.onnx",
+        "ext.onnx.data",
+    ]
+    model = onnx.load(str(out), load_external_data=False)
+    external = onnx.TensorProto.EXTERNAL
+    if layout == "sparse":
+        assert len(model.graph.sparse_initializer) == 2
+        assert all(t.data_location == external for s in model.graph.sparse_initializer for t in (s.values, s.indices))
+    else:
+        big = [t for t in model.graph.initializer if np.prod(t.dims) * 4 >= 1024]
+        assert big and all(t.data_location == external for t in big)
+    assert result["checker"].startswith("passed")
+    assert ort_vs_torch(ckpt, out, 16) <= 1e-5

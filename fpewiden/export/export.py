@@ -14,24 +14,31 @@ from onnx import numpy_helper
 from fpewiden.arch import find_pairs
 from fpewiden.errors import FpewidenError
 from fpewiden.export.mlp_onnx import LAYOUTS, mlp_to_onnx
+from fpewiden.export.save import save, staged
 from fpewiden.export.structure import find_blocks
 from fpewiden.export.verify import check, compare, ort_session
-from fpewiden.io.atomic import atomic_file, check_output
+from fpewiden.io.atomic import check_output
 from fpewiden.train.model import Trainable, load_trainable
 
 SPARSE_NOTE = "ONNX Runtime densifies sparse initializers when it loads a model: the file is smaller, not faster"
 
 
+def tensor_bytes(t: onnx.TensorProto) -> int:
+    """Stored bytes of a tensor, whether its data is inside the protobuf or in an external file."""
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        return int(next(e.value for e in t.external_data if e.key == "length"))
+    return numpy_helper.to_array(t).nbytes
+
+
 def model_stats(model: onnx.ModelProto, path: Path) -> dict:
-    """Bytes as stored: dense initializers, plus values and indices of sparse ones."""
+    """Bytes as stored: dense initializers, plus values and indices of sparse ones; files include OUT.data."""
     g = model.graph
-    dense = sum(numpy_helper.to_array(t).nbytes for t in g.initializer)
-    sparse = sum(
-        numpy_helper.to_array(s.values).nbytes + numpy_helper.to_array(s.indices).nbytes for s in g.sparse_initializer
-    )
+    dense = sum(tensor_bytes(t) for t in g.initializer)
+    sparse = sum(tensor_bytes(s.values) + tensor_bytes(s.indices) for s in g.sparse_initializer)
+    data = path.parent / f"{path.name}.data"
     ops = Counter(n.op_type for n in g.node)
     return {
-        "file_bytes": path.stat().st_size,
+        "file_bytes": path.stat().st_size + (data.stat().st_size if data.exists() else 0),
         "weight_bytes": dense + sparse,
         "dense_initializer_bytes": dense,
         "sparse_initializer_bytes": sparse,
@@ -78,7 +85,9 @@ def export(
     opset: int = 17,
     verify: bool = True,
     samples: int = 64,
+    external: bool | None = None,
 ) -> dict:
+    """Export `ckpt` to `out`. `external`: weights in `out.data` (None: only past the 2 GiB protobuf limit)."""
     if layout == "block":
         layout = "fast"
     if layout not in LAYOUTS:
@@ -94,20 +103,20 @@ def export(
     if tr.ck.kind == "hf":
         from fpewiden.export.hf import export_hf
 
-        return export_hf(tr, out, layout, dtype, opset, verify, samples)
+        return export_hf(tr, out, layout, dtype, opset, verify, external)
     blocks = _fast_blocks(tr) if layout == "fast" else None
     model = mlp_to_onnx(_mlp_layers(tr), tr.activation, layout, dtype, opset, blocks)
     result: dict = {"checkpoint": str(ckpt), "out": str(out), "layout": layout, "dtype": dtype}
-    with atomic_file(out) as tmp:
-        onnx.save(model, str(tmp))
-        check(tmp)
+    with staged(out) as tmp:
+        result["external_data"] = save(model, tmp, external)
+        result["checker"] = check(tmp)
         if verify:
             x = torch.randn(samples, tr.n_inputs, generator=torch.Generator().manual_seed(0))
             with torch.no_grad():
                 ref = tr.model(x).numpy()
             got = ort_session(tmp).run(None, {"x": x.numpy()})[0]
             result["verify"] = compare(got, ref, dtype)
-        result.update(model_stats(model, tmp))
+        result.update(model_stats(onnx.load(str(tmp), load_external_data=False), tmp))
     if layout == "sparse":
         result["note"] = SPARSE_NOTE
     meta = tr.ck.fpe_metadata()

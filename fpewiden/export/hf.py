@@ -24,9 +24,9 @@ from torch import nn
 
 from fpewiden.arch import find_pairs
 from fpewiden.errors import FpewidenError
+from fpewiden.export.save import save, staged
 from fpewiden.export.structure import Blocks, find_blocks
 from fpewiden.export.verify import check, compare, ort_session
-from fpewiden.io.atomic import atomic_file
 from fpewiden.train.model import Trainable
 
 SPARSE_MAX_DENSITY = 0.5
@@ -138,7 +138,9 @@ def _fp16_weights(model: onnx.ModelProto) -> None:
     g.node.extend(casts + nodes)
 
 
-def export_hf(tr: Trainable, out: Path, layout: str, dtype: str, opset: int, verify: bool, samples: int) -> dict:
+def export_hf(
+    tr: Trainable, out: Path, layout: str, dtype: str, opset: int, verify: bool, external: bool | None
+) -> dict:
     from fpewiden.export.export import SPARSE_NOTE, model_stats
 
     model = tr.model.eval()
@@ -151,7 +153,7 @@ def export_hf(tr: Trainable, out: Path, layout: str, dtype: str, opset: int, ver
     mask[1, 10:] = 0
     names = ["input_ids", "attention_mask"]
     result: dict = {"checkpoint": str(tr.ck.path), "out": str(out), "layout": layout, "dtype": dtype}
-    with atomic_file(out) as tmp:
+    with staged(out) as tmp:
         # the exporter prints its progress on stdout; keep stdout for fpewiden's own report
         with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
@@ -166,7 +168,7 @@ def export_hf(tr: Trainable, out: Path, layout: str, dtype: str, opset: int, ver
                     dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}),
                     opset_version=max(opset, 18),
                     dynamo=True,
-                    external_data=False,
+                    external_data=True,
                     verbose=False,
                 )
             except Exception as e:  # the exporter's failures are many and varied; name it in one line
@@ -174,13 +176,16 @@ def export_hf(tr: Trainable, out: Path, layout: str, dtype: str, opset: int, ver
                     f"torch.onnx cannot export {tr.ck.path}: {type(e).__name__}: "
                     f"{str(e).splitlines()[0] if str(e) else ''}"
                 ) from None
-        proto = onnx.load(str(tmp))
+        proto = onnx.load(str(tmp))  # with the exporter's external data, if any
+        for f in tmp.parent.iterdir():  # the exporter's own data file; save() decides afresh
+            if f != tmp:
+                f.unlink()
         if layout == "sparse":
             _sparsify(proto)
         if dtype == "fp16":
             _fp16_weights(proto)
-        onnx.save(proto, str(tmp))
-        check(tmp)
+        result["external_data"] = save(proto, tmp, external)
+        result["checker"] = check(tmp)
         if verify:  # at another batch and sequence length than the export's, to check the dynamic axes
             ids2 = torch.randint(vocab, (3, 9), generator=g)
             mask2 = torch.ones_like(ids2)
@@ -189,7 +194,7 @@ def export_hf(tr: Trainable, out: Path, layout: str, dtype: str, opset: int, ver
                 ref = model(input_ids=ids2, attention_mask=mask2).last_hidden_state.numpy()
             got = ort_session(tmp).run(None, {"input_ids": ids2.numpy(), "attention_mask": mask2.numpy()})[0]
             result["verify"] = compare(got, ref, dtype)
-        result.update(model_stats(proto, tmp))
+        result.update(model_stats(onnx.load(str(tmp), load_external_data=False), tmp))
     if layout == "sparse":
         result["note"] = SPARSE_NOTE
     return result
