@@ -208,6 +208,76 @@ def export(
     console().print(export_table(result))
 
 
+@app.command()
+@user_errors
+def bench(
+    models: Annotated[list[Path], typer.Argument(help="Checkpoints or .onnx files; the first is the reference.")],
+    data: Annotated[str | None, typer.Option(help="DATA spec whose held-out split gives the task metric.")] = None,
+    sweep: Annotated[
+        bool, typer.Option(help="MODEL is a recipe or checkpoint: convert+finetune α ∈ {1,2,4,8}.")
+    ] = False,
+    budget: Annotated[str, typer.Option(help="With --sweep: the budget every α is held to.")] = "same",
+    sweep_out: Annotated[Path, typer.Option(help="With --sweep: directory for the sweep's run.")] = Path("runs/sweep"),
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,32",
+    engines: Annotated[str, typer.Option(help="torch,ort")] = "torch,ort",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda (torch engine)")] = "auto",
+    repeat: Annotated[int, typer.Option(help="Timed runs per model, engine and batch size.")] = 100,
+    warmup: Annotated[int, typer.Option(help="Untimed runs first.")] = 10,
+    threads: Annotated[int, typer.Option(help="Intra-op threads for both engines.")] = 2,
+    seed: Annotated[int, typer.Option(help="Seed of the DATA split.")] = 0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write JSON here.")] = None,
+    markdown: Annotated[Path | None, typer.Option(help="Write a Markdown table here.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write accuracy-against-bytes PNG here.")] = None,
+) -> None:
+    """Accuracy, bytes moved per storage format, and measured latency of several models, in one run."""
+    import torch
+
+    from fpewiden.bench.measure import ENGINES
+    from fpewiden.bench.measure import bench as run_bench
+    from fpewiden.bench.report import table, write
+    from fpewiden.report import console
+    from fpewiden.train.data import load_data
+    from fpewiden.train.trainer import resolve_device
+
+    if sweep:
+        from fpewiden.run import run_recipe, sweep_recipe
+
+        if len(models) != 1:
+            raise FpewidenError("--sweep takes one recipe or checkpoint")
+        run_recipe(sweep_recipe(models[0], data, budget), sweep_out)
+        return
+    if data is None:
+        raise FpewidenError("--data is required (a DATA spec such as dnf:clauses=16 or digits)")
+    engine_list = [e.strip() for e in engines.split(",") if e.strip()]
+    bad = [e for e in engine_list if e not in ENGINES]
+    if bad or not engine_list:
+        raise FpewidenError(f"--engines: unknown engine {bad[0] if bad else ''!r}; choose from torch, ort")
+    try:
+        sizes = [int(b) for b in batch_sizes.split(",") if b.strip()]
+    except ValueError:
+        raise FpewidenError(f"--batch-sizes {batch_sizes!r}: expected comma-separated integers") from None
+    if not sizes or min(sizes) < 1 or repeat < 1 or warmup < 0:
+        raise FpewidenError("--batch-sizes, --repeat must be positive and --warmup not negative")
+    torch.set_num_threads(threads)
+    dataset = load_data(data, seed)
+    rows = run_bench(list(models), dataset, sizes, engine_list, resolve_device(device), repeat, warmup, threads)
+    console().print(table(rows))
+    write(
+        rows,
+        json_out,
+        markdown,
+        plot,
+        {
+            "data": dataset.describe(),
+            "batch_sizes": sizes,
+            "engines": engine_list,
+            "repeat": repeat,
+            "warmup": warmup,
+            "threads": threads,
+        },
+    )
+
+
 def main() -> None:
     app()
 

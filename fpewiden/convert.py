@@ -171,6 +171,8 @@ def _check_finite(name: str, t: torch.Tensor) -> None:
 
 def _assignment(opts: ConvertOptions, pair: Pair, gen: torch.Generator) -> torch.Tensor:
     support = pair.support()
+    if opts.split == "magnitude":  # α=1: expansion is the identity, so pruning to budget is magnitude pruning
+        return torch.zeros(support.shape, dtype=torch.int8)
     if opts.split == "random":
         return random_assignment(support, opts.alpha, gen)
     if opts.split == "clause":
@@ -215,11 +217,24 @@ def _count_nnz(ck: Checkpoint, names: list[str]) -> dict[str, int]:
     return {n: count(ck.support(n)) for n in names}
 
 
+def magnitude_prune(src: Path, dst: Path, budget: Budget, seed: int = 0, activation: str = "relu") -> dict:
+    """The baseline FPE is compared with at a smaller budget: same neurons, smallest weights of each pair removed.
+
+    It is FPE with α=1: expansion is the identity, and the pair's exact-budget pruning is magnitude pruning.
+    """
+    return convert(
+        src, dst, ConvertOptions(alpha=1, split="magnitude", budget=budget, seed=seed, activation=activation)
+    )
+
+
 def convert(src: Path, dst: Path, opts: ConvertOptions, on_pair: Callable[[str, int, int], None] | None = None) -> dict:
     """Convert `src` into `dst`; returns a report (per layer neurons and non-zeros, totals, metadata)."""
-    if opts.alpha < 2:
+    if opts.split == "magnitude":
+        if opts.alpha != 1:
+            raise FpewidenError("magnitude pruning keeps the neurons: it needs alpha 1")
+    elif opts.alpha < 2:
         raise FpewidenError(f"--alpha must be at least 2 (got {opts.alpha})")
-    if opts.split not in SPLITS:
+    if opts.split not in (*SPLITS, "magnitude"):
         raise FpewidenError(f"--split {opts.split!r}: choose one of {', '.join(SPLITS)}")
     if opts.split == "clause" and opts.clauses is None:
         raise FpewidenError("--split clause needs --clauses FILE")

@@ -24,6 +24,8 @@ class Conversion:
 
     @property
     def label(self) -> str:
+        if self.alpha == 1:
+            return "dense (α=1)" if self.budget == "same" else f"magnitude pruning, budget {self.budget}"
         b = "" if self.budget == "same" else f", budget {self.budget}"
         o = "" if self.outgoing == "copy" else f", {self.outgoing} outgoing"
         return f"FPE α={self.alpha} {self.split}{o}{b}"
@@ -51,6 +53,7 @@ class Recipe:
     weight_decay: float = 0.0
     device: str = "auto"
     description: str = ""
+    bench_repeat: int = 50  # timed runs per model, engine and batch size in run's closing bench; 0 skips it
 
     def train_config(self, epochs: int, seed: int) -> TrainConfig:
         return TrainConfig(

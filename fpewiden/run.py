@@ -15,6 +15,9 @@ from pathlib import Path
 import yaml
 from safetensors.torch import save_file
 
+from fpewiden.bench.report import markdown as bench_markdown
+from fpewiden.bench.report import table as bench_table
+from fpewiden.bench.report import write as write_bench
 from fpewiden.convert import Budget, ConvertOptions, convert
 from fpewiden.errors import FpewidenError
 from fpewiden.io.atomic import atomic_file
@@ -125,7 +128,7 @@ def run_recipe(recipe: Recipe, out: Path) -> dict:
                     conv,
                     ConvertOptions(
                         alpha=c.alpha,
-                        split=c.split,
+                        split="magnitude" if c.alpha == 1 else c.split,
                         clauses=clauses,
                         budget=Budget.parse(c.budget),
                         seed=seed,
@@ -144,13 +147,41 @@ def run_recipe(recipe: Recipe, out: Path) -> dict:
                 tick(f"seed {seed}: fine-tune {c.label}")
                 rows.append(_row(c.label, d / f"{name}_ft.safetensors", res, seed))
     summary = _summarise(rows)
-    result = {"recipe": recipe.to_dict(), "runs": rows, "summary": summary}
+    bench_rows = _bench_first_seed(recipe, rows) if recipe.bench_repeat > 0 else []
+    result = {"recipe": recipe.to_dict(), "runs": rows, "summary": summary, "bench": bench_rows}
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     md = markdown(recipe, summary)
+    if bench_rows:
+        write_bench(bench_rows, out / "bench.json", None, out / "bench.png")
+        md += (
+            f"\n## Bench (seed {recipe.seeds[0]})\n\n"
+            + bench_markdown(bench_rows)
+            + "\n![accuracy against bytes](bench.png)\n"
+        )
     (out / "results.md").write_text(md)
     console().print(results_table(recipe.name, summary, [m for m in METRICS if any(m in s for s in summary)]))
-    console().print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+    if bench_rows:
+        console().print(bench_table(bench_rows))
+    console().print(
+        f"wrote {out / 'results.json'}, {out / 'results.md'}" + (", bench.json, bench.png" if bench_rows else "")
+    )
     return result
+
+
+def _bench_first_seed(recipe: Recipe, rows: list[dict]) -> list[dict]:
+    """Every model the first seed produced, benchmarked together (dense first: the reference)."""
+    import torch
+
+    from fpewiden.bench.measure import bench
+
+    seed = recipe.seeds[0]
+    paths = [Path(r["path"]) for r in rows if r["seed"] == seed]
+    data = load_data(recipe.data, seed)
+    device = torch.device("cpu") if recipe.device == "auto" else torch.device(recipe.device)
+    out = bench(paths, data, [1, 32], ["torch", "ort"], device, repeat=recipe.bench_repeat, warmup=5, threads=2)
+    for r, label in zip(out, [r["model"] for r in rows if r["seed"] == seed], strict=True):
+        r["model"] = label
+    return out
 
 
 def _row(label: str, path: Path, res: dict, seed: int) -> dict:
@@ -165,3 +196,39 @@ def _row(label: str, path: Path, res: dict, seed: int) -> dict:
         "nnz": info["totals"]["nnz"],
         "final": res["final"],
     }
+
+
+SWEEP_ALPHAS = (1, 2, 4, 8)
+
+
+def sweep_recipe(source: Path, data: str | None, budget: str, epochs: int = 10) -> Recipe:
+    """ "Should I widen this model, and by how much?": α ∈ {1, 2, 4, 8} at one budget, from a recipe or checkpoint.
+
+    α=1 is magnitude pruning to the budget (with budget `same` it would be the dense baseline, which every run
+    has anyway, so it is left out).
+    """
+    from fpewiden.recipes import Conversion, ModelSpec, load_recipe
+
+    alphas = [a for a in SWEEP_ALPHAS if not (a == 1 and budget == "same")]
+    conversions = [Conversion(alpha=a, split="random", budget=budget) for a in alphas]
+    if source.suffix in (".yaml", ".yml") or not source.exists():
+        recipe = load_recipe(source)
+        if data:
+            recipe.data = data
+        recipe.conversions = conversions
+        recipe.description = (
+            f"α sweep at budget {budget} (α=1: magnitude pruning) on recipe {recipe.name}: {recipe.data}."
+        )
+        recipe.name = f"sweep-{recipe.name}"
+        return recipe
+    if not data:
+        raise FpewidenError("--sweep from a checkpoint needs --data")
+    return Recipe(
+        name=f"sweep-{source.stem}",
+        data=data,
+        model=ModelSpec(checkpoint=str(source)),
+        epochs=epochs,
+        warmup_epochs=0,
+        conversions=conversions,
+        seeds=[0],
+    )

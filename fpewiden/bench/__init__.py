@@ -1,0 +1,1 @@
+"""`fpewiden bench`: bytes moved per storage format, measured latency, accuracy, Pareto front."""

@@ -1,0 +1,134 @@
+"""Bench outputs: console table, JSON, Markdown and the accuracy-against-bytes plot with its Pareto front."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.table import Table
+
+from fpewiden.bench.formats import pareto_front
+from fpewiden.io.atomic import atomic_file
+
+METRIC_ORDER = ("exact_match", "accuracy", "mse", "loss")
+
+
+def main_metric(rows: list[dict]) -> str:
+    return next(m for m in METRIC_ORDER if all(m in r["metrics"] for r in rows))
+
+
+def front(rows: list[dict], metric: str) -> list[int]:
+    sign = -1.0 if metric in ("mse", "loss") else 1.0
+    return pareto_front([(float(r["best_bytes"]), sign * r["metrics"][metric]) for r in rows])
+
+
+def table(rows: list[dict]) -> Table:
+    metric = main_metric(rows)
+    on_front = set(front(rows, metric))
+    t = Table(title=f"fpewiden bench: {metric} against bytes moved per inference (* Pareto front)")
+    cols = ["model", metric, "neurons", "non-zeros", "dense fp32 B", "best format", "best B", "bound"]
+    lat_keys = sorted(
+        {(eng, b) for r in rows for eng, lat in r["latency"].items() for b in lat}, key=lambda k: (k[0], int(k[1]))
+    )
+    cols += [f"{eng} b{b} ms (×)" for eng, b in lat_keys]
+    for c in cols:
+        t.add_column(c, justify="left" if c == "model" else "right")
+    for i, r in enumerate(rows):
+        cells = [
+            ("* " if i in on_front else "  ") + r["model"],
+            f"{r['metrics'][metric]:.4f}",
+            str(r["neurons"] if r["neurons"] is not None else "-"),
+            str(r["nnz"]),
+            f"{r['bytes']['dense_fp32']:,}",
+            r["best_format"],
+            f"{r['best_bytes']:,}",
+            f"{r['bound_vs_reference']:.2f}×",
+        ]
+        for eng, b in lat_keys:
+            lat = r["latency"].get(eng, {}).get(b)
+            sp = r["speedup_vs_reference"].get(eng, {}).get(b)
+            cells.append(f"{lat['median_ms']:.3f} ({sp:.2f}×)" if lat else "-")
+        t.add_row(*cells)
+    return t
+
+
+def markdown(rows: list[dict]) -> str:
+    metric = main_metric(rows)
+    on_front = set(front(rows, metric))
+    lat_keys = sorted(
+        {(eng, b) for r in rows for eng, lat in r["latency"].items() for b in lat}, key=lambda k: (k[0], int(k[1]))
+    )
+    head = [
+        "model",
+        metric,
+        "neurons",
+        "non-zeros",
+        "dense fp32 bytes",
+        "best format",
+        "best bytes",
+        "bound vs first",
+    ] + [f"{eng} batch {b}: median ms (speed-up)" for eng, b in lat_keys]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, r in enumerate(rows):
+        cells = [
+            ("**" + r["model"] + "** (Pareto)") if i in on_front else r["model"],
+            f"{r['metrics'][metric]:.4f}",
+            str(r["neurons"] if r["neurons"] is not None else "-"),
+            str(r["nnz"]),
+            str(r["bytes"]["dense_fp32"]),
+            r["best_format"],
+            str(r["best_bytes"]),
+            f"{r['bound_vs_reference']:.2f}",
+        ]
+        for eng, b in lat_keys:
+            lat = r["latency"].get(eng, {}).get(b)
+            sp = r["speedup_vs_reference"].get(eng, {}).get(b)
+            cells.append(f"{lat['median_ms']:.3f} ({sp:.2f}×)" if lat else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(
+        "Bytes: weights moved per inference, counted from the tensors. Bound: the first model's dense fp32 "
+        "bytes over this model's best-format bytes (the speed-up a purely memory-bound engine could reach). "
+        "No sparse kernel ran: torch multiplies dense matrices and ONNX Runtime densifies sparse "
+        "initializers."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = main_metric(rows)
+    xs = [r["best_bytes"] for r in rows]
+    ys = [r["metrics"][metric] for r in rows]
+    idx = front(rows, metric)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.scatter(xs, ys, color="tab:blue", zorder=3)
+    ax.plot([xs[i] for i in idx], [ys[i] for i in idx], color="tab:red", lw=1.5, zorder=2, label="Pareto front")
+    for r, x, y in zip(rows, xs, ys, strict=True):
+        ax.annotate(r["model"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("weight bytes moved per inference (best format)")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+
+
+def write(
+    rows: list[dict], json_path: Path | None, md_path: Path | None, plot_path: Path | None, extra: dict | None = None
+) -> None:
+    if json_path:
+        with atomic_file(json_path) as tmp:
+            tmp.write_text(json.dumps({**(extra or {}), "benchmarks": rows}, indent=2) + "\n")
+    if md_path:
+        with atomic_file(md_path) as tmp:
+            tmp.write_text(markdown(rows))
+    if plot_path:
+        plot(rows, plot_path)

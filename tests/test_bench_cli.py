@@ -1,0 +1,131 @@
+"""fpewiden bench end to end on small models, and its bad inputs."""
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from fpewiden.cli import app
+from fpewiden.convert import Budget, ConvertOptions, convert
+from fpewiden.train.mlp import ChainMLP
+
+runner = CliRunner()
+DATA = "dnf:inputs=16,clauses=6,literals=3,n=600"
+
+
+def models(tmp_path: Path) -> list[Path]:
+    src = tmp_path / "dense.safetensors"
+    save_file(ChainMLP.fresh([16, 8, 6]).tensors(), str(src))
+    fpe = tmp_path / "fpe.safetensors"
+    convert(src, fpe, ConvertOptions(alpha=2, budget=Budget.parse("0.5")))
+    blk = tmp_path / "blk.safetensors"
+    convert(src, blk, ConvertOptions(alpha=2, split="shared", outgoing="grouped"))
+    return [src, fpe, blk]
+
+
+def test_bench_writes_table_json_markdown_plot(tmp_path):
+    paths = models(tmp_path)
+    res = runner.invoke(
+        app,
+        [
+            "bench",
+            *map(str, paths),
+            "--data",
+            DATA,
+            "--repeat",
+            "5",
+            "--warmup",
+            "1",
+            "--json",
+            str(tmp_path / "b.json"),
+            "--markdown",
+            str(tmp_path / "b.md"),
+            "--plot",
+            str(tmp_path / "b.png"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    rows = json.loads((tmp_path / "b.json").read_text())["benchmarks"]
+    assert [r["model"] for r in rows] == ["dense", "fpe", "blk"]
+    dense, fpe, blk = rows
+    assert dense["nnz"] == 16 * 8 + 8 * 6 and fpe["nnz"] == round(0.5 * dense["nnz"])
+    assert dense["bytes"]["dense_fp32"] == (16 * 8 + 8 * 6 + 8 + 6) * 4
+    assert fpe["bytes"]["dense_fp32"] == (16 * 16 + 16 * 6 + 16 + 6) * 4
+    assert blk["bytes"]["block"] is not None and dense["bytes"]["block"] is None
+    assert dense["bound_vs_reference"] == 1.0
+    for r in rows:
+        for eng in ("torch", "ort"):
+            for b in ("1", "32"):
+                lat = r["latency"][eng][b]
+                assert lat["median_ms"] > 0 and lat["items_per_sec"] > 0 and lat["sparse_path"] is False
+    assert rows[2]["ort_layout"] == "fast" and rows[1]["ort_layout"] == "dense"
+    assert "Pareto" in (tmp_path / "b.md").read_text()
+    assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_onnx_model(tmp_path):
+    src = models(tmp_path)[0]
+    onnx_path = tmp_path / "d.onnx"
+    assert runner.invoke(app, ["export", str(src), "--out", str(onnx_path)]).exit_code == 0
+    res = runner.invoke(
+        app,
+        [
+            "bench",
+            str(src),
+            str(onnx_path),
+            "--data",
+            DATA,
+            "--repeat",
+            "3",
+            "--engines",
+            "ort",
+            "--json",
+            str(tmp_path / "b.json"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    rows = json.loads((tmp_path / "b.json").read_text())["benchmarks"]
+    assert rows[0]["metrics"]["accuracy"] == pytest.approx(rows[1]["metrics"]["accuracy"])
+    assert rows[0]["bytes"]["dense_fp32"] == rows[1]["bytes"]["dense_fp32"]
+
+
+def test_bench_bad_inputs(tmp_path):
+    src = models(tmp_path)[0]
+    res = runner.invoke(app, ["bench", str(src), "--data", "dnf:inputs=20,clauses=6"])
+    assert res.exit_code == 2 and "reads 16 input features but" in res.stderr
+    res = runner.invoke(app, ["bench", str(src), "--data", DATA, "--engines", "tensorrt"])
+    assert res.exit_code == 2 and "unknown engine 'tensorrt'" in res.stderr
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["ids"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("ids", TensorProto.FLOAT, ["b", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 16])],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "w.onnx"))
+    res = runner.invoke(app, ["bench", str(tmp_path / "w.onnx"), "--data", DATA, "--engines", "ort"])
+    assert res.exit_code == 2 and "takes inputs ['ids']" in res.stderr
+
+
+def test_sweep_from_checkpoint(tmp_path):
+    src = models(tmp_path)[0]
+    res = runner.invoke(
+        app, ["bench", str(src), "--sweep", "--data", DATA, "--budget", "0.5", "--sweep-out", str(tmp_path / "sweep")]
+    )
+    assert res.exit_code == 0, res.output
+    result = json.loads((tmp_path / "sweep" / "results.json").read_text())
+    labels = [s["model"] for s in result["summary"]]
+    assert labels == [
+        "dense",
+        "magnitude pruning, budget 0.5",
+        "FPE α=2 random, budget 0.5",
+        "FPE α=4 random, budget 0.5",
+        "FPE α=8 random, budget 0.5",
+    ]
+    dense_nnz = result["summary"][0]["nnz"]
+    assert all(s["nnz"] == round(0.5 * dense_nnz) for s in result["summary"][1:])
+    assert [s["neurons"] for s in result["summary"]] == [8, 8, 16, 32, 64]
+    assert len(result["bench"]) == 5 and (tmp_path / "sweep" / "bench.png").is_file()
