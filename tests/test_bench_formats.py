@@ -36,3 +36,17 @@ def test_pareto_front():
     pts = [(100, 0.9), (50, 0.8), (50, 0.85), (200, 0.95), (120, 0.85), (10, 0.1), (200, 0.95)]
     # (50, 0.8) is dominated by (50, 0.85); (120, 0.85) by (100, 0.9); the duplicate (200, 0.95) points tie
     assert pareto_front(pts) == [5, 2, 0, 3, 6]
+
+
+def test_2_4_pattern():
+    from fpewiden.bench.formats import is_2_4
+    from fpewiden.fpe.expand import grouped_outgoing
+
+    assert is_2_4(grouped_outgoing(range(6), 16, 2))  # α=2 grouped outgoing: one of each parent's two children
+    assert not is_2_4(torch.ones(2, 8, dtype=torch.bool))
+    assert not is_2_4(torch.ones(2, 6, dtype=torch.bool))  # not a whole number of groups
+    m = torch.zeros(1, 8, dtype=torch.bool)
+    m[0, [0, 1, 5]] = True
+    assert is_2_4(m)
+    m[0, 2] = True
+    assert not is_2_4(m)

@@ -84,3 +84,15 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
         if not dominated:
             front.append(i)
     return sorted(front, key=lambda i: (points[i][0], -points[i][1]))
+
+
+def is_2_4(mask: torch.Tensor) -> bool:
+    """At most 2 non-zeros in every aligned group of 4 along each row: NVIDIA's 2:4 sparse tensor core pattern.
+
+    A widened outgoing matrix with α=2 and grouped outgoing (each output keeps one of each parent's two
+    children) always qualifies; the paper's per-neuron split generally does not.
+    """
+    rows, cols = mask.shape
+    if cols % 4:
+        return False
+    return bool((mask.reshape(rows, cols // 4, 4).sum(-1) <= 2).all())

@@ -42,14 +42,20 @@ def _check_width(entry: Entry, n_in: int, data: Dataset) -> None:
         raise FpewidenError(f"{entry.path} reads {n_in} input features but {data.spec} has {data.n_inputs}")
 
 
-def _ort_runner(path: Path, threads: int):
+def _ort_runner(path: Path, threads: int, device: torch.device | None = None):
+    """ONNX Runtime on CPU, or with the CUDA execution provider (onnxruntime-gpu) when the device is CUDA."""
     try:
         import onnxruntime as ort
     except ImportError:
-        raise FpewidenError("engine ort needs onnxruntime (pip install onnxruntime)") from None
+        raise FpewidenError("engine ort needs onnxruntime (pip install onnxruntime, or onnxruntime-gpu)") from None
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    providers = ["CPUExecutionProvider"]
+    if device is not None and device.type == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise FpewidenError("--device cuda with engine ort needs onnxruntime-gpu (pip install 'fpewiden[gpu]')")
+        providers.insert(0, "CUDAExecutionProvider")
+    sess = ort.InferenceSession(str(path), opts, providers=providers)
     names = [i.name for i in sess.get_inputs()]
     if names != ["x"]:
         raise FpewidenError(f"{path} takes inputs {names}; fpewiden bench feeds one input named x from DATA")
@@ -101,8 +107,44 @@ def _from_checkpoint(
         onnx_path = tmp / f"{len(list(tmp.iterdir()))}.onnx"
         export(path, onnx_path, layout, verify=False)
         e.info["ort_layout"] = layout
-        e.runners["ort"] = _ort_runner(onnx_path, threads)
+        e.runners["ort"] = _ort_runner(onnx_path, threads, device)
+    if "torch" in engines and device.type == "cuda":
+        _add_semi_structured(e, tr, masks, device)
     return e
+
+
+def _add_semi_structured(e: Entry, tr, masks: dict[str, torch.Tensor], device: torch.device) -> None:
+    """On CUDA, an fp16 copy whose 2:4-compatible weights use torch's semi-structured sparse kernels.
+
+    GPU only and not run in CI (no GPU there); where it cannot apply, the reason is recorded instead.
+    """
+    from fpewiden.bench.formats import is_2_4
+
+    eligible = [n for n, m in masks.items() if is_2_4(m)]
+    if not eligible:
+        e.info["torch_2_4"] = "no weight matrix has a 2:4 pattern"
+        return
+    try:
+        import copy
+
+        from torch.sparse import to_sparse_semi_structured
+
+        model = copy.deepcopy(tr.model).half().to(device).eval()
+        for name, p in zip(model.named_weights(), model.weights, strict=True):
+            if name in eligible:
+                p.data = to_sparse_semi_structured(p.data)
+    except (RuntimeError, ImportError, ValueError) as err:
+        e.info["torch_2_4"] = f"semi-structured kernels unavailable: {str(err).splitlines()[0]}"
+        return
+
+    def run(x: np.ndarray, model=model) -> np.ndarray:
+        with torch.inference_mode():
+            out = model(torch.from_numpy(x).to(device).half())
+            torch.cuda.synchronize()
+            return out.float().cpu().numpy()
+
+    e.info["torch_2_4"] = f"semi-structured weights: {eligible}"
+    e.runners["torch-2:4"] = run
 
 
 def _from_onnx(path: Path, data: Dataset, engines: list[str], threads: int) -> Entry:
@@ -198,7 +240,7 @@ def time_entries(
                 "median_ms": med * 1e3,
                 "p90_ms": ts[int(0.9 * (len(ts) - 1))] * 1e3,
                 "items_per_sec": b / med,
-                "sparse_path": False,
+                "sparse_path": eng == "torch-2:4",
             }
 
 
