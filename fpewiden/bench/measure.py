@@ -19,7 +19,7 @@ from fpewiden.arch import find_pairs
 from fpewiden.bench.formats import best_format, model_bytes
 from fpewiden.errors import FpewidenError
 from fpewiden.train.data import Dataset
-from fpewiden.train.loop import evaluate
+from fpewiden.train.loop import evaluate, metrics_from_logits
 
 ENGINES = ("torch", "ort")
 
@@ -175,14 +175,7 @@ def _from_onnx(path: Path, data: Dataset, engines: list[str], threads: int) -> E
     logits = torch.from_numpy(
         np.concatenate([run(data.x_val[i : i + 4096].numpy()) for i in range(0, len(data.x_val), 4096)])
     )
-    from fpewiden.train.loop import loss_fn
-
-    metrics = {"loss": float(loss_fn(data.kind, logits, data.y_val))}
-    if data.kind == "classes":
-        metrics["accuracy"] = float((logits.argmax(1) == data.y_val).float().mean())
-    elif data.kind == "multilabel":
-        hit = (logits > 0).float() == data.y_val
-        metrics["accuracy"], metrics["exact_match"] = float(hit.float().mean()), float(hit.all(1).float().mean())
+    metrics = metrics_from_logits(data.kind, logits, data.y_val)
     e.info.update(
         kind="onnx",
         neurons=None,

@@ -31,6 +31,11 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str, batc
     model.eval()
     device = next(model.parameters()).device
     logits = torch.cat([model(x[i : i + batch].to(device)).float().cpu() for i in range(0, len(x), batch)])
+    return metrics_from_logits(kind, logits, y)
+
+
+def metrics_from_logits(kind: str, logits: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """The held-out metrics of any engine's outputs (torch or ONNX Runtime)."""
     out = {"loss": float(loss_fn(kind, logits, y))}
     if kind == "classes":
         out["accuracy"] = float((logits.argmax(1) == y).float().mean())
