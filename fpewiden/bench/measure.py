@@ -18,6 +18,7 @@ import torch
 from fpewiden.arch import find_pairs
 from fpewiden.bench.formats import best_format, model_bytes
 from fpewiden.errors import FpewidenError
+from fpewiden.export.structure import find_blocks
 from fpewiden.train.data import Dataset
 from fpewiden.train.loop import evaluate, metrics_from_logits
 
@@ -80,7 +81,19 @@ def _from_checkpoint(
     blocks = None
     pairs = find_pairs(tr.ck)
     if meta.get("split") == "shared" and meta.get("outgoing") == "grouped" and len(pairs) == 1:
-        blocks = [(pairs[0].in_weights[0], pairs[0].out_weight, int(meta["alpha"]))]
+        p = pairs[0]
+        try:  # the block format and the fast export exist only where the structure really holds
+            find_blocks(
+                tensors[p.in_weights[0]],
+                masks[p.in_weights[0]],
+                None,
+                tensors[p.out_weight],
+                masks[p.out_weight],
+                int(meta["alpha"]),
+            )
+            blocks = [(p.in_weights[0], p.out_weight, int(meta["alpha"]))]
+        except FpewidenError as err:
+            e.info["block_layout"] = f"not applicable: {err}"
     vectors = sum(t.numel() for t in tensors.values() if t.dim() == 1)
     e.info.update(
         kind="checkpoint",

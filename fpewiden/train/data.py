@@ -105,6 +105,20 @@ def _digits(seed: int, val: float) -> Dataset:
     return Dataset(*_split(x, y, val, seed), kind="classes", spec="digits")
 
 
+def _embedded(spec: str) -> Dataset:
+    from fpewiden.train.embeddings import load_embedded
+
+    task, *opts = spec[len("embed:") :].split(",")
+    n = None
+    for o in opts:
+        key, _, value = o.partition("=")
+        if key != "n" or not value.isdigit():
+            raise FpewidenError(f"{spec}: the only embed option is n=COUNT")
+        n = int(value)
+    x, y, xt, yt = load_embedded(task.strip(), n)
+    return Dataset(x, y, xt, yt, "classes", spec)
+
+
 def load_data(spec: str, seed: int = 0, val: float = 0.2) -> Dataset:
     """Resolve a DATA spec and check it is usable for training."""
     s = spec.strip()
@@ -114,11 +128,14 @@ def load_data(spec: str, seed: int = 0, val: float = 0.2) -> Dataset:
         data = Dataset(task.x, task.y, task.x_val, task.y_val, "multilabel", s, task.clause_groups())
     elif s == "digits":
         data = _digits(seed, val)
+    elif s.startswith("embed:"):
+        data = _embedded(s)
     elif Path(s).suffix in (".safetensors", ".npz", ".pt", ".pth"):
         data = _from_file(Path(s), seed, val)
     else:
         raise FpewidenError(
-            f"unknown data spec {spec!r}: expected dnf:key=value,..., digits, or a .safetensors/.npz/.pt file"
+            f"unknown data spec {spec!r}: expected dnf:key=value,..., digits, embed:trec6|trec50|sst5, or a "
+            ".safetensors/.npz/.pt file"
         )
     validate(data)
     return data

