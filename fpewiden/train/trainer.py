@@ -84,15 +84,26 @@ class Distributed:
         return self.rank == 0
 
 
-def setup_distributed(device: torch.device) -> Distributed:
-    """Join the process group torchrun describes; a plain run is a world of one."""
+def setup_distributed(device: torch.device) -> tuple[Distributed, bool]:
+    """Join the process group torchrun describes; a plain run is a world of one.
+
+    Returns whether this call created the group, so the caller also tears it down.
+    """
     dist = Distributed.from_env()
     if dist.world > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(dist.local_rank)
         torch.distributed.init_process_group(backend=backend)
-    return dist
+        return dist, True
+    return dist, False
+
+
+def teardown_distributed() -> None:
+    """Wait for every rank, then leave the group: a rank that exits while a peer still holds the gloo group can
+    abort (SIGABRT) at interpreter exit."""
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def apply_masks(masks: dict[nn.Parameter, torch.Tensor]) -> None:
@@ -132,7 +143,7 @@ def train(
     the epoch and step; the state file then still holds the last good epoch.
     """
     device = resolve_device(cfg.device)
-    dist = setup_distributed(device)
+    dist, owns_group = setup_distributed(device)
     model.to(device)
     # masks as 0/1 in the parameter's dtype: multiplying by a float mask is >10x faster than by a bool one on CPU
     masks = {p: m.to(device=device, dtype=p.dtype) for p, m in (masks or {}).items()}
@@ -190,4 +201,6 @@ def train(
                     tmp,
                 )
     model.to("cpu")
+    if owns_group:
+        teardown_distributed()
     return history
