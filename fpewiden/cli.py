@@ -60,6 +60,9 @@ def convert(
     outgoing: Annotated[
         str, typer.Option(help="copy (the paper) | grouped (output r keeps child r mod α of each parent: 1:α)")
     ] = "copy",
+    overlap: Annotated[
+        float, typer.Option(help="Control experiment: share of inputs that also reach a second child (0 = FPE).")
+    ] = 0.0,
 ) -> None:
     """Widen every hidden neuron into α children at exactly the same (or a given) non-zero count."""
     from fpewiden.convert import Budget, ConvertOptions, load_clauses
@@ -75,6 +78,7 @@ def convert(
         targets=list(targets or []),
         activation=activation,
         outgoing=outgoing,
+        overlap=overlap,
     )
     with progress_bar() as bar:
         task = bar.add_task("converting", total=None)

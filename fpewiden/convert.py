@@ -23,7 +23,13 @@ from fpewiden.arch import PairSpec, find_pairs
 from fpewiden.arch.hf import config_activation, set_config_width
 from fpewiden.errors import FpewidenError
 from fpewiden.fpe.expand import OUTGOING, Pair, check_fan_in, count, widen_blocks
-from fpewiden.fpe.splits import feature_assignment, group_assignment, random_assignment, shared_assignment
+from fpewiden.fpe.splits import (
+    feature_assignment,
+    group_assignment,
+    overlap_children,
+    random_assignment,
+    shared_assignment,
+)
 from fpewiden.io.atomic import atomic_dir, atomic_file, check_output
 from fpewiden.io.checkpoint import (
     MASK_PREFIX,
@@ -84,6 +90,7 @@ class ConvertOptions:
     targets: list[str] = field(default_factory=list)
     activation: str = "relu"
     outgoing: str = "copy"
+    overlap: float = 0.0  # the paper's control: share of inputs that also reach a second child (not FPE when > 0)
 
 
 @dataclass
@@ -238,6 +245,8 @@ def convert(src: Path, dst: Path, opts: ConvertOptions, on_pair: Callable[[str, 
         raise FpewidenError(f"--split {opts.split!r}: choose one of {', '.join(SPLITS)}")
     if opts.split == "clause" and opts.clauses is None:
         raise FpewidenError("--split clause needs --clauses FILE")
+    if not 0.0 <= opts.overlap <= 1.0:
+        raise FpewidenError(f"--overlap {opts.overlap}: a share of inputs between 0 and 1")
     if opts.outgoing not in OUTGOING:
         raise FpewidenError(f"--outgoing {opts.outgoing!r}: choose one of {', '.join(OUTGOING)}")
     ck = open_checkpoint(src)
@@ -300,11 +309,16 @@ def convert(src: Path, dst: Path, opts: ConvertOptions, on_pair: Callable[[str, 
         try:
             check_fan_in(pair.support(), opts.alpha)
             before = pair.nnz()
-            assignment = _assignment(opts, pair, torch.Generator().manual_seed(pair_seed(opts.seed, p.name)))
+            gen = torch.Generator().manual_seed(pair_seed(opts.seed, p.name))
+            assignment = _assignment(opts, pair, gen)
+            second = (
+                overlap_children(assignment, pair.support(), opts.alpha, opts.overlap, gen) if opts.overlap else None
+            )
             after = 0
             names = (*p.in_weights, p.out_weight)
             rows = [w.shape[0] * opts.alpha for w in pair.w_in] + [pair.w_out.shape[0]]
-            for i, row, w, m in widen_blocks(pair, opts.alpha, assignment, before - reductions[k], opts.outgoing):
+            blocks = widen_blocks(pair, opts.alpha, assignment, before - reductions[k], opts.outgoing, second)
+            for i, row, w, m in blocks:
                 after += count(m)
                 emit(names[i], row, w, m, rows[i], p.transposed)
         except FpewidenError as e:
@@ -324,6 +338,7 @@ def convert(src: Path, dst: Path, opts: ConvertOptions, on_pair: Callable[[str, 
         f"{META_PREFIX}alpha": str(opts.alpha),
         f"{META_PREFIX}split": opts.split,
         f"{META_PREFIX}outgoing": opts.outgoing,
+        f"{META_PREFIX}overlap": str(opts.overlap),
         f"{META_PREFIX}seed": str(opts.seed),
         f"{META_PREFIX}budget_spec": str(opts.budget),
         f"{META_PREFIX}activation": activation,

@@ -21,6 +21,7 @@ class Conversion:
     split: str = "random"
     budget: str = "same"
     outgoing: str = "copy"
+    overlap: float = 0.0
 
     @property
     def label(self) -> str:
@@ -28,6 +29,8 @@ class Conversion:
             return "dense (α=1)" if self.budget == "same" else f"magnitude pruning, budget {self.budget}"
         b = "" if self.budget == "same" else f", budget {self.budget}"
         o = "" if self.outgoing == "copy" else f", {self.outgoing} outgoing"
+        if self.overlap:
+            o += f", overlap {self.overlap}"
         return f"FPE α={self.alpha} {self.split}{o}{b}"
 
 

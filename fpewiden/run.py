@@ -118,7 +118,7 @@ def run_recipe(recipe: Recipe, out: Path) -> dict:
             tick(f"seed {seed}: dense baseline")
             rows.append(_row("dense", d / "dense.safetensors", dense, seed))
             for c in recipe.conversions:
-                name = f"a{c.alpha}_{c.split}_{c.outgoing}_{c.budget}".replace(".", "p")
+                name = f"a{c.alpha}_{c.split}_{c.outgoing}_{c.budget}_o{c.overlap}".replace(".", "p")
                 conv = d / f"{name}.safetensors"
                 clauses = json.loads((d / "clauses.json").read_text()) if c.split == "clause" else None
                 if c.split == "clause" and clauses is None:
@@ -134,6 +134,7 @@ def run_recipe(recipe: Recipe, out: Path) -> dict:
                         seed=seed,
                         activation=recipe.model.activation,
                         outgoing=c.outgoing,
+                        overlap=c.overlap,
                     ),
                 )
                 tick(f"seed {seed}: convert {c.label}")

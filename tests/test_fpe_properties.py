@@ -189,3 +189,27 @@ def test_grouped_outgoing_and_shared_split(case, budget_ratio):
     small = widen(pair, alpha, a, budget, outgoing="grouped")
     assert small.nnz() == budget
     assert not bool(small.w_out.view(-1, h, alpha)[(c != r).expand_as(cols)].any())
+
+
+@given(pairs(), st.floats(0.0, 1.0), st.floats(0.5, 1.0))
+def test_overlap_control(case, overlap, budget_ratio):
+    """With overlap, children may share inputs (the paper's control); the budget stays exact."""
+    from fpewiden.fpe.splits import overlap_children
+
+    pair, alpha, _, seed = case
+    h, d = pair.w_in[0].shape
+    g = torch.Generator().manual_seed(seed)
+    a = random_assignment(pair.support(), alpha, g)
+    second = overlap_children(a, pair.support(), alpha, overlap, g)
+    assert bool(((second == -1) | (second != a)).all())  # a second child is another child
+    budget = round(budget_ratio * pair.nnz())
+    out = widen(pair, alpha, a, budget, second=second)
+    assert out.nnz() == budget
+    for w0, m0, w1, m1 in zip(pair.w_in, pair.m_in, out.w_in, out.m_in):
+        kids = m1.view(h, alpha, d)
+        assert not bool((kids & ~m0.unsqueeze(1)).any())  # still inside the parent's support
+        assert int(kids.sum(1).max()) <= 2  # an input reaches at most two children
+        vals = w1.view(h, alpha, d)
+        assert torch.equal(vals[kids], w0.unsqueeze(1).expand_as(vals)[kids])  # values unchanged
+    if overlap == 0.0:
+        assert bool((second == -1).all())

@@ -118,10 +118,19 @@ def kth_key(sources: list[tuple[torch.Tensor, torch.Tensor, int]], k: int, dtype
     return prefix, below
 
 
-def expand_incoming(w: torch.Tensor, m: torch.Tensor, assignment: torch.Tensor, alpha: int):
-    """Child c of neuron i keeps W[i, j] exactly where assignment[i, j] == c and the parent had it."""
+def expand_incoming(
+    w: torch.Tensor, m: torch.Tensor, assignment: torch.Tensor, alpha: int, second: torch.Tensor | None = None
+):
+    """Child c of neuron i keeps W[i, j] exactly where assignment[i, j] == c and the parent had it.
+
+    `second` (the overlap control only) names a further child that also receives input j (-1: none), so children
+    overlap instead of partitioning the parent.
+    """
     h = w.shape[0]
-    take = assignment.unsqueeze(1) == torch.arange(alpha, dtype=torch.int8).view(1, alpha, 1)
+    children = torch.arange(alpha, dtype=torch.int8).view(1, alpha, 1)
+    take = assignment.unsqueeze(1) == children
+    if second is not None:
+        take |= second.unsqueeze(1) == children
     mask = (m.unsqueeze(1) & take).reshape(h * alpha, -1)
     wide = (w.unsqueeze(1) * mask.view(h, alpha, -1)).reshape(h * alpha, -1)
     return wide, mask
@@ -183,7 +192,12 @@ def grouped_outgoing(rows: range, n_cols: int, alpha: int) -> torch.Tensor:
 
 
 def widen_blocks(
-    pair: Pair, alpha: int, assignment: torch.Tensor, budget: int, outgoing: str = "copy"
+    pair: Pair,
+    alpha: int,
+    assignment: torch.Tensor,
+    budget: int,
+    outgoing: str = "copy",
+    second: torch.Tensor | None = None,
 ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
     """FPE on one pair, streamed as row blocks: (tensor index, first row, weights, mask); incoming tensors first.
 
@@ -192,7 +206,9 @@ def widen_blocks(
     come in row order, so a writer can put each at its offset and free it: memory stays at the parent tensors.
     """
     out_mult = alpha if outgoing == "copy" else 1
-    expanded_total = sum(count(m) for m in pair.m_in) + out_mult * count(pair.m_out)
+    # with overlap, entries that also go to a second child appear twice among the expanded incoming weights
+    dup = [m & (second >= 0) for m in pair.m_in] if second is not None else []
+    expanded_total = sum(count(m) for m in [*pair.m_in, *dup]) + out_mult * count(pair.m_out)
     if budget > expanded_total:
         raise FpewidenError(f"budget {budget} exceeds the {expanded_total} weights available after expansion")
     if budget < 0:
@@ -201,6 +217,8 @@ def widen_blocks(
     dtype = key_dtype([*pair.w_in, pair.w_out])
     mults = [1] * len(pair.w_in) + [out_mult]
     sources = list(zip([*pair.w_in, pair.w_out], [*pair.m_in, pair.m_out], mults, strict=True))
+    if dup:
+        sources += [(w, d, 1) for w, d in zip(pair.w_in, dup, strict=True)]
     threshold, ties_left = -1, 0
     if remove:
         threshold, below = kth_key(sources, remove, dtype)
@@ -210,7 +228,8 @@ def widen_blocks(
     step = _row_block(d * alpha)  # parent rows per block
     for i, (w, m) in enumerate(zip(pair.w_in, pair.m_in, strict=True)):
         for r in range(0, h, step):
-            wide, mask = expand_incoming(w[r : r + step], m[r : r + step], assignment[r : r + step], alpha)
+            extra = None if second is None else second[r : r + step]
+            wide, mask = expand_incoming(w[r : r + step], m[r : r + step], assignment[r : r + step], alpha, extra)
             keep, ties_left = _drop(wide, mask, threshold, ties_left, dtype)
             yield i, r * alpha, wide.mul_(keep), keep
     o = pair.w_out.shape[0]
@@ -226,11 +245,16 @@ def widen_blocks(
 
 
 def widen_tensors(
-    pair: Pair, alpha: int, assignment: torch.Tensor, budget: int, outgoing: str = "copy"
+    pair: Pair,
+    alpha: int,
+    assignment: torch.Tensor,
+    budget: int,
+    outgoing: str = "copy",
+    second: torch.Tensor | None = None,
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """`widen_blocks`, with each tensor's blocks joined: (tensor index, weights, mask)."""
     current, ws, ms = 0, [], []
-    for i, _, w, m in widen_blocks(pair, alpha, assignment, budget, outgoing):
+    for i, _, w, m in widen_blocks(pair, alpha, assignment, budget, outgoing, second):
         if i != current:
             yield current, torch.cat(ws), torch.cat(ms)
             current, ws, ms = i, [], []
@@ -257,8 +281,15 @@ def prune_to_budget(weights: list[torch.Tensor], masks: list[torch.Tensor], budg
     return out
 
 
-def widen(pair: Pair, alpha: int, assignment: torch.Tensor, budget: int, outgoing: str = "copy") -> Pair:
+def widen(
+    pair: Pair,
+    alpha: int,
+    assignment: torch.Tensor,
+    budget: int,
+    outgoing: str = "copy",
+    second: torch.Tensor | None = None,
+) -> Pair:
     """FPE on one pair, all tensors at once (see `widen_blocks`)."""
-    parts = list(widen_tensors(pair, alpha, assignment, budget, outgoing))
+    parts = list(widen_tensors(pair, alpha, assignment, budget, outgoing, second))
     biases = [None if b is None else (b / alpha).repeat_interleave(alpha) for b in pair.b_in]
     return Pair([w for _, w, _ in parts[:-1]], [m for _, _, m in parts[:-1]], biases, parts[-1][1], parts[-1][2])

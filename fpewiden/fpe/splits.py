@@ -142,3 +142,22 @@ def feature_assignment(
     """
     clusters = cluster_inputs(w_in * support, 4 * alpha, generator)
     return group_assignment(support, alpha, clusters, generator)
+
+
+def overlap_children(
+    assignment: torch.Tensor, support: torch.Tensor, alpha: int, overlap: float, generator: torch.Generator
+) -> torch.Tensor:
+    """The overlap control: each supported input also goes to one other child with probability `overlap`.
+
+    Returns the second child per (neuron, input), -1 where there is none. With overlap 0 children partition the
+    parent (FPE); with overlap 1 every input reaches two children.
+    """
+    h, d = assignment.shape
+    pick = (torch.rand((h, d), generator=generator) < overlap) & support
+    shift = (
+        torch.randint(1, alpha, (h, d), generator=generator, dtype=torch.int64)
+        if alpha > 1
+        else torch.zeros((h, d), dtype=torch.int64)
+    )
+    other = ((assignment.to(torch.int64) + shift) % alpha).to(torch.int8)
+    return torch.where(pick, other, torch.tensor(-1, dtype=torch.int8))
