@@ -267,7 +267,6 @@ def convert(src: Path, dst: Path, opts: ConvertOptions, on_pair: Callable[[str, 
     owned = plan.owned(chosen)
     if opts.budget.kind == "same":
         reductions = [0] * len(chosen)
-        total_before = None
     else:
         counts = _count_nnz(ck, [n for group in owned for n in group])
         owned_nnz = [sum(counts[n] for n in group) for group in owned]
