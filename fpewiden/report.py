@@ -45,7 +45,7 @@ def inspect_table(report: dict) -> Table:
         title += f"  (FPE α={meta.get('alpha')}, split={meta.get('split')}, budget={meta.get('budget_spec')})"
     t = Table(title=title)
     for col in ("layer", "W_in shape", "neurons", "non-zeros", "density", "capacity", "mean |cos|"):
-        t.add_column(col, justify="left" if col == "layer" else "right")
+        t.add_column(col, justify="left" if col == "layer" else "right", no_wrap=col == "layer")
     for r in report["layers"]:
         neurons = str(r["neurons"])
         if r["neurons"] != r["neurons_before"]:
