@@ -22,10 +22,14 @@ from fpewiden.run import run_recipe
 ALPHAS = (2, 4, 8)
 
 
+def data_spec(task: str, args) -> str:
+    return f"embed:{task}" + (f",n={args.n}" if args.n else "")
+
+
 def run(task: str, width: int, conversions: list[Conversion], args, work: Path) -> dict:
     recipe = Recipe(
         name=f"{task} h{width}",
-        data=f"embed:{task}",
+        data=data_spec(task, args),
         model=ModelSpec(hidden=[width]),
         epochs=args.epochs,
         warmup_epochs=args.warmup,
@@ -46,6 +50,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--split", default="random", choices=["random", "feature"])
     ap.add_argument("--n", type=int, default=0, help="first N training sentences only (quick checks)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/paper_embeddings"))
     args = ap.parse_args()
@@ -55,13 +60,27 @@ def main() -> None:
     widen, compress = {}, {}
     with tempfile.TemporaryDirectory() as d:
         for task in tasks:
-            widen[task] = {w: run(task, w, [Conversion(alpha=a) for a in ALPHAS], args, Path(d)) for w in widths}
+            widen[task] = {
+                w: run(task, w, [Conversion(alpha=a, split=args.split) for a in ALPHAS], args, Path(d)) for w in widths
+            }
             compress[task] = run(
-                task, 32, [Conversion(alpha=1, budget="0.5"), Conversion(alpha=2, budget="0.5")], args, Path(d)
+                task,
+                32,
+                [Conversion(alpha=1, budget="0.5"), Conversion(alpha=2, split=args.split, budget="0.5")],
+                args,
+                Path(d),
             )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(
-        json.dumps({"command": "python " + " ".join(sys.argv), "widen": widen, "compress": compress}, indent=2)
+        json.dumps(
+            {
+                "command": "python " + " ".join(sys.argv),
+                "data": [data_spec(t, args) for t in tasks],
+                "widen": widen,
+                "compress": compress,
+            },
+            indent=2,
+        )
     )
     lines = [
         "# Classifiers over frozen MiniLM embeddings",
@@ -78,7 +97,7 @@ def main() -> None:
         ]
         for w, r in widen[task].items():
             dense = r["dense"][0]
-            fpe = [r[f"FPE α={a} random"] for a in ALPHAS]
+            fpe = [r[f"FPE α={a} {args.split}"] for a in ALPHAS]
             lines.append(
                 f"| {w} | {dense:.4f} ± {r['dense'][1]:.4f} | "
                 + " | ".join(f"{m:.4f} ± {s:.4f}" for m, s, _ in fpe)

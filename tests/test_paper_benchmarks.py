@@ -84,6 +84,7 @@ def test_embeddings_tiny(tmp_path):
     )
     assert res.returncode == 0, res.stderr[-2000:]
     result = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert result["data"] == ["embed:trec6,n=64"]
     assert set(result["widen"]["trec6"]["4"]) == {"dense", "FPE α=2 random", "FPE α=4 random", "FPE α=8 random"}
     assert list(tmp_path.glob("trec6-minilm-*.safetensors"))  # cached
 
