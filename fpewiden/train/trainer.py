@@ -58,13 +58,20 @@ def resolve_device(name: str) -> torch.device:
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Fused kernels where this torch has them: on CPU fused Adam measured ~10x faster than the foreach one, and
+    it does not slow down on masked (zero) entries the way the foreach path did (bench/results/README.md)."""
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
-    raise FpewidenError(f"--optimizer {cfg.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+        cls, kw = torch.optim.Adam, {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
+    elif cfg.optimizer == "adamw":
+        cls, kw = torch.optim.AdamW, {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
+    elif cfg.optimizer == "sgd":
+        cls, kw = torch.optim.SGD, {"lr": cfg.lr, "momentum": 0.9, "weight_decay": cfg.weight_decay}
+    else:
+        raise FpewidenError(f"--optimizer {cfg.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+    try:
+        return cls(params, fused=True, **kw)
+    except (RuntimeError, TypeError, ValueError):
+        return cls(params, **kw)
 
 
 @dataclass
