@@ -176,8 +176,7 @@ def _check_finite(name: str, t: torch.Tensor) -> None:
         raise FpewidenError(f"{name} holds NaN or Inf values; fix the checkpoint before converting")
 
 
-def _assignment(opts: ConvertOptions, pair: Pair, gen: torch.Generator) -> torch.Tensor:
-    support = pair.support()
+def _assignment(opts: ConvertOptions, pair: Pair, support: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     if opts.split == "magnitude":  # α=1: expansion is the identity, so pruning to budget is magnitude pruning
         return torch.zeros(support.shape, dtype=torch.int8)
     if opts.split == "random":
@@ -306,13 +305,13 @@ def convert(src: Path, dst: Path, opts: ConvertOptions, on_pair: Callable[[str, 
         )
         del loaded, w_out, m_out
         try:
-            check_fan_in(pair.support(), opts.alpha)
+            support = pair.support()  # one (neurons × inputs) mask, shared by the checks and the splits
+            check_fan_in(support, opts.alpha)
             before = pair.nnz()
             gen = torch.Generator().manual_seed(pair_seed(opts.seed, p.name))
-            assignment = _assignment(opts, pair, gen)
-            second = (
-                overlap_children(assignment, pair.support(), opts.alpha, opts.overlap, gen) if opts.overlap else None
-            )
+            assignment = _assignment(opts, pair, support, gen)
+            second = overlap_children(assignment, support, opts.alpha, opts.overlap, gen) if opts.overlap else None
+            del support
             after = 0
             names = (*p.in_weights, p.out_weight)
             rows = [w.shape[0] * opts.alpha for w in pair.w_in] + [pair.w_out.shape[0]]

@@ -20,13 +20,16 @@ def inspect_checkpoint(path: Path) -> dict:
     seen: dict[str, tuple[int, int]] = {}
     for p in find_pairs(ck):
         stats = []
+        w_in = None
         for name in (*p.in_weights, p.out_weight):
-            if name not in seen:
+            if name not in seen or name == p.in_weights[0]:
                 t = ck.get(name)
-                seen[name] = (count(ck.support(name, t)), t.numel())
+                m = ck.support(name, t)
+                seen[name] = (count(m), t.numel())
+                if name == p.in_weights[0]:  # read once: its masked values feed the interference metrics
+                    w_in = t.float() * m
             stats.append(seen[name])
-        raw = ck.get(p.in_weights[0]).float()
-        w_in = raw * ck.support(p.in_weights[0], raw)
+        assert w_in is not None
         w_in = w_in.T if p.transposed else w_in
         cosine, sampled = mean_abs_cosine(w_in)
         nnz = sum(s[0] for s in stats)

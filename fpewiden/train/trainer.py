@@ -58,7 +58,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Fused kernels where this torch has them: on CPU fused Adam measured ~10x faster than the foreach one, and
+    """Fused kernels where this torch has them: on CPU fused Adam was several times faster than the foreach one, and
     it does not slow down on masked (zero) entries the way the foreach path did (bench/results/README.md)."""
     if cfg.optimizer == "adam":
         cls, kw = torch.optim.Adam, {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
