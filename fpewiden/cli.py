@@ -125,6 +125,10 @@ def finetune(
     teacher: Annotated[Path | None, typer.Option(help="Distil from this HF checkpoint on --data text lines.")] = None,
     recipe: Annotated[Path | None, typer.Option(help="Take training settings from a recipe; flags override.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT.state.pt after an interruption.")] = False,
+    dropconnect: Annotated[
+        float | None,
+        typer.Option(help="Drop each weight with this probability at every step (MLPs; a baseline).  [default: 0]"),
+    ] = None,
 ) -> None:
     """Train with the zero pattern fixed: masks re-applied after every step, saved with the output."""
     from fpewiden.recipes import train_config
@@ -140,6 +144,7 @@ def finetune(
         weight_decay=weight_decay,
         device=device,
         seed=seed,
+        dropconnect=dropconnect,
     )
     cfg = train_config(recipe, {k: v for k, v in flags.items() if v is not None})
     show = Distributed.from_env().main

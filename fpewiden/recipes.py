@@ -22,9 +22,16 @@ class Conversion:
     budget: str = "same"
     outgoing: str = "copy"
     overlap: float = 0.0
+    dropconnect: float = 0.0  # fine-tune this model with DropConnect (a baseline; alpha 1 = dense + DropConnect)
 
     @property
     def label(self) -> str:
+        if not self.dropconnect:
+            return self._label()
+        base = "dense" if self.alpha == 1 and self.budget == "same" else self._label()
+        return f"{base} + DropConnect {self.dropconnect}"
+
+    def _label(self) -> str:
         if self.alpha == 1:
             return "dense (α=1)" if self.budget == "same" else f"magnitude pruning, budget {self.budget}"
         b = "" if self.budget == "same" else f", budget {self.budget}"
@@ -58,8 +65,9 @@ class Recipe:
     description: str = ""
     bench_repeat: int = 50  # timed runs per model, engine and batch size in run's closing bench; 0 skips it
 
-    def train_config(self, epochs: int, seed: int) -> TrainConfig:
+    def train_config(self, epochs: int, seed: int, dropconnect: float = 0.0) -> TrainConfig:
         return TrainConfig(
+            dropconnect=dropconnect,
             epochs=epochs,
             lr=self.lr,
             batch_size=self.batch_size,

@@ -118,7 +118,7 @@ def run_recipe(recipe: Recipe, out: Path) -> dict:
             tick(f"seed {seed}: dense baseline")
             rows.append(_row("dense", d / "dense.safetensors", dense, seed))
             for c in recipe.conversions:
-                name = f"a{c.alpha}_{c.split}_{c.outgoing}_{c.budget}_o{c.overlap}".replace(".", "p")
+                name = f"a{c.alpha}_{c.split}_{c.outgoing}_{c.budget}_o{c.overlap}_dc{c.dropconnect}".replace(".", "p")
                 conv = d / f"{name}.safetensors"
                 clauses = json.loads((d / "clauses.json").read_text()) if c.split == "clause" else None
                 if c.split == "clause" and clauses is None:
@@ -142,7 +142,7 @@ def run_recipe(recipe: Recipe, out: Path) -> dict:
                     conv,
                     recipe.data,
                     d / f"{name}_ft.safetensors",
-                    recipe.train_config(rest, seed),
+                    recipe.train_config(rest, seed, c.dropconnect),
                     extra_metadata=recipe_meta,
                 )
                 tick(f"seed {seed}: fine-tune {c.label}")

@@ -98,3 +98,20 @@ def test_minilm_benchmark_tiny(tmp_path):
     assert len(rows) == 7 and rows[0]["cosine"] == 1.0
     half = [r for r in rows if "0.5" in r["model"]]
     assert len({r["ffn_nnz"] for r in half}) == 1  # FPE and magnitude pruning at the same budget
+    assert [len(r["history"]) for r in rows if "distilled" in r["model"]] == [1, 1, 1]  # the per-epoch curve
+
+
+def test_paired_differences(tmp_path):
+    runs = [
+        {"model": m, "seed": s, "final": {"exact_match": v}}
+        for m, vals in {"A": [0.9, 0.8, 0.7], "B": [0.5, 0.85, 0.6]}.items()
+        for s, v in enumerate(vals)
+    ]
+    (tmp_path / "results.json").write_text(json.dumps({"runs": runs}))
+    res = script("bench/paired.py", str(tmp_path), "A", "B", "--out", str(tmp_path / "p.json"))
+    assert res.returncode == 0, res.stderr
+    row = json.loads((tmp_path / "p.json").read_text())["rows"][0]
+    assert row["differences"] == pytest.approx([0.4, -0.05, 0.1]) and (row["a_ahead"], row["b_ahead"]) == (2, 1)
+    assert row["mean"] == pytest.approx(0.15)
+    bad = script("bench/paired.py", str(tmp_path), "A", "C")
+    assert bad.returncode != 0 and "no model 'C'" in bad.stderr

@@ -122,3 +122,12 @@ def test_teacher_must_match(tmp_path):
     text.write_text("\n".join(f"line {i}" for i in range(20)))
     res = cli("finetune", minilm(), "--teacher", tmp_path / "other", "--data", text, "--out", tmp_path / "o")
     assert res.exit_code == 2 and "teacher architecture does not match" in res.stderr, res.output
+
+
+def test_dropconnect_is_refused_for_hf_models(tmp_path):
+    text = tmp_path / "s.txt"
+    text.write_text("\n".join(f"line {i}" for i in range(20)))
+    out = tmp_path / "o"
+    res = cli("finetune", minilm(), "--teacher", minilm(), "--data", text, "--out", out, "--dropconnect", "0.2")
+    assert res.exit_code == 2 and "--dropconnect is for MLP checkpoints" in res.stderr, res.output
+    assert not (tmp_path / "o").exists()

@@ -59,8 +59,12 @@ def finetune(
     check_output(dst, [ckpt] + ([teacher] if teacher else []))
     if cfg.epochs < 1 or cfg.batch_size < 1 or not cfg.lr > 0:
         raise FpewidenError("--epochs, --batch-size and --lr must be positive")
+    if not 0.0 <= cfg.dropconnect < 1.0:
+        raise FpewidenError(f"--dropconnect {cfg.dropconnect}: expected a probability in [0, 1)")
     torch.manual_seed(cfg.seed)
     tr = load_trainable(ckpt)
+    if cfg.dropconnect and tr.ck.kind == "hf":
+        raise FpewidenError("--dropconnect is for MLP checkpoints (it drops every weight matrix of the chain)")
     before = {n: m.clone() for n, m in tr.masks.items()}
     clauses = None
     if teacher is not None:
@@ -78,7 +82,8 @@ def finetune(
     state = sidecar(dst, ".state.pt")
     if resume and not state.is_file():
         raise FpewidenError(f"--resume: no state file {state} to resume from")
-    history = train(tr.model, task, cfg, tr.mask_map(), state, resume, on_step, on_epoch)
+    dc_params = list(tr.model.weights) if cfg.dropconnect else []
+    history = train(tr.model, task, cfg, tr.mask_map(), state, resume, on_step, on_epoch, dc_params)
     for n, m in before.items():  # the zero pattern must be exactly what it was
         assert torch.equal(tr.masks[n], m) and not bool(tr.tensors()[n][~m].any()), n
     summary = {

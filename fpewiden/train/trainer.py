@@ -22,6 +22,7 @@ from torch import nn
 
 from fpewiden.errors import FpewidenError
 from fpewiden.io.atomic import atomic_file
+from fpewiden.train.dropconnect import DropConnect
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 
@@ -35,6 +36,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     seed: int = 0
     device: str = "auto"
+    dropconnect: float = 0.0  # per-step probability of dropping each weight of `dropconnect_params` (0 = off)
 
 
 class Task(Protocol):
@@ -142,12 +144,14 @@ def train(
     resume: bool = False,
     on_step: Callable[[int, int, int, int], None] | None = None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    dropconnect_params: list[nn.Parameter] | None = None,
 ) -> list[dict[str, float]]:
     """Train in place; returns per-epoch history (train loss, held-out loss and metrics).
 
     `state_path` receives the model, optimizer state and history after every epoch (atomically); with `resume`
-    an existing state file is continued from. A non-finite loss stops training with a one-line error that names
-    the epoch and step; the state file then still holds the last good epoch.
+    an existing state file is continued from. With `cfg.dropconnect` > 0 the weights in `dropconnect_params` are
+    randomly dropped at every step (train/dropconnect.py). A non-finite loss stops training with a one-line error
+    that names the epoch and step; the state file then still holds the last good epoch.
     """
     device = resolve_device(cfg.device)
     dist, owns_group = setup_distributed(device)
@@ -161,6 +165,7 @@ def train(
             model, device_ids=[dist.local_rank] if device.type == "cuda" else None
         )
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    dc = DropConnect(list(dropconnect_params or []), cfg.dropconnect, cfg.seed)
     history: list[dict[str, float]] = []
     start = 0
     if resume and state_path is not None and state_path.is_file():
@@ -173,18 +178,22 @@ def train(
     for epoch in range(start, cfg.epochs):
         wrapped.train()
         order = epoch_order(task.n_train, cfg.seed, epoch, dist)
+        dc.start_epoch(epoch)
         total, count = 0.0, 0
         for step, i in enumerate(range(0, len(order), cfg.batch_size)):
             idx = order[i : i + cfg.batch_size]
+            dc.drop()
             with autocast:
                 loss = task.loss(wrapped, idx, device)
             if not bool(torch.isfinite(loss.detach())):
+                dc.restore()
                 where = f" ({state_path} holds epoch {epoch})" if state_path is not None and epoch else ""
                 raise FpewidenError(
                     f"loss became {float(loss.detach())} at epoch {epoch + 1}, step {step + 1}; stopped{where}"
                 )
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            dc.restore()
             mask_grads(masks)
             opt.step()
             apply_masks(masks)

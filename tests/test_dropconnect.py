@@ -1,0 +1,137 @@
+"""DropConnect baseline: the gradient is the chain rule through W·M/(1-p), weights and zero patterns survive,
+resume draws the same masks, recipes and the CLI take it, bad values fail in one line."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from fpewiden.cli import app
+from fpewiden.convert import Budget, ConvertOptions, convert
+from fpewiden.recipes import Conversion, recipe_from_dict
+from fpewiden.run import run_recipe
+from fpewiden.train.data import load_data
+from fpewiden.train.dropconnect import DropConnect
+from fpewiden.train.loop import SupervisedTask
+from fpewiden.train.mlp import ChainMLP
+from fpewiden.train.trainer import TrainConfig, train
+from tests.helpers import mlp_state
+
+runner = CliRunner()
+DNF = "dnf:inputs=16,clauses=6,literals=3,n=1200"
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_gradient_is_the_chain_rule_and_weights_come_back(p):
+    model = ChainMLP.fresh([12, 9, 5], "relu", seed=1)
+    x, y = torch.randn(32, 12), torch.randn(32, 5)
+    before = [w.detach().clone() for w in model.weights]
+    dc = DropConnect(list(model.weights), p, seed=7)
+    dc.start_epoch(3)
+    dc.drop()
+    scales = [s.clone() for _, s in dc._saved]
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    dc.restore()
+    for w, b in zip(model.weights, before):
+        assert torch.equal(w.detach(), b)  # restored bit for bit
+    # reference: autograd through W * M / (1 - p) on a copy
+    ref = ChainMLP.fresh([12, 9, 5], "relu", seed=1)
+    leaves = [w.detach().clone().requires_grad_(True) for w in ref.weights]
+    params = {f"weights.{i}": w * s for i, (w, s) in enumerate(zip(leaves, scales))}
+    out = torch.func.functional_call(ref, params, (x,))
+    torch.nn.functional.mse_loss(out, y).backward()
+    for w, leaf in zip(model.weights, leaves):
+        torch.testing.assert_close(w.grad, leaf.grad)
+    kept = torch.cat([(s != 0).flatten().float() for s in scales]).mean()
+    assert abs(float(kept) - (1 - p)) < 0.12  # about 1 - p of the weights kept
+    assert all(bool(torch.isin(s, torch.tensor([0.0, 1 / (1 - p)])).all()) for s in scales)
+
+
+def test_masks_depend_on_seed_and_epoch_only():
+    w = torch.nn.Parameter(torch.ones(40, 40))
+
+    def mask(seed, epoch):
+        dc = DropConnect([w], 0.5, seed)
+        dc.start_epoch(epoch)
+        dc.drop()
+        m = dc._saved[0][1].clone()
+        dc.restore()
+        return m
+
+    assert torch.equal(mask(0, 1), mask(0, 1))
+    assert not torch.equal(mask(0, 1), mask(0, 2)) and not torch.equal(mask(0, 1), mask(1, 1))
+    assert torch.equal(w.detach(), torch.ones(40, 40))
+
+
+def _task(seed=0):
+    d = load_data(DNF, seed)
+    return SupervisedTask(d.x, d.y, d.x_val, d.y_val, d.kind)
+
+
+def test_resume_draws_the_same_masks(tmp_path):
+    cfg = TrainConfig(epochs=3, lr=0.01, batch_size=64, device="cpu", dropconnect=0.3, seed=4)
+    full = ChainMLP.fresh([16, 8, 6], seed=2)
+    train(full, _task(), cfg, dropconnect_params=list(full.weights))
+    part = ChainMLP.fresh([16, 8, 6], seed=2)
+    state = tmp_path / "s.pt"
+    first = TrainConfig(**{**cfg.__dict__, "epochs": 2})
+    train(part, _task(), first, state_path=state, dropconnect_params=list(part.weights))
+    resumed = ChainMLP.fresh([16, 8, 6], seed=2)
+    train(resumed, _task(), cfg, state_path=state, resume=True, dropconnect_params=list(resumed.weights))
+    for a, b in zip(full.tensors().values(), resumed.tensors().values()):
+        assert torch.equal(a, b)
+    plain = ChainMLP.fresh([16, 8, 6], seed=2)
+    train(plain, _task(), TrainConfig(**{**cfg.__dict__, "dropconnect": 0.0}), dropconnect_params=list(plain.weights))
+    assert not torch.equal(plain.weights[0], full.weights[0])  # it really dropped something
+
+
+def test_finetune_cli_keeps_zero_pattern_and_nnz(tmp_path):
+    src = tmp_path / "dense.safetensors"
+    save_file(mlp_state(widths=(16, 8, 6)), str(src))
+    conv = tmp_path / "fpe.safetensors"
+    convert(src, conv, ConvertOptions(alpha=2, budget=Budget.parse("same")))
+    out = tmp_path / "dc.safetensors"
+    res = runner.invoke(
+        app, ["finetune", str(conv), "--data", DNF, "--out", str(out), "--epochs", "2", "--dropconnect", "0.5"]
+    )
+    assert res.exit_code == 0, res.output
+    a, b = load_file(conv), load_file(out)
+    for n in ("0.weight", "2.weight"):
+        assert torch.equal(a[n] != 0, b[n] != 0) and not torch.equal(a[n], b[n])
+    log = json.loads((tmp_path / "dc.safetensors.log.json").read_text())
+    assert log["config"]["dropconnect"] == 0.5
+
+
+@pytest.mark.parametrize("value", ["1.0", "-0.1"])
+def test_bad_probability_is_one_line(tmp_path, value):
+    src = tmp_path / "dense.safetensors"
+    save_file(mlp_state(widths=(16, 8, 6)), str(src))
+    res = runner.invoke(
+        app, ["finetune", str(src), "--data", DNF, "--out", str(tmp_path / "o.safetensors"), "--dropconnect", value]
+    )
+    assert res.exit_code == 2
+    assert "--dropconnect" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_recipe_dropconnect_arm_is_dense_at_equal_nonzeros(tmp_path):
+    recipe = recipe_from_dict(
+        {
+            "name": "t",
+            "data": DNF,
+            "model": {"hidden": [8]},
+            "epochs": 3,
+            "warmup_epochs": 1,
+            "seeds": [0],
+            "conversions": [{"alpha": 2}, {"alpha": 1, "dropconnect": 0.25}],
+            "bench_repeat": 0,
+        }
+    )
+    assert Conversion(alpha=1, dropconnect=0.25).label == "dense + DropConnect 0.25"
+    res = run_recipe(recipe, tmp_path)
+    by = {s["model"]: s for s in res["summary"]}
+    assert set(by) == {"dense", "FPE α=2 random", "dense + DropConnect 0.25"}
+    assert by["dense + DropConnect 0.25"]["nnz"] == by["dense"]["nnz"] == by["FPE α=2 random"]["nnz"]
+    assert by["dense + DropConnect 0.25"]["neurons"] == by["dense"]["neurons"]
