@@ -6,12 +6,16 @@ of width 4 to 64; FPE α ∈ {2, 4, 8} (random split) against dense at equal non
 pruning to 50% against FPE α=2 with budget 0.5, same fine-tuning. Held-out: the datasets' test splits.
 
   python bench/paper_embeddings.py [--tasks trec6,trec50,sst5 --widths 4,8,16,32,64 --seeds 0,1,2]
+
+`--dropconnect 0.1,0.25` adds the paper's other baseline to the widening table: the dense model (same neurons,
+same non-zeros) fine-tuned after the warm-up with DropConnect at each probability (train/dropconnect.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -51,18 +55,20 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--split", default="random", choices=["random", "feature"])
+    ap.add_argument("--dropconnect", default="", help="comma-separated DropConnect probabilities (dense arms)")
     ap.add_argument("--n", type=int, default=0, help="first N training sentences only (quick checks)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/paper_embeddings"))
     args = ap.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",")]
+    drops = [float(p) for p in args.dropconnect.split(",") if p]
     tasks = args.tasks.split(",")
     widths = [int(w) for w in args.widths.split(",")]
     widen, compress = {}, {}
     with tempfile.TemporaryDirectory() as d:
         for task in tasks:
-            widen[task] = {
-                w: run(task, w, [Conversion(alpha=a, split=args.split) for a in ALPHAS], args, Path(d)) for w in widths
-            }
+            arms = [Conversion(alpha=a, split=args.split) for a in ALPHAS]
+            arms += [Conversion(alpha=1, dropconnect=p) for p in drops]
+            widen[task] = {w: run(task, w, arms, args, Path(d)) for w in widths}
             compress[task] = run(
                 task,
                 32,
@@ -74,7 +80,7 @@ def main() -> None:
     (args.out / "results.json").write_text(
         json.dumps(
             {
-                "command": "python " + " ".join(sys.argv),
+                "command": "python " + shlex.join(sys.argv),
                 "data": [data_spec(t, args) for t in tasks],
                 "widen": widen,
                 "compress": compress,
@@ -92,8 +98,9 @@ def main() -> None:
         lines += [
             f"## {task}: widen at equal non-zeros",
             "",
-            "| width | dense | FPE α=2 | FPE α=4 | FPE α=8 | best gain |",
-            "|---|---|---|---|---|---|",
+            "| width | dense | FPE α=2 | FPE α=4 | FPE α=8 | best gain |"
+            + "".join(f" dense + DropConnect {p} |" for p in drops),
+            "|---|---|---|---|---|---|" + "---|" * len(drops),
         ]
         for w, r in widen[task].items():
             dense = r["dense"][0]
@@ -102,6 +109,9 @@ def main() -> None:
                 f"| {w} | {dense:.4f} ± {r['dense'][1]:.4f} | "
                 + " | ".join(f"{m:.4f} ± {s:.4f}" for m, s, _ in fpe)
                 + f" | {max(m for m, _, _ in fpe) - dense:+.4f} |"
+                + "".join(
+                    f" {r[f'dense + DropConnect {p}'][0]:.4f} ± {r[f'dense + DropConnect {p}'][1]:.4f} |" for p in drops
+                )
             )
         c = compress[task]
         lines += [

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import tempfile
 import time
@@ -57,6 +58,9 @@ def main() -> None:
     ap.add_argument("--sentences", type=int, default=3000)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument(
+        "--models", default="fpe-same,fpe-0.5,magnitude-0.5", help="which of fpe-same, fpe-0.5, magnitude-0.5 to run"
+    )
     ap.add_argument("--n", type=int, default=0, help="first N training and N/4 test questions only (quick checks)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/paper_minilm"))
     args = ap.parse_args()
@@ -77,11 +81,15 @@ def main() -> None:
             "history": [],
         }
     ]
-    configs = [
-        ("FPE α=2, budget same", 2, "same"),
-        ("FPE α=2, budget 0.5", 2, "0.5"),
-        ("magnitude pruning, budget 0.5", 1, "0.5"),
-    ]
+    known = {
+        "fpe-same": ("FPE α=2, budget same", 2, "same"),
+        "fpe-0.5": ("FPE α=2, budget 0.5", 2, "0.5"),
+        "magnitude-0.5": ("magnitude pruning, budget 0.5", 1, "0.5"),
+    }
+    chosen = args.models.split(",")
+    if any(m not in known for m in chosen):
+        raise SystemExit(f"--models: choose from {', '.join(known)}")
+    configs = [known[m] for m in chosen]
     with tempfile.TemporaryDirectory() as d:
         text = Path(d) / "train.txt"
         text.write_text("\n".join(train_texts[: args.sentences]))
@@ -114,7 +122,7 @@ def main() -> None:
                 print(json.dumps(rows[-1]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(
-        json.dumps({"command": "python " + " ".join(sys.argv), "rows": rows}, indent=2)
+        json.dumps({"command": "python " + shlex.join(sys.argv), "rows": rows}, indent=2)
     )
     lines = [
         "# MiniLM FFNs: FPE vs magnitude pruning, distilled",

@@ -51,7 +51,10 @@ def convert(
     clauses: Annotated[
         Path | None, typer.Option(help="JSON list of lists of input indices (for --split clause).")
     ] = None,
-    budget: Annotated[str, typer.Option(help="'same', a non-zero count, or a fraction of the original.")] = "same",
+    budget: Annotated[
+        str,
+        typer.Option(help="'same', a non-zero count, a fraction of the original, or 'all' (expand, no pruning)."),
+    ] = "same",
     seed: Annotated[int, typer.Option(help="Seed of the random partitions.")] = 0,
     targets: Annotated[
         list[str] | None, typer.Option(help="Regex on layer names; repeat to add. Default: every hidden layer.")

@@ -49,7 +49,9 @@ ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
 
 @dataclass(frozen=True)
 class Budget:
-    """`same` (the pre-conversion non-zero count), an absolute count, or a fraction of the original count."""
+    """`same` (the pre-conversion non-zero count), an absolute count, a fraction of the original count, or `all`
+    (no pruning: every expanded weight kept, so copied outgoing weights add non-zeros — for baselines and
+    inspection, not FPE)."""
 
     kind: str
     value: float = 0.0
@@ -57,8 +59,8 @@ class Budget:
     @staticmethod
     def parse(text: str) -> Budget:
         t = text.strip().lower()
-        if t == "same":
-            return Budget("same")
+        if t in ("same", "all"):
+            return Budget(t)
         try:
             if re.fullmatch(r"\d+", t):
                 return Budget("count", int(t))
@@ -66,10 +68,12 @@ class Budget:
         except ValueError:
             v = -1.0
         if not 0.0 < v <= 1.0:
-            raise FpewidenError(f"--budget {text!r}: expected 'same', a non-zero count, or a fraction in (0, 1]")
+            raise FpewidenError(f"--budget {text!r}: expected 'same', 'all', a non-zero count, or a fraction in (0, 1]")
         return Budget("fraction", v)
 
     def total(self, original: int) -> int:
+        if self.kind == "all":
+            raise ValueError("budget 'all' depends on the expansion, not on the original count")
         if self.kind == "same":
             return original
         if self.kind == "count":
@@ -77,7 +81,9 @@ class Budget:
         return round(self.value * original)
 
     def __str__(self) -> str:
-        return "same" if self.kind == "same" else (str(int(self.value)) if self.kind == "count" else str(self.value))
+        if self.kind in ("same", "all"):
+            return self.kind
+        return str(int(self.value)) if self.kind == "count" else str(self.value)
 
 
 @dataclass
@@ -264,7 +270,7 @@ def convert(src: Path, dst: Path, opts: ConvertOptions, on_pair: Callable[[str, 
 
     plan = _Plan(ck, chosen, opts.alpha)
     owned = plan.owned(chosen)
-    if opts.budget.kind == "same":
+    if opts.budget.kind in ("same", "all"):
         reductions = [0] * len(chosen)
     else:
         counts = _count_nnz(ck, [n for group in owned for n in group])
@@ -315,7 +321,8 @@ def convert(src: Path, dst: Path, opts: ConvertOptions, on_pair: Callable[[str, 
             after = 0
             names = (*p.in_weights, p.out_weight)
             rows = [w.shape[0] * opts.alpha for w in pair.w_in] + [pair.w_out.shape[0]]
-            blocks = widen_blocks(pair, opts.alpha, assignment, before - reductions[k], opts.outgoing, second)
+            budget = None if opts.budget.kind == "all" else before - reductions[k]
+            blocks = widen_blocks(pair, opts.alpha, assignment, budget, opts.outgoing, second)
             for i, row, w, m in blocks:
                 after += count(m)
                 emit(names[i], row, w, m, rows[i], p.transposed)

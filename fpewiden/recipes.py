@@ -23,18 +23,27 @@ class Conversion:
     outgoing: str = "copy"
     overlap: float = 0.0
     dropconnect: float = 0.0  # fine-tune this model with DropConnect (a baseline; alpha 1 = dense + DropConnect)
+    # > 0: after fine-tuning, magnitude-prune back to the warm model's non-zero count and fine-tune this many more
+    # epochs (taken from the fine-tuning epochs, without DropConnect): how a budget "all" baseline is deployed
+    prune_epochs: int = 0
 
     @property
     def label(self) -> str:
-        if not self.dropconnect:
-            return self._label()
-        base = "dense" if self.alpha == 1 and self.budget == "same" else self._label()
-        return f"{base} + DropConnect {self.dropconnect}"
+        label = self._label()
+        if self.overlap == 1.0 and self.budget == "all":  # every child a full copy of its parent: a wider dense net
+            label = f"wide dense ×{self.alpha}"
+        elif self.dropconnect and self.alpha == 1 and self.budget == "same":
+            label = "dense"
+        if self.dropconnect:
+            label += f" + DropConnect {self.dropconnect}"
+        if self.prune_epochs:
+            label += f", magnitude-pruned to the dense count ({self.prune_epochs} epochs)"
+        return label
 
     def _label(self) -> str:
         if self.alpha == 1:
             return "dense (α=1)" if self.budget == "same" else f"magnitude pruning, budget {self.budget}"
-        b = "" if self.budget == "same" else f", budget {self.budget}"
+        b = "" if self.budget == "same" else (", no pruning" if self.budget == "all" else f", budget {self.budget}")
         o = "" if self.outgoing == "copy" else f", {self.outgoing} outgoing"
         if self.overlap:
             o += f", overlap {self.overlap}"
@@ -108,6 +117,9 @@ def recipe_from_dict(raw: dict) -> Recipe:
         raise FpewidenError(f"recipe: {e}") from None
     if not 0 <= recipe.warmup_epochs < recipe.epochs:
         raise FpewidenError("recipe: warmup_epochs must be at least 0 and less than epochs")
+    rest = recipe.epochs - recipe.warmup_epochs
+    if any(not 0 <= c.prune_epochs < rest for c in recipe.conversions):
+        raise FpewidenError(f"recipe: prune_epochs must be at least 0 and less than epochs - warmup_epochs ({rest})")
     if not recipe.seeds:
         raise FpewidenError("recipe: seeds must list at least one seed")
     return recipe

@@ -3,7 +3,9 @@
 Per seed: a fresh dense MLP (or the recipe's checkpoint) is trained for the warm-up epochs; the dense baseline
 continues from there for the remaining epochs; every conversion starts from the same warm model, is converted
 and fine-tuned for the same remaining epochs with its zero pattern fixed. So every model sees the same data for
-the same total number of epochs, and FPE is compared with dense at equal non-zeros.
+the same total number of epochs, and FPE is compared with dense at equal non-zeros. Baselines that train with
+more non-zeros (budget `all`, e.g. a wider dense net under DropConnect) set `prune_epochs`: their last epochs
+run after magnitude pruning back to the warm model's count, so they too are deployed at equal non-zeros.
 """
 
 from __future__ import annotations
@@ -123,7 +125,7 @@ def run_recipe(recipe: Recipe, out: Path) -> dict:
                 clauses = json.loads((d / "clauses.json").read_text()) if c.split == "clause" else None
                 if c.split == "clause" and clauses is None:
                     raise FpewidenError("recipe: split clause needs a dnf: task (its clauses are the split)")
-                convert(
+                report = convert(
                     warm,
                     conv,
                     ConvertOptions(
@@ -138,15 +140,31 @@ def run_recipe(recipe: Recipe, out: Path) -> dict:
                     ),
                 )
                 tick(f"seed {seed}: convert {c.label}")
+                final = d / f"{name}_ft.safetensors"
+                trained = d / f"{name}_pre.safetensors" if c.prune_epochs else final
                 res = finetune(
                     conv,
                     recipe.data,
-                    d / f"{name}_ft.safetensors",
-                    recipe.train_config(rest, seed, c.dropconnect),
+                    trained,
+                    recipe.train_config(rest - c.prune_epochs, seed, c.dropconnect),
                     extra_metadata=recipe_meta,
                 )
+                if c.prune_epochs:  # back to the dense count, then fine-tune the rest with that mask fixed
+                    pruned = d / f"{name}_pruned.safetensors"
+                    budget = Budget("count", report["nnz_before"])
+                    opts = ConvertOptions(
+                        alpha=1, split="magnitude", budget=budget, seed=seed, activation=recipe.model.activation
+                    )
+                    convert(trained, pruned, opts)
+                    res = finetune(
+                        pruned,
+                        recipe.data,
+                        final,
+                        recipe.train_config(c.prune_epochs, seed),
+                        extra_metadata=recipe_meta,
+                    )
                 tick(f"seed {seed}: fine-tune {c.label}")
-                rows.append(_row(c.label, d / f"{name}_ft.safetensors", res, seed))
+                rows.append(_row(c.label, final, res, seed))
     summary = _summarise(rows)
     bench_rows = _bench_first_seed(recipe, rows) if recipe.bench_repeat > 0 else []
     result = {"recipe": recipe.to_dict(), "runs": rows, "summary": summary, "bench": bench_rows}

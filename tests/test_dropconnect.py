@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from fpewiden.cli import app
 from fpewiden.convert import Budget, ConvertOptions, convert
+from fpewiden.errors import FpewidenError
 from fpewiden.recipes import Conversion, recipe_from_dict
 from fpewiden.run import run_recipe
 from fpewiden.train.data import load_data
@@ -125,13 +126,48 @@ def test_recipe_dropconnect_arm_is_dense_at_equal_nonzeros(tmp_path):
             "epochs": 3,
             "warmup_epochs": 1,
             "seeds": [0],
-            "conversions": [{"alpha": 2}, {"alpha": 1, "dropconnect": 0.25}],
+            "conversions": [
+                {"alpha": 2},
+                {"alpha": 1, "dropconnect": 0.25},
+                {"alpha": 2, "overlap": 1.0, "budget": "all", "dropconnect": 0.5, "prune_epochs": 1},
+            ],
             "bench_repeat": 0,
         }
     )
     assert Conversion(alpha=1, dropconnect=0.25).label == "dense + DropConnect 0.25"
+    wide = "wide dense ×2 + DropConnect 0.5, magnitude-pruned to the dense count (1 epochs)"
     res = run_recipe(recipe, tmp_path)
     by = {s["model"]: s for s in res["summary"]}
-    assert set(by) == {"dense", "FPE α=2 random", "dense + DropConnect 0.25"}
+    assert set(by) == {"dense", "FPE α=2 random", "dense + DropConnect 0.25", wide}
     assert by["dense + DropConnect 0.25"]["nnz"] == by["dense"]["nnz"] == by["FPE α=2 random"]["nnz"]
     assert by["dense + DropConnect 0.25"]["neurons"] == by["dense"]["neurons"]
+    # the wide baseline trains at twice the non-zeros, then is deployed at the dense count with twice the neurons
+    assert by[wide]["nnz"] == by["dense"]["nnz"] and by[wide]["neurons"] == 2 * by["dense"]["neurons"]
+    logs = sorted(tmp_path.glob("seed0/*dc0p5*_ft.safetensors.log.json"))
+    assert len(logs) == 1 and json.loads(logs[0].read_text())["config"]["epochs"] == 1  # the last epoch, pruned
+    pre = json.loads(next(tmp_path.glob("seed0/*dc0p5*_pre.safetensors.log.json")).read_text())
+    assert pre["config"]["epochs"] == 1 and pre["config"]["dropconnect"] == 0.5
+    assert pre["nnz"] == 2 * by["dense"]["nnz"]
+
+
+def test_prune_epochs_must_fit():
+    raw = {"data": DNF, "epochs": 3, "warmup_epochs": 1, "conversions": [{"alpha": 2, "prune_epochs": 2}]}
+    with pytest.raises(FpewidenError, match="prune_epochs must be at least 0 and less than"):
+        recipe_from_dict(raw)
+
+
+def test_budget_all_expands_without_pruning(tmp_path):
+    src = tmp_path / "dense.safetensors"
+    sd = mlp_state(widths=(16, 8, 6))
+    save_file(sd, str(src))
+    w_in, w_out = sd["0.weight"], sd["2.weight"]
+    out = tmp_path / "all.safetensors"
+    rep = convert(src, out, ConvertOptions(alpha=2, budget=Budget.parse("all")))
+    assert rep["nnz_after"] == w_in.numel() + 2 * w_out.numel()  # incoming split, outgoing copied, nothing pruned
+    copies = tmp_path / "copies.safetensors"
+    rep = convert(src, copies, ConvertOptions(alpha=2, budget=Budget.parse("all"), overlap=1.0))
+    assert rep["nnz_after"] == 2 * (w_in.numel() + w_out.numel())
+    t = load_file(copies)
+    assert torch.equal(t["0.weight"][0::2], w_in) and torch.equal(t["0.weight"][1::2], w_in)
+    assert torch.equal(t["2.weight"][:, 0::2], w_out) and torch.equal(t["2.weight"][:, 1::2], w_out)
+    assert str(Budget.parse("all")) == "all"

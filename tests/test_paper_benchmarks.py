@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from fpewiden.cli import app
@@ -18,9 +19,10 @@ runner = CliRunner()
 
 @pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
 def test_recipe_runs_tiny(tmp_path, recipe):
-    res = runner.invoke(
-        app, ["run", str(recipe), "--out", str(tmp_path / "o"), "--epochs", "2", "--warmup-epochs", "1", "--seeds", "0"]
-    )
+    convs = yaml.safe_load(recipe.read_text()).get("conversions") or []
+    epochs = 2 + max((c.get("prune_epochs", 0) for c in convs), default=0)  # prune_epochs must fit in the rest
+    args = ["run", str(recipe), "--out", str(tmp_path / "o"), "--epochs", str(epochs), "--warmup-epochs", "1"]
+    res = runner.invoke(app, [*args, "--seeds", "0"])
     assert res.exit_code == 0, res.output
     result = json.loads((tmp_path / "o" / "results.json").read_text())
     assert result["summary"][0]["model"] == "dense" and len(result["summary"]) >= 2
@@ -78,6 +80,8 @@ def test_embeddings_tiny(tmp_path):
         "1",
         "--n",
         "64",
+        "--dropconnect",
+        "0.2",
         "--out",
         str(tmp_path / "out"),
         env={"FPEWIDEN_CACHE": str(tmp_path)},
@@ -85,7 +89,9 @@ def test_embeddings_tiny(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     result = json.loads((tmp_path / "out" / "results.json").read_text())
     assert result["data"] == ["embed:trec6,n=64"]
-    assert set(result["widen"]["trec6"]["4"]) == {"dense", "FPE α=2 random", "FPE α=4 random", "FPE α=8 random"}
+    models = {"dense", "FPE α=2 random", "FPE α=4 random", "FPE α=8 random", "dense + DropConnect 0.2"}
+    assert set(result["widen"]["trec6"]["4"]) == models
+    assert "dense + DropConnect 0.2 |" in (tmp_path / "out" / "results.md").read_text()
     assert list(tmp_path.glob("trec6-minilm-*.safetensors"))  # cached
 
 

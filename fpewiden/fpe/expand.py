@@ -195,7 +195,7 @@ def widen_blocks(
     pair: Pair,
     alpha: int,
     assignment: torch.Tensor,
-    budget: int,
+    budget: int | None,
     outgoing: str = "copy",
     second: torch.Tensor | None = None,
 ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
@@ -204,11 +204,14 @@ def widen_blocks(
     Exactly `budget` positions survive across the pair: the largest magnitudes, ties at the threshold broken by
     position (earlier tensor first, then row-major), so the same input always gives the same output. Blocks
     come in row order, so a writer can put each at its offset and free it: memory stays at the parent tensors.
+    `budget` None keeps every expanded weight (the expansion alone, before FPE's pruning step).
     """
     out_mult = alpha if outgoing == "copy" else 1
     # with overlap, entries that also go to a second child appear twice among the expanded incoming weights
     dup = [m & (second >= 0) for m in pair.m_in] if second is not None else []
     expanded_total = sum(count(m) for m in [*pair.m_in, *dup]) + out_mult * count(pair.m_out)
+    if budget is None:
+        budget = expanded_total
     if budget > expanded_total:
         raise FpewidenError(f"budget {budget} exceeds the {expanded_total} weights available after expansion")
     if budget < 0:
