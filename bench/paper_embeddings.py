@@ -26,6 +26,11 @@ from fpewiden.run import run_recipe
 ALPHAS = (2, 4, 8)
 
 
+def cell(result: tuple[float, float, int]) -> str:
+    """(mean, std, non-zeros) as a table cell."""
+    return f"{result[0]:.4f} ± {result[1]:.4f}"
+
+
 def data_spec(task: str, args) -> str:
     return f"embed:{task}" + (f",n={args.n}" if args.n else "")
 
@@ -106,12 +111,10 @@ def main() -> None:
             dense = r["dense"][0]
             fpe = [r[f"FPE α={a} {args.split}"] for a in ALPHAS]
             lines.append(
-                f"| {w} | {dense:.4f} ± {r['dense'][1]:.4f} | "
-                + " | ".join(f"{m:.4f} ± {s:.4f}" for m, s, _ in fpe)
+                f"| {w} | {cell(r['dense'])} | "
+                + " | ".join(cell(v) for v in fpe)
                 + f" | {max(m for m, _, _ in fpe) - dense:+.4f} |"
-                + "".join(
-                    f" {r[f'dense + DropConnect {p}'][0]:.4f} ± {r[f'dense + DropConnect {p}'][1]:.4f} |" for p in drops
-                )
+                + "".join(f" {cell(r[f'dense + DropConnect {p}'])} |" for p in drops)
             )
         c = compress[task]
         lines += [
@@ -121,8 +124,8 @@ def main() -> None:
             "| model | non-zeros | accuracy |",
             "|---|---|---|",
         ]
-        for label, (m, s, nnz) in c.items():
-            lines.append(f"| {label} | {nnz} | {m:.4f} ± {s:.4f} |")
+        for label, v in c.items():
+            lines.append(f"| {label} | {v[2]} | {cell(v)} |")
         lines.append("")
     (args.out / "results.md").write_text("\n".join(lines))
     print("\n".join(lines))

@@ -29,20 +29,20 @@ class Conversion:
 
     @property
     def label(self) -> str:
-        label = self._label()
-        if self.overlap == 1.0 and self.budget == "all":  # every child a full copy of its parent: a wider dense net
-            label = f"wide dense ×{self.alpha}"
-        elif self.dropconnect and self.alpha == 1 and self.budget == "same":
-            label = "dense"
+        label = self._model()
         if self.dropconnect:
             label += f" + DropConnect {self.dropconnect}"
         if self.prune_epochs:
             label += f", magnitude-pruned to the dense count ({self.prune_epochs} epochs)"
         return label
 
-    def _label(self) -> str:
+    def _model(self) -> str:
+        if self.overlap == 1.0 and self.budget == "all":  # every child a full copy of its parent: a wider dense net
+            return f"wide dense ×{self.alpha}"
         if self.alpha == 1:
-            return "dense (α=1)" if self.budget == "same" else f"magnitude pruning, budget {self.budget}"
+            if self.budget == "same":
+                return "dense" if self.dropconnect else "dense (α=1)"
+            return f"magnitude pruning, budget {self.budget}"
         b = "" if self.budget == "same" else (", no pruning" if self.budget == "all" else f", budget {self.budget}")
         o = "" if self.outgoing == "copy" else f", {self.outgoing} outgoing"
         if self.overlap:

@@ -251,7 +251,7 @@ def widen_tensors(
     pair: Pair,
     alpha: int,
     assignment: torch.Tensor,
-    budget: int,
+    budget: int | None,
     outgoing: str = "copy",
     second: torch.Tensor | None = None,
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -288,7 +288,7 @@ def widen(
     pair: Pair,
     alpha: int,
     assignment: torch.Tensor,
-    budget: int,
+    budget: int | None,
     outgoing: str = "copy",
     second: torch.Tensor | None = None,
 ) -> Pair:
