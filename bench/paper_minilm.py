@@ -142,9 +142,9 @@ def main() -> None:
         epochs = max(len(r["history"]) for r in curves)
         lines += [
             "",
-            "Held-out distillation cosine (10% of the distillation sentences) after each epoch:",
+            "Held-out distillation cosine (10% of the distillation sentences) before training and after each epoch:",
             "",
-            "| model | " + " | ".join(f"epoch {e + 1}" for e in range(epochs)) + " |",
+            "| model | " + " | ".join("before" if e == 0 else f"epoch {e}" for e in range(epochs)) + " |",
             "|---|" + "---|" * epochs,
         ]
         for r in curves:

@@ -4,17 +4,47 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
+from typer.core import TyperGroup
 
 from fpewiden.errors import FpewidenError
 
+
+class OneLineErrors(TyperGroup):
+    """Usage errors (unknown option, missing value, bad type) as one `error:` line and exit code 2, like every
+    other user error, instead of click's usage block or rich's framed box."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except typer.Abort:
+            typer.echo("error: aborted", err=True)
+            sys.exit(130)
+        except typer.TyperException as e:  # typer's (vendored) click usage errors all derive from it
+            if type(e).__name__ == "NoArgsIsHelpError":
+                e.show()  # type: ignore[attr-defined]
+                sys.exit(2)
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            message = e.format_message() if hasattr(e, "format_message") else str(e)
+            typer.echo(f"error: {message}{hint}", err=True)
+            sys.exit(2)
+        code = rv if isinstance(rv, int) else 0
+        if standalone_mode:
+            sys.exit(code)
+        return rv
+
+
 app = typer.Typer(
     name="fpewiden",
+    cls=OneLineErrors,
     help="Fixed Parameter Expansion: more neurons, the same non-zeros (arXiv 2510.04500).",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
@@ -22,17 +52,37 @@ app = typer.Typer(
 )
 
 F = TypeVar("F", bound=Callable[..., object])
+FORCE = typer.Option("--force", help="Replace an existing output that fpewiden did not write.")
+
+
+def _quiet_libraries() -> None:
+    """No library chatter before our one line, and never the network: models and tokenizers come from disk."""
+    warnings.simplefilter("ignore")
+    for key, value in (
+        ("HF_HUB_OFFLINE", "1"),
+        ("TRANSFORMERS_OFFLINE", "1"),
+        ("HF_HUB_DISABLE_TELEMETRY", "1"),
+        ("TRANSFORMERS_VERBOSITY", "error"),
+        ("TOKENIZERS_PARALLELISM", "false"),
+    ):
+        os.environ.setdefault(key, value)
 
 
 def user_errors(fn: F) -> F:
-    """Turn FpewidenError into one line on stderr and exit code 2: no traceback, nothing half-written."""
+    """Turn FpewidenError and OS errors (disk full, read-only, no permission) into one line on stderr and exit
+    code 2: no traceback. Outputs are staged, so nothing half-written remains."""
 
     @functools.wraps(fn)
     def wrapper(*args: object, **kwargs: object) -> object:
+        _quiet_libraries()
         try:
             return fn(*args, **kwargs)
         except FpewidenError as e:
             typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+        except OSError as e:
+            where = f": {e.filename}" if e.filename else ""
+            typer.echo(f"error: {e.strerror or e}{where}; nothing was written", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             typer.echo("error: interrupted; nothing was written", err=True)
@@ -66,6 +116,7 @@ def convert(
     overlap: Annotated[
         float, typer.Option(help="Control experiment: share of inputs that also reach a second child (0 = FPE).")
     ] = 0.0,
+    force: Annotated[bool, FORCE] = False,
 ) -> None:
     """Widen every hidden neuron into α children at exactly the same (or a given) non-zero count."""
     from fpewiden.convert import Budget, ConvertOptions, load_clauses
@@ -89,8 +140,14 @@ def convert(
         def step(name: str, done: int, total: int) -> None:
             bar.update(task, completed=done, total=total, description=f"converted {name}")
 
-        report = run_convert(src, out, opts, on_pair=step)
+        report = run_convert(src, out, opts, on_pair=step, force=force, clauses_path=clauses)
     console().print(convert_table(report))
+    short = sum(r["short_neurons"] for r in report["layers"])
+    if short:
+        typer.echo(
+            f"note: {short} neuron(s) have fewer non-zero inputs than α={alpha}; their extra children are empty",
+            err=True,
+        )
 
 
 @app.command()
@@ -115,26 +172,38 @@ def inspect(
 def finetune(
     ckpt: Annotated[Path, typer.Argument(help="Checkpoint: dense, pruned or converted (MLP file or HF dir).")],
     data: Annotated[
-        str, typer.Option(help="dnf:k=v,..., digits, a .safetensors/.npz/.pt file, or text for --teacher.")
+        str,
+        typer.Option(
+            help="dnf:k=v,..., digits, embed:trec6|trec50|sst5, a .safetensors/.npz/.pt file, or text for --teacher."
+        ),
     ],
     out: Annotated[Path, typer.Option("--out", help="Output checkpoint (same format as the input).")],
-    epochs: Annotated[int | None, typer.Option(help="Epochs.  [default: 10]")] = None,
-    lr: Annotated[float | None, typer.Option(help="Learning rate.  [default: 1e-3]")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Batch size per process.  [default: 128]")] = None,
-    optimizer: Annotated[str | None, typer.Option(help="adam | adamw | sgd  [default: adam]")] = None,
-    weight_decay: Annotated[float | None, typer.Option(help="Weight decay.  [default: 0]")] = None,
-    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda  [default: auto]")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed for data order and splits.  [default: 0]")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs.", show_default="10")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate.", show_default="1e-3; 1e-4 with --teacher")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Batch size per process.", show_default="128; 32 with --teacher")
+    ] = None,
+    optimizer: Annotated[str | None, typer.Option(help="adam | adamw | sgd", show_default="adam")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="Weight decay.", show_default="0")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda", show_default="auto")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for data order and splits.", show_default="0")] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="Intra-op threads; 0 picks from the model's size.", show_default="0")
+    ] = None,
     teacher: Annotated[Path | None, typer.Option(help="Distil from this HF checkpoint on --data text lines.")] = None,
+    tokenizer: Annotated[
+        Path | None, typer.Option(help="Tokenizer folder, when neither the teacher nor the student has one.")
+    ] = None,
     recipe: Annotated[Path | None, typer.Option(help="Take training settings from a recipe; flags override.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT.state.pt after an interruption.")] = False,
     dropconnect: Annotated[
         float | None,
-        typer.Option(help="Drop each weight with this probability at every step (MLPs; a baseline).  [default: 0]"),
+        typer.Option(help="Drop each weight with this probability at every step (MLPs; a baseline).", show_default="0"),
     ] = None,
+    force: Annotated[bool, FORCE] = False,
 ) -> None:
     """Train with the zero pattern fixed: masks re-applied after every step, saved with the output."""
-    from fpewiden.recipes import train_config
+    from fpewiden.recipes import recipe_path, train_config
     from fpewiden.report import console, progress_bar
     from fpewiden.train.finetune import finetune as run_finetune
     from fpewiden.train.trainer import Distributed
@@ -148,8 +217,9 @@ def finetune(
         device=device,
         seed=seed,
         dropconnect=dropconnect,
+        threads=threads,
     )
-    cfg = train_config(recipe, {k: v for k, v in flags.items() if v is not None})
+    cfg = train_config(recipe, {k: v for k, v in flags.items() if v is not None}, distill=teacher is not None)
     show = Distributed.from_env().main
     with progress_bar(disable=not show) as bar:
         task = bar.add_task("training", total=None)
@@ -159,15 +229,28 @@ def finetune(
 
         def epoch_done(m: dict[str, float]) -> None:
             if show:
+                label = "before training" if m.get("epoch") == 0 else f"epoch {m['epoch']}"
                 bar.console.print(
-                    "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items())
+                    label + "  " + "  ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float))
                 )
 
-        summary = run_finetune(ckpt, data, out, cfg, teacher, resume, on_step=step, on_epoch=epoch_done)
+        summary = run_finetune(
+            ckpt,
+            data,
+            out,
+            cfg,
+            teacher,
+            resume,
+            on_step=step,
+            on_epoch=epoch_done,
+            force=force,
+            inputs=[recipe_path(recipe)] if recipe is not None else None,
+            tokenizer=tokenizer,
+        )
     if show:
         final = summary["final"]
         console().print(
-            f"wrote {out} ({summary['data']}); final: "
+            f"wrote {out} ({summary['data']}; {summary['threads']} thread(s)); final: "
             + ", ".join(f"{k} {v:.4f}" for k, v in final.items() if isinstance(v, float))
         )
 
@@ -181,9 +264,13 @@ def run(
     epochs: Annotated[int | None, typer.Option(help="Total epochs, overriding the recipe's.")] = None,
     warmup_epochs: Annotated[int | None, typer.Option(help="Dense warm-up epochs, overriding the recipe's.")] = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="Intra-op threads; 0 picks from the model's size.", show_default="recipe's")
+    ] = None,
+    force: Annotated[bool, FORCE] = False,
 ) -> None:
     """Warm up dense, convert each configuration, fine-tune, train the dense baseline as long, compare."""
-    from fpewiden.recipes import load_recipe
+    from fpewiden.recipes import load_recipe, recipe_path
     from fpewiden.run import run_recipe
 
     overrides: dict[str, object] = {}
@@ -192,10 +279,10 @@ def run(
             overrides["seeds"] = [int(s) for s in seeds.split(",") if s.strip()]
         except ValueError:
             raise FpewidenError(f"--seeds {seeds!r}: expected comma-separated integers") from None
-    for key, val in (("epochs", epochs), ("warmup_epochs", warmup_epochs), ("device", device)):
+    for key, val in (("epochs", epochs), ("warmup_epochs", warmup_epochs), ("device", device), ("threads", threads)):
         if val is not None:
             overrides[key] = val
-    run_recipe(load_recipe(recipe, overrides), out)
+    run_recipe(load_recipe(recipe, overrides), out, force=force, inputs=[recipe_path(recipe)])
 
 
 @app.command()
@@ -207,14 +294,18 @@ def export(
         str, typer.Option(help="dense | sparse (sparse initializers) | fast (alias block: dense blocks, see README)")
     ] = "dense",
     dtype: Annotated[str, typer.Option(help="fp32 | fp16 (fp16 storage, fp32 arithmetic)")] = "fp32",
-    opset: Annotated[int, typer.Option(help="ONNX opset (13-21).")] = 17,
+    opset: Annotated[
+        int | None,
+        typer.Option(help="ONNX opset: 13-21 for MLPs, 18-21 for Hugging Face models.", show_default="17; HF 18"),
+    ] = None,
     verify: Annotated[bool, typer.Option(help="onnx.checker, then ONNX Runtime against PyTorch.")] = True,
+    force: Annotated[bool, FORCE] = False,
 ) -> None:
     """Export to ONNX with a dynamic batch axis; verify against PyTorch; report size, bytes, nodes and opset."""
     from fpewiden.export.export import export as run_export
     from fpewiden.report import console, export_table
 
-    result = run_export(ckpt, out, layout, dtype, opset, verify)
+    result = run_export(ckpt, out, layout, dtype, opset, verify, force=force)
     if "note" in result:
         typer.echo(f"warning: {result['note']}", err=True)
     console().print(export_table(result))
@@ -240,23 +331,29 @@ def bench(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write JSON here.")] = None,
     markdown: Annotated[Path | None, typer.Option(help="Write a Markdown table here.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write accuracy-against-bytes PNG here.")] = None,
+    force: Annotated[bool, FORCE] = False,
 ) -> None:
     """Accuracy, bytes moved per storage format, and measured latency of several models, in one run."""
     import torch
 
-    from fpewiden.bench.measure import ENGINES
+    from fpewiden.bench.measure import ENGINES, preflight
     from fpewiden.bench.measure import bench as run_bench
     from fpewiden.bench.report import table, write
+    from fpewiden.io.outputs import check_outputs
     from fpewiden.report import console
     from fpewiden.train.data import load_data
+    from fpewiden.train.finetune import data_file
     from fpewiden.train.trainer import resolve_device
 
+    data_inputs = [p for p in ([data_file(data)] if data else []) if p is not None]
     if sweep:
+        from fpewiden.recipes import recipe_path
         from fpewiden.run import run_recipe, sweep_recipe
 
         if len(models) != 1:
             raise FpewidenError("--sweep takes one recipe or checkpoint")
-        run_recipe(sweep_recipe(models[0], data, budget), sweep_out)
+        source = models[0] if models[0].exists() else recipe_path(models[0])
+        run_recipe(sweep_recipe(models[0], data, budget), sweep_out, force=force, inputs=[source, *data_inputs])
         return
     if data is None:
         raise FpewidenError("--data is required (a DATA spec such as dnf:clauses=16 or digits)")
@@ -268,11 +365,22 @@ def bench(
         sizes = [int(b) for b in batch_sizes.split(",") if b.strip()]
     except ValueError:
         raise FpewidenError(f"--batch-sizes {batch_sizes!r}: expected comma-separated integers") from None
-    if not sizes or min(sizes) < 1 or repeat < 1 or warmup < 0:
-        raise FpewidenError("--batch-sizes, --repeat must be positive and --warmup not negative")
+    if not sizes or min(sizes) < 1:
+        raise FpewidenError(f"--batch-sizes {batch_sizes!r}: every batch size must be at least 1")
+    if repeat < 1 or warmup < 0 or threads < 1:
+        raise FpewidenError("--repeat and --threads must be at least 1, and --warmup not negative")
+    if plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise FpewidenError("--plot needs matplotlib: pip install 'fpewiden[plot]'") from None
+    outputs = [p for p in (json_out, markdown, plot) if p is not None]
+    check_outputs(outputs, [*models, *data_inputs], force, what="output path")
+    preflight(list(models))
+    dev = resolve_device(device)
     torch.set_num_threads(threads)
     dataset = load_data(data, seed)
-    rows = run_bench(list(models), dataset, sizes, engine_list, resolve_device(device), repeat, warmup, threads)
+    rows = run_bench(list(models), dataset, sizes, engine_list, dev, repeat, warmup, threads)
     console().print(table(rows))
     write(
         rows,

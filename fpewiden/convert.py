@@ -22,7 +22,7 @@ from fpewiden import __version__
 from fpewiden.arch import PairSpec, find_pairs
 from fpewiden.arch.hf import config_activation, set_config_width
 from fpewiden.errors import FpewidenError
-from fpewiden.fpe.expand import OUTGOING, Pair, check_fan_in, count, widen_blocks
+from fpewiden.fpe.expand import OUTGOING, Pair, count, short_neurons, widen_blocks
 from fpewiden.fpe.splits import (
     feature_assignment,
     group_assignment,
@@ -30,7 +30,7 @@ from fpewiden.fpe.splits import (
     random_assignment,
     shared_assignment,
 )
-from fpewiden.io.atomic import atomic_dir, atomic_file, check_output
+from fpewiden.io.atomic import atomic_dir, atomic_file
 from fpewiden.io.checkpoint import (
     MASK_PREFIX,
     MASKS_FILE,
@@ -40,7 +40,8 @@ from fpewiden.io.checkpoint import (
     pack_mask,
     packed_size,
 )
-from fpewiden.io.safetensors_stream import StreamingWriter
+from fpewiden.io.outputs import check_outputs, mark_dir
+from fpewiden.io.safetensors_stream import DTYPES, StreamingWriter
 from fpewiden.io.write import write_hf_extras
 
 SPLITS = ("random", "clause", "feature", "shared")
@@ -58,11 +59,13 @@ class Budget:
 
     @staticmethod
     def parse(text: str) -> Budget:
-        t = text.strip().lower()
+        t = str(text).strip().lower()
         if t in ("same", "all"):
             return Budget(t)
         try:
             if re.fullmatch(r"\d+", t):
+                if int(t) == 0:
+                    raise ValueError
                 return Budget("count", int(t))
             v = float(t)
         except ValueError:
@@ -101,11 +104,19 @@ class ConvertOptions:
 
 @dataclass
 class LayerReport:
+    """One pair, counted on the matrices as read and as written: the numbers `inspect` shows for the output.
+
+    In a chain a hidden layer's outgoing matrix is the next one's incoming matrix; it is counted in both rows
+    (totals count each matrix once)."""
+
     name: str
     neurons_before: int
     neurons_after: int
-    nnz_before: int
-    nnz_after: int
+    nnz_in_before: int
+    nnz_in_after: int
+    nnz_out_before: int
+    nnz_out_after: int
+    short_neurons: int = 0  # neurons with fewer non-zero inputs than α: their extra children are empty
 
 
 def pair_seed(seed: int, name: str) -> int:
@@ -182,6 +193,11 @@ def _check_finite(name: str, t: torch.Tensor) -> None:
         raise FpewidenError(f"{name} holds NaN or Inf values; fix the checkpoint before converting")
 
 
+def _finite(name: str, t: torch.Tensor) -> torch.Tensor:
+    _check_finite(name, t)
+    return t
+
+
 def _assignment(opts: ConvertOptions, pair: Pair, support: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     if opts.split == "magnitude":  # α=1: expansion is the identity, so pruning to budget is magnitude pruning
         return torch.zeros(support.shape, dtype=torch.int8)
@@ -239,8 +255,8 @@ def magnitude_prune(src: Path, dst: Path, budget: Budget, seed: int = 0, activat
     )
 
 
-def convert(src: Path, dst: Path, opts: ConvertOptions, on_pair: Callable[[str, int, int], None] | None = None) -> dict:
-    """Convert `src` into `dst`; returns a report (per layer neurons and non-zeros, totals, metadata)."""
+def validate_options(opts: ConvertOptions) -> None:
+    """Every option on its own, before any file is opened."""
     if opts.split == "magnitude":
         if opts.alpha != 1:
             raise FpewidenError("magnitude pruning keeps the neurons: it needs alpha 1")
@@ -250,23 +266,51 @@ def convert(src: Path, dst: Path, opts: ConvertOptions, on_pair: Callable[[str, 
         raise FpewidenError(f"--split {opts.split!r}: choose one of {', '.join(SPLITS)}")
     if opts.split == "clause" and opts.clauses is None:
         raise FpewidenError("--split clause needs --clauses FILE")
+    if opts.split != "clause" and opts.clauses is not None:
+        raise FpewidenError(f"--clauses is only used by --split clause (got --split {opts.split})")
     if not 0.0 <= opts.overlap <= 1.0:
         raise FpewidenError(f"--overlap {opts.overlap}: a share of inputs between 0 and 1")
     if opts.outgoing not in OUTGOING:
         raise FpewidenError(f"--outgoing {opts.outgoing!r}: choose one of {', '.join(OUTGOING)}")
-    ck = open_checkpoint(src)
-    check_output(dst, [src])
-    if ck.kind == "mlp" and dst.suffix != ".safetensors":
-        raise FpewidenError(f"--out {dst}: MLP checkpoints are written as .safetensors; name the output *.safetensors")
-    if ck.kind == "mlp" and opts.activation not in ACTIVATIONS:
+    if opts.activation not in ACTIVATIONS:
         raise FpewidenError(f"--activation {opts.activation!r}: choose one of {', '.join(ACTIVATIONS)}")
-    pairs, chosen = select_pairs(ck, opts.targets)
-    if opts.clauses is not None and opts.split == "clause":
-        for p in chosen:
-            d = ck.shapes[p.in_weights[0]][0 if p.transposed else 1]
+
+
+def _check_pairs(ck: Checkpoint, chosen: list[PairSpec], opts: ConvertOptions) -> None:
+    """What the checkpoint's headers alone can refute: weight dtypes, α against fan-in, clause indices."""
+    for p in chosen:
+        for name in (*p.in_weights, p.out_weight):
+            if not DTYPES[ck.dtypes[name]].is_floating_point:
+                raise FpewidenError(
+                    f"layer {p.name}: {name} holds {ck.dtypes[name]} values; FPE needs floating-point weights"
+                )
+        d = ck.shapes[p.in_weights[0]][0 if p.transposed else 1]
+        if opts.alpha > d:
+            raise FpewidenError(
+                f"--alpha {opts.alpha} exceeds the {d} inputs of layer {p.name}: a child would never get an input"
+            )
+        if opts.clauses is not None:
             bad = [j for c in opts.clauses for j in c if not 0 <= j < d]
             if bad:
                 raise FpewidenError(f"clause index {bad[0]} is out of range for layer {p.name}, which has {d} inputs")
+
+
+def convert(
+    src: Path,
+    dst: Path,
+    opts: ConvertOptions,
+    on_pair: Callable[[str, int, int], None] | None = None,
+    force: bool = False,
+    clauses_path: Path | None = None,
+) -> dict:
+    """Convert `src` into `dst`; returns a report (per layer neurons and non-zeros, totals, metadata)."""
+    validate_options(opts)
+    ck = open_checkpoint(src)
+    check_outputs([dst], [src, *([clauses_path] if clauses_path else [])], force)
+    if ck.kind == "mlp" and dst.suffix != ".safetensors":
+        raise FpewidenError(f"--out {dst}: MLP checkpoints are written as .safetensors; name the output *.safetensors")
+    pairs, chosen = select_pairs(ck, opts.targets)
+    _check_pairs(ck, chosen, opts)
 
     plan = _Plan(ck, chosen, opts.alpha)
     owned = plan.owned(chosen)
@@ -283,10 +327,26 @@ def convert(src: Path, dst: Path, opts: ConvertOptions, on_pair: Callable[[str, 
 
     touched = {w for p in chosen for w in (*p.in_weights, p.out_weight)}
     mask_names = sorted(touched | set(ck.packed_masks))
-    reports: list[LayerReport] = []
+    shorts: list[int] = []
     current: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     new_biases: dict[str, torch.Tensor] = {}
-    totals = {"before": 0, "after": 0}
+    nnz_read: dict[str, int] = {}  # each touched matrix's non-zeros as read, and as finally written
+    nnz_written: dict[str, int] = {}
+
+    def reports() -> list[LayerReport]:
+        return [
+            LayerReport(
+                p.name,
+                ck.shapes[p.in_weights[0]][1 if p.transposed else 0],
+                plan.shapes[p.in_weights[0]][1 if p.transposed else 0],
+                sum(nnz_read[w] for w in p.in_weights),
+                sum(nnz_written.get(w, 0) for w in p.in_weights),
+                nnz_read[p.out_weight],
+                nnz_written.get(p.out_weight, 0),
+                short,
+            )
+            for p, short in zip(chosen, shorts, strict=False)
+        ]
 
     def process(k: int, p: PairSpec, emit: Callable[..., None]) -> None:
         """Convert pair k; hand each block of rows (neuron-major) to `emit` as soon as it exists."""
@@ -297,7 +357,7 @@ def convert(src: Path, dst: Path, opts: ConvertOptions, on_pair: Callable[[str, 
             t = ck.get(name)
             _check_finite(name, t)
             m = ck.support(name, t)
-            totals["before"] += count(m)
+            nnz_read[name] = count(m)
             return t, m
 
         loaded = [load(w) for w in p.in_weights]
@@ -305,33 +365,38 @@ def convert(src: Path, dst: Path, opts: ConvertOptions, on_pair: Callable[[str, 
         pair = Pair(
             [_neuron_major(w, p.transposed) for w, _ in loaded],
             [_neuron_major(m, p.transposed) for _, m in loaded],
-            [ck.get(b) if b else None for b in p.in_biases],
+            [_finite(b, ck.get(b)) if b else None for b in p.in_biases],
             _neuron_major(w_out, p.transposed),
             _neuron_major(m_out, p.transposed),
         )
         del loaded, w_out, m_out
         try:
             support = pair.support()  # one (neurons × inputs) mask, shared by the checks and the splits
-            check_fan_in(support, opts.alpha)
+            short = short_neurons(support, opts.alpha)
             before = pair.nnz()
             gen = torch.Generator().manual_seed(pair_seed(opts.seed, p.name))
             assignment = _assignment(opts, pair, support, gen)
             second = overlap_children(assignment, support, opts.alpha, opts.overlap, gen) if opts.overlap else None
             del support
-            after = 0
             names = (*p.in_weights, p.out_weight)
             rows = [w.shape[0] * opts.alpha for w in pair.w_in] + [pair.w_out.shape[0]]
             budget = None if opts.budget.kind == "all" else before - reductions[k]
+            if budget is not None and budget < 0:
+                raise FpewidenError(
+                    f"--budget {opts.budget} is too small: layer {p.name} would have to keep fewer than zero weights "
+                    "after the earlier layers' pruning; choose a larger --budget"
+                )
             blocks = widen_blocks(pair, opts.alpha, assignment, budget, opts.outgoing, second)
             for i, row, w, m in blocks:
-                after += count(m)
                 emit(names[i], row, w, m, rows[i], p.transposed)
         except FpewidenError as e:
+            if str(e).startswith("--budget"):
+                raise
             raise FpewidenError(f"layer {p.name}: {e}") from None
         for b, parent in zip(p.in_biases, pair.b_in, strict=True):
             if b and parent is not None:
                 new_biases[b] = (parent / opts.alpha).repeat_interleave(opts.alpha).to(parent.dtype)
-        reports.append(LayerReport(p.name, pair.neurons, pair.neurons * opts.alpha, before, after))
+        shorts.append(short)
 
     activation = opts.activation
     if ck.kind == "hf":
@@ -358,9 +423,9 @@ def convert(src: Path, dst: Path, opts: ConvertOptions, on_pair: Callable[[str, 
     def metadata() -> dict[str, str]:
         m = dict(meta_base)
         m[f"{META_PREFIX}source_sha256"] = source_sha.result()
-        m[f"{META_PREFIX}budget"] = str(totals["after"])
-        m[f"{META_PREFIX}nnz_before"] = str(totals["before"])
-        m[f"{META_PREFIX}layers"] = json.dumps([r.__dict__ for r in reports])
+        m[f"{META_PREFIX}budget"] = str(sum(nnz_written.values()))
+        m[f"{META_PREFIX}nnz_before"] = str(sum(nnz_read.values()))
+        m[f"{META_PREFIX}layers"] = json.dumps([r.__dict__ for r in reports()])
         m[f"{META_PREFIX}pairs"] = json.dumps(
             [
                 {
@@ -402,7 +467,7 @@ def convert(src: Path, dst: Path, opts: ConvertOptions, on_pair: Callable[[str, 
 
             def finish(name: str, m_packed: torch.Tensor, nnz: int) -> None:
                 packed[name] = m_packed
-                totals["after"] += nnz
+                nnz_written[name] = nnz
                 written.add(name)
 
             def emit(
@@ -461,6 +526,7 @@ def convert(src: Path, dst: Path, opts: ConvertOptions, on_pair: Callable[[str, 
     else:
         with atomic_dir(dst) as tmp:
             write_all(lambda f: tmp / f, tmp / MASKS_FILE)
+            mark_dir(tmp, "convert")
             config = json.loads(json.dumps(ck.config))
             for p in chosen:
                 if p.config_key:
@@ -470,8 +536,8 @@ def convert(src: Path, dst: Path, opts: ConvertOptions, on_pair: Callable[[str, 
     return {
         "src": str(src),
         "dst": str(dst),
-        "layers": [r.__dict__ for r in reports],
-        "nnz_before": totals["before"],
-        "nnz_after": totals["after"],
+        "layers": [r.__dict__ for r in reports()],
+        "nnz_before": sum(nnz_read.values()),
+        "nnz_after": sum(nnz_written.values()),
         "metadata": {k[len(META_PREFIX) :]: v for k, v in metadata().items() if k.startswith(META_PREFIX)},
     }

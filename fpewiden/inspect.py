@@ -12,14 +12,16 @@ from fpewiden.metrics import feature_capacity, mean_abs_cosine
 
 
 def inspect_checkpoint(path: Path) -> dict:
-    """A JSON-ready report. Gated MLPs report metrics on the gate projection (both read the same inputs)."""
+    """A JSON-ready report. Per layer: the incoming matrices' non-zeros (gate and up together for gated MLPs)
+    and the outgoing matrix's, as `convert` reports them; density over both. Totals count each matrix once (in a
+    chain a hidden layer's outgoing matrix is the next one's incoming). Interference metrics are measured on the
+    first incoming matrix (gated MLPs: the gate projection; both read the same inputs)."""
     ck = open_checkpoint(path)
     meta = ck.fpe_metadata()
     before = {r["name"]: r["neurons_before"] for r in json.loads(meta.get("layers", "[]"))}
     layers = []
-    seen: dict[str, tuple[int, int]] = {}
+    seen: dict[str, tuple[int, int]] = {}  # matrix -> (non-zeros, entries)
     for p in find_pairs(ck):
-        stats = []
         w_in = None
         for name in (*p.in_weights, p.out_weight):
             if name not in seen or name == p.in_weights[0]:
@@ -28,12 +30,12 @@ def inspect_checkpoint(path: Path) -> dict:
                 seen[name] = (count(m), t.numel())
                 if name == p.in_weights[0]:  # read once: its masked values feed the interference metrics
                     w_in = t.float() * m
-            stats.append(seen[name])
         assert w_in is not None
         w_in = w_in.T if p.transposed else w_in
         cosine, sampled = mean_abs_cosine(w_in)
-        nnz = sum(s[0] for s in stats)
-        numel = sum(s[1] for s in stats)
+        nnz_in = sum(seen[n][0] for n in p.in_weights)
+        nnz_out = seen[p.out_weight][0]
+        numel = sum(seen[n][1] for n in (*p.in_weights, p.out_weight))
         layers.append(
             {
                 "name": p.name,
@@ -41,9 +43,10 @@ def inspect_checkpoint(path: Path) -> dict:
                 "out_shape": list(ck.shapes[p.out_weight]),
                 "neurons_before": before.get(p.name, w_in.shape[0]),
                 "neurons": w_in.shape[0],
-                "nnz": nnz,
+                "nnz_in": nnz_in,
+                "nnz_out": nnz_out,
                 "params": numel,
-                "density": nnz / numel if numel else 0.0,
+                "density": (nnz_in + nnz_out) / numel if numel else 0.0,
                 "feature_capacity": feature_capacity(w_in),
                 "mean_abs_cosine": cosine,
                 "cosine_sampled": sampled,

@@ -1,31 +1,65 @@
 """YAML recipes: one file pins a whole experiment (data, model, protocol, conversions, optimizer, seeds).
 
-Unknown keys are errors, so a typo never silently falls back to a default. CLI flags override recipe values, and
-the resolved recipe is saved with every output.
+A typed schema (pydantic, strict: `epochs: ten`, `alpha: two` or `hidden: "8"` are refused, not coerced) checks
+every key and value when the recipe is read, before any training runs; every error names the key and the type
+or range it expects. Unknown keys are errors, so a typo never silently falls back to a default. CLI flags
+override recipe values, and the resolved recipe is saved with every output.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fpewiden.errors import FpewidenError
 from fpewiden.train.trainer import TrainConfig
 
 BUILTIN = Path(__file__).resolve().parent.parent / "recipes"  # the repository's recipes/ (editable install)
 
+_STRICT = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
 
-@dataclass
-class Conversion:
-    alpha: int = 2
-    split: str = "random"
+
+def _yaml_float(v: object) -> object:
+    """PyYAML reads `1e-3` (no dot) as a string: accept numeric text where a float is expected, nothing else."""
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return v
+
+
+class Conversion(BaseModel):
+    model_config = _STRICT
+
+    alpha: Annotated[int, Field(ge=1)] = 2
+    split: Literal["random", "clause", "feature", "shared"] = "random"
     budget: str = "same"
-    outgoing: str = "copy"
-    overlap: float = 0.0
-    dropconnect: float = 0.0  # fine-tune this model with DropConnect (a baseline; alpha 1 = dense + DropConnect)
+    outgoing: Literal["copy", "grouped"] = "copy"
+    overlap: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    dropconnect: Probability = 0.0  # fine-tune this model with DropConnect (a baseline; alpha 1 = dense + DropConnect)
     # > 0: after fine-tuning, magnitude-prune back to the warm model's non-zero count and fine-tune this many more
     # epochs (taken from the fine-tuning epochs, without DropConnect): how a budget "all" baseline is deployed
-    prune_epochs: int = 0
+    prune_epochs: Annotated[int, Field(ge=0)] = 0
+
+    _floats = field_validator("overlap", "dropconnect", mode="before")(_yaml_float)
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _budget_text(cls, v: object) -> str:
+        """YAML reads `budget: 0.5` as a number; budgets are parsed from text like the CLI flag."""
+        if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+            raise ValueError("expected 'same', 'all', a count or a fraction")
+        from fpewiden.convert import Budget
+
+        try:
+            Budget.parse(str(v))
+        except FpewidenError:
+            raise ValueError("expected 'same', 'all', a non-zero count, or a fraction in (0, 1]") from None
+        return str(v)
 
     @property
     def label(self) -> str:
@@ -50,29 +84,46 @@ class Conversion:
         return f"FPE α={self.alpha} {self.split}{o}{b}"
 
 
-@dataclass
-class ModelSpec:
-    hidden: list[int] = field(default_factory=lambda: [8])
-    activation: str = "relu"
+class ModelSpec(BaseModel):
+    model_config = _STRICT
+
+    hidden: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)] = Field(default_factory=lambda: [8])
+    activation: Literal["relu", "gelu", "silu", "tanh"] = "relu"
     checkpoint: str | None = None
 
 
-@dataclass
-class Recipe:
-    name: str
+class Recipe(BaseModel):
+    model_config = _STRICT
+
+    name: str = "recipe"
     data: str
-    model: ModelSpec = field(default_factory=ModelSpec)
-    epochs: int = 30
-    warmup_epochs: int = 5
-    conversions: list[Conversion] = field(default_factory=lambda: [Conversion()])
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    lr: float = 1e-2
-    batch_size: int = 128
-    optimizer: str = "adam"
-    weight_decay: float = 0.0
-    device: str = "auto"
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    epochs: Annotated[int, Field(ge=1)] = 30
+    warmup_epochs: Annotated[int, Field(ge=0)] = 5
+    conversions: list[Conversion] = Field(default_factory=lambda: [Conversion()])
+    seeds: Annotated[list[int], Field(min_length=1)] = Field(default_factory=lambda: [0, 1, 2])
+    lr: Annotated[float, Field(gt=0.0)] = 1e-2
+    batch_size: Annotated[int, Field(ge=1)] = 128
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: Annotated[int, Field(ge=0)] = 0  # 0: chosen from the model's size (see train.trainer.auto_threads)
     description: str = ""
-    bench_repeat: int = 50  # timed runs per model, engine and batch size in run's closing bench; 0 skips it
+    bench_repeat: Annotated[int, Field(ge=0)] = 50  # timed runs per model, engine and batch in run's closing bench
+
+    _floats = field_validator("lr", "weight_decay", mode="before")(_yaml_float)
+
+    @model_validator(mode="after")
+    def _protocol(self) -> Recipe:
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError("warmup_epochs must be less than epochs")
+        rest = self.epochs - self.warmup_epochs
+        if any(c.prune_epochs >= rest for c in self.conversions):
+            raise ValueError(f"prune_epochs must be less than epochs - warmup_epochs ({rest})")
+        data = self.data.strip()
+        if any(c.split == "clause" for c in self.conversions) and not (data == "dnf" or data.startswith("dnf:")):
+            raise ValueError("split clause needs a dnf: task (its clauses are the split)")
+        return self
 
     def train_config(self, epochs: int, seed: int, dropconnect: float = 0.0) -> TrainConfig:
         return TrainConfig(
@@ -84,74 +135,82 @@ class Recipe:
             weight_decay=self.weight_decay,
             seed=seed,
             device=self.device,
+            threads=self.threads,
         )
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return self.model_dump()
 
 
-def _check_keys(section: str, data: dict, cls: type) -> None:
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise FpewidenError(f"recipe {section}: unknown key {unknown[0]!r}; known: {', '.join(sorted(known))}")
+def _message(err: ValidationError) -> str:
+    """The first problem, naming the key (dotted path) and what it expects."""
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"])
+    if e["type"] == "extra_forbidden":
+        section, key = loc.rsplit(".", 1) if "." in loc else ("top level", loc)
+        return f"recipe {section}: unknown key {key!r}"
+    if e["type"] == "missing":
+        return f"recipe: {loc!r} is required"
+    msg = e["msg"].removeprefix("Value error, ")
+    if not loc:
+        return f"recipe: {msg}"
+    shown = repr(e["input"]) if not isinstance(e["input"], (dict, list)) else type(e["input"]).__name__
+    return f"recipe key {loc!r}: {msg[0].lower() + msg[1:]} (got {shown})"
 
 
-def recipe_from_dict(raw: dict) -> Recipe:
+def recipe_from_dict(raw: object) -> Recipe:
     if not isinstance(raw, dict):
-        raise FpewidenError("a recipe is a YAML mapping")
-    _check_keys("top level", raw, Recipe)
-    if "data" not in raw:
-        raise FpewidenError("recipe: 'data' is required (a DATA spec such as dnf:clauses=16 or digits)")
-    raw = dict(raw)
-    model = raw.pop("model", {}) or {}
-    _check_keys("model", model, ModelSpec)
-    convs = raw.pop("conversions", None)
-    conversions = []
-    for c in convs if convs is not None else [{}]:
-        _check_keys("conversions", c, Conversion)
-        conversions.append(Conversion(**{k: str(v) if k == "budget" else v for k, v in c.items()}))
+        raise FpewidenError(f"a recipe is a YAML mapping of keys to values (this one is a {type(raw).__name__})")
     try:
-        recipe = Recipe(model=ModelSpec(**model), conversions=conversions, **{"name": "recipe", **raw})
-    except TypeError as e:
-        raise FpewidenError(f"recipe: {e}") from None
-    if not 0 <= recipe.warmup_epochs < recipe.epochs:
-        raise FpewidenError("recipe: warmup_epochs must be at least 0 and less than epochs")
-    rest = recipe.epochs - recipe.warmup_epochs
-    if any(not 0 <= c.prune_epochs < rest for c in recipe.conversions):
-        raise FpewidenError(f"recipe: prune_epochs must be at least 0 and less than epochs - warmup_epochs ({rest})")
-    if not recipe.seeds:
-        raise FpewidenError("recipe: seeds must list at least one seed")
-    return recipe
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise FpewidenError(_message(e)) from None
 
 
-def read_yaml(path: Path) -> dict:
+def recipe_path(path: Path) -> Path:
+    """A recipe file, or the name of a built-in one (`polysemantic` is recipes/polysemantic.yaml)."""
+    if path.is_file():
+        return path
+    builtin = BUILTIN / path.name if path.suffix else BUILTIN / f"{path}.yaml"
+    if builtin.is_file():
+        return builtin
+    raise FpewidenError(f"no such recipe: {path} (built-in: {', '.join(p.stem for p in BUILTIN.glob('*.yaml'))})")
+
+
+def read_yaml(path: Path) -> object:
     import yaml
 
-    if not path.is_file():
-        builtin = BUILTIN / f"{path.name}" if path.suffix else BUILTIN / f"{path}.yaml"
-        if builtin.is_file():
-            path = builtin
-        else:
-            raise FpewidenError(
-                f"no such recipe: {path} (built-in: {', '.join(p.stem for p in BUILTIN.glob('*.yaml'))})"
-            )
+    path = recipe_path(path)
     try:
-        return yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise FpewidenError(f"{path} is not a text file (a recipe is YAML)") from None
+    if "\0" in text:
+        raise FpewidenError(f"{path} is not a text file (a recipe is YAML)")
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise FpewidenError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    return {} if data is None else data
 
 
 def load_recipe(path: Path, overrides: dict | None = None) -> Recipe:
     raw = read_yaml(path)
-    raw.setdefault("name", path.stem)
-    raw.update(overrides or {})
+    if isinstance(raw, dict):
+        raw.setdefault("name", recipe_path(path).stem)
+        raw.update(overrides or {})
     return recipe_from_dict(raw)
 
 
-def train_config(recipe: Path | None, flags: dict) -> TrainConfig:
-    """Training settings for finetune: defaults, then the recipe's, then explicit flags."""
-    values = asdict(TrainConfig())
+def train_config(recipe: Path | None, flags: dict, distill: bool = False) -> TrainConfig:
+    """Training settings for finetune: defaults, then the recipe's, then explicit flags.
+
+    Distillation has its own defaults (lr 1e-4, batch 32): with the MLP defaults (1e-3, 128) a MiniLM student
+    ended further from its teacher than it started (bench/results/distill_defaults).
+    """
+    values = TrainConfig().__dict__.copy()
+    if distill:
+        values.update(DISTILL_DEFAULTS)
     if recipe is not None:
         r = load_recipe(recipe)
         values.update(
@@ -160,7 +219,11 @@ def train_config(recipe: Path | None, flags: dict) -> TrainConfig:
             optimizer=r.optimizer,
             weight_decay=r.weight_decay,
             device=r.device,
+            threads=r.threads,
             epochs=r.epochs - r.warmup_epochs,
         )
     values.update(flags)
     return TrainConfig(**values)
+
+
+DISTILL_DEFAULTS = {"lr": 1e-4, "batch_size": 32}

@@ -30,11 +30,16 @@ def progress_bar(disable: bool = False) -> Progress:
 def convert_table(report: dict) -> Table:
     meta = report["metadata"]
     t = Table(title=f"{report['dst']}  (α={meta['alpha']}, split={meta['split']}, budget={meta['budget_spec']})")
-    for col in ("layer", "neurons", "non-zeros"):
+    for col in ("layer", "neurons", "W_in non-zeros", "W_out non-zeros"):
         t.add_column(col, justify="right" if col != "layer" else "left")
     for r in report["layers"]:
-        t.add_row(r["name"], f"{r['neurons_before']} → {r['neurons_after']}", f"{r['nnz_before']} → {r['nnz_after']}")
-    t.add_row("total (distinct matrices)", "", f"{report['nnz_before']} → {report['nnz_after']}", style="bold")
+        t.add_row(
+            r["name"],
+            f"{r['neurons_before']} → {r['neurons_after']}",
+            f"{r['nnz_in_before']} → {r['nnz_in_after']}",
+            f"{r['nnz_out_before']} → {r['nnz_out_after']}",
+        )
+    t.add_row("total (each matrix once)", "", f"{report['nnz_before']} → {report['nnz_after']}", "", style="bold")
     return t
 
 
@@ -44,7 +49,8 @@ def inspect_table(report: dict) -> Table:
     if "alpha" in meta:
         title += f"  (FPE α={meta.get('alpha')}, split={meta.get('split')}, budget={meta.get('budget_spec')})"
     t = Table(title=title)
-    for col in ("layer", "W_in shape", "neurons", "non-zeros", "density", "capacity", "mean |cos|"):
+    cols = ("layer", "W_in shape", "neurons", "W_in non-zeros", "W_out non-zeros", "density", "capacity", "mean |cos|")
+    for col in cols:
         t.add_column(col, justify="left" if col == "layer" else "right", no_wrap=col == "layer")
     for r in report["layers"]:
         neurons = str(r["neurons"])
@@ -54,13 +60,24 @@ def inspect_table(report: dict) -> Table:
             r["name"],
             "x".join(map(str, r["in_shape"])),
             neurons,
-            str(r["nnz"]),
+            str(r["nnz_in"]),
+            str(r["nnz_out"]),
             f"{r['density']:.3f}",
             f"{r['feature_capacity']:.3f}",
             f"{r['mean_abs_cosine']:.3f}" + ("*" if r["cosine_sampled"] else ""),
         )
     tot = report["totals"]
-    t.add_row("total", "", str(tot["neurons"]), str(tot["nnz"]), f"{tot['density']:.3f}", "", "", style="bold")
+    t.add_row(
+        "total (each matrix once)",
+        "",
+        str(tot["neurons"]),
+        str(tot["nnz"]),
+        "",
+        f"{tot['density']:.3f}",
+        "",
+        "",
+        style="bold",
+    )
     return t
 
 

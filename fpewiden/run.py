@@ -22,12 +22,13 @@ from fpewiden.bench.report import table as bench_table
 from fpewiden.bench.report import write as write_bench
 from fpewiden.convert import Budget, ConvertOptions, convert
 from fpewiden.errors import FpewidenError
-from fpewiden.io.atomic import atomic_file
+from fpewiden.io.atomic import atomic_dir, atomic_file
 from fpewiden.io.checkpoint import META_PREFIX
+from fpewiden.io.outputs import MD_MARKER, check_outputs, json_document, mark_dir
 from fpewiden.recipes import Recipe
 from fpewiden.report import console, progress_bar, results_table
 from fpewiden.train.data import load_data
-from fpewiden.train.finetune import finetune
+from fpewiden.train.finetune import data_file, finetune
 from fpewiden.train.mlp import ChainMLP
 
 METRICS = ("exact_match", "accuracy", "mse", "cosine", "loss")
@@ -83,11 +84,25 @@ def markdown(recipe: Recipe, summary: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_recipe(recipe: Recipe, out: Path) -> dict:
-    if out.exists() and not out.is_dir():
-        raise FpewidenError(f"--out {out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+def run_recipe(recipe: Recipe, out: Path, force: bool = False, inputs: list[Path] | None = None) -> dict:
+    """Run every seed and conversion of `recipe` into the folder `out` (built in a stage, swapped in at the end).
+
+    `inputs`: files the caller read (the recipe), which `out` must not touch.
+    """
+    read = [Path(p) for p in (data_file(recipe.data), recipe.model.checkpoint) if p is not None]
+    check_outputs([out], [*read, *(inputs or [])], force)
+    with atomic_dir(out) as stage:
+        mark_dir(stage, "run")
+        result = _run(recipe, stage, out)
+    console().print(
+        f"wrote {out / 'results.json'}, {out / 'results.md'}" + (", bench.json, bench.png" if result["bench"] else "")
+    )
+    return result
+
+
+def _run(recipe: Recipe, stage: Path, out: Path) -> dict:
+    """The protocol, writing into `stage`; results name paths as they will be once `stage` is `out`."""
+    (stage / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     recipe_meta = {f"{META_PREFIX}recipe": json.dumps(recipe.to_dict())}
     rest = recipe.epochs - recipe.warmup_epochs
     rows: list[dict] = []
@@ -99,7 +114,7 @@ def run_recipe(recipe: Recipe, out: Path) -> dict:
             bar.update(task, advance=1, description=what)
 
         for seed in recipe.seeds:
-            d = out / f"seed{seed}"
+            d = stage / f"seed{seed}"
             d.mkdir(exist_ok=True)
             init = (
                 Path(recipe.model.checkpoint)
@@ -123,8 +138,6 @@ def run_recipe(recipe: Recipe, out: Path) -> dict:
                 name = f"a{c.alpha}_{c.split}_{c.outgoing}_{c.budget}_o{c.overlap}_dc{c.dropconnect}".replace(".", "p")
                 conv = d / f"{name}.safetensors"
                 clauses = json.loads((d / "clauses.json").read_text()) if c.split == "clause" else None
-                if c.split == "clause" and clauses is None:
-                    raise FpewidenError("recipe: split clause needs a dnf: task (its clauses are the split)")
                 report = convert(
                     warm,
                     conv,
@@ -167,23 +180,24 @@ def run_recipe(recipe: Recipe, out: Path) -> dict:
                 rows.append(_row(c.label, final, res, seed))
     summary = _summarise(rows)
     bench_rows = _bench_first_seed(recipe, rows) if recipe.bench_repeat > 0 else []
+    for r in rows:
+        r["path"] = str(out / Path(r["path"]).relative_to(stage))
+    for b in bench_rows:
+        b["path"] = str(out / Path(b["path"]).relative_to(stage))
     result = {"recipe": recipe.to_dict(), "runs": rows, "summary": summary, "bench": bench_rows}
-    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    (stage / "results.json").write_text(json.dumps(json_document(result), indent=2) + "\n")
     md = markdown(recipe, summary)
     if bench_rows:
-        write_bench(bench_rows, out / "bench.json", None, out / "bench.png")
+        write_bench(bench_rows, stage / "bench.json", None, stage / "bench.png")
         md += (
             f"\n## Bench (seed {recipe.seeds[0]})\n\n"
             + bench_markdown(bench_rows)
             + "\n![accuracy against bytes](bench.png)\n"
         )
-    (out / "results.md").write_text(md)
+    (stage / "results.md").write_text(md + f"\n{MD_MARKER}\n")
     console().print(results_table(recipe.name, summary, [m for m in METRICS if any(m in s for s in summary)]))
     if bench_rows:
         console().print(bench_table(bench_rows))
-    console().print(
-        f"wrote {out / 'results.json'}, {out / 'results.md'}" + (", bench.json, bench.png" if bench_rows else "")
-    )
     return result
 
 

@@ -57,11 +57,16 @@ def test_converted_model_keeps_its_zero_pattern(tmp_path):
         assert not torch.equal(wa, wb)  # and it trained
     meta = safe_open(str(out), "pt").metadata()
     assert meta["fpewiden.alpha"] == "2" and meta["fpewiden.train_epochs"] == "3"
-    assert json.loads(meta["fpewiden.train_final"])["exact_match"] >= 0
+    assert json.loads(meta["fpewiden.train_final"]) == log_final(tmp_path / "ft.safetensors.log.json")
     log = json.loads((tmp_path / "ft.safetensors.log.json").read_text())
-    assert [h["epoch"] for h in log["history"]] == [1, 2, 3]
-    assert json.loads((tmp_path / "ft.safetensors.clauses.json").read_text())
+    assert [h["epoch"] for h in log["history"]] == [0, 1, 2, 3]  # held-out metrics before training, then per epoch
+    assert log["before"] == log["history"][0] and "train_loss" not in log["before"]
+    assert len(json.loads((tmp_path / "ft.safetensors.clauses.json").read_text())["clauses"]) == 6
     assert not (tmp_path / "ft.safetensors.state.pt").exists()
+
+
+def log_final(path: Path) -> dict:
+    return json.loads(path.read_text())["final"]
 
 
 def test_pruned_input_without_masks_keeps_zeros(tmp_path):

@@ -75,34 +75,23 @@ def minilm() -> Path:
     return Path(pkg.__file__).parent / "model"
 
 
-def test_minilm_distillation_keeps_masks(tmp_path):
+def test_minilm_distillation_with_defaults_improves_and_keeps_masks(tmp_path):
     pytest.importorskip("transformers")
     from fpewiden.convert import Budget, ConvertOptions, convert
 
     conv = tmp_path / "minilm_a2"
     convert(minilm(), conv, ConvertOptions(alpha=2, budget=Budget.parse("0.5")))
     text = tmp_path / "s.txt"
-    text.write_text("\n".join(f"question number {i} asks about topic {i % 7} and place {i % 5}" for i in range(48)))
-    out = tmp_path / "minilm_ft"
-    res = cli(
-        "finetune",
-        conv,
-        "--teacher",
-        minilm(),
-        "--data",
-        text,
-        "--out",
-        out,
-        "--epochs",
-        "2",
-        "--lr",
-        "1e-4",
-        "--batch-size",
-        "16",
+    topics = ["river", "city", "president", "planet", "war", "song", "disease", "mountain"]
+    text.write_text(
+        "\n".join(f"which {topics[i % 8]} is the {i}th largest in the year {1900 + 7 * i}" for i in range(160))
     )
+    out = tmp_path / "minilm_ft"
+    res = cli("finetune", conv, "--teacher", minilm(), "--data", text, "--out", out, "--epochs", "1")
     assert res.exit_code == 0, res.output
     log = json.loads((tmp_path / "minilm_ft.log.json").read_text())
-    assert log["history"][-1]["cosine"] > log["history"][0]["cosine"] - 0.05
+    assert log["config"]["lr"] == 1e-4 and log["config"]["batch_size"] == 32  # the distillation defaults
+    assert log["final"]["cosine"] > log["before"]["cosine"] + 0.05  # and with them the student gets closer
     a, b = open_checkpoint(conv), open_checkpoint(out)
     name = "encoder.layer.0.intermediate.dense.weight"
     assert torch.equal(a.mask(name), b.mask(name))

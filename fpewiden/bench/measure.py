@@ -161,13 +161,12 @@ def _add_semi_structured(e: Entry, tr, masks: dict[str, torch.Tensor], device: t
 
 
 def _from_onnx(path: Path, data: Dataset, engines: list[str], threads: int) -> Entry:
-    import onnx
     from onnx import numpy_helper
 
     e = Entry(path.stem, path)
     if "ort" not in engines:
         raise FpewidenError(f"{path} is an ONNX file: measure it with --engines ort")
-    model = onnx.load(str(path))
+    model = _load_onnx(path)
     arrays = [numpy_helper.to_array(t) for t in model.graph.initializer]
     for sp in model.graph.sparse_initializer:
         dense = np.zeros(int(np.prod(sp.dims)), dtype=np.float32)
@@ -200,6 +199,34 @@ def _from_onnx(path: Path, data: Dataset, engines: list[str], threads: int) -> E
     )
     e.runners["ort"] = run
     return e
+
+
+def _load_onnx(path: Path):
+    import onnx
+
+    try:
+        return onnx.load(str(path))
+    except Exception as e:
+        raise FpewidenError(f"{path} is not a readable ONNX model ({type(e).__name__})") from None
+
+
+def preflight(paths: list[Path]) -> None:
+    """Every model checked from its headers before any data is loaded or embedded: no minutes of work that end
+    in a refusal."""
+    from fpewiden.io.checkpoint import open_checkpoint
+
+    if not paths:
+        raise FpewidenError("bench needs at least one model")
+    for p in paths:
+        if not p.exists():
+            raise FpewidenError(f"no such model: {p}")
+        if p.suffix == ".onnx":
+            _load_onnx(p)
+            continue
+        ck = open_checkpoint(p)
+        if ck.kind == "hf":
+            raise FpewidenError(f"{p}: fpewiden bench measures MLP checkpoints and MLP ONNX files")
+        find_pairs(ck)
 
 
 def load_entries(

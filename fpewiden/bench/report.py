@@ -7,8 +7,10 @@ from pathlib import Path
 
 from rich.table import Table
 
+from fpewiden import __version__
 from fpewiden.bench.formats import pareto_front
 from fpewiden.io.atomic import atomic_file
+from fpewiden.io.outputs import MD_MARKER, PNG_SOFTWARE, json_document
 
 METRIC_ORDER = ("exact_match", "accuracy", "mse", "loss")
 
@@ -117,7 +119,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.legend(loc="best")
     fig.tight_layout()
     with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
+        fig.savefig(tmp, dpi=120, format="png", metadata={"Software": f"{PNG_SOFTWARE} {__version__}"})
     plt.close(fig)
 
 
@@ -126,9 +128,9 @@ def write(
 ) -> None:
     if json_path:
         with atomic_file(json_path) as tmp:
-            tmp.write_text(json.dumps({**(extra or {}), "benchmarks": rows}, indent=2) + "\n")
+            tmp.write_text(json.dumps(json_document({**(extra or {}), "benchmarks": rows}), indent=2) + "\n")
     if md_path:
         with atomic_file(md_path) as tmp:
-            tmp.write_text(markdown(rows))
+            tmp.write_text(markdown(rows) + f"\n{MD_MARKER}\n")
     if plot_path:
         plot(rows, plot_path)

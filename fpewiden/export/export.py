@@ -17,10 +17,21 @@ from fpewiden.export.mlp_onnx import LAYOUTS, mlp_to_onnx
 from fpewiden.export.save import save, staged
 from fpewiden.export.structure import find_blocks
 from fpewiden.export.verify import check, compare, ort_session
-from fpewiden.io.atomic import check_output
+from fpewiden.io.outputs import check_outputs
 from fpewiden.train.model import Trainable, load_trainable
 
-SPARSE_NOTE = "ONNX Runtime densifies sparse initializers when it loads a model: the file is smaller, not faster"
+
+def sparse_note(stats: dict) -> str:
+    """What sparse storage bought, in numbers: ONNX Runtime densifies sparse initializers at load."""
+    stored, dense = stats["sparse_initializer_bytes"], stats["sparse_as_dense_bytes"]
+    if not dense:
+        return "no weight matrix was sparse enough to store as a sparse initializer"
+    ratio = stored / dense
+    size = "smaller" if ratio < 1 else "larger"
+    return (
+        f"stored sparse, the sparse matrices take {ratio:.2f}× their dense bytes ({size}); ONNX Runtime densifies "
+        "them when it loads the model, so inference is not faster"
+    )
 
 
 def tensor_bytes(t: onnx.TensorProto) -> int:
@@ -35,6 +46,10 @@ def model_stats(model: onnx.ModelProto, path: Path) -> dict:
     g = model.graph
     dense = sum(tensor_bytes(t) for t in g.initializer)
     sparse = sum(tensor_bytes(s.values) + tensor_bytes(s.indices) for s in g.sparse_initializer)
+    sparse_dense = sum(
+        int(np.prod(s.dims)) * onnx.helper.tensor_dtype_to_np_dtype(s.values.data_type).itemsize
+        for s in g.sparse_initializer
+    )
     data = path.parent / f"{path.name}.data"
     ops = Counter(n.op_type for n in g.node)
     return {
@@ -42,6 +57,7 @@ def model_stats(model: onnx.ModelProto, path: Path) -> dict:
         "weight_bytes": dense + sparse,
         "dense_initializer_bytes": dense,
         "sparse_initializer_bytes": sparse,
+        "sparse_as_dense_bytes": sparse_dense,
         "sparse_initializers": len(g.sparse_initializer),
         "nodes": len(g.node),
         "ops": dict(sorted(ops.items())),
@@ -82,28 +98,39 @@ def export(
     out: Path,
     layout: str = "dense",
     dtype: str = "fp32",
-    opset: int = 17,
+    opset: int | None = None,
     verify: bool = True,
     samples: int = 64,
     external: bool | None = None,
+    force: bool = False,
 ) -> dict:
-    """Export `ckpt` to `out`. `external`: weights in `out.data` (None: only past the 2 GiB protobuf limit)."""
+    """Export `ckpt` to `out`. `external`: weights in `out.data` (None: only past the 2 GiB protobuf limit).
+    `opset` None: 17 for MLPs, 18 (the dynamo exporter's lowest) for Hugging Face models."""
     if layout == "block":
         layout = "fast"
     if layout not in LAYOUTS:
         raise FpewidenError(f"--layout {layout!r}: choose dense, sparse or fast (alias: block)")
     if dtype not in ("fp32", "fp16"):
         raise FpewidenError(f"--dtype {dtype!r}: choose fp32 or fp16")
-    if not 13 <= opset <= 21:
+    if opset is not None and not 13 <= opset <= 21:
         raise FpewidenError(f"--opset {opset}: fpewiden emits opsets 13 to 21")
     if out.suffix != ".onnx":
         raise FpewidenError(f"--out {out}: name the output *.onnx")
-    check_output(out, [ckpt])
-    tr = load_trainable(ckpt)
+    if not ckpt.exists():
+        raise FpewidenError(f"no such file or directory: {ckpt}")
+    check_outputs([out, out.with_name(out.name + ".data")], [ckpt], force)
+    hf = ckpt.is_dir()
+    if hf and opset is not None and opset < 18:
+        raise FpewidenError(
+            f"--opset {opset}: Hugging Face models go through torch.onnx's dynamo exporter, which emits opset 18 "
+            "or newer"
+        )
+    tr = load_trainable(ckpt, head=True)
     if tr.ck.kind == "hf":
         from fpewiden.export.hf import export_hf
 
-        return export_hf(tr, out, layout, dtype, opset, verify, external)
+        return export_hf(tr, out, layout, dtype, opset or 18, verify, external)
+    opset = opset or 17
     blocks = _fast_blocks(tr) if layout == "fast" else None
     model = mlp_to_onnx(_mlp_layers(tr), tr.activation, layout, dtype, opset, blocks)
     result: dict = {"checkpoint": str(ckpt), "out": str(out), "layout": layout, "dtype": dtype}
@@ -118,7 +145,7 @@ def export(
             result["verify"] = compare(got, ref, dtype)
         result.update(model_stats(onnx.load(str(tmp), load_external_data=False), tmp))
     if layout == "sparse":
-        result["note"] = SPARSE_NOTE
+        result["note"] = sparse_note(result)
     meta = tr.ck.fpe_metadata()
     result["fpewiden"] = {k: meta[k] for k in ("alpha", "split", "outgoing", "budget") if k in meta}
     return result

@@ -67,15 +67,22 @@ class BlockOutput(nn.Module):
         return y + self.bias if self.bias is not None else y
 
 
-class EncoderOutput(nn.Module):
-    """(input_ids, attention_mask) -> last_hidden_state, with keyword calls the exporter cannot get wrong."""
+class ModelOutput(nn.Module):
+    """(input_ids, attention_mask) -> logits where the model has a head (causal LMs), else last_hidden_state;
+    keyword calls the exporter cannot get wrong."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        logits = getattr(out, "logits", None)
+        return logits if logits is not None else out.last_hidden_state
+
+
+def output_name(model: nn.Module) -> str:
+    return "logits" if getattr(model, "lm_head", None) is not None else "last_hidden_state"
 
 
 def _blockify(tr: Trainable) -> None:
@@ -141,7 +148,7 @@ def _fp16_weights(model: onnx.ModelProto) -> None:
 def export_hf(
     tr: Trainable, out: Path, layout: str, dtype: str, opset: int, verify: bool, external: bool | None
 ) -> dict:
-    from fpewiden.export.export import SPARSE_NOTE, model_stats
+    from fpewiden.export.export import model_stats, sparse_note
 
     model = tr.model.eval()
     if layout == "fast":
@@ -152,6 +159,7 @@ def export_hf(
     mask = torch.ones_like(ids)
     mask[1, 10:] = 0
     names = ["input_ids", "attention_mask"]
+    wrapper = ModelOutput(model)
     result: dict = {"checkpoint": str(tr.ck.path), "out": str(out), "layout": layout, "dtype": dtype}
     with staged(out) as tmp:
         # the exporter prints its progress on stdout; keep stdout for fpewiden's own report
@@ -160,13 +168,13 @@ def export_hf(
             try:
                 batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
                 torch.onnx.export(
-                    EncoderOutput(model),
+                    wrapper,
                     (ids, mask),
                     str(tmp),
                     input_names=names,
-                    output_names=["last_hidden_state"],
+                    output_names=[output_name(model)],
                     dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}),
-                    opset_version=max(opset, 18),
+                    opset_version=opset,
                     dynamo=True,
                     external_data=True,
                     verbose=False,
@@ -184,6 +192,7 @@ def export_hf(
             _sparsify(proto)
         if dtype == "fp16":
             _fp16_weights(proto)
+        proto.producer_name = "fpewiden"
         result["external_data"] = save(proto, tmp, external)
         result["checker"] = check(tmp)
         if verify:  # at another batch and sequence length than the export's, to check the dynamic axes
@@ -191,10 +200,11 @@ def export_hf(
             mask2 = torch.ones_like(ids2)
             mask2[2, 5:] = 0
             with torch.no_grad():
-                ref = model(input_ids=ids2, attention_mask=mask2).last_hidden_state.numpy()
+                ref = wrapper(ids2, mask2).numpy()
             got = ort_session(tmp).run(None, {"input_ids": ids2.numpy(), "attention_mask": mask2.numpy()})[0]
             result["verify"] = compare(got, ref, dtype)
         result.update(model_stats(onnx.load(str(tmp), load_external_data=False), tmp))
+    result["output"] = output_name(model)
     if layout == "sparse":
-        result["note"] = SPARSE_NOTE
+        result["note"] = sparse_note(result)
     return result

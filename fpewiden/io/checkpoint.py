@@ -6,10 +6,11 @@ only tensors. Safetensors are read one tensor at a time so large sharded models 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import pickle
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -124,15 +125,38 @@ def _open_safetensors_file(path: Path) -> Checkpoint:
     return ck
 
 
-def _open_pickle(path: Path) -> Checkpoint:
+def load_pt(path: Path) -> object:
+    """`torch.load(weights_only=True)` with every failure as one line. Its restricted unpickler accepts tensors
+    and plain containers only; on arbitrary bytes it raises almost any exception type (UnpicklingError, EOFError,
+    IndexError, KeyError, struct.error, UnicodeDecodeError were all seen), so all of them mean "not readable"."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise FpewidenError(
-            f"{path} holds objects other than tensors; refusing to unpickle it (only weights-only state dicts load)"
-        ) from None
-    except (EOFError, RuntimeError, zipfile.BadZipFile, OSError, ValueError):
-        raise FpewidenError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt)") from None
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "allowed global" in str(e) or "Unsupported global" in str(e):
+            raise FpewidenError(
+                f"{path} holds objects other than tensors; refusing to unpickle it (only weights-only state dicts load)"
+            ) from None
+        raise FpewidenError(f"{path} is not a readable PyTorch file (truncated or corrupt)") from None
+    except OSError as e:
+        raise FpewidenError(f"cannot read {path}: {e.strerror or e}") from None
+    except Exception:
+        raise FpewidenError(f"{path} is not a readable PyTorch file (truncated or corrupt)") from None
+
+
+def save_pt(obj: object, path: Path) -> None:
+    """`torch.save`, with a full disk reported as one: torch turns the failed write into a RuntimeError
+    ("unexpected pos …"), so the file system is asked whether it is out of space."""
+    try:
+        torch.save(obj, path)
+    except RuntimeError as e:
+        stats = os.statvfs(path.parent)
+        if stats.f_bavail * stats.f_frsize < (64 << 20):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
+        raise FpewidenError(f"cannot write {path}: {str(e).splitlines()[0]}") from None
+
+
+def _open_pickle(path: Path) -> Checkpoint:
+    obj = load_pt(path)
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict) and len(obj) <= 3:
             obj = obj[key]

@@ -10,7 +10,8 @@ import torch
 
 from fpewiden.errors import FpewidenError
 from fpewiden.io.atomic import atomic_dir, atomic_file
-from fpewiden.io.checkpoint import MASK_PREFIX, MASKS_FILE, Checkpoint
+from fpewiden.io.checkpoint import MASK_PREFIX, MASKS_FILE, Checkpoint, save_pt
+from fpewiden.io.outputs import MARKER, mark_dir
 from fpewiden.io.safetensors_stream import DTYPE_NAMES, DTYPES, StreamingWriter
 
 
@@ -54,7 +55,7 @@ def write_like(
                 _write(tmp, {**full, **masks}, metadata)
         elif dst.suffix in (".pt", ".pth", ".bin"):
             with atomic_file(dst) as tmp:
-                torch.save({**full, **masks, "fpewiden_metadata": dict(metadata)}, tmp)
+                save_pt({**full, **masks, "fpewiden_metadata": dict(metadata)}, tmp)
         else:
             raise FpewidenError(f"--out {dst}: name the output *.safetensors or *.pt")
         return
@@ -66,12 +67,13 @@ def write_like(
             _write(tmp / f, ts, metadata)
         _write(tmp / MASKS_FILE, masks, metadata)
         write_hf_extras(ck, tmp, config or ck.config or {})
+        mark_dir(tmp, "finetune")
 
 
 def write_hf_extras(ck: Checkpoint, out: Path, config: dict) -> None:
     """Everything of a model directory besides the weights: config (given), shard index, tokenizer and the rest."""
     files = set(ck.file_of.values())
-    skip = {"config.json", "model.safetensors.index.json", MASKS_FILE, *files}
+    skip = {"config.json", "model.safetensors.index.json", MASKS_FILE, MARKER, *files}
     for item in ck.path.iterdir():
         if item.name not in skip:
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, out / item.name)

@@ -6,7 +6,6 @@ Every problem with the data is a one-line FpewidenError.
 
 from __future__ import annotations
 
-import pickle
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,8 @@ import numpy as np
 import torch
 
 from fpewiden.errors import FpewidenError
+from fpewiden.io.checkpoint import load_pt
+from fpewiden.io.safetensors_stream import read_header, read_tensor
 from fpewiden.train.loop import label_kind
 from fpewiden.train.tasks import DnfSpec, make_dnf
 
@@ -58,38 +59,53 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise FpewidenError(f"no such data file: {path}")
     if path.stat().st_size == 0:
         raise FpewidenError(f"data file {path} is empty")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        if path.suffix == ".npz":
+    if path.suffix == ".safetensors":
+        header = read_header(path)
+        return {n: read_tensor(header, n) for n in header.entries}
+    if path.suffix == ".npz":
+        try:
             with np.load(path, allow_pickle=False) as z:
                 return {k: torch.from_numpy(z[k]) for k in z.files}
-        if path.suffix in (".pt", ".pth"):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-            if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-                raise FpewidenError(f"{path} must hold a dict of tensors x, y[, x_val, y_val]")
-            return obj
-    except pickle.UnpicklingError:
-        raise FpewidenError(f"{path} holds objects other than tensors; refusing to unpickle it") from None
-    except (OSError, ValueError, RuntimeError, EOFError, zipfile.BadZipFile) as e:
-        if isinstance(e, FpewidenError):
-            raise
-        raise FpewidenError(f"data file {path} is not readable (truncated or corrupt)") from None
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+            raise FpewidenError(f"data file {path} is not a readable .npz file (truncated, corrupt, pickled)") from None
+    if path.suffix in (".pt", ".pth"):
+        obj = load_pt(path)
+        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise FpewidenError(f"{path} must hold a dict of tensors x, y[, x_val, y_val]")
+        return obj
     raise FpewidenError(f"unsupported data file {path}: expected .safetensors, .npz or .pt")
+
+
+def _check_shapes(path: Path, t: dict[str, torch.Tensor]) -> None:
+    """Shapes checked before anything indexes them: x (samples, features), one y per sample, finite numbers."""
+    for xs, ys in (("x", "y"), ("x_val", "y_val")):
+        if xs not in t:
+            continue
+        x, y = t[xs], t[ys]
+        if x.dim() != 2:
+            raise FpewidenError(f"{path}: {xs} must be (samples, features); it has shape {list(x.shape)}")
+        if y.dim() not in (1, 2) or len(y) != len(x):
+            raise FpewidenError(
+                f"{path}: {ys} must hold one label (or label vector) per sample; {xs} has {len(x)} samples and "
+                f"{ys} has shape {list(y.shape)}"
+            )
+        if not (x.is_floating_point() or x.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)):
+            raise FpewidenError(f"{path}: {xs} has dtype {x.dtype}; expected numbers")
 
 
 def _from_file(path: Path, seed: int, val: float) -> Dataset:
     t = _read_tensors(path)
     if "x" not in t or "y" not in t:
         raise FpewidenError(f"{path} must hold tensors named x and y (found: {', '.join(sorted(t)) or 'none'})")
+    if ("x_val" in t) != ("y_val" in t):
+        raise FpewidenError(f"{path} holds only one of x_val and y_val; give both or neither")
+    _check_shapes(path, t)
     x, y = t["x"].to(torch.float32), t["y"]
     if y.is_floating_point():
         y = y.to(torch.float32)
     else:
         y = y.to(torch.int64)
-    if "x_val" in t and "y_val" in t:
+    if "x_val" in t:
         xv, yv = t["x_val"].to(torch.float32), t["y_val"].to(y.dtype)
     else:
         x, y, xv, yv = _split(x, y, val, seed) if len(x) >= 2 else (x, y, x, y)
@@ -122,8 +138,8 @@ def _embedded(spec: str) -> Dataset:
 def load_data(spec: str, seed: int = 0, val: float = 0.2) -> Dataset:
     """Resolve a DATA spec and check it is usable for training."""
     s = spec.strip()
-    if s.startswith("dnf"):
-        dnf = DnfSpec.parse(s if ":" not in s or "seed=" in s else f"{s},seed={seed}")
+    if s == "dnf" or s.startswith("dnf:"):
+        dnf = DnfSpec.parse(s, default_seed=seed)
         task = make_dnf(dnf)
         data = Dataset(task.x, task.y, task.x_val, task.y_val, "multilabel", s, task.clause_groups())
     elif s == "digits":

@@ -7,6 +7,7 @@ step runs only the student. The held-out metric is the mean cosine similarity to
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -18,17 +19,49 @@ from fpewiden.errors import FpewidenError
 MAX_TOKENS = 64
 
 
-def read_sentences(path: Path) -> list[str]:
+def read_sentences(path: Path, minimum: int = 10, purpose: str = "distillation") -> list[str]:
+    """Non-empty lines of a UTF-8 text file; binary files and files with too few lines are one-line errors."""
     if not path.is_file():
         raise FpewidenError(f"no such text file: {path}")
-    try:
-        lines = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
-    except OSError as e:
-        raise FpewidenError(f"cannot read {path}: {e.strerror}") from None
+    raw = path.read_bytes()
+    if b"\0" in raw[: 1 << 20]:
+        raise FpewidenError(f"{path} is not a text file (expected one sample per line)")
+    lines = [line.strip() for line in raw.decode("utf-8", errors="replace").splitlines()]
     lines = [line for line in lines if line]
-    if len(lines) < 10:
-        raise FpewidenError(f"{path}: distillation needs at least 10 non-empty lines (found {len(lines)})")
+    if len(lines) < minimum:
+        raise FpewidenError(f"{path}: {purpose} needs at least {minimum} non-empty lines (found {len(lines)})")
     return lines
+
+
+def load_tokenizer(folders: list[Path], override: Path | None = None):
+    """The first tokenizer found: `override`, else in each folder in turn (teacher, then student).
+
+    Causal models (GPT-2, Llama) usually ship no pad token: batches are padded with the EOS token instead, which
+    is harmless because every use of the outputs is masked by the attention mask.
+    """
+    import transformers
+
+    candidates = [override] if override is not None else folders
+    tok = None
+    for folder in candidates:
+        if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
+            continue
+        try:
+            tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+            break
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise FpewidenError(f"cannot load the tokenizer in {folder}: {str(e).splitlines()[0]}") from None
+    if tok is None:
+        where = " nor ".join(str(f) for f in candidates)
+        raise FpewidenError(
+            f"no tokenizer in {where}; pass --tokenizer DIR (a folder holding the model's tokenizer.json or "
+            "tokenizer_config.json)"
+        )
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise FpewidenError("the tokenizer has neither a pad token nor an EOS token to pad batches with")
+        tok.pad_token = tok.eos_token
+    return tok
 
 
 def mean_pool(hidden: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
@@ -56,6 +89,8 @@ class DistillTask:
         self.train_sents = [sentences[i] for i in order[n_val:]]
         self.n_train = len(self.train_sents)
         self.tok = tokenizer
+        accepted = inspect.signature(teacher.forward).parameters
+        self.keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in accepted]
         self.enc = self._encode(self.train_sents)
         self.enc_val = self._encode(self.val)
         teacher.eval()
@@ -64,7 +99,9 @@ class DistillTask:
             self.target_val = self._embed(teacher, self.enc_val, torch.device("cpu"))
 
     def _encode(self, sents: list[str]) -> dict[str, torch.Tensor]:
-        return dict(self.tok(sents, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt"))
+        """Token ids the model takes (causal models take no token type ids, which some tokenizers still emit)."""
+        enc = self.tok(sents, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
+        return {k: enc[k] for k in self.keys if k in enc}
 
     @staticmethod
     def _forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -20,10 +20,10 @@ from torch import nn
 
 
 class DropConnect:
-    def __init__(self, params: list[nn.Parameter], p: float, seed: int) -> None:
+    def __init__(self, params: list[nn.Parameter], p: float) -> None:
         if not 0.0 <= p < 1.0:
             raise ValueError(f"DropConnect probability must be in [0, 1), got {p}")
-        self.params, self.p, self.seed = params, p, seed
+        self.params, self.p = params, p
         self.gen: torch.Generator | None = None
         self._saved: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -31,11 +31,12 @@ class DropConnect:
     def active(self) -> bool:
         return self.p > 0.0 and bool(self.params)
 
-    def start_epoch(self, epoch: int) -> None:
+    def start_epoch(self, seed: int) -> None:
+        """Masks of an epoch come from its seed alone (the trainer's `epoch_seed`)."""
         if not self.active:
             return
         self.gen = torch.Generator(device=self.params[0].device)
-        self.gen.manual_seed(self.seed * 1_000_003 + epoch)
+        self.gen.manual_seed(seed)
 
     @torch.no_grad()
     def drop(self) -> None:

@@ -12,13 +12,14 @@ import torch
 from fpewiden import __version__
 from fpewiden.errors import FpewidenError
 from fpewiden.fpe.expand import count
-from fpewiden.io.atomic import atomic_file, check_output
+from fpewiden.io.atomic import atomic_file
 from fpewiden.io.checkpoint import META_PREFIX
+from fpewiden.io.outputs import check_outputs, json_document
 from fpewiden.io.write import write_like
 from fpewiden.train.data import Dataset, load_data
 from fpewiden.train.loop import SupervisedTask
 from fpewiden.train.model import Trainable, load_trainable
-from fpewiden.train.trainer import Distributed, TrainConfig, train
+from fpewiden.train.trainer import Distributed, TrainConfig, auto_threads, available_cores, train
 
 
 def sidecar(dst: Path, suffix: str) -> Path:
@@ -44,6 +45,14 @@ def check_fit(tr: Trainable, data: Dataset) -> None:
         )
 
 
+def data_file(spec: str) -> Path | None:
+    """The file a DATA spec reads, if it names one (an input no output may touch)."""
+    s = spec.strip()
+    if s.startswith(("dnf", "embed:")) or s == "digits":
+        return None
+    return Path(s)
+
+
 def finetune(
     ckpt: Path,
     data_spec: str,
@@ -54,34 +63,44 @@ def finetune(
     extra_metadata: dict[str, str] | None = None,
     on_step: Callable[[int, int, int, int], None] | None = None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    force: bool = False,
+    inputs: list[Path] | None = None,
+    tokenizer: Path | None = None,
 ) -> dict:
-    """Train `ckpt` on `data_spec` (or distil from `teacher` on a text file) and write `dst`; returns a summary."""
-    check_output(dst, [ckpt] + ([teacher] if teacher else []))
-    if cfg.epochs < 1 or cfg.batch_size < 1 or not cfg.lr > 0:
-        raise FpewidenError("--epochs, --batch-size and --lr must be positive")
-    if not 0.0 <= cfg.dropconnect < 1.0:
-        raise FpewidenError(f"--dropconnect {cfg.dropconnect}: expected a probability in [0, 1)")
+    """Train `ckpt` on `data_spec` (or distil from `teacher` on a text file) and write `dst`; returns a summary.
+
+    `inputs`: further files the caller read (a recipe), which no output may touch.
+    """
+    cfg.validate()
+    state = sidecar(dst, ".state.pt")
+    log_path, clauses_path = sidecar(dst, ".log.json"), sidecar(dst, ".clauses.json")
+    read = [ckpt, *(p for p in (teacher, data_file(data_spec), tokenizer) if p is not None), *(inputs or [])]
+    check_outputs([dst, log_path, clauses_path, state], read, force)
+    if resume and not state.is_file():
+        raise FpewidenError(f"--resume: no state file {state} to resume from")
     torch.manual_seed(cfg.seed)
     tr = load_trainable(ckpt)
     if cfg.dropconnect and tr.ck.kind == "hf":
         raise FpewidenError("--dropconnect is for MLP checkpoints (it drops every weight matrix of the chain)")
+    if tr.ck.kind == "mlp" and dst.suffix not in (".safetensors", ".pt", ".pth", ".bin"):
+        raise FpewidenError(f"--out {dst}: name the output *.safetensors or *.pt")
     before = {n: m.clone() for n, m in tr.masks.items()}
     clauses = None
+    params = sum(p.numel() for p in tr.model.parameters())
     if teacher is not None:
-        task, spec = _distill_task(tr, teacher, Path(data_spec), cfg.seed)
+        torch.set_num_threads(cfg.threads or available_cores())
+        task, spec = _distill_task(tr, teacher, Path(data_spec), cfg.seed, tokenizer)
     else:
         if tr.ck.kind == "hf":
             raise FpewidenError("Hugging Face models are fine-tuned by distillation: pass --teacher and a text file")
         data = load_data(data_spec, cfg.seed)
         check_fit(tr, data)
+        torch.set_num_threads(cfg.threads or auto_threads(params * cfg.batch_size))
         task, spec, clauses = (
             SupervisedTask(data.x, data.y, data.x_val, data.y_val, data.kind),
             data.describe(),
             data.clauses,
         )
-    state = sidecar(dst, ".state.pt")
-    if resume and not state.is_file():
-        raise FpewidenError(f"--resume: no state file {state} to resume from")
     dc_params = list(tr.model.weights) if cfg.dropconnect else []
     history = train(tr.model, task, cfg, tr.mask_map(), state, resume, on_step, on_epoch, dc_params)
     for n, m in before.items():  # the zero pattern must be exactly what it was
@@ -92,8 +111,10 @@ def finetune(
         "data": spec,
         "teacher": str(teacher) if teacher else None,
         "config": asdict(cfg),
+        "threads": torch.get_num_threads(),
         "nnz": sum(count(tr.tensors()[n] != 0) for n in tr.masks) if tr.masks else None,
         "history": history,
+        "before": history[0] if history and history[0]["epoch"] == 0 else {},
         "final": history[-1] if history else {},
     }
     if not Distributed.from_env().main:
@@ -113,27 +134,25 @@ def finetune(
         }
     )
     write_like(tr.ck, dst, tr.tensors(), tr.packed_masks(), meta)
-    with atomic_file(sidecar(dst, ".log.json")) as tmp:
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    with atomic_file(log_path) as tmp:
+        tmp.write_text(json.dumps(json_document(summary), indent=2) + "\n")
     if clauses:
-        with atomic_file(sidecar(dst, ".clauses.json")) as tmp:
-            tmp.write_text(json.dumps(clauses) + "\n")
+        with atomic_file(clauses_path) as tmp:
+            tmp.write_text(json.dumps(json_document({"clauses": clauses})) + "\n")
     state.unlink(missing_ok=True)
     return summary
 
 
-def _distill_task(tr: Trainable, teacher: Path, text: Path, seed: int):
-    from fpewiden.train.distill import DistillTask, check_compatible, read_sentences
+def _distill_task(tr: Trainable, teacher: Path, text: Path, seed: int, tokenizer: Path | None):
+    from fpewiden.train.distill import DistillTask, check_compatible, load_tokenizer, read_sentences
 
     if tr.ck.kind != "hf":
         raise FpewidenError("--teacher distillation is for Hugging Face model directories")
+    sentences = read_sentences(text)
     t = load_trainable(teacher)
     if t.ck.kind != "hf":
         raise FpewidenError(f"--teacher {teacher} is not a Hugging Face model directory")
     check_compatible(tr.ck.config or {}, t.ck.config or {})
-    import transformers
-
-    tok = transformers.AutoTokenizer.from_pretrained(str(teacher))
-    sentences = read_sentences(text)
+    tok = load_tokenizer([teacher, tr.ck.path], tokenizer)
     task = DistillTask(tok, t.model, sentences, seed=seed)
     return task, f"distill {text} ({task.n_train} train / {len(task.val)} held-out sentences) from {teacher}"

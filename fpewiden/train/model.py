@@ -59,9 +59,15 @@ def _mask_for(ck: Checkpoint, name: str, t: torch.Tensor) -> torch.Tensor | None
     return ~zeros if bool(zeros.any()) else None
 
 
-def load_trainable(path: Path) -> Trainable:
+def load_trainable(path: Path, head: bool = False) -> Trainable:
+    """`head`: load causal language models with their LM head (for logits); otherwise the base model."""
     ck = open_checkpoint(path)
-    return _load_hf(ck) if ck.kind == "hf" else _load_mlp(ck)
+    return _load_hf(ck, head) if ck.kind == "hf" else _load_mlp(ck)
+
+
+def has_lm_head(config: dict) -> bool:
+    """Causal LMs name themselves *ForCausalLM (Llama, Qwen, OPT, …) or GPT2LMHeadModel."""
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.get("architectures") or [])
 
 
 def _load_mlp(ck: Checkpoint) -> Trainable:
@@ -84,16 +90,17 @@ def _load_mlp(ck: Checkpoint) -> Trainable:
     return Trainable(ck, model, param_of, masks, activation)
 
 
-def _load_hf(ck: Checkpoint) -> Trainable:
+def _load_hf(ck: Checkpoint, head: bool = False) -> Trainable:
     try:
         import transformers
     except ImportError:
         raise FpewidenError("Hugging Face checkpoints need transformers: pip install 'fpewiden[hf]'") from None
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    auto = transformers.AutoModelForCausalLM if head and has_lm_head(ck.config or {}) else transformers.AutoModel
     try:
-        model = transformers.AutoModel.from_pretrained(str(ck.path))
-    except (OSError, ValueError) as e:
+        model = auto.from_pretrained(str(ck.path))
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise FpewidenError(f"transformers cannot load {ck.path}: {str(e).splitlines()[0]}") from None
     model = model.float()
     params = dict(model.named_parameters())

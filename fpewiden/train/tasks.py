@@ -31,11 +31,12 @@ class DnfSpec:
     seed: int = 0
 
     @staticmethod
-    def parse(text: str) -> DnfSpec:
-        """`dnf:inputs=32,clauses=8,literals=3,...`; unknown keys or bad values are one-line errors."""
+    def parse(text: str, default_seed: int = 0) -> DnfSpec:
+        """`dnf:inputs=32,clauses=8,literals=3,...`; unknown keys or bad values are one-line errors. The task's
+        seed is `default_seed` (the command's --seed) unless the spec names one."""
         body = text.split(":", 1)[1] if ":" in text else ""
         fields = {f: type(v) for f, v in asdict(DnfSpec()).items()}
-        values: dict[str, object] = {}
+        values: dict[str, object] = {"seed": default_seed}
         for item in filter(None, (s.strip() for s in body.split(","))):
             key, _, raw = item.partition("=")
             if key not in fields:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from torch import nn
 
 from fpewiden.errors import FpewidenError
 from fpewiden.io.atomic import atomic_file
+from fpewiden.io.checkpoint import save_pt
 from fpewiden.train.dropconnect import DropConnect
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -37,6 +39,49 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     dropconnect: float = 0.0  # per-step probability of dropping each weight of `dropconnect_params` (0 = off)
+    threads: int = 0  # torch intra-op threads; 0 = chosen from the work per step (auto_threads)
+
+    def validate(self) -> None:
+        """Every setting checked before any data or model is loaded; messages name the flag."""
+        if self.epochs < 1:
+            raise FpewidenError(f"--epochs {self.epochs}: must be at least 1")
+        if self.batch_size < 1:
+            raise FpewidenError(f"--batch-size {self.batch_size}: must be at least 1")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise FpewidenError(f"--lr {self.lr}: must be a positive number")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise FpewidenError(f"--weight-decay {self.weight_decay}: must be zero or positive")
+        if self.optimizer not in OPTIMIZERS:
+            raise FpewidenError(f"--optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise FpewidenError(f"--device {self.device!r}: choose auto, cpu or cuda")
+        if not 0.0 <= self.dropconnect < 1.0:
+            raise FpewidenError(f"--dropconnect {self.dropconnect}: expected a probability in [0, 1)")
+        if self.threads < 0:
+            raise FpewidenError(f"--threads {self.threads}: must be 0 (auto) or more")
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+# Below this many multiply-adds per training step, one thread is faster: on 2 shared cores torch's default
+# threads made the README's main job (a 32-8-16 MLP) 15x slower (bench/results/threads).
+SINGLE_THREAD_WORK = 20_000_000
+
+
+def auto_threads(macs_per_step: int) -> int:
+    """Intra-op threads for a step of this many multiply-adds: 1 for tiny models, every core for large ones."""
+    return 1 if macs_per_step < SINGLE_THREAD_WORK else available_cores()
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The one seed of an epoch: its data order, its DropConnect masks and its dropout draws all derive from it,
+    so a run resumed at an epoch boundary draws exactly what an uninterrupted run draws."""
+    return seed * 1_000_003 + epoch
 
 
 class Task(Protocol):
@@ -111,8 +156,10 @@ def setup_distributed(device: torch.device) -> tuple[Distributed, bool]:
 def teardown_distributed() -> None:
     """Wait for every rank, then leave the group: a rank that exits while a peer still holds the gloo group can
     abort (SIGABRT) at interpreter exit."""
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    try:
+        torch.distributed.barrier()
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def apply_masks(masks: dict[nn.Parameter, torch.Tensor]) -> None:
@@ -130,7 +177,7 @@ def mask_grads(masks: dict[nn.Parameter, torch.Tensor]) -> None:
 
 def epoch_order(n: int, seed: int, epoch: int, dist: Distributed) -> torch.Tensor:
     """This rank's shard of the epoch's shuffled order; every rank gets the same number of samples."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(seed, epoch)))
     per_rank = n // dist.world
     return order[: per_rank * dist.world][dist.rank :: dist.world]
 
@@ -146,7 +193,8 @@ def train(
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     dropconnect_params: list[nn.Parameter] | None = None,
 ) -> list[dict[str, float]]:
-    """Train in place; returns per-epoch history (train loss, held-out loss and metrics).
+    """Train in place; returns the history: held-out metrics before training (epoch 0), then per epoch the train
+    loss and held-out loss and metrics.
 
     `state_path` receives the model, optimizer state and history after every epoch (atomically); with `resume`
     an existing state file is continued from. With `cfg.dropconnect` > 0 the weights in `dropconnect_params` are
@@ -155,6 +203,15 @@ def train(
     """
     device = resolve_device(cfg.device)
     dist, owns_group = setup_distributed(device)
+    try:
+        return _train(model, task, cfg, masks, state_path, resume, on_step, on_epoch, dropconnect_params, device, dist)
+    finally:
+        model.to("cpu")
+        if owns_group:
+            teardown_distributed()
+
+
+def _train(model, task, cfg, masks, state_path, resume, on_step, on_epoch, dropconnect_params, device, dist):
     model.to(device)
     # masks as 0/1 in the parameter's dtype: multiplying by a float mask is >10x faster than by a bool one on CPU
     masks = {p: m.to(device=device, dtype=p.dtype) for p, m in (masks or {}).items()}
@@ -165,20 +222,31 @@ def train(
             model, device_ids=[dist.local_rank] if device.type == "cuda" else None
         )
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
-    dc = DropConnect(list(dropconnect_params or []), cfg.dropconnect, cfg.seed)
+    dc = DropConnect(list(dropconnect_params or []), cfg.dropconnect)
     history: list[dict[str, float]] = []
     start = 0
     if resume and state_path is not None and state_path.is_file():
-        state = torch.load(state_path, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        try:
+            state = torch.load(state_path, map_location=device, weights_only=True)
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+        except (RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError):
+            raise FpewidenError(
+                f"--resume: {state_path} does not belong to this model and configuration (or is corrupt)"
+            ) from None
         start, history = int(state["epoch"]), list(state["history"])
+    else:
+        before = {"epoch": 0, **task.evaluate(model, device)}
+        history.append(before)
+        if on_epoch:
+            on_epoch(before)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     n_steps = math.ceil((task.n_train // dist.world) / cfg.batch_size)
     for epoch in range(start, cfg.epochs):
+        torch.manual_seed(epoch_seed(cfg.seed, epoch))  # dropout and other global-RNG draws of this epoch
         wrapped.train()
         order = epoch_order(task.n_train, cfg.seed, epoch, dist)
-        dc.start_epoch(epoch)
+        dc.start_epoch(epoch_seed(cfg.seed, epoch))
         total, count = 0.0, 0
         for step, i in enumerate(range(0, len(order), cfg.batch_size)):
             idx = order[i : i + cfg.batch_size]
@@ -207,16 +275,14 @@ def train(
             on_epoch(metrics)
         if state_path is not None and dist.main:
             with atomic_file(state_path) as tmp:
-                torch.save(
+                save_pt(
                     {
                         "model": model.state_dict(),
                         "optimizer": opt.state_dict(),
                         "epoch": epoch + 1,
                         "history": history,
+                        "fpewiden_metadata": {"kind": "training state"},
                     },
                     tmp,
                 )
-    model.to("cpu")
-    if owns_group:
-        teardown_distributed()
     return history
