@@ -220,6 +220,8 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
     a, b = load_file(full), load_file(part)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    # the killed run's half-written stage (its writer is gone) was removed by the resumed run
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 def test_ddp_two_gloo_processes(tmp_path):
