@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 from fpewiden.convert import Budget, ConvertOptions, convert
+from fpewiden.data.embeddings import datasets_dir, minilm_dir, read_labelled
 from fpewiden.io.outputs import MD_MARKER, json_document
-from fpewiden.train.embeddings import datasets_dir, minilm_dir, read_labelled
 
 SETTINGS = {
     "defaults (lr 1e-4, batch 32)": [],

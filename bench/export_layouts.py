@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from fpewiden.convert import ConvertOptions, convert
 from fpewiden.export.export import export
-from fpewiden.train.mlp import ChainMLP
+from fpewiden.model.chain_mlp import ChainMLP
 
 
 def session(path: Path) -> ort.InferenceSession:

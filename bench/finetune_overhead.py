@@ -20,9 +20,9 @@ import torch
 from safetensors.torch import save_file
 
 from fpewiden.convert import ConvertOptions, convert
-from fpewiden.train.loop import SupervisedTask
-from fpewiden.train.mlp import ChainMLP
-from fpewiden.train.model import load_trainable
+from fpewiden.model.chain_mlp import ChainMLP
+from fpewiden.model.loaded import load_model
+from fpewiden.train.supervised import SupervisedTask
 from fpewiden.train.trainer import TrainConfig, apply_masks, make_optimizer, mask_grads
 
 
@@ -62,7 +62,7 @@ def main() -> None:
         src, dst = Path(d) / "dense.safetensors", Path(d) / "fpe.safetensors"
         save_file(ChainMLP.fresh(widths).tensors(), str(src))
         convert(src, dst, ConvertOptions(alpha=args.alpha))
-        masked, plain = load_trainable(dst), load_trainable(dst)
+        masked, plain = load_model(dst), load_model(dst)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(8192, widths[0], generator=g)
     task = SupervisedTask(

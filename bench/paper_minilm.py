@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from fpewiden.convert import Budget, ConvertOptions, convert
-from fpewiden.train.embeddings import datasets_dir, minilm_dir, read_labelled
+from fpewiden.data.embeddings import datasets_dir, minilm_dir, read_labelled
+from fpewiden.model.pooling import mean_pool
 from fpewiden.train.finetune import finetune
 from fpewiden.train.trainer import TrainConfig
 
@@ -40,9 +41,8 @@ def embed_with(model_dir: Path, texts: list[str]) -> torch.Tensor:
     out = []
     for i in range(0, len(texts), 128):
         enc = tok(texts[i : i + 128], padding=True, truncation=True, max_length=64, return_tensors="pt")
-        h = model(**enc).last_hidden_state
-        w = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
-        out.append(torch.nn.functional.normalize((h * w).sum(1) / w.sum(1), dim=1))
+        pooled = mean_pool(model(**enc).last_hidden_state, enc["attention_mask"])
+        out.append(torch.nn.functional.normalize(pooled, dim=1))
     return torch.cat(out)
 
 

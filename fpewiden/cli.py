@@ -119,9 +119,9 @@ def convert(
     force: Annotated[bool, FORCE] = False,
 ) -> None:
     """Widen every hidden neuron into α children at exactly the same (or a given) non-zero count."""
+    from fpewiden.console import console, convert_table, progress_bar
     from fpewiden.convert import Budget, ConvertOptions, load_clauses
     from fpewiden.convert import convert as run_convert
-    from fpewiden.report import console, convert_table, progress_bar
 
     opts = ConvertOptions(
         alpha=alpha,
@@ -157,8 +157,8 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Per layer: shape, neurons, non-zeros, density, feature capacity, mean |cosine|; totals and FPE metadata."""
+    from fpewiden.console import console, inspect_table
     from fpewiden.inspect import inspect_checkpoint
-    from fpewiden.report import console, inspect_table
 
     report = inspect_checkpoint(ckpt)
     if as_json:
@@ -203,8 +203,8 @@ def finetune(
     force: Annotated[bool, FORCE] = False,
 ) -> None:
     """Train with the zero pattern fixed: masks re-applied after every step, saved with the output."""
+    from fpewiden.console import console, progress_bar
     from fpewiden.recipes import recipe_path, train_config
-    from fpewiden.report import console, progress_bar
     from fpewiden.train.finetune import finetune as run_finetune
     from fpewiden.train.trainer import Distributed
 
@@ -302,8 +302,8 @@ def export(
     force: Annotated[bool, FORCE] = False,
 ) -> None:
     """Export to ONNX with a dynamic batch axis; verify against PyTorch; report size, bytes, nodes and opset."""
+    from fpewiden.console import console, export_table
     from fpewiden.export.export import export as run_export
-    from fpewiden.report import console, export_table
 
     result = run_export(ckpt, out, layout, dtype, opset, verify, force=force)
     if "note" in result:
@@ -336,13 +336,12 @@ def bench(
     """Accuracy, bytes moved per storage format, and measured latency of several models, in one run."""
     import torch
 
-    from fpewiden.bench.measure import ENGINES, preflight
-    from fpewiden.bench.measure import bench as run_bench
-    from fpewiden.bench.report import table, write
+    from fpewiden.benchmark.measure import ENGINES, preflight
+    from fpewiden.benchmark.measure import bench as run_bench
+    from fpewiden.benchmark.outputs import table, write
+    from fpewiden.console import console
+    from fpewiden.data.specs import data_file, load_data
     from fpewiden.io.outputs import check_outputs
-    from fpewiden.report import console
-    from fpewiden.train.data import load_data
-    from fpewiden.train.finetune import data_file
     from fpewiden.train.trainer import resolve_device
 
     data_inputs = [p for p in ([data_file(data)] if data else []) if p is not None]

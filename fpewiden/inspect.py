@@ -7,8 +7,8 @@ from pathlib import Path
 
 from fpewiden.arch import find_pairs
 from fpewiden.fpe.expand import count
+from fpewiden.interference import feature_capacity, mean_abs_cosine
 from fpewiden.io.checkpoint import open_checkpoint
-from fpewiden.metrics import feature_capacity, mean_abs_cosine
 
 
 def inspect_checkpoint(path: Path) -> dict:

@@ -17,19 +17,19 @@ from pathlib import Path
 import yaml
 from safetensors.torch import save_file
 
-from fpewiden.bench.report import markdown as bench_markdown
-from fpewiden.bench.report import table as bench_table
-from fpewiden.bench.report import write as write_bench
+from fpewiden.benchmark.outputs import markdown as bench_markdown
+from fpewiden.benchmark.outputs import table as bench_table
+from fpewiden.benchmark.outputs import write as write_bench
+from fpewiden.console import console, progress_bar, results_table
 from fpewiden.convert import Budget, ConvertOptions, convert
+from fpewiden.data.specs import data_file, load_data
 from fpewiden.errors import FpewidenError
 from fpewiden.io.atomic import atomic_dir, atomic_file
 from fpewiden.io.checkpoint import META_PREFIX
 from fpewiden.io.outputs import MD_MARKER, check_outputs, json_document, mark_dir
+from fpewiden.model.chain_mlp import ChainMLP
 from fpewiden.recipes import Recipe
-from fpewiden.report import console, progress_bar, results_table
-from fpewiden.train.data import load_data
-from fpewiden.train.finetune import data_file, finetune
-from fpewiden.train.mlp import ChainMLP
+from fpewiden.train.finetune import finetune
 
 METRICS = ("exact_match", "accuracy", "mse", "cosine", "loss")
 
@@ -205,7 +205,7 @@ def _bench_first_seed(recipe: Recipe, rows: list[dict]) -> list[dict]:
     """Every model the first seed produced, benchmarked together (dense first: the reference)."""
     import torch
 
-    from fpewiden.bench.measure import bench
+    from fpewiden.benchmark.measure import bench
 
     seed = recipe.seeds[0]
     paths = [Path(r["path"]) for r in rows if r["seed"] == seed]

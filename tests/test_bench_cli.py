@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from fpewiden.cli import app
 from fpewiden.convert import Budget, ConvertOptions, convert
-from fpewiden.train.mlp import ChainMLP
+from fpewiden.model.chain_mlp import ChainMLP
 
 runner = CliRunner()
 DATA = "dnf:inputs=16,clauses=6,literals=3,n=600"

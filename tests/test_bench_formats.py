@@ -2,7 +2,7 @@
 
 import torch
 
-from fpewiden.bench.formats import best_format, block_bytes, matrix_bytes, model_bytes, pareto_front
+from fpewiden.benchmark.formats import best_format, block_bytes, matrix_bytes, model_bytes, pareto_front
 
 
 def test_matrix_bytes_by_hand():
@@ -39,7 +39,7 @@ def test_pareto_front():
 
 
 def test_2_4_pattern():
-    from fpewiden.bench.formats import is_2_4
+    from fpewiden.benchmark.formats import is_2_4
     from fpewiden.fpe.expand import grouped_outgoing
 
     assert is_2_4(grouped_outgoing(range(6), 16, 2))  # α=2 grouped outgoing: one of each parent's two children

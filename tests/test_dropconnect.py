@@ -10,13 +10,13 @@ from typer.testing import CliRunner
 
 from fpewiden.cli import app
 from fpewiden.convert import Budget, ConvertOptions, convert
+from fpewiden.data.specs import load_data
 from fpewiden.errors import FpewidenError
+from fpewiden.model.chain_mlp import ChainMLP
 from fpewiden.recipes import Conversion, recipe_from_dict
 from fpewiden.run import run_recipe
-from fpewiden.train.data import load_data
 from fpewiden.train.dropconnect import DropConnect
-from fpewiden.train.loop import SupervisedTask
-from fpewiden.train.mlp import ChainMLP
+from fpewiden.train.supervised import SupervisedTask
 from fpewiden.train.trainer import TrainConfig, epoch_seed, train
 from tests.helpers import mlp_state
 

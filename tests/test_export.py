@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 from fpewiden.cli import app
 from fpewiden.convert import Budget, ConvertOptions, convert
 from fpewiden.export.export import export
-from fpewiden.train.mlp import ChainMLP
-from fpewiden.train.model import load_trainable
+from fpewiden.model.chain_mlp import ChainMLP
+from fpewiden.model.loaded import load_model
 
 runner = CliRunner()
 
@@ -49,7 +49,7 @@ def make(
 def ort_vs_torch(ckpt: Path, onnx_path: Path, n_in: int) -> float:
     x = torch.randn(7, n_in, generator=torch.Generator().manual_seed(9))  # another batch size than verify's
     with torch.no_grad():
-        ref = load_trainable(ckpt).model(x).numpy()
+        ref = load_model(ckpt).model(x).numpy()
     got = ort.InferenceSession(str(onnx_path)).run(None, {"x": x.numpy()})[0]
     return float(np.abs(got - ref).max() / np.abs(ref).max())
 
@@ -65,7 +65,7 @@ def test_mlp_layouts_match_torch(tmp_path, activation, alpha, budget, density, l
     assert ort_vs_torch(ckpt, out, 16) <= 1e-5
     model = onnx.load(str(out))
     if layout == "sparse":
-        tr = load_trainable(ckpt)
+        tr = load_model(ckpt)
         nnz = sorted(int((tr.tensors()[f"{n}.weight"] != 0).sum()) for n in ("0", "2"))
         assert sorted(len(onnx.numpy_helper.to_array(s.values)) for s in model.graph.sparse_initializer) == nnz
         for s in model.graph.sparse_initializer:

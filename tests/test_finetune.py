@@ -19,7 +19,7 @@ from fpewiden.cli import app
 from fpewiden.convert import Budget, ConvertOptions, convert
 from fpewiden.errors import FpewidenError
 from fpewiden.io.checkpoint import open_checkpoint
-from fpewiden.train.mlp import ChainMLP
+from fpewiden.model.chain_mlp import ChainMLP
 from fpewiden.train.trainer import TrainConfig, train
 from tests.helpers import mlp_state
 

@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from fpewiden.cli import app
-from fpewiden.train.embeddings import datasets_dir
+from fpewiden.data.embeddings import datasets_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from fpewiden.arch.base import PairSpec
+from fpewiden.arch.chain import find_mlp_pairs
 from fpewiden.arch.hf import find_hf_pairs
-from fpewiden.arch.mlp import find_mlp_pairs
 from fpewiden.io.checkpoint import Checkpoint
 
 

@@ -13,12 +13,12 @@ from onnx import numpy_helper
 
 from fpewiden.arch import find_pairs
 from fpewiden.errors import FpewidenError
-from fpewiden.export.mlp_onnx import LAYOUTS, mlp_to_onnx
+from fpewiden.export.mlp_graph import LAYOUTS, mlp_to_onnx
 from fpewiden.export.save import save, staged
 from fpewiden.export.structure import find_blocks
 from fpewiden.export.verify import check, compare, ort_session
 from fpewiden.io.outputs import check_outputs
-from fpewiden.train.model import Trainable, load_trainable
+from fpewiden.model.loaded import LoadedModel, load_model
 
 
 def sparse_note(stats: dict) -> str:
@@ -65,7 +65,7 @@ def model_stats(model: onnx.ModelProto, path: Path) -> dict:
     }
 
 
-def _mlp_layers(tr: Trainable) -> list[tuple[str, torch.Tensor, torch.Tensor | None]]:
+def _mlp_layers(tr: LoadedModel) -> list[tuple[str, torch.Tensor, torch.Tensor | None]]:
     tensors = tr.tensors()
     out = []
     for name, has_b in zip(tr.model.names, tr.model.has_bias, strict=True):
@@ -76,7 +76,7 @@ def _mlp_layers(tr: Trainable) -> list[tuple[str, torch.Tensor, torch.Tensor | N
     return out
 
 
-def _fast_blocks(tr: Trainable):
+def _fast_blocks(tr: LoadedModel):
     meta = tr.ck.fpe_metadata()
     if "alpha" not in meta:
         raise FpewidenError("the fast layout is for FPE conversions (this checkpoint has no fpewiden metadata)")
@@ -125,7 +125,7 @@ def export(
             f"--opset {opset}: Hugging Face models go through torch.onnx's dynamo exporter, which emits opset 18 "
             "or newer"
         )
-    tr = load_trainable(ckpt, head=True)
+    tr = load_model(ckpt, head=True)
     if tr.ck.kind == "hf":
         from fpewiden.export.hf import export_hf
 

@@ -27,7 +27,7 @@ from fpewiden.errors import FpewidenError
 from fpewiden.export.save import save, staged
 from fpewiden.export.structure import Blocks, find_blocks
 from fpewiden.export.verify import check, compare, ort_session
-from fpewiden.train.model import Trainable
+from fpewiden.model.loaded import LoadedModel
 
 SPARSE_MAX_DENSITY = 0.5
 
@@ -85,7 +85,7 @@ def output_name(model: nn.Module) -> str:
     return "logits" if getattr(model, "lm_head", None) is not None else "last_hidden_state"
 
 
-def _blockify(tr: Trainable) -> None:
+def _blockify(tr: LoadedModel) -> None:
     """Swap every BERT FFN of `tr.model` for its block form (in place)."""
     meta = tr.ck.fpe_metadata()
     if "alpha" not in meta:
@@ -146,7 +146,7 @@ def _fp16_weights(model: onnx.ModelProto) -> None:
 
 
 def export_hf(
-    tr: Trainable, out: Path, layout: str, dtype: str, opset: int, verify: bool, external: bool | None
+    tr: LoadedModel, out: Path, layout: str, dtype: str, opset: int, verify: bool, external: bool | None
 ) -> dict:
     from fpewiden.export.export import model_stats, sparse_note
 

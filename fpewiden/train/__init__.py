@@ -1,1 +1,2 @@
-"""Training: built-in tasks, the MLP that a state dict describes, and the mask-preserving loop."""
+"""Training with the zero pattern fixed: the loop (devices, DDP, resume), the supervised and distillation tasks
+it runs, DropConnect, and `finetune`, which loads a checkpoint, trains it and writes it back."""

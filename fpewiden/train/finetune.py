@@ -10,15 +10,15 @@ from pathlib import Path
 import torch
 
 from fpewiden import __version__
+from fpewiden.data.specs import Dataset, data_file, load_data
 from fpewiden.errors import FpewidenError
 from fpewiden.fpe.expand import count
 from fpewiden.io.atomic import atomic_file
 from fpewiden.io.checkpoint import META_PREFIX
 from fpewiden.io.outputs import check_outputs, json_document
 from fpewiden.io.write import write_like
-from fpewiden.train.data import Dataset, load_data
-from fpewiden.train.loop import SupervisedTask
-from fpewiden.train.model import Trainable, load_trainable
+from fpewiden.model.loaded import LoadedModel, load_model
+from fpewiden.train.supervised import SupervisedTask
 from fpewiden.train.trainer import Distributed, TrainConfig, auto_threads, available_cores, train
 
 
@@ -27,7 +27,7 @@ def sidecar(dst: Path, suffix: str) -> Path:
     return dst.parent / f"{dst.name}{suffix}"
 
 
-def check_fit(tr: Trainable, data: Dataset) -> None:
+def check_fit(tr: LoadedModel, data: Dataset) -> None:
     """The data's widths must match the model's first and last layers."""
     if tr.n_inputs is not None and tr.n_inputs != data.n_inputs:
         raise FpewidenError(
@@ -43,14 +43,6 @@ def check_fit(tr: Trainable, data: Dataset) -> None:
         raise FpewidenError(
             f"{data.spec} has {data.n_outputs} {data.kind} targets per sample but the model has {tr.n_outputs} outputs"
         )
-
-
-def data_file(spec: str) -> Path | None:
-    """The file a DATA spec reads, if it names one (an input no output may touch)."""
-    s = spec.strip()
-    if s.startswith(("dnf", "embed:")) or s == "digits":
-        return None
-    return Path(s)
 
 
 def finetune(
@@ -79,7 +71,7 @@ def finetune(
     if resume and not state.is_file():
         raise FpewidenError(f"--resume: no state file {state} to resume from")
     torch.manual_seed(cfg.seed)
-    tr = load_trainable(ckpt)
+    tr = load_model(ckpt)
     if cfg.dropconnect and tr.ck.kind == "hf":
         raise FpewidenError("--dropconnect is for MLP checkpoints (it drops every weight matrix of the chain)")
     if tr.ck.kind == "mlp" and dst.suffix not in (".safetensors", ".pt", ".pth", ".bin"):
@@ -143,13 +135,14 @@ def finetune(
     return summary
 
 
-def _distill_task(tr: Trainable, teacher: Path, text: Path, seed: int, tokenizer: Path | None):
-    from fpewiden.train.distill import DistillTask, check_compatible, load_tokenizer, read_sentences
+def _distill_task(tr: LoadedModel, teacher: Path, text: Path, seed: int, tokenizer: Path | None):
+    from fpewiden.data.text import load_tokenizer, read_sentences
+    from fpewiden.train.distill import DistillTask, check_compatible
 
     if tr.ck.kind != "hf":
         raise FpewidenError("--teacher distillation is for Hugging Face model directories")
     sentences = read_sentences(text)
-    t = load_trainable(teacher)
+    t = load_model(teacher)
     if t.ck.kind != "hf":
         raise FpewidenError(f"--teacher {teacher} is not a Hugging Face model directory")
     check_compatible(tr.ck.config or {}, t.ck.config or {})

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from fpewiden.errors import FpewidenError
+from fpewiden.model.pooling import mean_pool
 
 TASKS = {
     "trec6": ("trec", "train_5500.label", "TREC_10.label"),
@@ -73,9 +74,7 @@ def embed(texts: list[str], batch: int = 128) -> torch.Tensor:
     out = []
     for i in range(0, len(texts), batch):
         enc = tok(texts[i : i + batch], padding=True, truncation=True, max_length=128, return_tensors="pt")
-        hidden = model(**enc).last_hidden_state
-        w = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * w).sum(1) / w.sum(1).clamp_min(1e-9)
+        pooled = mean_pool(model(**enc).last_hidden_state, enc["attention_mask"])
         out.append(torch.nn.functional.normalize(pooled, dim=1))
     return torch.cat(out)
 

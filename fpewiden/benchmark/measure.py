@@ -16,11 +16,11 @@ import numpy as np
 import torch
 
 from fpewiden.arch import find_pairs
-from fpewiden.bench.formats import best_format, model_bytes
+from fpewiden.benchmark.formats import best_format, model_bytes
+from fpewiden.data.labels import evaluate, metrics_from_logits
+from fpewiden.data.specs import Dataset
 from fpewiden.errors import FpewidenError
 from fpewiden.export.structure import find_blocks
-from fpewiden.train.data import Dataset
-from fpewiden.train.loop import evaluate, metrics_from_logits
 
 ENGINES = ("torch", "ort")
 
@@ -67,9 +67,9 @@ def _from_checkpoint(
     path: Path, data: Dataset, engines: list[str], device: torch.device, tmp: Path, threads: int
 ) -> Entry:
     from fpewiden.export.export import export
-    from fpewiden.train.model import load_trainable
+    from fpewiden.model.loaded import load_model
 
-    tr = load_trainable(path)
+    tr = load_model(path)
     if tr.ck.kind == "hf":
         raise FpewidenError(f"{path}: fpewiden bench measures MLP checkpoints and MLP ONNX files")
     e = Entry(path.stem if path.suffix else path.name, path)
@@ -131,7 +131,7 @@ def _add_semi_structured(e: Entry, tr, masks: dict[str, torch.Tensor], device: t
 
     GPU only and not run in CI (no GPU there); where it cannot apply, the reason is recorded instead.
     """
-    from fpewiden.bench.formats import is_2_4
+    from fpewiden.benchmark.formats import is_2_4
 
     eligible = [n for n, m in masks.items() if is_2_4(m)]
     if not eligible:

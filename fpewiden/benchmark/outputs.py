@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.table import Table
 
 from fpewiden import __version__
-from fpewiden.bench.formats import pareto_front
+from fpewiden.benchmark.formats import pareto_front
 from fpewiden.io.atomic import atomic_file
 from fpewiden.io.outputs import MD_MARKER, PNG_SOFTWARE, json_document
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fpewiden.data.dnf import DnfSpec, make_dnf
+from fpewiden.data.labels import label_kind
 from fpewiden.errors import FpewidenError
 from fpewiden.io.checkpoint import load_pt
 from fpewiden.io.safetensors_stream import read_header, read_tensor
-from fpewiden.train.loop import label_kind
-from fpewiden.train.tasks import DnfSpec, make_dnf
 
 
 @dataclass
@@ -122,7 +122,7 @@ def _digits(seed: int, val: float) -> Dataset:
 
 
 def _embedded(spec: str) -> Dataset:
-    from fpewiden.train.embeddings import load_embedded
+    from fpewiden.data.embeddings import load_embedded
 
     task, *opts = spec[len("embed:") :].split(",")
     n = None
@@ -133,6 +133,14 @@ def _embedded(spec: str) -> Dataset:
         n = int(value)
     x, y, xt, yt = load_embedded(task.strip(), n)
     return Dataset(x, y, xt, yt, "classes", spec)
+
+
+def data_file(spec: str) -> Path | None:
+    """The file a DATA spec reads, if it names one (an input no output may touch)."""
+    s = spec.strip()
+    if s.startswith(("dnf", "embed:")) or s == "digits":
+        return None
+    return Path(s)
 
 
 def load_data(spec: str, seed: int = 0, val: float = 0.2) -> Dataset:

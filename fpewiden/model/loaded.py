@@ -15,14 +15,14 @@ import torch
 from torch import nn
 
 from fpewiden.arch import find_pairs
-from fpewiden.arch.mlp import linear_layers
+from fpewiden.arch.chain import linear_layers
 from fpewiden.errors import FpewidenError
 from fpewiden.io.checkpoint import META_PREFIX, Checkpoint, open_checkpoint, pack_mask
-from fpewiden.train.mlp import ACTIVATIONS, ChainMLP
+from fpewiden.model.chain_mlp import ACTIVATIONS, ChainMLP
 
 
 @dataclass
-class Trainable:
+class LoadedModel:
     ck: Checkpoint
     model: nn.Module
     param_of: dict[str, nn.Parameter]  # checkpoint tensor name -> parameter
@@ -59,7 +59,7 @@ def _mask_for(ck: Checkpoint, name: str, t: torch.Tensor) -> torch.Tensor | None
     return ~zeros if bool(zeros.any()) else None
 
 
-def load_trainable(path: Path, head: bool = False) -> Trainable:
+def load_model(path: Path, head: bool = False) -> LoadedModel:
     """`head`: load causal language models with their LM head (for logits); otherwise the base model."""
     ck = open_checkpoint(path)
     return _load_hf(ck, head) if ck.kind == "hf" else _load_mlp(ck)
@@ -70,7 +70,7 @@ def has_lm_head(config: dict) -> bool:
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.get("architectures") or [])
 
 
-def _load_mlp(ck: Checkpoint) -> Trainable:
+def _load_mlp(ck: Checkpoint) -> LoadedModel:
     find_pairs(ck)  # validates the chain with the same messages as convert
     activation = ck.metadata.get(f"{META_PREFIX}activation", "relu")
     if activation not in ACTIVATIONS:
@@ -87,10 +87,10 @@ def _load_mlp(ck: Checkpoint) -> Trainable:
         m = _mask_for(ck, name, ck.get(name))
         if m is not None:
             masks[name] = m
-    return Trainable(ck, model, param_of, masks, activation)
+    return LoadedModel(ck, model, param_of, masks, activation)
 
 
-def _load_hf(ck: Checkpoint, head: bool = False) -> Trainable:
+def _load_hf(ck: Checkpoint, head: bool = False) -> LoadedModel:
     try:
         import transformers
     except ImportError:
@@ -117,4 +117,4 @@ def _load_hf(ck: Checkpoint, head: bool = False) -> Trainable:
                 m = _mask_for(ck, name, ck.get(name))
                 if m is not None:
                     masks[name] = m
-    return Trainable(ck, model, param_of, masks, json.dumps(ck.config.get("hidden_act", "")) if ck.config else "")
+    return LoadedModel(ck, model, param_of, masks, json.dumps(ck.config.get("hidden_act", "")) if ck.config else "")

@@ -1,1 +1,0 @@
-"""`fpewiden bench`: bytes moved per storage format, measured latency, accuracy, Pareto front."""
