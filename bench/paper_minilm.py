@@ -95,7 +95,7 @@ def main() -> None:
         text.write_text("\n".join(train_texts[: args.sentences]))
         for label, alpha, budget in configs:
             conv, ft = Path(d) / f"{alpha}_{budget}", Path(d) / f"{alpha}_{budget}_ft"
-            split = "random" if alpha > 1 else "magnitude"
+            split = "random"
             report = convert(original, conv, ConvertOptions(alpha=alpha, split=split, budget=Budget.parse(budget)))
             for stage, model_dir in (("converted", conv), ("distilled", ft)):
                 if stage == "distilled":

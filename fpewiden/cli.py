@@ -96,7 +96,9 @@ def user_errors(fn: F) -> F:
 def convert(
     src: Annotated[Path, typer.Argument(help="MLP state dict (.safetensors/.pt/.bin) or Hugging Face model dir.")],
     out: Annotated[Path, typer.Option("--out", help="Output .safetensors file, or directory for HF models.")],
-    alpha: Annotated[int, typer.Option(help="Children per neuron (α ≥ 2).")] = 2,
+    alpha: Annotated[
+        int, typer.Option(help="Children per neuron; 1 widens nothing (magnitude pruning to --budget).")
+    ] = 2,
     split: Annotated[str, typer.Option(help="random | clause | feature | shared (one partition per layer)")] = "random",
     clauses: Annotated[
         Path | None, typer.Option(help="JSON list of lists of input indices (for --split clause).")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from fpewiden.arch import find_pairs
@@ -17,8 +16,8 @@ def inspect_checkpoint(path: Path) -> dict:
     chain a hidden layer's outgoing matrix is the next one's incoming). Interference metrics are measured on the
     first incoming matrix (gated MLPs: the gate projection; both read the same inputs)."""
     ck = open_checkpoint(path)
-    meta = ck.fpe_metadata()
-    before = {r["name"]: r["neurons_before"] for r in json.loads(meta.get("layers", "[]"))}
+    meta = ck.meta
+    before = {r["name"]: r["neurons_before"] for r in meta.layers or []}
     layers = []
     seen: dict[str, tuple[int, int]] = {}  # matrix -> (non-zeros, entries)
     for p in find_pairs(ck):
@@ -57,7 +56,7 @@ def inspect_checkpoint(path: Path) -> dict:
     return {
         "path": str(path),
         "kind": ck.kind,
-        "fpewiden": {k: v for k, v in meta.items() if k not in {"layers", "pairs"}},
+        "fpewiden": {k: v for k, v in meta.public().items() if k not in {"layers", "pairs"}},
         "layers": layers,
         "totals": {
             "neurons": sum(r["neurons"] for r in layers),

@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 from safetensors.torch import save_file
 
+from fpewiden import __version__
 from fpewiden.benchmark.outputs import markdown as bench_markdown
 from fpewiden.benchmark.outputs import table as bench_table
 from fpewiden.benchmark.outputs import write as write_bench
@@ -25,7 +26,7 @@ from fpewiden.convert import Budget, ConvertOptions, convert
 from fpewiden.data.specs import data_file, load_data
 from fpewiden.errors import FpewidenError
 from fpewiden.io.atomic import atomic_dir, atomic_file
-from fpewiden.io.checkpoint import META_PREFIX
+from fpewiden.io.metadata import FpeMetadata
 from fpewiden.io.outputs import MD_MARKER, check_outputs, json_document, mark_dir
 from fpewiden.model.chain_mlp import ChainMLP
 from fpewiden.recipes import Recipe
@@ -39,7 +40,8 @@ def _fresh_model(recipe: Recipe, seed: int, path: Path) -> Path:
     widths = [data.n_inputs, *recipe.model.hidden, data.n_outputs]
     model = ChainMLP.fresh(widths, recipe.model.activation, seed)
     with atomic_file(path) as tmp:
-        save_file(model.tensors(), str(tmp), metadata={f"{META_PREFIX}activation": recipe.model.activation})
+        meta = FpeMetadata(version=__version__, kind="mlp", activation=recipe.model.activation)
+        save_file(model.tensors(), str(tmp), metadata=meta.strings())
     if data.clauses:
         (path.parent / "clauses.json").write_text(json.dumps(data.clauses) + "\n")
     return path
@@ -103,7 +105,7 @@ def run_recipe(recipe: Recipe, out: Path, force: bool = False, inputs: list[Path
 def _run(recipe: Recipe, stage: Path, out: Path) -> dict:
     """The protocol, writing into `stage`; results name paths as they will be once `stage` is `out`."""
     (stage / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    recipe_meta = {f"{META_PREFIX}recipe": json.dumps(recipe.to_dict())}
+    recipe_meta = recipe.to_dict()
     rest = recipe.epochs - recipe.warmup_epochs
     rows: list[dict] = []
     jobs = len(recipe.seeds) * (2 + 2 * len(recipe.conversions))
@@ -123,14 +125,12 @@ def _run(recipe: Recipe, stage: Path, out: Path) -> dict:
             )
             warm = d / "warm.safetensors"
             if recipe.warmup_epochs:
-                finetune(
-                    init, recipe.data, warm, recipe.train_config(recipe.warmup_epochs, seed), extra_metadata=recipe_meta
-                )
+                finetune(init, recipe.data, warm, recipe.train_config(recipe.warmup_epochs, seed), recipe=recipe_meta)
             else:
                 warm = init
             tick(f"seed {seed}: dense warm-up")
             dense = finetune(
-                warm, recipe.data, d / "dense.safetensors", recipe.train_config(rest, seed), extra_metadata=recipe_meta
+                warm, recipe.data, d / "dense.safetensors", recipe.train_config(rest, seed), recipe=recipe_meta
             )
             tick(f"seed {seed}: dense baseline")
             rows.append(_row("dense", d / "dense.safetensors", dense, seed))
@@ -143,7 +143,7 @@ def _run(recipe: Recipe, stage: Path, out: Path) -> dict:
                     conv,
                     ConvertOptions(
                         alpha=c.alpha,
-                        split="magnitude" if c.alpha == 1 else c.split,
+                        split=c.split,
                         clauses=clauses,
                         budget=Budget.parse(c.budget),
                         seed=seed,
@@ -160,21 +160,19 @@ def _run(recipe: Recipe, stage: Path, out: Path) -> dict:
                     recipe.data,
                     trained,
                     recipe.train_config(rest - c.prune_epochs, seed, c.dropconnect),
-                    extra_metadata=recipe_meta,
+                    recipe=recipe_meta,
                 )
                 if c.prune_epochs:  # back to the dense count, then fine-tune the rest with that mask fixed
                     pruned = d / f"{name}_pruned.safetensors"
                     budget = Budget("count", report["nnz_before"])
-                    opts = ConvertOptions(
-                        alpha=1, split="magnitude", budget=budget, seed=seed, activation=recipe.model.activation
-                    )
+                    opts = ConvertOptions(alpha=1, budget=budget, seed=seed, activation=recipe.model.activation)
                     convert(trained, pruned, opts)
                     res = finetune(
                         pruned,
                         recipe.data,
                         final,
                         recipe.train_config(c.prune_epochs, seed),
-                        extra_metadata=recipe_meta,
+                        recipe=recipe_meta,
                     )
                 tick(f"seed {seed}: fine-tune {c.label}")
                 rows.append(_row(c.label, final, res, seed))

@@ -85,9 +85,9 @@ def test_shapes_dont_chain(tmp_path):
     assert_user_error(run(*convert_args(tmp_path / "s.safetensors", tmp_path)), "shapes don't chain", tmp_path)
 
 
-def test_alpha_below_two(tmp_path):
+def test_alpha_below_one(tmp_path):
     src = write_mlp(tmp_path / "m.safetensors")
-    assert_user_error(run(*convert_args(src, tmp_path, "--alpha", "1")), "at least 2", tmp_path)
+    assert_user_error(run(*convert_args(src, tmp_path, "--alpha", "0")), "at least 1", tmp_path)
 
 
 def test_alpha_above_inputs(tmp_path):
@@ -153,7 +153,7 @@ def test_convert_and_inspect_json(tmp_path):
     assert res.exit_code == 0, res.output
     res = run("inspect", dst, "--json")
     report = json.loads(res.stdout)
-    assert report["fpewiden"]["alpha"] == "2"
+    assert report["fpewiden"]["alpha"] == 2
     assert [r["neurons"] for r in report["layers"]] == [32, 20]
     assert [r["neurons_before"] for r in report["layers"]] == [16, 10]
     dense_nnz = 12 * 16 + 16 * 10 + 10 * 3

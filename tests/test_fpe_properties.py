@@ -4,8 +4,24 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fpewiden.fpe.expand import Pair, expand, prune_to_budget, widen
+from fpewiden.fpe import reference
+from fpewiden.fpe.expand import Pair, widen_blocks
+from fpewiden.fpe.reference import expand
 from fpewiden.fpe.splits import feature_assignment, group_assignment, random_assignment, shared_assignment
+
+
+def widen(pair: Pair, alpha: int, a: torch.Tensor, budget: int | None, outgoing="copy", second=None) -> Pair:
+    """The streaming path (what convert runs), its row blocks joined, checked against fpe.reference."""
+    parts: dict[int, list] = {}
+    for i, _row, w, m in widen_blocks(pair, alpha, a, budget, outgoing, second):
+        parts.setdefault(i, []).append((w, m))
+    joined = [(torch.cat([w for w, _ in parts[i]]), torch.cat([m for _, m in parts[i]])) for i in sorted(parts)]
+    out = Pair([w for w, _ in joined[:-1]], [m for _, m in joined[:-1]], pair.b_in, *joined[-1])
+    ref = reference.widen(pair, alpha, a, budget, outgoing, second)
+    for x, y in zip([*out.w_in, *out.m_in, out.w_out, out.m_out], [*ref.w_in, *ref.m_in, ref.w_out, ref.m_out]):
+        assert torch.equal(x, y)
+    out.b_in = ref.b_in
+    return out
 
 
 @st.composite
@@ -118,51 +134,41 @@ def test_clause_groups_spread_evenly():
     assert len({tuple(row.tolist()) for row in a}) > 1
 
 
-def test_prune_ties_broken_by_position():
+def test_reference_prune_removes_the_earliest_ties():
     w = [torch.ones(2, 3), torch.ones(3, 2)]
     m = [torch.ones(2, 3, dtype=torch.bool), torch.ones(3, 2, dtype=torch.bool)]
-    out = prune_to_budget(w, m, 8)
+    out = reference.prune(w, m, 8)
     assert out[0].view(-1).tolist() == [False, False, False, False, True, True]
     assert bool(out[1].all())
-
-
-def test_prune_keeps_largest():
     w = [torch.tensor([[0.1, -5.0, 0.3]]), torch.tensor([[2.0], [-0.2]])]
     m = [torch.ones(1, 3, dtype=torch.bool), torch.ones(2, 1, dtype=torch.bool)]
-    out = prune_to_budget(w, m, 2)
+    out = reference.prune(w, m, 2)
     assert out[0].tolist() == [[False, True, False]] and out[1].view(-1).tolist() == [True, False]
 
 
 @given(
     st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64]),
-    st.lists(st.tuples(st.integers(1, 6), st.integers(1, 6)), min_size=1, max_size=3),
+    st.integers(1, 6),
+    st.integers(1, 6),
+    st.integers(1, 6),
     st.integers(0, 999),
     st.floats(0.0, 1.0),
     st.booleans(),
 )
-def test_prune_matches_reference_sort(dtype, shapes, seed, keep_ratio, coarse):
-    """Radix select equals a stable sort on (|w|, tensor, row-major position), in every float dtype."""
+def test_radix_select_matches_a_stable_sort(dtype, h, d, o, seed, keep_ratio, coarse):
+    """α=1 (magnitude pruning): the radix-select threshold and the tie rule equal a stable sort, in every float
+    dtype, with many exact ties when values are coarse."""
     g = torch.Generator().manual_seed(seed)
     ws, ms = [], []
-    for r, c in shapes:
+    for r, c in ((h, d), (o, h)):
         w = torch.randn(r, c, generator=g)
-        if coarse:  # many exact ties
+        if coarse:
             w = torch.round(w * 2) / 2
-        ws.append(w.to(dtype))
-        ms.append(torch.rand(r, c, generator=g) < 0.8)
-    total = sum(int(m.sum()) for m in ms)
-    budget = round(keep_ratio * total)
-    got = prune_to_budget(ws, ms, budget)
-    flat = [
-        (float(abs(w.view(-1)[j])), t, j)
-        for t, (w, m) in enumerate(zip(ws, ms))
-        for j in range(m.numel())
-        if m.view(-1)[j]
-    ]
-    removed = {(t, j) for _, t, j in sorted(flat)[: total - budget]}
-    for t, (m, k) in enumerate(zip(ms, got)):
-        expected = [bool(m.view(-1)[j]) and (t, j) not in removed for j in range(m.numel())]
-        assert k.view(-1).tolist() == expected
+        m = torch.rand(r, c, generator=g) < 0.8
+        ws.append((w * m).to(dtype))
+        ms.append(m)
+    pair = Pair([ws[0]], [ms[0]], [None], ws[1], ms[1])
+    widen(pair, 1, torch.zeros(h, d, dtype=torch.int8), round(keep_ratio * pair.nnz()))
 
 
 @given(pairs(), st.floats(0.3, 1.0))

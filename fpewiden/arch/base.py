@@ -21,6 +21,7 @@ class PairSpec:
     out_weight: str
     transposed: bool = False
     config_key: str | None = None
+    out_bias: str | None = None  # the outgoing layer's bias (a calibrated conversion may refit it)
 
 
 def natural_key(name: str) -> list[object]:

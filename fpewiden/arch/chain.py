@@ -48,6 +48,6 @@ def find_mlp_pairs(ck: Checkpoint) -> list[PairSpec]:
                 f"reads {in_b}"
             )
     return [
-        PairSpec(name=m, in_weights=(w,), in_biases=(b,), out_weight=nxt[1])
+        PairSpec(name=m, in_weights=(w,), in_biases=(b,), out_weight=nxt[1], out_bias=nxt[2])
         for (m, w, b), nxt in itertools.pairwise(layers)
     ]

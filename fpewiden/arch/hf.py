@@ -92,7 +92,8 @@ def find_hf_pairs(ck: Checkpoint) -> list[PairSpec]:
         if missing:
             raise FpewidenError(f"{ck.path}: layer {p} lacks {missing[0]}")
         biases = tuple(f"{p}.{s}.bias" if f"{p}.{s}.bias" in ck.shapes else None for s in fam.ins)
-        pairs.append(PairSpec(p, ins, biases, out, fam.transposed, fam.config_key(p, ck.config)))
+        out_bias = f"{p}.{fam.out}.bias" if f"{p}.{fam.out}.bias" in ck.shapes else None
+        pairs.append(PairSpec(p, ins, biases, out, fam.transposed, fam.config_key(p, ck.config), out_bias))
     if not pairs:
         raise FpewidenError(f"no expandable layer found in {ck.path} (model_type={ck.config.get('model_type')!r})")
     return pairs
@@ -105,13 +106,6 @@ def config_activation(config: dict, pair: PairSpec) -> str:
     if pair.config_key and "." in pair.config_key:
         section = config.get(pair.config_key.split(".")[0], {})
     return str(section.get(fam.activation_key, section.get("activation", "unknown")))
-
-
-def get_config_width(config: dict, key: str) -> int | None:
-    node = config
-    for part in key.split(".")[:-1]:
-        node = node.get(part, {})
-    return node.get(key.split(".")[-1])
 
 
 def set_config_width(config: dict, key: str, width: int) -> None:

@@ -77,10 +77,10 @@ def _from_checkpoint(
     tensors = tr.tensors()
     weights = {n: t for n, t in tensors.items() if t.dim() == 2}
     masks = {n: tr.masks.get(n, t != 0) for n, t in weights.items()}
-    meta = tr.ck.fpe_metadata()
+    meta = tr.ck.meta
     blocks = None
     pairs = find_pairs(tr.ck)
-    if meta.get("split") == "shared" and meta.get("outgoing") == "grouped" and len(pairs) == 1:
+    if meta.split == "shared" and meta.outgoing == "grouped" and meta.alpha and len(pairs) == 1:
         p = pairs[0]
         try:  # the block format and the fast export exist only where the structure really holds
             find_blocks(
@@ -89,9 +89,9 @@ def _from_checkpoint(
                 None,
                 tensors[p.out_weight],
                 masks[p.out_weight],
-                int(meta["alpha"]),
+                meta.alpha,
             )
-            blocks = [(p.in_weights[0], p.out_weight, int(meta["alpha"]))]
+            blocks = [(p.in_weights[0], p.out_weight, meta.alpha)]
         except FpewidenError as err:
             e.info["block_layout"] = f"not applicable: {err}"
     vectors = sum(t.numel() for t in tensors.values() if t.dim() == 1)
@@ -101,8 +101,14 @@ def _from_checkpoint(
         nnz=sum(int(torch.count_nonzero(m)) for m in masks.values()),
         params=sum(t.numel() for t in tensors.values()),
         bytes=model_bytes(masks, vectors, blocks),
-        fpewiden={k: meta[k] for k in ("alpha", "split", "outgoing", "budget_spec") if k in meta},
+        fpewiden={k: getattr(meta, k) for k in ("alpha", "split", "outgoing", "budget_spec") if getattr(meta, k)},
     )
+    if "ort" in engines:  # exported from the model already loaded, before it moves to the device
+        layout = "fast" if blocks else "dense"
+        onnx_path = tmp / f"{len(list(tmp.iterdir()))}.onnx"
+        export(path, onnx_path, layout, verify=False, model=tr)
+        e.info["ort_layout"] = layout
+        e.runners["ort"] = _ort_runner(onnx_path, threads, device)
     model = tr.model.eval().to(device)
     e.info["metrics"] = evaluate(model, data.x_val, data.y_val, data.kind)
     if "torch" in engines:
@@ -115,12 +121,6 @@ def _from_checkpoint(
                 return out.cpu().numpy()
 
         e.runners["torch"] = run_torch
-    if "ort" in engines:
-        layout = "fast" if blocks else "dense"
-        onnx_path = tmp / f"{len(list(tmp.iterdir()))}.onnx"
-        export(path, onnx_path, layout, verify=False)
-        e.info["ort_layout"] = layout
-        e.runners["ort"] = _ort_runner(onnx_path, threads, device)
     if "torch" in engines and device.type == "cuda":
         _add_semi_structured(e, tr, masks, device)
     return e
@@ -250,7 +250,10 @@ def load_entries(
 def time_entries(
     entries: list[Entry], data: Dataset, batch_sizes: list[int], repeat: int, warmup: int, rounds: int = 5
 ) -> None:
-    """Median and p90 latency per engine and batch size, round-robin over models."""
+    """Median and p90 latency per engine and batch size over exactly `repeat` timed runs each, spread over
+    `rounds` round-robin passes through the models (so slow drifts of the machine hit every model alike)."""
+    rounds = max(1, min(rounds, repeat))
+    per_round = [repeat // rounds + (1 if r < repeat % rounds else 0) for r in range(rounds)]
     for b in batch_sizes:
         x = data.x_val[:b].numpy()
         if len(x) < b:
@@ -260,9 +263,9 @@ def time_entries(
         for _, _, run in jobs:
             for _ in range(warmup):
                 run(x)
-        for _ in range(rounds):
+        for n in per_round:
             for e, eng, run in jobs:
-                for _ in range(max(1, repeat // rounds)):
+                for _ in range(n):
                     t = time.perf_counter()
                     run(x)
                     times[(id(e), eng)].append(time.perf_counter() - t)
@@ -275,6 +278,14 @@ def time_entries(
                 "items_per_sec": b / med,
                 "sparse_path": eng == "torch-2:4",
             }
+
+
+def sparse_path_note(latency: dict) -> str:
+    """Whether any timed engine ran a sparse kernel (today only torch's 2:4 semi-structured path on CUDA)."""
+    ran = sorted({eng for eng, by_batch in latency.items() for v in by_batch.values() if v.get("sparse_path")})
+    if ran:
+        return f"{', '.join(ran)} ran sparse kernels; the other engines multiply dense matrices"
+    return "no sparse kernel ran: torch multiplies dense matrices and ONNX Runtime densifies sparse initializers"
 
 
 def summarise(entries: list[Entry], threads: int) -> list[dict]:
@@ -293,8 +304,7 @@ def summarise(entries: list[Entry], threads: int) -> list[dict]:
             "bound_vs_reference": ref["bytes"]["dense_fp32"] / i["bytes"][best],
             "latency": i.get("latency", {}),
             "threads": threads,
-            "sparse_path_note": "no sparse kernel runs here: torch uses dense matmuls and ONNX Runtime "
-            "densifies sparse initializers",
+            "sparse_path_note": sparse_path_note(i.get("latency", {})),
         }
         row["speedup_vs_reference"] = {
             eng: {

@@ -24,23 +24,25 @@ def front(rows: list[dict], metric: str) -> list[int]:
     return pareto_front([(float(r["best_bytes"]), sign * r["metrics"][metric]) for r in rows])
 
 
-def table(rows: list[dict]) -> Table:
+def _latency_keys(rows: list[dict]) -> list[tuple[str, str]]:
+    keys = {(eng, b) for r in rows for eng, lat in r["latency"].items() for b in lat}
+    return sorted(keys, key=lambda k: (k[0], int(k[1])))
+
+
+def grid(rows: list[dict]) -> tuple[str, list[str], list[list[str]], set[int]]:
+    """What the console table and the Markdown both show: the metric, the header, one row of cells per model
+    and which models lie on the Pareto front."""
     metric = main_metric(rows)
-    on_front = set(front(rows, metric))
-    t = Table(title=f"fpewiden bench: {metric} against bytes moved per inference (* Pareto front)")
-    cols = ["model", metric, "neurons", "non-zeros", "dense fp32 B", "best format", "best B", "bound"]
-    lat_keys = sorted(
-        {(eng, b) for r in rows for eng, lat in r["latency"].items() for b in lat}, key=lambda k: (k[0], int(k[1]))
-    )
-    cols += [f"{eng} b{b} ms (×)" for eng, b in lat_keys]
-    for c in cols:
-        t.add_column(c, justify="left" if c == "model" else "right")
-    for i, r in enumerate(rows):
-        cells = [
-            ("* " if i in on_front else "  ") + r["model"],
+    lat_keys = _latency_keys(rows)
+    head = ["model", metric, "neurons", "non-zeros", "dense fp32 bytes", "best format", "best bytes", "bound"]
+    head += [f"{eng} batch {b}: median ms (speed-up)" for eng, b in lat_keys]
+    cells = []
+    for r in rows:
+        row = [
+            r["model"],
             f"{r['metrics'][metric]:.4f}",
             str(r["neurons"] if r["neurons"] is not None else "-"),
-            str(r["nnz"]),
+            f"{r['nnz']:,}",
             f"{r['bytes']['dense_fp32']:,}",
             r["best_format"],
             f"{r['best_bytes']:,}",
@@ -49,51 +51,34 @@ def table(rows: list[dict]) -> Table:
         for eng, b in lat_keys:
             lat = r["latency"].get(eng, {}).get(b)
             sp = r["speedup_vs_reference"].get(eng, {}).get(b)
-            cells.append(f"{lat['median_ms']:.3f} ({sp:.2f}×)" if lat else "-")
-        t.add_row(*cells)
+            row.append(f"{lat['median_ms']:.3f} ({sp:.2f}×)" if lat else "-")
+        cells.append(row)
+    return metric, head, cells, set(front(rows, metric))
+
+
+def table(rows: list[dict]) -> Table:
+    metric, head, cells, on_front = grid(rows)
+    t = Table(title=f"fpewiden bench: {metric} against bytes moved per inference (* Pareto front)")
+    for c in head:
+        t.add_column(c, justify="left" if c == "model" else "right")
+    for i, row in enumerate(cells):
+        t.add_row(("* " if i in on_front else "  ") + row[0], *row[1:])
     return t
 
 
 def markdown(rows: list[dict]) -> str:
-    metric = main_metric(rows)
-    on_front = set(front(rows, metric))
-    lat_keys = sorted(
-        {(eng, b) for r in rows for eng, lat in r["latency"].items() for b in lat}, key=lambda k: (k[0], int(k[1]))
-    )
-    head = [
-        "model",
-        metric,
-        "neurons",
-        "non-zeros",
-        "dense fp32 bytes",
-        "best format",
-        "best bytes",
-        "bound vs first",
-    ] + [f"{eng} batch {b}: median ms (speed-up)" for eng, b in lat_keys]
+    _, head, cells, on_front = grid(rows)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for i, r in enumerate(rows):
-        cells = [
-            ("**" + r["model"] + "** (Pareto)") if i in on_front else r["model"],
-            f"{r['metrics'][metric]:.4f}",
-            str(r["neurons"] if r["neurons"] is not None else "-"),
-            str(r["nnz"]),
-            str(r["bytes"]["dense_fp32"]),
-            r["best_format"],
-            str(r["best_bytes"]),
-            f"{r['bound_vs_reference']:.2f}",
-        ]
-        for eng, b in lat_keys:
-            lat = r["latency"].get(eng, {}).get(b)
-            sp = r["speedup_vs_reference"].get(eng, {}).get(b)
-            cells.append(f"{lat['median_ms']:.3f} ({sp:.2f}×)" if lat else "-")
-        lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append(
+    for i, row in enumerate(cells):
+        name = f"**{row[0]}** (Pareto)" if i in on_front else row[0]
+        lines.append("| " + " | ".join([name, *row[1:]]) + " |")
+    notes = sorted({r["sparse_path_note"] for r in rows})
+    lines += [
+        "",
         "Bytes: weights moved per inference, counted from the tensors. Bound: the first model's dense fp32 "
         "bytes over this model's best-format bytes (the speed-up a purely memory-bound engine could reach). "
-        "No sparse kernel ran: torch multiplies dense matrices and ONNX Runtime densifies sparse "
-        "initializers."
-    )
+        + " ".join(n[0].upper() + n[1:] + "." for n in notes),
+    ]
     return "\n".join(lines) + "\n"
 
 

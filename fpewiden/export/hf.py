@@ -13,20 +13,18 @@ from __future__ import annotations
 
 import contextlib
 import io
+import tempfile
 import warnings
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
-from onnx import helper, numpy_helper
 from torch import nn
 
 from fpewiden.arch import find_pairs
 from fpewiden.errors import FpewidenError
-from fpewiden.export.save import save, staged
+from fpewiden.export.onnx_edit import Built
 from fpewiden.export.structure import Blocks, find_blocks
-from fpewiden.export.verify import check, compare, ort_session
 from fpewiden.model.loaded import LoadedModel
 
 SPARSE_MAX_DENSITY = 0.5
@@ -87,10 +85,9 @@ def output_name(model: nn.Module) -> str:
 
 def _blockify(tr: LoadedModel) -> None:
     """Swap every BERT FFN of `tr.model` for its block form (in place)."""
-    meta = tr.ck.fpe_metadata()
-    if "alpha" not in meta:
+    alpha = tr.ck.meta.alpha
+    if alpha is None:
         raise FpewidenError("the fast layout is for FPE conversions (this checkpoint has no fpewiden metadata)")
-    alpha = int(meta["alpha"])
     layers = getattr(getattr(tr.model, "encoder", None), "layer", None)
     if layers is None or not all(hasattr(x, "intermediate") and hasattr(x, "output") for x in layers):
         raise FpewidenError("the fast layout for Hugging Face models supports BERT-style encoders")
@@ -107,49 +104,9 @@ def _blockify(tr: LoadedModel) -> None:
         layer.output.dense = BlockOutput(blocks, layer.output.dense.bias.detach())
 
 
-def _sparsify(model: onnx.ModelProto) -> int:
-    """Move 2-D float initializers of density ≤ 0.5 to sparse_initializer (COO, int64 linear indices)."""
-    g = model.graph
-    keep, n = [], 0
-    for init in g.initializer:
-        arr = numpy_helper.to_array(init)
-        if arr.ndim == 2 and arr.dtype.kind == "f" and np.count_nonzero(arr) <= SPARSE_MAX_DENSITY * arr.size:
-            flat = (arr + 0).reshape(-1)  # -0.0 -> +0.0
-            idx = np.flatnonzero(flat).astype(np.int64)
-            values = numpy_helper.from_array(flat[idx], init.name)
-            g.sparse_initializer.append(
-                helper.make_sparse_tensor(values, numpy_helper.from_array(idx, f"{init.name}_indices"), list(arr.shape))
-            )
-            n += 1
-        else:
-            keep.append(init)
-    del g.initializer[:]
-    g.initializer.extend(keep)
-    return n
-
-
-def _fp16_weights(model: onnx.ModelProto) -> None:
-    """Store float initializers of 2+ dims as fp16, cast back to fp32 where they are used."""
-    g = model.graph
-    casts = []
-    for init in g.initializer:
-        arr = numpy_helper.to_array(init)
-        if arr.dtype == np.float32 and arr.ndim >= 2:
-            name = init.name
-            init.CopyFrom(numpy_helper.from_array(arr.astype(np.float16), f"{name}__fp16"))
-            casts.append(
-                helper.make_node("Cast", [f"{name}__fp16"], [name], to=onnx.TensorProto.FLOAT, name=f"{name}__cast")
-            )
-    nodes = list(g.node)
-    del g.node[:]
-    g.node.extend(casts + nodes)
-
-
-def export_hf(
-    tr: LoadedModel, out: Path, layout: str, dtype: str, opset: int, verify: bool, external: bool | None
-) -> dict:
-    from fpewiden.export.export import model_stats, sparse_note
-
+def build_hf(tr: LoadedModel, layout: str, opset: int) -> Built:
+    """The model through torch.onnx's dynamo exporter (dynamic batch and sequence axes), with verification
+    inputs of another batch size and sequence length than the export's, to check the dynamic axes."""
     model = tr.model.eval()
     if layout == "fast":
         _blockify(tr)
@@ -158,10 +115,9 @@ def export_hf(
     ids = torch.randint(vocab, (2, 16), generator=g)
     mask = torch.ones_like(ids)
     mask[1, 10:] = 0
-    names = ["input_ids", "attention_mask"]
     wrapper = ModelOutput(model)
-    result: dict = {"checkpoint": str(tr.ck.path), "out": str(out), "layout": layout, "dtype": dtype}
-    with staged(out) as tmp:
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "model.onnx"
         # the exporter prints its progress on stdout; keep stdout for fpewiden's own report
         with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
@@ -170,8 +126,8 @@ def export_hf(
                 torch.onnx.export(
                     wrapper,
                     (ids, mask),
-                    str(tmp),
-                    input_names=names,
+                    str(path),
+                    input_names=["input_ids", "attention_mask"],
                     output_names=[output_name(model)],
                     dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}),
                     opset_version=opset,
@@ -184,27 +140,11 @@ def export_hf(
                     f"torch.onnx cannot export {tr.ck.path}: {type(e).__name__}: "
                     f"{str(e).splitlines()[0] if str(e) else ''}"
                 ) from None
-        proto = onnx.load(str(tmp))  # with the exporter's external data, if any
-        for f in tmp.parent.iterdir():  # the exporter's own data file; save() decides afresh
-            if f != tmp:
-                f.unlink()
-        if layout == "sparse":
-            _sparsify(proto)
-        if dtype == "fp16":
-            _fp16_weights(proto)
-        proto.producer_name = "fpewiden"
-        result["external_data"] = save(proto, tmp, external)
-        result["checker"] = check(tmp)
-        if verify:  # at another batch and sequence length than the export's, to check the dynamic axes
-            ids2 = torch.randint(vocab, (3, 9), generator=g)
-            mask2 = torch.ones_like(ids2)
-            mask2[2, 5:] = 0
-            with torch.no_grad():
-                ref = wrapper(ids2, mask2).numpy()
-            got = ort_session(tmp).run(None, {"input_ids": ids2.numpy(), "attention_mask": mask2.numpy()})[0]
-            result["verify"] = compare(got, ref, dtype)
-        result.update(model_stats(onnx.load(str(tmp), load_external_data=False), tmp))
-    result["output"] = output_name(model)
-    if layout == "sparse":
-        result["note"] = sparse_note(result)
-    return result
+        proto = onnx.load(str(path))  # with the exporter's external data, if any, into memory
+    ids2 = torch.randint(vocab, (3, 9), generator=g)
+    mask2 = torch.ones_like(ids2)
+    mask2[2, 5:] = 0
+    with torch.no_grad():
+        reference = wrapper(ids2, mask2).numpy()
+    feeds = {"input_ids": ids2.numpy(), "attention_mask": mask2.numpy()}
+    return Built(proto, feeds, reference, output_name(model), SPARSE_MAX_DENSITY)

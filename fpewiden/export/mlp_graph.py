@@ -1,11 +1,8 @@
 """ONNX graphs for MLP checkpoints, built node by node so every layout's operators and bytes are explicit.
 
-dense:  MatMul(x, Wᵀ) + b per layer, weights as plain initializers: the honest baseline.
-sparse: the same graph with weight matrices as COO sparse initializers (ONNX Runtime densifies them at load:
-        smaller files, not faster inference).
-fast:   each FPE pair as α dense blocks between one input Gather and one output Gather (see structure.py).
-Weights can be stored as fp16 and cast to fp32 at run time (`--dtype fp16`): half the bytes, fp32 arithmetic,
-because ONNX Runtime's CPU provider has few fp16 kernels.
+dense: MatMul(x, Wᵀ) + b per layer, weights as plain fp32 initializers: the honest baseline.
+fast:  each FPE pair as α dense blocks between one input Gather and one output Gather (see structure.py).
+Sparse storage and fp16 storage are edits of the finished graph (onnx_edit.py), shared with Hugging Face models.
 """
 
 from __future__ import annotations
@@ -15,18 +12,20 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from fpewiden.arch import find_pairs
 from fpewiden.errors import FpewidenError
-from fpewiden.export.structure import Blocks
+from fpewiden.export.onnx_edit import Built
+from fpewiden.export.structure import Blocks, find_blocks
+from fpewiden.model.loaded import LoadedModel
 
 LAYOUTS = ("dense", "sparse", "fast")
 
 
 class GraphBuilder:
-    def __init__(self, dtype: str, opset: int):
+    def __init__(self, opset: int):
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
-        self.sparse: list[onnx.SparseTensorProto] = []
-        self.dtype, self.opset = dtype, opset
+        self.opset = opset
         self._n = 0
 
     def name(self, base: str) -> str:
@@ -44,22 +43,10 @@ class GraphBuilder:
         self.inits.append(numpy_helper.from_array(array, name))
         return name
 
-    def weight(self, t: torch.Tensor, base: str, sparse: bool = False) -> str:
-        """A float weight, fp16-stored (then cast) when asked, as a sparse initializer when asked."""
-        arr = t.detach().to(torch.float32).numpy()
-        arr = arr + 0.0  # -0.0 -> +0.0, so a sparse initializer never stores a signed zero
-        store = arr.astype(np.float16) if self.dtype == "fp16" else arr
+    def weight(self, t: torch.Tensor, base: str) -> str:
+        """A float weight as an fp32 initializer."""
         name = self.name(base)
-        if sparse:
-            flat = store.reshape(-1)
-            idx = np.flatnonzero(flat).astype(np.int64)
-            values = numpy_helper.from_array(flat[idx], name)
-            indices = numpy_helper.from_array(idx, f"{name}_indices")
-            self.sparse.append(helper.make_sparse_tensor(values, indices, list(store.shape)))
-        else:
-            self.inits.append(numpy_helper.from_array(store, name))
-        if self.dtype == "fp16":
-            return self.node("Cast", [name], to=TensorProto.FLOAT)
+        self.inits.append(numpy_helper.from_array(t.detach().to(torch.float32).numpy(), name))
         return name
 
     def activation(self, x: str, act: str) -> str:
@@ -86,13 +73,12 @@ class GraphBuilder:
             [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", n_in])],
             [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n_out])],
             initializer=self.inits,
-            sparse_initializer=self.sparse,
         )
         return helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)], producer_name="fpewiden")
 
 
-def _linear(g: GraphBuilder, x: str, w: torch.Tensor, b: torch.Tensor | None, sparse: bool, base: str) -> str:
-    y = g.node("MatMul", [x, g.weight(w.T.contiguous(), f"{base}_weight_t", sparse)])
+def _linear(g: GraphBuilder, x: str, w: torch.Tensor, b: torch.Tensor | None, base: str) -> str:
+    y = g.node("MatMul", [x, g.weight(w.T.contiguous(), f"{base}_weight_t")])
     return g.node("Add", [y, g.weight(b, f"{base}_bias")]) if b is not None else y
 
 
@@ -120,26 +106,62 @@ def _blocks(g: GraphBuilder, x: str, blocks: Blocks, act: str, base: str) -> str
 def mlp_to_onnx(
     layers: list[tuple[str, torch.Tensor, torch.Tensor | None]],
     activation: str,
-    layout: str,
-    dtype: str = "fp32",
     opset: int = 17,
     blocks: Blocks | None = None,
 ) -> onnx.ModelProto:
-    """`layers`: (name, weight (out, in), bias) in forward order. For `fast`, `blocks` replaces layers 0 and 1."""
-    g = GraphBuilder(dtype, opset)
+    """`layers`: (name, weight (out, in), bias) in forward order. `blocks` (the fast layout) replaces layers 0
+    and 1 with their block form."""
+    g = GraphBuilder(opset)
     x = "x"
     i = 0
     while i < len(layers):
         name, w, b = layers[i]
-        if layout == "fast" and i == 0 and blocks is not None:
+        if i == 0 and blocks is not None:
             x = _blocks(g, x, blocks, activation, name)
             _, _, b_out = layers[1]
             if b_out is not None:
                 x = g.node("Add", [x, g.weight(b_out, f"{layers[1][0]}_bias")])
             i = 2
         else:
-            x = _linear(g, x, w, b, layout == "sparse", name)
+            x = _linear(g, x, w, b, name)
             i += 1
         if i < len(layers):
             x = g.activation(x, activation)
     return g.model(x, layers[0][1].shape[1], layers[-1][1].shape[0])
+
+
+def _layers(tr: LoadedModel) -> list[tuple[str, torch.Tensor, torch.Tensor | None]]:
+    """(name, weight with its zero pattern enforced, bias) per Linear, in forward order."""
+    tensors = tr.tensors()
+    out = []
+    for name, has_b in zip(tr.model.names, tr.model.has_bias, strict=True):
+        w = tensors[f"{name}.weight"]
+        if f"{name}.weight" in tr.masks:
+            w = torch.where(tr.masks[f"{name}.weight"], w, 0)
+        out.append((name, w, tensors[f"{name}.bias"] if has_b else None))
+    return out
+
+
+def _fast_blocks(tr: LoadedModel) -> Blocks:
+    alpha = tr.ck.meta.alpha
+    if alpha is None:
+        raise FpewidenError("the fast layout is for FPE conversions (this checkpoint has no fpewiden metadata)")
+    pairs = find_pairs(tr.ck)
+    if len(pairs) != 1:
+        raise FpewidenError(f"the fast layout supports MLPs with one hidden layer (this one has {len(pairs)})")
+    (p,) = pairs
+    t = tr.tensors()
+    m_in = tr.masks.get(p.in_weights[0], t[p.in_weights[0]] != 0)
+    m_out = tr.masks.get(p.out_weight, t[p.out_weight] != 0)
+    b_in = t.get(p.in_biases[0]) if p.in_biases[0] else None
+    return find_blocks(t[p.in_weights[0]], m_in, b_in, t[p.out_weight], m_out, alpha)
+
+
+def build_mlp(tr: LoadedModel, layout: str, opset: int, samples: int = 64) -> Built:
+    """The MLP's graph (blocks for `fast`), and standard-normal inputs to verify it on."""
+    blocks = _fast_blocks(tr) if layout == "fast" else None
+    model = mlp_to_onnx(_layers(tr), tr.activation, opset, blocks)
+    x = torch.randn(samples, tr.n_inputs, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = tr.model(x).numpy()
+    return Built(model, {"x": x.numpy()}, reference, "y", 1.0)

@@ -2,17 +2,12 @@
 
 Dense initializers go out through onnx's external-data helpers. Those helpers leave sparse initializers inside
 the protobuf, so their values and indices are written to the same data file here, with the same
-location/offset/length fields ONNX uses for any external tensor. All files are staged in a temporary directory
-beside the destination and renamed into place only after the caller's checks pass.
+location/offset/length fields ONNX uses for any external tensor. The caller stages both files (io.atomic).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -52,16 +47,3 @@ def save(model: onnx.ModelProto, path: Path, external: bool | None = None) -> bo
     _externalize_sparse(model, data_path, location)
     onnx.save(model, str(path), save_as_external_data=False)  # rewrite the protobuf with sparse fields pointing out
     return True
-
-
-@contextlib.contextmanager
-def staged(dst: Path) -> Iterator[Path]:
-    """Yield a path for the model inside a temporary directory beside `dst`; on success move every file there
-    (data file first, model last) next to `dst`, so a reader never sees a model without its data."""
-    stage = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
-    try:
-        yield stage / dst.name
-        for f in sorted(stage.iterdir(), key=lambda p: p.name == dst.name):
-            os.replace(f, dst.parent / f.name)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)

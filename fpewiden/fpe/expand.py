@@ -131,22 +131,6 @@ def expand_incoming(
     return wide, mask
 
 
-def expand(pair: Pair, alpha: int, assignment: torch.Tensor) -> Pair:
-    """Split each neuron's incoming weights over α children by `assignment`; copy outgoing columns.
-
-    Biases are divided by α so the children's pre-activations sum to the parent's. No pruning: the result holds
-    every parent weight once per child that received it and every outgoing weight α times.
-    """
-    wide = [expand_incoming(w, m, assignment, alpha) for w, m in zip(pair.w_in, pair.m_in, strict=True)]
-    return Pair(
-        [w for w, _ in wide],
-        [m for _, m in wide],
-        [None if b is None else (b / alpha).repeat_interleave(alpha) for b in pair.b_in],
-        pair.w_out.repeat_interleave(alpha, dim=1),
-        pair.m_out.repeat_interleave(alpha, dim=1),
-    )
-
-
 def _drop(
     w: torch.Tensor, m: torch.Tensor, threshold: int, ties_left: int, dtype: torch.dtype
 ) -> tuple[torch.Tensor, int]:
@@ -240,54 +224,3 @@ def widen_blocks(
             w_out.mul_(m_out)
         keep, ties_left = _drop(w_out, m_out, threshold, ties_left, dtype)
         yield len(pair.w_in), r, w_out.mul_(keep), keep
-
-
-def widen_tensors(
-    pair: Pair,
-    alpha: int,
-    assignment: torch.Tensor,
-    budget: int | None,
-    outgoing: str = "copy",
-    second: torch.Tensor | None = None,
-) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """`widen_blocks`, with each tensor's blocks joined: (tensor index, weights, mask)."""
-    current, ws, ms = 0, [], []
-    for i, _, w, m in widen_blocks(pair, alpha, assignment, budget, outgoing, second):
-        if i != current:
-            yield current, torch.cat(ws), torch.cat(ms)
-            current, ws, ms = i, [], []
-        ws.append(w)
-        ms.append(m)
-    yield current, torch.cat(ws), torch.cat(ms)
-
-
-def prune_to_budget(weights: list[torch.Tensor], masks: list[torch.Tensor], budget: int) -> list[torch.Tensor]:
-    """Keep exactly `budget` positions of the masks, the largest magnitudes, ties broken by position."""
-    total = sum(count(m) for m in masks)
-    if not 0 <= budget <= total:
-        raise FpewidenError(f"budget {budget} is outside 0..{total}")
-    dtype = key_dtype(weights)
-    remove = total - budget
-    if remove == 0:
-        return [m.clone() for m in masks]
-    threshold, below = kth_key([(w, m, 1) for w, m in zip(weights, masks, strict=True)], remove, dtype)
-    ties_left = remove - below
-    out = []
-    for w, m in zip(weights, masks, strict=True):
-        keep, ties_left = _drop(w, m, threshold, ties_left, dtype)
-        out.append(keep)
-    return out
-
-
-def widen(
-    pair: Pair,
-    alpha: int,
-    assignment: torch.Tensor,
-    budget: int | None,
-    outgoing: str = "copy",
-    second: torch.Tensor | None = None,
-) -> Pair:
-    """FPE on one pair, all tensors at once (see `widen_blocks`)."""
-    parts = list(widen_tensors(pair, alpha, assignment, budget, outgoing, second))
-    biases = [None if b is None else (b / alpha).repeat_interleave(alpha) for b in pair.b_in]
-    return Pair([w for _, w, _ in parts[:-1]], [m for _, _, m in parts[:-1]], biases, parts[-1][1], parts[-1][2])

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import pickle
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -19,11 +20,11 @@ import numpy as np
 import torch
 
 from fpewiden.errors import FpewidenError
+from fpewiden.io.metadata import FpeMetadata
 from fpewiden.io.safetensors_stream import DTYPE_NAMES, Header, read_header, read_tensor
 
 MASK_PREFIX = "fpewiden_mask."
 MASKS_FILE = "fpewiden_masks.safetensors"
-META_PREFIX = "fpewiden."
 PICKLE_SUFFIXES = {".pt", ".pth", ".bin"}
 
 
@@ -74,15 +75,20 @@ class Checkpoint:
             return m
         return (self.get(name) if tensor is None else tensor) != 0
 
-    def fpe_metadata(self) -> dict[str, str]:
-        return {k[len(META_PREFIX) :]: v for k, v in self.metadata.items() if k.startswith(META_PREFIX)}
+    @property
+    def meta(self) -> FpeMetadata:
+        """fpewiden's metadata, typed (empty for checkpoints fpewiden did not write)."""
+        return FpeMetadata.read(self.metadata)
 
-    def sha256(self) -> str:
+    def sha256(self, stop: threading.Event | None = None) -> str:
+        """Over the weight files, sorted by name; `stop` ends the reading early (the result is then unused)."""
         h = hashlib.sha256()
         for p in sorted(self.files):
             with open(p, "rb") as f:
                 while chunk := f.read(16 << 20):
                     h.update(chunk)
+                    if stop is not None and stop.is_set():
+                        return ""
         return h.hexdigest()
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from fpewiden.arch import find_pairs
 from fpewiden.arch.chain import linear_layers
 from fpewiden.errors import FpewidenError
-from fpewiden.io.checkpoint import META_PREFIX, Checkpoint, open_checkpoint, pack_mask
+from fpewiden.io.checkpoint import Checkpoint, open_checkpoint, pack_mask
 from fpewiden.model.chain_mlp import ACTIVATIONS, ChainMLP
 
 
@@ -72,7 +72,7 @@ def has_lm_head(config: dict) -> bool:
 
 def _load_mlp(ck: Checkpoint) -> LoadedModel:
     find_pairs(ck)  # validates the chain with the same messages as convert
-    activation = ck.metadata.get(f"{META_PREFIX}activation", "relu")
+    activation = ck.meta.activation or "relu"
     if activation not in ACTIVATIONS:
         raise FpewidenError(f"{ck.path}: unknown activation {activation!r} in metadata")
     layers = [(m, ck.get(w), ck.get(b) if b else None) for m, w, b in linear_layers(ck)]

@@ -14,7 +14,6 @@ from fpewiden.data.specs import Dataset, data_file, load_data
 from fpewiden.errors import FpewidenError
 from fpewiden.fpe.expand import count
 from fpewiden.io.atomic import atomic_file
-from fpewiden.io.checkpoint import META_PREFIX
 from fpewiden.io.outputs import check_outputs, json_document
 from fpewiden.io.write import write_like
 from fpewiden.model.loaded import LoadedModel, load_model
@@ -52,7 +51,7 @@ def finetune(
     cfg: TrainConfig,
     teacher: Path | None = None,
     resume: bool = False,
-    extra_metadata: dict[str, str] | None = None,
+    recipe: dict | None = None,
     on_step: Callable[[int, int, int, int], None] | None = None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     force: bool = False,
@@ -61,7 +60,8 @@ def finetune(
 ) -> dict:
     """Train `ckpt` on `data_spec` (or distil from `teacher` on a text file) and write `dst`; returns a summary.
 
-    `inputs`: further files the caller read (a recipe), which no output may touch.
+    `inputs`: further files the caller read (a recipe), which no output may touch. `recipe`: the resolved recipe
+    this run belongs to, recorded in the output's metadata.
     """
     cfg.validate()
     state = sidecar(dst, ".state.pt")
@@ -111,21 +111,15 @@ def finetune(
     }
     if not Distributed.from_env().main:
         return summary
-    meta = {k: v for k, v in tr.ck.metadata.items() if k.startswith(META_PREFIX)}
-    meta.update(
-        {
-            f"{META_PREFIX}version": __version__,
-            f"{META_PREFIX}activation": tr.activation
-            if tr.ck.kind == "mlp"
-            else meta.get(f"{META_PREFIX}activation", ""),
-            f"{META_PREFIX}train_data": spec,
-            f"{META_PREFIX}train_epochs": str(cfg.epochs),
-            f"{META_PREFIX}train_config": json.dumps(asdict(cfg)),
-            f"{META_PREFIX}train_final": json.dumps(summary["final"]),
-            **(extra_metadata or {}),
-        }
-    )
-    write_like(tr.ck, dst, tr.tensors(), tr.packed_masks(), meta)
+    meta = tr.ck.meta
+    meta.version, meta.kind = __version__, tr.ck.kind
+    if tr.ck.kind == "mlp":
+        meta.activation = tr.activation
+    meta.train_data, meta.train_epochs, meta.train_config = spec, cfg.epochs, asdict(cfg)
+    meta.train_final = summary["final"]
+    if recipe is not None:
+        meta.recipe = recipe
+    write_like(tr.ck, dst, tr.tensors(), tr.packed_masks(), meta.strings())
     with atomic_file(log_path) as tmp:
         tmp.write_text(json.dumps(json_document(summary), indent=2) + "\n")
     if clauses:

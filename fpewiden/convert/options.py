@@ -1,0 +1,111 @@
+"""What a conversion is asked to do, checked before any file is opened: α, split, budget, targets, baselines."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fpewiden.errors import FpewidenError
+from fpewiden.fpe.expand import OUTGOING
+
+SPLITS = ("random", "clause", "feature", "shared")
+ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """`same` (the pre-conversion non-zero count), an absolute count, a fraction of the original count, or `all`
+    (no pruning: every expanded weight kept, so copied outgoing weights add non-zeros — for baselines and
+    inspection, not FPE)."""
+
+    kind: str
+    value: float = 0.0
+
+    @staticmethod
+    def parse(text: str) -> Budget:
+        t = str(text).strip().lower()
+        if t in ("same", "all"):
+            return Budget(t)
+        try:
+            if re.fullmatch(r"\d+", t):
+                if int(t) == 0:
+                    raise ValueError
+                return Budget("count", int(t))
+            v = float(t)
+        except ValueError:
+            v = -1.0
+        if not 0.0 < v <= 1.0:
+            raise FpewidenError(f"--budget {text!r}: expected 'same', 'all', a non-zero count, or a fraction in (0, 1]")
+        return Budget("fraction", v)
+
+    def total(self, original: int) -> int:
+        if self.kind == "all":
+            raise ValueError("budget 'all' depends on the expansion, not on the original count")
+        if self.kind == "same":
+            return original
+        if self.kind == "count":
+            return int(self.value)
+        return round(self.value * original)
+
+    def __str__(self) -> str:
+        if self.kind in ("same", "all"):
+            return self.kind
+        return str(int(self.value)) if self.kind == "count" else str(self.value)
+
+
+@dataclass
+class ConvertOptions:
+    """α=1 expands nothing: with a budget below `same` the conversion is magnitude pruning of the same matrices,
+    the baseline FPE is compared with (and, with calibration, Wanda or SparseGPT-like pruning)."""
+
+    alpha: int
+    split: str = "random"
+    clauses: list[list[int]] | None = None
+    budget: Budget = field(default_factory=lambda: Budget("same"))
+    seed: int = 0
+    targets: list[str] = field(default_factory=list)
+    activation: str = "relu"
+    outgoing: str = "copy"
+    overlap: float = 0.0  # the paper's control: share of inputs that also reach a second child (not FPE when > 0)
+
+    def validate(self) -> None:
+        """Every option on its own; what needs the checkpoint is checked by the plan."""
+        if self.alpha < 1:
+            raise FpewidenError(f"--alpha must be at least 1 (got {self.alpha}; 1 prunes without widening)")
+        if self.split not in SPLITS:
+            raise FpewidenError(f"--split {self.split!r}: choose one of {', '.join(SPLITS)}")
+        if self.split == "clause" and self.clauses is None:
+            raise FpewidenError("--split clause needs --clauses FILE")
+        if self.split != "clause" and self.clauses is not None:
+            raise FpewidenError(f"--clauses is only used by --split clause (got --split {self.split})")
+        if not 0.0 <= self.overlap <= 1.0:
+            raise FpewidenError(f"--overlap {self.overlap}: a share of inputs between 0 and 1")
+        if self.outgoing not in OUTGOING:
+            raise FpewidenError(f"--outgoing {self.outgoing!r}: choose one of {', '.join(OUTGOING)}")
+        if self.activation not in ACTIVATIONS:
+            raise FpewidenError(f"--activation {self.activation!r}: choose one of {', '.join(ACTIVATIONS)}")
+        if self.alpha == 1 and (self.overlap or self.outgoing != "copy"):
+            raise FpewidenError("--alpha 1 expands nothing: --overlap and --outgoing apply to children")
+
+
+def load_clauses(path: Path) -> list[list[int]]:
+    if not path.is_file():
+        raise FpewidenError(f"no such clauses file: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise FpewidenError(f"{path} is not valid JSON (expected a list of lists of input indices)") from None
+    if isinstance(data, dict) and "clauses" in data:
+        data = data["clauses"]
+    ok = (
+        isinstance(data, list)
+        and data
+        and all(
+            isinstance(c, list) and c and all(isinstance(j, int) and not isinstance(j, bool) for j in c) for c in data
+        )
+    )
+    if not ok:
+        raise FpewidenError(f"{path}: expected a non-empty JSON list of non-empty lists of input indices")
+    return data

@@ -1,0 +1,227 @@
+"""`fpewiden convert`: options → plan → per pair (read, transform, stream into the sink) → close.
+
+Peak memory is one layer pair plus what a chain holds for the next pair, never the checkpoint. All files are
+staged and renamed into place only when everything succeeded. The transform is the one place where a method
+differs: the paper's FPE by default, a calibrated one when calibration data is given.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from fpewiden import __version__
+from fpewiden.arch import PairSpec, find_pairs
+from fpewiden.arch.hf import config_activation, set_config_width
+from fpewiden.convert.options import ConvertOptions
+from fpewiden.convert.plan import Plan, make_plan, select_pairs
+from fpewiden.convert.sink import OutputSink
+from fpewiden.convert.transform import FpeTransform, PairTransform
+from fpewiden.errors import FpewidenError
+from fpewiden.fpe.expand import Pair, count
+from fpewiden.io.atomic import atomic_dir, atomic_file
+from fpewiden.io.checkpoint import MASKS_FILE, Checkpoint, open_checkpoint
+from fpewiden.io.metadata import FpeMetadata
+from fpewiden.io.outputs import check_outputs, mark_dir
+from fpewiden.io.write import write_hf_extras
+
+
+def _check_finite(name: str, t: torch.Tensor) -> torch.Tensor:
+    """Two reductions and no temporary: max propagates NaN, and ±Inf shows in max or min."""
+    if t.is_floating_point() and t.numel() and not (torch.isfinite(t.amax()) and torch.isfinite(t.amin())):
+        raise FpewidenError(f"{name} holds NaN or Inf values; fix the checkpoint before converting")
+    return t
+
+
+class SourceHash:
+    """sha256 over the weight files, computed in a thread while the conversion runs (hashlib releases the GIL);
+    stopped, not left running, when the conversion fails."""
+
+    def __init__(self, ck: Checkpoint):
+        self._stop = threading.Event()
+        self._value: str | None = None
+        self._thread = threading.Thread(target=self._run, args=(ck,), daemon=True)
+
+    def _run(self, ck: Checkpoint) -> None:
+        self._value = ck.sha256(self._stop)
+
+    def __enter__(self) -> SourceHash:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def result(self) -> str:
+        self._thread.join()
+        assert self._value is not None
+        return self._value
+
+
+class _Reader:
+    """A pair's tensors as the transform needs them: neuron-major, finite, with masks; a matrix an earlier pair
+    already converted comes from the sink. Counts each matrix's non-zeros as first read."""
+
+    def __init__(self, ck: Checkpoint, sink: OutputSink):
+        self.ck, self.sink = ck, sink
+        self.nnz_read: dict[str, int] = {}
+
+    def _matrix(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        held = self.sink.take(name)
+        if held is not None:
+            return held
+        t = _check_finite(name, self.ck.get(name))
+        m = self.ck.support(name, t)
+        self.nnz_read[name] = count(m)
+        return t, m
+
+    def pair(self, spec: PairSpec) -> Pair:
+        def nm(t: torch.Tensor) -> torch.Tensor:
+            return t.T if spec.transposed else t
+
+        ins = [self._matrix(w) for w in spec.in_weights]
+        w_out, m_out = self._matrix(spec.out_weight)
+        biases = [_check_finite(b, self.sink.bias(b)) if b else None for b in spec.in_biases]
+        return Pair([nm(w) for w, _ in ins], [nm(m) for _, m in ins], biases, nm(w_out), nm(m_out))
+
+
+def _layers(plan: Plan, ck: Checkpoint, reader: _Reader, sink: OutputSink, shorts: list[int]) -> list[dict]:
+    """Per pair, counted on the matrices as read and as finally written: the numbers `inspect` shows. In a chain
+    a hidden layer's outgoing matrix is the next one's incoming matrix and is counted in both rows."""
+    return [
+        {
+            "name": p.name,
+            "neurons_before": plan.neurons(p, ck.shapes),
+            "neurons_after": plan.neurons(p, plan.shapes),
+            "nnz_in_before": sum(reader.nnz_read[w] for w in p.in_weights),
+            "nnz_in_after": sum(sink.nnz_written.get(w, 0) for w in p.in_weights),
+            "nnz_out_before": reader.nnz_read[p.out_weight],
+            "nnz_out_after": sink.nnz_written.get(p.out_weight, 0),
+            "short_neurons": short,
+        }
+        for p, short in zip(plan.chosen, shorts, strict=True)
+    ]
+
+
+def _stream(
+    ck: Checkpoint,
+    plan: Plan,
+    opts: ConvertOptions,
+    transform: PairTransform,
+    meta: FpeMetadata,
+    sink: OutputSink,
+    on_pair: Callable[[str, int, int], None] | None,
+) -> dict:
+    """Convert every chosen pair into the sink, then close it with the final metadata; returns the report. On any
+    failure the sink's partial files are dropped."""
+    try:
+        return _stream_pairs(ck, plan, opts, transform, meta, sink, on_pair)
+    except BaseException:
+        sink.abort()
+        raise
+
+
+def _stream_pairs(ck, plan, opts, transform, meta, sink, on_pair) -> dict:
+    reader = _Reader(ck, sink)
+    shorts: list[int] = []
+    with SourceHash(ck) as source:
+        for k, spec in enumerate(plan.chosen):
+            pair = reader.pair(spec)
+            budget = plan.pair_budget(k, opts.budget, pair.nnz())
+            names = (*spec.in_weights, spec.out_weight)
+            rows = [plan.neurons(spec, plan.shapes)] * len(spec.in_weights) + [pair.w_out.shape[0]]
+            try:
+                result = transform(k, spec, pair, budget)
+                for i, row, w, m in result.blocks:
+                    sink.emit(k, names[i], row, w, m, rows[i], spec.transposed)
+            except FpewidenError as e:
+                raise FpewidenError(f"layer {spec.name}: {e}") from None
+            for b, tensor in zip(spec.in_biases, result.in_biases, strict=True):
+                if b and tensor is not None:
+                    sink.set_bias(b, tensor)
+            if spec.out_bias and result.out_bias is not None:
+                sink.set_bias(spec.out_bias, result.out_bias)
+            shorts.append(result.short_neurons)
+            del pair, result
+            if on_pair:
+                on_pair(spec.name, k + 1, len(plan.chosen))
+        meta.source_sha256 = source.result()
+    meta.budget = sum(sink.nnz_written.values())
+    meta.nnz_before = sum(reader.nnz_read.values())
+    meta.layers = _layers(plan, ck, reader, sink, shorts)
+    meta.pairs = [
+        {
+            "name": p.name,
+            "in": list(p.in_weights),
+            "in_bias": list(p.in_biases),
+            "out": p.out_weight,
+            "transposed": p.transposed,
+        }
+        for p in plan.chosen
+    ]
+    if ck.kind == "mlp":
+        first = ck.shapes[plan.pairs[0].in_weights[0]]
+        meta.widths = [
+            first[1],
+            *[plan.neurons(p, plan.shapes) for p in plan.pairs],
+            plan.shapes[plan.pairs[-1].out_weight][0],
+        ]
+    sink.close({"format": "pt", **meta.strings()})
+    return {"layers": meta.layers, "nnz_before": meta.nnz_before, "nnz_after": meta.budget}
+
+
+def convert(
+    src: Path,
+    dst: Path,
+    opts: ConvertOptions,
+    on_pair: Callable[[str, int, int], None] | None = None,
+    force: bool = False,
+    clauses_path: Path | None = None,
+    transform: PairTransform | None = None,
+) -> dict:
+    """Convert `src` into `dst`; returns a report (per layer neurons and non-zeros, totals, metadata)."""
+    opts.validate()
+    ck = open_checkpoint(src)
+    check_outputs([dst], [src, *([clauses_path] if clauses_path else [])], force)
+    if ck.kind == "mlp" and dst.suffix != ".safetensors":
+        raise FpewidenError(f"--out {dst}: MLP checkpoints are written as .safetensors; name the output *.safetensors")
+    pairs = find_pairs(ck)
+    chosen = select_pairs(pairs, opts.targets, ck.kind == "hf")
+    plan = make_plan(ck.shapes, ck.dtypes, pairs, chosen, opts.alpha, opts.clauses)
+    if opts.budget.kind not in ("same", "all"):
+        owned = {n for group in plan.owned() for n in group}
+        plan.set_budget(opts.budget, {n: count(ck.support(n)) for n in owned})
+    activation = config_activation(ck.config or {}, chosen[0]) if ck.kind == "hf" else opts.activation
+    meta = FpeMetadata(
+        version=__version__,
+        kind=ck.kind,
+        activation=activation,
+        alpha=opts.alpha,
+        split=opts.split,
+        outgoing=opts.outgoing,
+        overlap=opts.overlap,
+        seed=opts.seed,
+        budget_spec=str(opts.budget),
+    )
+    transform = transform or FpeTransform(opts)
+    base = {"format": "pt", **meta.strings()}
+    if ck.kind == "mlp":
+        with atomic_file(dst) as tmp:
+            sink = OutputSink(ck, plan, {ck.file_of[n]: tmp for n in ck.shapes}, None, base)
+            report = _stream(ck, plan, opts, transform, meta, sink, on_pair)
+    else:
+        with atomic_dir(dst) as tmp:
+            sink = OutputSink(ck, plan, {f: tmp / f for f in set(ck.file_of.values())}, tmp / MASKS_FILE, base)
+            report = _stream(ck, plan, opts, transform, meta, sink, on_pair)
+            config = json.loads(json.dumps(ck.config))
+            for p in chosen:
+                if p.config_key:
+                    set_config_width(config, p.config_key, plan.neurons(p, plan.shapes))
+            write_hf_extras(ck, tmp, config)
+            mark_dir(tmp, "convert")
+    return {"src": str(src), "dst": str(dst), **report, "metadata": meta.public()}
