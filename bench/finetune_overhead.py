@@ -22,8 +22,9 @@ from safetensors.torch import save_file
 from fpewiden.convert import ConvertOptions, convert
 from fpewiden.model.chain_mlp import ChainMLP
 from fpewiden.model.loaded import load_model
+from fpewiden.train.config import TrainConfig
 from fpewiden.train.supervised import SupervisedTask
-from fpewiden.train.trainer import TrainConfig, apply_masks, make_optimizer, mask_grads
+from fpewiden.train.trainer import apply_masks, make_optimizer, mask_grads
 
 
 def step_times(model, masks, task, opt, steps, batch, gen, mask_ms: list[float]) -> list[float]:

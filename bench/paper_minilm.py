@@ -26,8 +26,8 @@ import torch
 from fpewiden.convert import Budget, ConvertOptions, convert
 from fpewiden.data.embeddings import datasets_dir, minilm_dir, read_labelled
 from fpewiden.model.pooling import mean_pool
+from fpewiden.train.config import TrainConfig
 from fpewiden.train.finetune import finetune
-from fpewiden.train.trainer import TrainConfig
 
 
 @torch.no_grad()

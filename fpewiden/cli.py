@@ -336,66 +336,21 @@ def bench(
     force: Annotated[bool, FORCE] = False,
 ) -> None:
     """Accuracy, bytes moved per storage format, and measured latency of several models, in one run."""
-    import torch
-
-    from fpewiden.benchmark.measure import ENGINES, preflight
-    from fpewiden.benchmark.measure import bench as run_bench
-    from fpewiden.benchmark.outputs import table, write
-    from fpewiden.console import console
-    from fpewiden.data.specs import data_file, load_data
-    from fpewiden.io.outputs import check_outputs
-    from fpewiden.train.trainer import resolve_device
-
-    data_inputs = [p for p in ([data_file(data)] if data else []) if p is not None]
     if sweep:
+        from fpewiden.data.specs import data_file
         from fpewiden.recipes import recipe_path
         from fpewiden.run import run_recipe, sweep_recipe
 
         if len(models) != 1:
             raise FpewidenError("--sweep takes one recipe or checkpoint")
         source = models[0] if models[0].exists() else recipe_path(models[0])
-        run_recipe(sweep_recipe(models[0], data, budget), sweep_out, force=force, inputs=[source, *data_inputs])
+        inputs = [source, *([p] if data and (p := data_file(data)) else [])]
+        run_recipe(sweep_recipe(models[0], data, budget), sweep_out, force=force, inputs=inputs)
         return
-    if data is None:
-        raise FpewidenError("--data is required (a DATA spec such as dnf:clauses=16 or digits)")
-    engine_list = [e.strip() for e in engines.split(",") if e.strip()]
-    bad = [e for e in engine_list if e not in ENGINES]
-    if bad or not engine_list:
-        raise FpewidenError(f"--engines: unknown engine {bad[0] if bad else ''!r}; choose from torch, ort")
-    try:
-        sizes = [int(b) for b in batch_sizes.split(",") if b.strip()]
-    except ValueError:
-        raise FpewidenError(f"--batch-sizes {batch_sizes!r}: expected comma-separated integers") from None
-    if not sizes or min(sizes) < 1:
-        raise FpewidenError(f"--batch-sizes {batch_sizes!r}: every batch size must be at least 1")
-    if repeat < 1 or warmup < 0 or threads < 1:
-        raise FpewidenError("--repeat and --threads must be at least 1, and --warmup not negative")
-    if plot is not None:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise FpewidenError("--plot needs matplotlib: pip install 'fpewiden[plot]'") from None
-    outputs = [p for p in (json_out, markdown, plot) if p is not None]
-    check_outputs(outputs, [*models, *data_inputs], force, what="output path")
-    preflight(list(models))
-    dev = resolve_device(device)
-    torch.set_num_threads(threads)
-    dataset = load_data(data, seed)
-    rows = run_bench(list(models), dataset, sizes, engine_list, dev, repeat, warmup, threads)
-    console().print(table(rows))
-    write(
-        rows,
-        json_out,
-        markdown,
-        plot,
-        {
-            "data": dataset.describe(),
-            "batch_sizes": sizes,
-            "engines": engine_list,
-            "repeat": repeat,
-            "warmup": warmup,
-            "threads": threads,
-        },
+    from fpewiden.benchmark.command import bench_command
+
+    bench_command(
+        models, data, batch_sizes, engines, device, repeat, warmup, threads, seed, json_out, markdown, plot, force
     )
 
 

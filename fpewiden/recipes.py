@@ -11,29 +11,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from fpewiden.errors import FpewidenError
-from fpewiden.train.trainer import TrainConfig
+from fpewiden.train.config import (
+    STRICT,
+    LearningRate,
+    Probability,
+    TrainConfig,
+    TrainingSettings,
+    schema_error,
+    yaml_float,
+)
 
 BUILTIN = Path(__file__).resolve().parent.parent / "recipes"  # the repository's recipes/ (editable install)
 
-_STRICT = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
-Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
-
-
-def _yaml_float(v: object) -> object:
-    """PyYAML reads `1e-3` (no dot) as a string: accept numeric text where a float is expected, nothing else."""
-    if isinstance(v, str):
-        try:
-            return float(v)
-        except ValueError:
-            return v
-    return v
-
 
 class Conversion(BaseModel):
-    model_config = _STRICT
+    model_config = STRICT
 
     alpha: Annotated[int, Field(ge=1)] = 2
     split: Literal["random", "clause", "feature", "shared"] = "random"
@@ -45,7 +40,7 @@ class Conversion(BaseModel):
     # epochs (taken from the fine-tuning epochs, without DropConnect): how a budget "all" baseline is deployed
     prune_epochs: Annotated[int, Field(ge=0)] = 0
 
-    _floats = field_validator("overlap", "dropconnect", mode="before")(_yaml_float)
+    _floats = field_validator("overlap", "dropconnect", mode="before")(yaml_float)
 
     @field_validator("budget", mode="before")
     @classmethod
@@ -85,15 +80,15 @@ class Conversion(BaseModel):
 
 
 class ModelSpec(BaseModel):
-    model_config = _STRICT
+    model_config = STRICT
 
     hidden: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)] = Field(default_factory=lambda: [8])
     activation: Literal["relu", "gelu", "silu", "tanh"] = "relu"
     checkpoint: str | None = None
 
 
-class Recipe(BaseModel):
-    model_config = _STRICT
+class Recipe(TrainingSettings):
+    """An experiment. Optimizer, batch, device and threads are TrainingSettings (shared with finetune's flags)."""
 
     name: str = "recipe"
     data: str
@@ -102,16 +97,9 @@ class Recipe(BaseModel):
     warmup_epochs: Annotated[int, Field(ge=0)] = 5
     conversions: list[Conversion] = Field(default_factory=lambda: [Conversion()])
     seeds: Annotated[list[int], Field(min_length=1)] = Field(default_factory=lambda: [0, 1, 2])
-    lr: Annotated[float, Field(gt=0.0)] = 1e-2
-    batch_size: Annotated[int, Field(ge=1)] = 128
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: Annotated[int, Field(ge=0)] = 0  # 0: chosen from the model's size (see train.trainer.auto_threads)
+    lr: LearningRate = 1e-2
     description: str = ""
     bench_repeat: Annotated[int, Field(ge=0)] = 50  # timed runs per model, engine and batch in run's closing bench
-
-    _floats = field_validator("lr", "weight_decay", mode="before")(_yaml_float)
 
     @model_validator(mode="after")
     def _protocol(self) -> Recipe:
@@ -142,29 +130,13 @@ class Recipe(BaseModel):
         return self.model_dump()
 
 
-def _message(err: ValidationError) -> str:
-    """The first problem, naming the key (dotted path) and what it expects."""
-    e = err.errors()[0]
-    loc = ".".join(str(p) for p in e["loc"])
-    if e["type"] == "extra_forbidden":
-        section, key = loc.rsplit(".", 1) if "." in loc else ("top level", loc)
-        return f"recipe {section}: unknown key {key!r}"
-    if e["type"] == "missing":
-        return f"recipe: {loc!r} is required"
-    msg = e["msg"].removeprefix("Value error, ")
-    if not loc:
-        return f"recipe: {msg}"
-    shown = repr(e["input"]) if not isinstance(e["input"], (dict, list)) else type(e["input"]).__name__
-    return f"recipe key {loc!r}: {msg[0].lower() + msg[1:]} (got {shown})"
-
-
 def recipe_from_dict(raw: object) -> Recipe:
     if not isinstance(raw, dict):
         raise FpewidenError(f"a recipe is a YAML mapping of keys to values (this one is a {type(raw).__name__})")
     try:
         return Recipe.model_validate(raw)
     except ValidationError as e:
-        raise FpewidenError(_message(e)) from None
+        raise FpewidenError(schema_error(e)) from None
 
 
 def recipe_path(path: Path) -> Path:
@@ -208,7 +180,7 @@ def train_config(recipe: Path | None, flags: dict, distill: bool = False) -> Tra
     Distillation has its own defaults (lr 1e-4, batch 32): with the MLP defaults (1e-3, 128) a MiniLM student
     ended further from its teacher than it started (bench/results/distill_defaults).
     """
-    values = TrainConfig().__dict__.copy()
+    values = TrainConfig().model_dump()
     if distill:
         values.update(DISTILL_DEFAULTS)
     if recipe is not None:
@@ -223,7 +195,7 @@ def train_config(recipe: Path | None, flags: dict, distill: bool = False) -> Tra
             epochs=r.epochs - r.warmup_epochs,
         )
     values.update(flags)
-    return TrainConfig(**values)
+    return TrainConfig.of(values)
 
 
 DISTILL_DEFAULTS = {"lr": 1e-4, "batch_size": 32}

@@ -132,7 +132,10 @@ CASES = {
     "convert-hf-no-weights": (["convert", "{ws}/hf_noweights", "--out", "{ws}/out/m"], "has no model.safetensors"),
     "convert-hf-missing-shard": (["convert", "{ws}/hf_shard", "--out", "{ws}/out/m"], "shard part-2.safetensors"),
     # convert: options
-    "convert-alpha-0": (["convert", "{ws}/mlp.safetensors", "--out", "{ws}/out/o.safetensors", "--alpha", "0"], "at least 1"),
+    "convert-alpha-0": (
+        ["convert", "{ws}/mlp.safetensors", "--out", "{ws}/out/o.safetensors", "--alpha", "0"],
+        "at least 1",
+    ),
     "convert-alpha-huge": (
         ["convert", "{ws}/mlp.safetensors", "--out", "{ws}/out/o.safetensors", "--alpha", "1000000"],
         "exceeds the 12 inputs",

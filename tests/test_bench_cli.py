@@ -61,7 +61,10 @@ def test_bench_writes_table_json_markdown_plot(tmp_path):
         for eng in ("torch", "ort"):
             for b in ("1", "32"):
                 lat = r["latency"][eng][b]
-                assert lat["median_ms"] > 0 and lat["items_per_sec"] > 0 and lat["sparse_path"] is False
+                assert lat["runs"] == 5 and lat["sparse_path"] is False  # exactly --repeat timed runs
+                assert lat["items_per_sec"] == pytest.approx(int(b) / (lat["median_ms"] / 1e3))
+                assert lat["p90_ms"] >= lat["median_ms"]
+    assert all(r["sparse_path_note"].startswith("no sparse kernel ran") for r in rows)
     assert rows[2]["ort_layout"] == "fast" and rows[1]["ort_layout"] == "dense"
     assert "Pareto" in (tmp_path / "b.md").read_text()
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"

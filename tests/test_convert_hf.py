@@ -100,7 +100,8 @@ def test_family_converts_and_loads(tmp_path, name):
     dst = tmp_path / "dst"
     convert(src, dst, ConvertOptions(alpha=2, split="random"))
     assert weight_nnz(src) == weight_nnz(dst)
-    model = transformers.AutoModel.from_pretrained(dst)
+    model, info = transformers.AutoModel.from_pretrained(dst, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     cfg = json.loads((dst / "config.json").read_text())
     if name == "gpt2":
         assert cfg["n_inner"] == 2 * 4 * 16
@@ -111,7 +112,9 @@ def test_family_converts_and_loads(tmp_path, name):
     else:
         assert cfg["intermediate_size"] == 48
     with torch.no_grad():
-        model(**inputs_for(name, model))
+        out = model(**inputs_for(name, model))
+    first = out[0] if not hasattr(out, "text_embeds") else out.text_embeds
+    assert bool(torch.isfinite(first).all())
     assert (dst / MASKS_FILE).is_file()
     assert not any(k.startswith("fpewiden") for k in load_file(dst / "model.safetensors"))
 

@@ -15,9 +15,10 @@ from fpewiden.errors import FpewidenError
 from fpewiden.model.chain_mlp import ChainMLP
 from fpewiden.recipes import Conversion, recipe_from_dict
 from fpewiden.run import run_recipe
+from fpewiden.train.config import TrainConfig
 from fpewiden.train.dropconnect import DropConnect
 from fpewiden.train.supervised import SupervisedTask
-from fpewiden.train.trainer import TrainConfig, epoch_seed, train
+from fpewiden.train.trainer import epoch_seed, train
 from tests.helpers import mlp_state
 
 runner = CliRunner()
@@ -77,14 +78,16 @@ def test_resume_draws_the_same_masks(tmp_path):
     train(full, _task(), cfg, dropconnect_params=list(full.weights))
     part = ChainMLP.fresh([16, 8, 6], seed=2)
     state = tmp_path / "s.pt"
-    first = TrainConfig(**{**cfg.__dict__, "epochs": 2})
+    first = TrainConfig(**{**cfg.model_dump(), "epochs": 2})
     train(part, _task(), first, state_path=state, dropconnect_params=list(part.weights))
     resumed = ChainMLP.fresh([16, 8, 6], seed=2)
     train(resumed, _task(), cfg, state_path=state, resume=True, dropconnect_params=list(resumed.weights))
     for a, b in zip(full.tensors().values(), resumed.tensors().values()):
         assert torch.equal(a, b)
     plain = ChainMLP.fresh([16, 8, 6], seed=2)
-    train(plain, _task(), TrainConfig(**{**cfg.__dict__, "dropconnect": 0.0}), dropconnect_params=list(plain.weights))
+    train(
+        plain, _task(), TrainConfig(**{**cfg.model_dump(), "dropconnect": 0.0}), dropconnect_params=list(plain.weights)
+    )
     assert not torch.equal(plain.weights[0], full.weights[0])  # it really dropped something
 
 

@@ -60,9 +60,8 @@ def ort_vs_torch(ckpt: Path, onnx_path: Path, n_in: int) -> float:
 def test_mlp_layouts_match_torch(tmp_path, activation, alpha, budget, density, layout):
     ckpt = make(tmp_path, activation, alpha, budget, density=density)
     out = tmp_path / "m.onnx"
-    result = export(ckpt, out, layout)
-    assert result["verify"]["max_rel_error"] <= 1e-4
-    assert ort_vs_torch(ckpt, out, 16) <= 1e-5
+    export(ckpt, out, layout)
+    assert ort_vs_torch(ckpt, out, 16) <= 1e-5  # on other inputs than export's own check
     model = onnx.load(str(out))
     if layout == "sparse":
         tr = load_model(ckpt)
@@ -81,7 +80,7 @@ def test_fast_layout_ops_bytes_and_equality(tmp_path, alpha, dtype):
     ckpt = make(tmp_path, "gelu", alpha, split="shared", outgoing="grouped", widths=(16, 12, 8))
     out = tmp_path / "fast.onnx"
     result = export(ckpt, out, "fast", dtype)
-    assert result["verify"]["max_rel_error"] <= (1e-4 if dtype == "fp32" else 1e-2)
+    assert ort_vs_torch(ckpt, out, 16) <= (1e-5 if dtype == "fp32" else 1e-2)
     assert set(result["ops"]) >= {"Gather", "Split", "MatMul", "Concat"}
     assert result["ops"]["Gather"] == 2 and result["ops"]["MatMul"] == 2 * alpha and result["sparse_initializers"] == 0
     model = onnx.load(str(out))
@@ -91,8 +90,17 @@ def test_fast_layout_ops_bytes_and_equality(tmp_path, alpha, dtype):
     assert len(blocks) == 2 * alpha
     itemsize = 4 if dtype == "fp32" else 2
     assert sum(b.nbytes for b in blocks) == (16 * 12 + 12 * 8) * itemsize  # exactly the dense original's bytes
-    if dtype == "fp32":
-        assert ort_vs_torch(ckpt, out, 16) <= 1e-5
+
+
+def hf_ort_vs_torch(ckpt: Path, onnx_path: Path) -> float:
+    """ONNX Runtime against transformers on a batch and length of our own (export verified on others)."""
+    ids = torch.randint(1000, (2, 11), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[0, 7:] = 0
+    with torch.no_grad():
+        ref = load_model(ckpt).model(input_ids=ids, attention_mask=mask).last_hidden_state.numpy()
+    got = ort.InferenceSession(str(onnx_path)).run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    return float(np.abs(got - ref).max() / np.abs(ref).max())
 
 
 def test_fast_layout_refuses_other_conversions(tmp_path):
@@ -132,11 +140,13 @@ def test_minilm_fast_and_fp16_dense(tmp_path):
     conv = tmp_path / "mini"
     convert(src, conv, ConvertOptions(alpha=2, split="shared", outgoing="grouped"))
     fast = export(conv, tmp_path / "fast.onnx", "fast")
-    assert fast["verify"]["max_rel_error"] <= 1e-4
     assert fast["ops"]["MatMul"] == 6 * (4 + 2 * 2 + 2)  # per layer: q, k, v, out; 2 per FFN block; 2 attention
-    dense16 = export(conv, tmp_path / "dense16.onnx", "dense", "fp16")
-    assert dense16["verify"]["max_rel_error"] <= 1e-2
-    assert dense16["weight_bytes"] < 0.6 * fast["weight_bytes"] * 2
+    assert hf_ort_vs_torch(conv, tmp_path / "fast.onnx") <= 1e-5
+    export(conv, tmp_path / "dense16.onnx", "dense", "fp16")
+    model = onnx.load(str(tmp_path / "dense16.onnx"))
+    kinds = {t.data_type for t in model.graph.initializer if len(t.dims) >= 2 and t.data_type != onnx.TensorProto.INT64}
+    assert kinds == {onnx.TensorProto.FLOAT16}  # every weight matrix stored in half the bytes
+    assert hf_ort_vs_torch(conv, tmp_path / "dense16.onnx") <= 1e-2
 
 
 @pytest.mark.parametrize("layout", ["dense", "sparse"])

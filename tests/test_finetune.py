@@ -20,7 +20,8 @@ from fpewiden.convert import Budget, ConvertOptions, convert
 from fpewiden.errors import FpewidenError
 from fpewiden.io.checkpoint import open_checkpoint
 from fpewiden.model.chain_mlp import ChainMLP
-from fpewiden.train.trainer import TrainConfig, train
+from fpewiden.train.config import TrainConfig
+from fpewiden.train.trainer import train
 from tests.helpers import mlp_state
 
 runner = CliRunner()

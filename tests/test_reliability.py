@@ -15,8 +15,9 @@ from fpewiden.export.export import export
 from fpewiden.inspect import inspect_checkpoint
 from fpewiden.io.checkpoint import open_checkpoint
 from fpewiden.recipes import train_config
+from fpewiden.train.config import TrainConfig
 from fpewiden.train.finetune import finetune
-from fpewiden.train.trainer import SINGLE_THREAD_WORK, TrainConfig, auto_threads, available_cores
+from fpewiden.train.trainer import SINGLE_THREAD_WORK, auto_threads, available_cores
 from tests.helpers import mlp_state, sentences, tiny_bert, tiny_causal, write_mlp
 
 pytest.importorskip("transformers")

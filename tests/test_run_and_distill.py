@@ -42,7 +42,13 @@ def test_run_tiny_recipe(tmp_path):
     assert same["neurons"] == 2 * dense["neurons"]
     assert all(len(s["exact_match"]["values"]) == 2 for s in result["summary"])
     md = (tmp_path / "out" / "results.md").read_text()
-    assert "| FPE α=2 random | 8 | 72 |" in md
+    first = md[md.index("| model") :].split("\n\n")[0]  # the results table (a bench table follows)
+    table = [[c.strip() for c in line.strip("|").split("|")] for line in first.splitlines() if line.startswith("| ")]
+    assert table[0][:3] == ["model", "neurons", "non-zeros"]
+    by_model = {row[0]: row for row in table[1:]}
+    assert by_model["FPE α=2 random"][1:3] == [str(same["neurons"]), str(same["nnz"])]
+    mean = float(by_model["FPE α=2 random"][3].split(" ± ")[0])
+    assert mean == pytest.approx(same["exact_match"]["mean"], abs=5e-5)
     saved = yaml.safe_load((tmp_path / "out" / "recipe.yaml").read_text())
     assert saved["epochs"] == 3 and saved["seeds"] == [0, 1]
 

@@ -31,14 +31,14 @@ def rss_mb() -> float:
 
 
 @dataclass
-class Entry:
+class MeasuredModel:
     label: str
     path: Path
     runners: dict[str, object] = field(default_factory=dict)  # engine -> callable(np batch) -> np outputs
     info: dict = field(default_factory=dict)
 
 
-def _check_width(entry: Entry, n_in: int, data: Dataset) -> None:
+def _check_width(entry: MeasuredModel, n_in: int, data: Dataset) -> None:
     if n_in != data.n_inputs:
         raise FpewidenError(f"{entry.path} reads {n_in} input features but {data.spec} has {data.n_inputs}")
 
@@ -65,14 +65,14 @@ def _ort_runner(path: Path, threads: int, device: torch.device | None = None):
 
 def _from_checkpoint(
     path: Path, data: Dataset, engines: list[str], device: torch.device, tmp: Path, threads: int
-) -> Entry:
+) -> MeasuredModel:
     from fpewiden.export.export import export
     from fpewiden.model.loaded import load_model
 
     tr = load_model(path)
     if tr.ck.kind == "hf":
         raise FpewidenError(f"{path}: fpewiden bench measures MLP checkpoints and MLP ONNX files")
-    e = Entry(path.stem if path.suffix else path.name, path)
+    e = MeasuredModel(path.stem if path.suffix else path.name, path)
     _check_width(e, tr.n_inputs, data)
     tensors = tr.tensors()
     weights = {n: t for n, t in tensors.items() if t.dim() == 2}
@@ -126,7 +126,7 @@ def _from_checkpoint(
     return e
 
 
-def _add_semi_structured(e: Entry, tr, masks: dict[str, torch.Tensor], device: torch.device) -> None:
+def _add_semi_structured(e: MeasuredModel, tr, masks: dict[str, torch.Tensor], device: torch.device) -> None:
     """On CUDA, an fp16 copy whose 2:4-compatible weights use torch's semi-structured sparse kernels.
 
     GPU only and not run in CI (no GPU there); where it cannot apply, the reason is recorded instead.
@@ -160,10 +160,10 @@ def _add_semi_structured(e: Entry, tr, masks: dict[str, torch.Tensor], device: t
     e.runners["torch-2:4"] = run
 
 
-def _from_onnx(path: Path, data: Dataset, engines: list[str], threads: int) -> Entry:
+def _from_onnx(path: Path, data: Dataset, engines: list[str], threads: int) -> MeasuredModel:
     from onnx import numpy_helper
 
-    e = Entry(path.stem, path)
+    e = MeasuredModel(path.stem, path)
     if "ort" not in engines:
         raise FpewidenError(f"{path} is an ONNX file: measure it with --engines ort")
     model = _load_onnx(path)
@@ -231,7 +231,7 @@ def preflight(paths: list[Path]) -> None:
 
 def load_entries(
     paths: list[Path], data: Dataset, engines: list[str], device: torch.device, tmp: Path, threads: int
-) -> list[Entry]:
+) -> list[MeasuredModel]:
     entries = []
     for p in paths:
         if not p.exists():
@@ -248,7 +248,7 @@ def load_entries(
 
 
 def time_entries(
-    entries: list[Entry], data: Dataset, batch_sizes: list[int], repeat: int, warmup: int, rounds: int = 5
+    entries: list[MeasuredModel], data: Dataset, batch_sizes: list[int], repeat: int, warmup: int, rounds: int = 5
 ) -> None:
     """Median and p90 latency per engine and batch size over exactly `repeat` timed runs each, spread over
     `rounds` round-robin passes through the models (so slow drifts of the machine hit every model alike)."""
@@ -276,6 +276,7 @@ def time_entries(
                 "median_ms": med * 1e3,
                 "p90_ms": ts[int(0.9 * (len(ts) - 1))] * 1e3,
                 "items_per_sec": b / med,
+                "runs": len(ts),
                 "sparse_path": eng == "torch-2:4",
             }
 
@@ -288,7 +289,7 @@ def sparse_path_note(latency: dict) -> str:
     return "no sparse kernel ran: torch multiplies dense matrices and ONNX Runtime densifies sparse initializers"
 
 
-def summarise(entries: list[Entry], threads: int) -> list[dict]:
+def summarise(entries: list[MeasuredModel], threads: int) -> list[dict]:
     """Rows: the first model is the reference for the bytes bound and the measured speed-up."""
     ref = entries[0].info
     rows = []

@@ -38,7 +38,7 @@ _COPY_CHUNK = 64 << 20
 
 
 @dataclass(frozen=True)
-class Entry:
+class TensorEntry:
     dtype: str
     shape: tuple[int, ...]
     start: int  # absolute file offset
@@ -48,7 +48,7 @@ class Entry:
 @dataclass(frozen=True)
 class Header:
     path: Path
-    entries: dict[str, Entry]
+    entries: dict[str, TensorEntry]
     metadata: dict[str, str]
 
 
@@ -80,7 +80,7 @@ def read_header(path: Path) -> Header:
         raise FpewidenError(bad)
     base = 8 + n
     metadata = raw.pop("__metadata__", None) or {}
-    entries: dict[str, Entry] = {}
+    entries: dict[str, TensorEntry] = {}
     try:
         for name, info in raw.items():
             begin, end = info["data_offsets"]
@@ -90,7 +90,7 @@ def read_header(path: Path) -> Header:
                 raise FpewidenError(f"{path}: tensor {name} has dtype {dtype}, which fpewiden does not handle")
             if not 0 <= begin <= end or base + end > size or end - begin != nbytes(dtype, shape):
                 raise FpewidenError(bad)
-            entries[name] = Entry(dtype, shape, base + begin, base + end)
+            entries[name] = TensorEntry(dtype, shape, base + begin, base + end)
     except (KeyError, TypeError, ValueError):
         raise FpewidenError(bad) from None
     return Header(path, entries, {str(k): str(v) for k, v in metadata.items()})

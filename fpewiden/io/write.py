@@ -3,31 +3,25 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from fpewiden.errors import FpewidenError
 from fpewiden.io.atomic import atomic_dir, atomic_file
 from fpewiden.io.checkpoint import MASK_PREFIX, MASKS_FILE, Checkpoint, save_pt
 from fpewiden.io.outputs import MARKER, mark_dir
-from fpewiden.io.safetensors_stream import DTYPE_NAMES, DTYPES, StreamingWriter
-
-
-def _layout(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[str, tuple[int, ...]]]:
-    return {n: (DTYPE_NAMES[t.dtype], tuple(t.shape)) for n, t in tensors.items()}
+from fpewiden.io.safetensors_stream import DTYPES
 
 
 def _write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    w = StreamingWriter(path, _layout(tensors), {"format": "pt", **metadata})
-    try:
-        for n, t in tensors.items():
-            w.write(n, t)
-        w.close()
-    except BaseException:
-        w.abort()
-        raise
+    """A whole dict of tensors: the safetensors library's own writer, then fsync before the stage is renamed."""
+    save_file(tensors, str(path), metadata={"format": "pt", **metadata})
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def write_like(

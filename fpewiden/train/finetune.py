@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -17,8 +16,9 @@ from fpewiden.io.atomic import atomic_file
 from fpewiden.io.outputs import check_outputs, json_document
 from fpewiden.io.write import write_like
 from fpewiden.model.loaded import LoadedModel, load_model
+from fpewiden.train.config import TrainConfig
 from fpewiden.train.supervised import SupervisedTask
-from fpewiden.train.trainer import Distributed, TrainConfig, auto_threads, available_cores, train
+from fpewiden.train.trainer import Distributed, auto_threads, available_cores, train
 
 
 def sidecar(dst: Path, suffix: str) -> Path:
@@ -63,7 +63,6 @@ def finetune(
     `inputs`: further files the caller read (a recipe), which no output may touch. `recipe`: the resolved recipe
     this run belongs to, recorded in the output's metadata.
     """
-    cfg.validate()
     state = sidecar(dst, ".state.pt")
     log_path, clauses_path = sidecar(dst, ".log.json"), sidecar(dst, ".clauses.json")
     read = [ckpt, *(p for p in (teacher, data_file(data_spec), tokenizer) if p is not None), *(inputs or [])]
@@ -102,7 +101,7 @@ def finetune(
         "out": str(dst),
         "data": spec,
         "teacher": str(teacher) if teacher else None,
-        "config": asdict(cfg),
+        "config": cfg.model_dump(),
         "threads": torch.get_num_threads(),
         "nnz": sum(count(tr.tensors()[n] != 0) for n in tr.masks) if tr.masks else None,
         "history": history,
@@ -115,7 +114,7 @@ def finetune(
     meta.version, meta.kind = __version__, tr.ck.kind
     if tr.ck.kind == "mlp":
         meta.activation = tr.activation
-    meta.train_data, meta.train_epochs, meta.train_config = spec, cfg.epochs, asdict(cfg)
+    meta.train_data, meta.train_epochs, meta.train_config = spec, cfg.epochs, cfg.model_dump()
     meta.train_final = summary["final"]
     if recipe is not None:
         meta.recipe = recipe
