@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from fpewiden.convert import Budget, ConvertOptions, convert
+from fpewiden.convert import Budget, Calibration, ConvertOptions, convert
 from fpewiden.data.embeddings import datasets_dir, minilm_dir, read_labelled
 from fpewiden.model.pooling import mean_pool
 from fpewiden.train.config import TrainConfig
@@ -59,7 +59,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument(
-        "--models", default="fpe-same,fpe-0.5,magnitude-0.5", help="which of fpe-same, fpe-0.5, magnitude-0.5 to run"
+        "--models",
+        default="fpe-same,fpe-0.5,magnitude-0.5",
+        help="comma-separated: fpe-same, fpe-0.5, magnitude-0.5, cal-pruning-0.5, fpe-cal-0.5, sel0.05-0.5",
     )
     ap.add_argument("--n", type=int, default=0, help="first N training and N/4 test questions only (quick checks)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/paper_minilm"))
@@ -82,9 +84,17 @@ def main() -> None:
         }
     ]
     known = {
-        "fpe-same": ("FPE α=2, budget same", 2, "same"),
-        "fpe-0.5": ("FPE α=2, budget 0.5", 2, "0.5"),
-        "magnitude-0.5": ("magnitude pruning, budget 0.5", 1, "0.5"),
+        "fpe-same": ("FPE α=2, budget same", 2, "same", None),
+        "fpe-0.5": ("FPE α=2, budget 0.5", 2, "0.5", None),
+        "magnitude-0.5": ("magnitude pruning, budget 0.5", 1, "0.5", None),
+        "cal-pruning-0.5": ("calibrated pruning (α=1), budget 0.5", 1, "0.5", {}),
+        "fpe-cal-0.5": ("FPE α=2 calibrated, every neuron widened, budget 0.5", 2, "0.5", {"select": "all"}),
+        "sel0.05-0.5": (
+            "FPE α=2 calibrated, 5% of neurons widened, budget 0.5",
+            2,
+            "0.5",
+            {"select": "wasserstein", "fraction": 0.05},
+        ),
     }
     chosen = args.models.split(",")
     if any(m not in known for m in chosen):
@@ -93,10 +103,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         text = Path(d) / "train.txt"
         text.write_text("\n".join(train_texts[: args.sentences]))
-        for label, alpha, budget in configs:
-            conv, ft = Path(d) / f"{alpha}_{budget}", Path(d) / f"{alpha}_{budget}_ft"
-            split = "random"
-            report = convert(original, conv, ConvertOptions(alpha=alpha, split=split, budget=Budget.parse(budget)))
+        for n, (label, alpha, budget, cal) in enumerate(configs):
+            conv, ft = Path(d) / f"{n}_{alpha}_{budget}", Path(d) / f"{n}_{alpha}_{budget}_ft"
+            calibration = Calibration(str(text), **cal) if cal is not None else None
+            opts = ConvertOptions(alpha=alpha, budget=Budget.parse(budget), calibration=calibration)
+            report = convert(original, conv, opts)
             for stage, model_dir in (("converted", conv), ("distilled", ft)):
                 if stage == "distilled":
                     t = time.perf_counter()
@@ -125,7 +136,7 @@ def main() -> None:
         json.dumps({"command": "python " + shlex.join(sys.argv), "rows": rows}, indent=2)
     )
     lines = [
-        "# MiniLM FFNs: FPE vs magnitude pruning, distilled",
+        "# MiniLM FFNs: FPE vs pruning, distilled",
         "",
         f"`{' '.join(sys.argv)}` — TREC test questions; probe: logistic regression on TREC-6 train embeddings",
         "",

@@ -99,7 +99,10 @@ def convert(
     alpha: Annotated[
         int, typer.Option(help="Children per neuron; 1 widens nothing (magnitude pruning to --budget).")
     ] = 2,
-    split: Annotated[str, typer.Option(help="random | clause | feature | shared (one partition per layer)")] = "random",
+    split: Annotated[
+        str,
+        typer.Option(help="random | clause | feature | shared (one partition per layer) | activation (calibrated)"),
+    ] = "random",
     clauses: Annotated[
         Path | None, typer.Option(help="JSON list of lists of input indices (for --split clause).")
     ] = None,
@@ -118,12 +121,54 @@ def convert(
     overlap: Annotated[
         float, typer.Option(help="Control experiment: share of inputs that also reach a second child (0 = FPE).")
     ] = 0.0,
+    calibration: Annotated[
+        str | None,
+        typer.Option(
+            help="Calibrate on this data: a text file (HF models, one sample per line) or a DATA spec (MLPs)."
+        ),
+    ] = None,
+    calibration_samples: Annotated[
+        int | None, typer.Option(help="Calibration samples.", show_default="up to 16k tokens; MLPs 8192 rows")
+    ] = None,
+    importance: Annotated[
+        str | None, typer.Option(help="magnitude | activation (output-space saliency).", show_default="activation")
+    ] = None,
+    reconstruct: Annotated[
+        bool | None,
+        typer.Option(
+            "--reconstruct/--no-reconstruct", help="Refit the kept weights to the original output.", show_default="on"
+        ),
+    ] = None,
+    select: Annotated[
+        str | None,
+        typer.Option(help="Neurons to widen: all | wasserstein (see --expand-fraction).", show_default="all"),
+    ] = None,
+    expand_fraction: Annotated[
+        float | None,
+        typer.Option(help="With --select wasserstein: share of each layer's neurons widened.", show_default="0.05"),
+    ] = None,
     force: Annotated[bool, FORCE] = False,
 ) -> None:
     """Widen every hidden neuron into α children at exactly the same (or a given) non-zero count."""
     from fpewiden.console import console, convert_table, progress_bar
-    from fpewiden.convert import Budget, ConvertOptions, load_clauses
+    from fpewiden.convert import Budget, Calibration, ConvertOptions, load_clauses
     from fpewiden.convert import convert as run_convert
+
+    flags = {
+        "--calibration-samples": ("samples", calibration_samples),
+        "--importance": ("importance", importance),
+        "--reconstruct": ("reconstruct", reconstruct),
+        "--select": ("select", select),
+        "--expand-fraction": ("fraction", expand_fraction),
+    }
+    given = {flag: kv for flag, kv in flags.items() if kv[1] is not None}
+    if given and calibration is None:
+        raise FpewidenError(f"{next(iter(given))} needs --calibration FILE")
+    calibrated = dict(given.values())
+    if expand_fraction is not None:  # a share of neurons only means something for the Wasserstein selection
+        if select == "all":
+            raise FpewidenError("--expand-fraction applies to --select wasserstein (--select all widens every neuron)")
+        calibrated["select"] = "wasserstein"
 
     opts = ConvertOptions(
         alpha=alpha,
@@ -135,6 +180,7 @@ def convert(
         activation=activation,
         outgoing=outgoing,
         overlap=overlap,
+        calibration=Calibration(calibration, **calibrated) if calibration is not None else None,
     )
     with progress_bar() as bar:
         task = bar.add_task("converting", total=None)
@@ -316,14 +362,26 @@ def export(
 @app.command()
 @user_errors
 def bench(
-    models: Annotated[list[Path], typer.Argument(help="Checkpoints or .onnx files; the first is the reference.")],
-    data: Annotated[str | None, typer.Option(help="DATA spec whose held-out split gives the task metric.")] = None,
+    models: Annotated[
+        list[Path], typer.Argument(help="Checkpoints, HF folders or .onnx files; the first is the reference.")
+    ],
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="MLPs: a DATA spec. HF models: a text file, a TSV (label<TAB>text) or embed:trec6|trec50|sst5."
+        ),
+    ] = None,
     sweep: Annotated[
         bool, typer.Option(help="MODEL is a recipe or checkpoint: convert+finetune α ∈ {1,2,4,8}.")
     ] = False,
     budget: Annotated[str, typer.Option(help="With --sweep: the budget every α is held to.")] = "same",
     sweep_out: Annotated[Path, typer.Option(help="With --sweep: directory for the sweep's run.")] = Path("runs/sweep"),
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,32",
+    seq_len: Annotated[str, typer.Option(help="HF models: comma-separated sequence lengths timed.")] = "32,128",
+    reference: Annotated[
+        Path | None, typer.Option(help="The model the others are compared with (default: the first).")
+    ] = None,
+    tokenizer: Annotated[Path | None, typer.Option(help="HF models: tokenizer folder (default: a model's).")] = None,
     engines: Annotated[str, typer.Option(help="torch,ort")] = "torch,ort",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda (torch engine)")] = "auto",
     repeat: Annotated[int, typer.Option(help="Timed runs per model, engine and batch size.")] = 100,
@@ -350,7 +408,22 @@ def bench(
     from fpewiden.benchmark.command import bench_command
 
     bench_command(
-        models, data, batch_sizes, engines, device, repeat, warmup, threads, seed, json_out, markdown, plot, force
+        models,
+        data,
+        batch_sizes,
+        engines,
+        device,
+        repeat,
+        warmup,
+        threads,
+        seed,
+        json_out,
+        markdown,
+        plot,
+        force,
+        seq_len,
+        reference,
+        tokenizer,
     )
 
 

@@ -31,7 +31,7 @@ class Conversion(BaseModel):
     model_config = STRICT
 
     alpha: Annotated[int, Field(ge=1)] = 2
-    split: Literal["random", "clause", "feature", "shared"] = "random"
+    split: Literal["random", "clause", "feature", "shared", "activation"] = "random"
     budget: str = "same"
     outgoing: Literal["copy", "grouped"] = "copy"
     overlap: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
@@ -39,8 +39,14 @@ class Conversion(BaseModel):
     # > 0: after fine-tuning, magnitude-prune back to the warm model's non-zero count and fine-tune this many more
     # epochs (taken from the fine-tuning epochs, without DropConnect): how a budget "all" baseline is deployed
     prune_epochs: Annotated[int, Field(ge=0)] = 0
+    # calibrated conversion on the recipe's training data (convert --calibration): None = the paper's conversion
+    calibrate: bool = False
+    importance: Literal["magnitude", "activation"] = "activation"
+    reconstruct: bool = True
+    select: Literal["wasserstein", "all"] = "all"
+    expand_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0
 
-    _floats = field_validator("overlap", "dropconnect", mode="before")(yaml_float)
+    _floats = field_validator("overlap", "dropconnect", "expand_fraction", mode="before")(yaml_float)
 
     @field_validator("budget", mode="before")
     @classmethod
@@ -59,6 +65,12 @@ class Conversion(BaseModel):
     @property
     def label(self) -> str:
         label = self._model()
+        if self.calibrate:
+            label += ", calibrated" + (f" (widen {self.expand_fraction:g})" if self.select == "wasserstein" else "")
+            if not self.reconstruct:
+                label += " without refit"
+            if self.importance == "magnitude":
+                label += ", magnitude importance"
         if self.dropconnect:
             label += f" + DropConnect {self.dropconnect}"
         if self.prune_epochs:

@@ -22,7 +22,7 @@ from fpewiden.benchmark.outputs import markdown as bench_markdown
 from fpewiden.benchmark.outputs import table as bench_table
 from fpewiden.benchmark.outputs import write as write_bench
 from fpewiden.console import console, progress_bar, results_table
-from fpewiden.convert import Budget, ConvertOptions, convert
+from fpewiden.convert import Budget, Calibration, ConvertOptions, convert
 from fpewiden.data.specs import data_file, load_data
 from fpewiden.errors import FpewidenError
 from fpewiden.io.atomic import atomic_dir, atomic_file
@@ -56,19 +56,26 @@ def _summarise(rows: list[dict]) -> list[dict]:
     for label, rs in by_label.items():
         entry = {"model": label, "seeds": len(rs), "neurons": rs[0]["neurons"], "nnz": rs[0]["nnz"]}
         for m in METRICS:
-            vals = [r["final"][m] for r in rs if m in r["final"]]
-            if vals:
-                entry[m] = {
-                    "mean": statistics.fmean(vals),
-                    "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-                    "values": vals,
-                }
+            for key, stage in ((m, "final"), (f"{m}_at_conversion", "initial")):
+                vals = [r[stage][m] for r in rs if m in r.get(stage, {})]
+                if vals:
+                    entry[key] = {
+                        "mean": statistics.fmean(vals),
+                        "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                        "values": vals,
+                    }
         out.append(entry)
     return out
 
 
-def markdown(recipe: Recipe, summary: list[dict]) -> str:
+def table_columns(summary: list[dict]) -> list[str]:
+    """The metrics after fine-tuning, then the first of them as it was right after conversion."""
     metrics = [m for m in METRICS if any(m in s for s in summary)]
+    return [*metrics, f"{metrics[0]}_at_conversion"] if metrics else metrics
+
+
+def markdown(recipe: Recipe, summary: list[dict]) -> str:
+    metrics = table_columns(summary)
     lines = [
         f"# {recipe.name}",
         "",
@@ -133,11 +140,20 @@ def _run(recipe: Recipe, stage: Path, out: Path) -> dict:
                 warm, recipe.data, d / "dense.safetensors", recipe.train_config(rest, seed), recipe=recipe_meta
             )
             tick(f"seed {seed}: dense baseline")
-            rows.append(_row("dense", d / "dense.safetensors", dense, seed))
+            rows.append(_row("dense", d / "dense.safetensors", dense, seed, dense["before"]))
             for c in recipe.conversions:
                 name = f"a{c.alpha}_{c.split}_{c.outgoing}_{c.budget}_o{c.overlap}_dc{c.dropconnect}".replace(".", "p")
+                if c.calibrate:
+                    name += f"_cal_{c.importance[0]}{int(c.reconstruct)}_{c.select[0]}{c.expand_fraction:g}".replace(
+                        ".", "p"
+                    )
                 conv = d / f"{name}.safetensors"
                 clauses = json.loads((d / "clauses.json").read_text()) if c.split == "clause" else None
+                calibration = (
+                    Calibration(recipe.data, None, c.importance, c.reconstruct, c.select, c.expand_fraction)
+                    if c.calibrate
+                    else None
+                )
                 report = convert(
                     warm,
                     conv,
@@ -150,6 +166,7 @@ def _run(recipe: Recipe, stage: Path, out: Path) -> dict:
                         activation=recipe.model.activation,
                         outgoing=c.outgoing,
                         overlap=c.overlap,
+                        calibration=calibration,
                     ),
                 )
                 tick(f"seed {seed}: convert {c.label}")
@@ -162,6 +179,7 @@ def _run(recipe: Recipe, stage: Path, out: Path) -> dict:
                     recipe.train_config(rest - c.prune_epochs, seed, c.dropconnect),
                     recipe=recipe_meta,
                 )
+                initial = res["before"]
                 if c.prune_epochs:  # back to the dense count, then fine-tune the rest with that mask fixed
                     pruned = d / f"{name}_pruned.safetensors"
                     budget = Budget("count", report["nnz_before"])
@@ -175,7 +193,7 @@ def _run(recipe: Recipe, stage: Path, out: Path) -> dict:
                         recipe=recipe_meta,
                     )
                 tick(f"seed {seed}: fine-tune {c.label}")
-                rows.append(_row(c.label, final, res, seed))
+                rows.append(_row(c.label, final, res, seed, initial))
     summary = _summarise(rows)
     bench_rows = _bench_first_seed(recipe, rows) if recipe.bench_repeat > 0 else []
     for r in rows:
@@ -193,7 +211,7 @@ def _run(recipe: Recipe, stage: Path, out: Path) -> dict:
             + "\n![accuracy against bytes](bench.png)\n"
         )
     (stage / "results.md").write_text(md + f"\n{MD_MARKER}\n")
-    console().print(results_table(recipe.name, summary, [m for m in METRICS if any(m in s for s in summary)]))
+    console().print(results_table(recipe.name, summary, table_columns(summary)))
     if bench_rows:
         console().print(bench_table(bench_rows))
     return result
@@ -203,7 +221,7 @@ def _bench_first_seed(recipe: Recipe, rows: list[dict]) -> list[dict]:
     """Every model the first seed produced, benchmarked together (dense first: the reference)."""
     import torch
 
-    from fpewiden.benchmark.measure import bench
+    from fpewiden.benchmark.mlp import bench
 
     seed = recipe.seeds[0]
     paths = [Path(r["path"]) for r in rows if r["seed"] == seed]
@@ -215,7 +233,9 @@ def _bench_first_seed(recipe: Recipe, rows: list[dict]) -> list[dict]:
     return out
 
 
-def _row(label: str, path: Path, res: dict, seed: int) -> dict:
+def _row(label: str, path: Path, res: dict, seed: int, initial: dict) -> dict:
+    """One model of one seed: its size, its held-out metrics right after conversion (`initial`; for the dense
+    baseline, the warm model's) and after fine-tuning (`final`)."""
     from fpewiden.inspect import inspect_checkpoint
 
     info = inspect_checkpoint(path)
@@ -225,6 +245,7 @@ def _row(label: str, path: Path, res: dict, seed: int) -> dict:
         "path": str(path),
         "neurons": info["totals"]["neurons"],
         "nnz": info["totals"]["nnz"],
+        "initial": {k: v for k, v in initial.items() if k != "epoch"},
         "final": res["final"],
     }
 

@@ -245,6 +245,75 @@ CASES = {
         ],
         "is the input",
     ),
+    # convert: calibration
+    "convert-calibration-empty": (
+        ["convert", "{ws}/bert", "--out", "{ws}/out/m", "--calibration", "{ws}/empty.safetensors"],
+        "at least 8 non-empty lines",
+    ),
+    "convert-calibration-binary": (
+        ["convert", "{ws}/bert", "--out", "{ws}/out/m", "--calibration", "{ws}/text_bin.txt"],
+        "not a text file",
+    ),
+    "convert-calibration-short": (
+        ["convert", "{ws}/bert", "--out", "{ws}/out/m", "--calibration", "{ws}/text_short.txt"],
+        "at least 8 non-empty lines",
+    ),
+    "convert-calibration-missing": (
+        ["convert", "{ws}/bert", "--out", "{ws}/out/m", "--calibration", "{ws}/nope.txt"],
+        "no such text file",
+    ),
+    "convert-calibration-width": (
+        ["convert", "{ws}/dnf_mlp.safetensors", "--out", "{ws}/o.safetensors", "--calibration", "{ws}/data_wide.pt"],
+        "has 20 features but the model's first layer reads 16",
+    ),
+    "convert-calibration-budget-all": (
+        [
+            "convert",
+            "{ws}/mlp.safetensors",
+            "--out",
+            "{ws}/o.safetensors",
+            "--budget",
+            "all",
+            "--calibration",
+            "digits",
+        ],
+        "--budget all keeps every weight",
+    ),
+    "convert-importance-alone": (
+        ["convert", "{ws}/mlp.safetensors", "--out", "{ws}/o.safetensors", "--importance", "magnitude"],
+        "--importance needs --calibration FILE",
+    ),
+    "convert-activation-split-alone": (
+        ["convert", "{ws}/mlp.safetensors", "--out", "{ws}/o.safetensors", "--split", "activation"],
+        "needs --calibration FILE",
+    ),
+    "convert-expand-fraction": (
+        ["convert", "{ws}/bert", "--out", "{ws}/out/m", "--calibration", "{ws}/text.txt", "--expand-fraction", "1.5"],
+        "between 0 and 1",
+    ),
+    "convert-fraction-with-all": (
+        [
+            "convert",
+            "{ws}/bert",
+            "--out",
+            "{ws}/out/m",
+            "--calibration",
+            "{ws}/text.txt",
+            "--select",
+            "all",
+            "--expand-fraction",
+            "0.2",
+        ],
+        "applies to --select wasserstein",
+    ),
+    "convert-importance-unknown": (
+        ["convert", "{ws}/bert", "--out", "{ws}/out/m", "--calibration", "{ws}/text.txt", "--importance", "grad"],
+        "--importance 'grad'",
+    ),
+    "convert-calibration-is-out": (
+        ["convert", "{ws}/bert", "--out", "{ws}/text.txt", "--calibration", "{ws}/text.txt"],
+        "is the input",
+    ),
     # inspect
     "inspect-missing": (["inspect", "{ws}/nope.safetensors"], "no such file"),
     "inspect-random-pt": (["inspect", "{ws}/rnd.pt"], "not a readable PyTorch"),
@@ -496,7 +565,9 @@ CASES = {
         ["bench", "{ws}/mlp.safetensors", "--data", "digits", "--markdown", "{ws}/notes.txt"],
         "pass --force",
     ),
-    "bench-hf-folder": (["bench", "{ws}/bert", "--data", "digits"], "measures MLP checkpoints"),
+    "bench-mlp-and-hf": (["bench", "{ws}/mlp.safetensors", "{ws}/bert", "--data", "digits"], "not both"),
+    "bench-seq-len": (["bench", "{ws}/bert", "--data", "{ws}/text.txt", "--seq-len", "0"], "--seq-len"),
+    "bench-hf-no-tokenizer": (["bench", "{ws}/bert_notok", "--data", "{ws}/text.txt"], "pass --tokenizer DIR"),
     "bench-batch-size": (["bench", "{ws}/mlp.safetensors", "--data", "digits", "--batch-sizes", "0"], "at least 1"),
     "bench-engine": (["bench", "{ws}/mlp.safetensors", "--data", "digits", "--engines", "tvm"], "unknown engine"),
     "bench-no-data": (["bench", "{ws}/mlp.safetensors"], "--data is required"),

@@ -22,6 +22,8 @@ class Family:
     transposed: bool = False
     config_key: Callable[[str, dict], str] = lambda prefix, cfg: "intermediate_size"
     activation_key: str = "hidden_act"
+    act: str = "intermediate.intermediate_act_fn"  # the activation module, under the layer's prefix
+    gated: bool = False  # act(gate x) * (up x): the two incoming projections play different roles
 
 
 def _clip_key(prefix: str, cfg: dict) -> str:
@@ -42,6 +44,8 @@ FAMILIES: dict[str, Family] = {
         r"^(?P<p>.*)\.mlp\.gate_proj\.weight$",
         ("mlp.gate_proj", "mlp.up_proj"),
         "mlp.down_proj",
+        act="mlp.act_fn",
+        gated=True,
     ),
     "gpt2": Family(
         frozenset({"gpt2"}),
@@ -51,6 +55,7 @@ FAMILIES: dict[str, Family] = {
         transposed=True,
         config_key=lambda prefix, cfg: "n_inner",
         activation_key="activation_function",
+        act="mlp.act",
     ),
     "opt": Family(
         frozenset({"opt"}),
@@ -59,6 +64,7 @@ FAMILIES: dict[str, Family] = {
         "fc2",
         config_key=lambda prefix, cfg: "ffn_dim",
         activation_key="activation_function",
+        act="activation_fn",
     ),
     "clip": Family(
         frozenset({"clip", "clip_text_model", "clip_vision_model", "siglip"}),
@@ -66,6 +72,7 @@ FAMILIES: dict[str, Family] = {
         ("mlp.fc1",),
         "mlp.fc2",
         config_key=_clip_key,
+        act="mlp.activation_fn",
     ),
 }
 SUPPORTED = sorted(t for f in FAMILIES.values() for t in f.model_types)

@@ -1,5 +1,6 @@
 """`fpewiden bench` (not --sweep) from its options: every option and output checked, then the models from their
-headers, and only then data loaded and models measured, so a bad input never costs minutes of work."""
+headers (MLPs or Hugging Face models, not both), and only then data loaded and models measured, so a bad input
+never costs minutes of work."""
 
 from __future__ import annotations
 
@@ -7,13 +8,49 @@ from pathlib import Path
 
 import torch
 
-from fpewiden.benchmark.measure import ENGINES, bench, preflight
 from fpewiden.benchmark.outputs import table, write
 from fpewiden.console import console
-from fpewiden.data.specs import data_file, load_data
+from fpewiden.data.specs import data_file
 from fpewiden.errors import FpewidenError
 from fpewiden.io.outputs import check_outputs
 from fpewiden.train.trainer import resolve_device
+
+ENGINES = ("torch", "ort")
+
+
+def _ints(flag: str, text: str) -> list[int]:
+    try:
+        values = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise FpewidenError(f"{flag} {text!r}: expected comma-separated integers") from None
+    if not values or min(values) < 1:
+        raise FpewidenError(f"{flag} {text!r}: every value must be at least 1")
+    return values
+
+
+def model_kind(path: Path) -> str:
+    """'mlp' or 'hf', from headers only (safetensors header, config.json, the ONNX graph's inputs)."""
+    from fpewiden.arch import find_pairs
+    from fpewiden.io.checkpoint import open_checkpoint
+
+    if not path.exists():
+        raise FpewidenError(f"no such model: {path}")
+    if path.suffix == ".onnx":
+        import onnx
+
+        try:
+            proto = onnx.load(str(path), load_external_data=False)
+        except Exception as e:  # protobuf's DecodeError and onnx's own errors on arbitrary bytes
+            raise FpewidenError(f"{path} is not a readable ONNX model ({type(e).__name__})") from None
+        inputs = [i.name for i in proto.graph.input]
+        if inputs == ["x"]:
+            return "mlp"
+        if "input_ids" in inputs:
+            return "hf"
+        raise FpewidenError(f"{path} takes inputs {inputs}: neither an MLP (x) nor a language model (input_ids)")
+    ck = open_checkpoint(path)
+    find_pairs(ck)
+    return ck.kind
 
 
 def bench_command(
@@ -30,19 +67,18 @@ def bench_command(
     markdown: Path | None,
     plot: Path | None,
     force: bool,
+    seq_lens: str = "32,128",
+    reference: Path | None = None,
+    tokenizer: Path | None = None,
 ) -> list[dict]:
     if data is None:
-        raise FpewidenError("--data is required (a DATA spec such as dnf:clauses=16 or digits)")
+        raise FpewidenError("--data is required (a DATA spec such as dnf:clauses=16 or digits, or text for HF models)")
     engine_list = [e.strip() for e in engines.split(",") if e.strip()]
     bad = [e for e in engine_list if e not in ENGINES]
     if bad or not engine_list:
         raise FpewidenError(f"--engines: unknown engine {bad[0] if bad else ''!r}; choose from torch, ort")
-    try:
-        sizes = [int(b) for b in batch_sizes.split(",") if b.strip()]
-    except ValueError:
-        raise FpewidenError(f"--batch-sizes {batch_sizes!r}: expected comma-separated integers") from None
-    if not sizes or min(sizes) < 1:
-        raise FpewidenError(f"--batch-sizes {batch_sizes!r}: every batch size must be at least 1")
+    sizes = _ints("--batch-sizes", batch_sizes)
+    lens = _ints("--seq-len", seq_lens)
     if repeat < 1 or warmup < 0 or threads < 1:
         raise FpewidenError("--repeat and --threads must be at least 1, and --warmup not negative")
     if plot is not None:
@@ -50,27 +86,32 @@ def bench_command(
             import matplotlib  # noqa: F401
         except ImportError:
             raise FpewidenError("--plot needs matplotlib: pip install 'fpewiden[plot]'") from None
+    paths = list(models)
+    if reference is not None:
+        paths = [reference, *[p for p in paths if p.resolve() != reference.resolve()]]
+    if not paths:
+        raise FpewidenError("bench needs at least one model")
     outputs = [p for p in (json_out, markdown, plot) if p is not None]
     data_inputs = [p] if (p := data_file(data)) is not None else []
-    check_outputs(outputs, [*models, *data_inputs], force, what="output path")
-    preflight(list(models))
+    check_outputs(outputs, [*paths, *data_inputs, *([tokenizer] if tokenizer else [])], force, what="output path")
+    kinds = {model_kind(p) for p in paths}
+    if len(kinds) > 1:
+        raise FpewidenError("bench compares MLPs with MLPs and language models with language models, not both")
     dev = resolve_device(device)
     torch.set_num_threads(threads)
-    dataset = load_data(data, seed)
-    rows = bench(list(models), dataset, sizes, engine_list, dev, repeat, warmup, threads)
+    extra: dict = {"batch_sizes": sizes, "engines": engine_list, "repeat": repeat, "warmup": warmup, "threads": threads}
+    if kinds == {"mlp"}:
+        from fpewiden.benchmark.mlp import bench
+        from fpewiden.data.specs import load_data
+
+        dataset = load_data(data, seed)
+        rows = bench(paths, dataset, sizes, engine_list, dev, repeat, warmup, threads)
+    else:
+        from fpewiden.benchmark.hf import bench, load_eval
+
+        dataset = load_eval(data, seed)
+        rows = bench(paths, dataset, sizes, lens, engine_list, dev, repeat, warmup, threads, tokenizer)
+        extra["seq_lens"] = lens
     console().print(table(rows))
-    write(
-        rows,
-        json_out,
-        markdown,
-        plot,
-        {
-            "data": dataset.describe(),
-            "batch_sizes": sizes,
-            "engines": engine_list,
-            "repeat": repeat,
-            "warmup": warmup,
-            "threads": threads,
-        },
-    )
+    write(rows, json_out, markdown, plot, {"data": dataset.describe(), **extra})
     return rows

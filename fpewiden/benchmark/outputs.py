@@ -12,35 +12,48 @@ from fpewiden.benchmark.formats import pareto_front
 from fpewiden.io.atomic import atomic_file
 from fpewiden.io.outputs import MD_MARKER, PNG_SOFTWARE, json_document
 
-METRIC_ORDER = ("exact_match", "accuracy", "mse", "loss")
+METRIC_ORDER = ("exact_match", "accuracy", "probe_accuracy", "cosine", "agreement", "perplexity", "mse", "loss")
+LOWER_IS_BETTER = ("perplexity", "mse", "loss")
 
 
 def main_metric(rows: list[dict]) -> str:
-    return next(m for m in METRIC_ORDER if all(m in r["metrics"] for r in rows))
+    """The first metric (in METRIC_ORDER) every model has: the one the Pareto front is drawn for."""
+    common = [m for m in METRIC_ORDER if all(m in r["metrics"] for r in rows)]
+    if not common:
+        raise ValueError("the models share no metric")
+    return common[0]
 
 
 def front(rows: list[dict], metric: str) -> list[int]:
-    sign = -1.0 if metric in ("mse", "loss") else 1.0
+    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
     return pareto_front([(float(r["best_bytes"]), sign * r["metrics"][metric]) for r in rows])
 
 
 def _latency_keys(rows: list[dict]) -> list[tuple[str, str]]:
+    """(engine, workload) pairs; workloads are "batch" or "batchxseq", sorted by sequence length, then batch."""
     keys = {(eng, b) for r in rows for eng, lat in r["latency"].items() for b in lat}
-    return sorted(keys, key=lambda k: (k[0], int(k[1])))
+
+    def order(k: tuple[str, str]) -> tuple:
+        b, _, t = k[1].partition("x")
+        return (k[0], int(t or 0), int(b))
+
+    return sorted(keys, key=order)
 
 
 def grid(rows: list[dict]) -> tuple[str, list[str], list[list[str]], set[int]]:
     """What the console table and the Markdown both show: the metric, the header, one row of cells per model
     and which models lie on the Pareto front."""
     metric = main_metric(rows)
+    others = [m for m in METRIC_ORDER if m != metric and any(m in r["metrics"] for r in rows)]
     lat_keys = _latency_keys(rows)
-    head = ["model", metric, "neurons", "non-zeros", "dense fp32 bytes", "best format", "best bytes", "bound"]
-    head += [f"{eng} batch {b}: median ms (speed-up)" for eng, b in lat_keys]
+    head = ["model", metric, *others, "neurons", "non-zeros", "dense fp32 bytes", "best format", "best bytes", "bound"]
+    head += [f"{eng} {_workload(b)}: median ms (speed-up)" for eng, b in lat_keys]
     cells = []
     for r in rows:
         row = [
             r["model"],
             f"{r['metrics'][metric]:.4f}",
+            *(f"{r['metrics'][m]:.4f}" if m in r["metrics"] else "-" for m in others),
             str(r["neurons"] if r["neurons"] is not None else "-"),
             f"{r['nnz']:,}",
             f"{r['bytes']['dense_fp32']:,}",
@@ -54,6 +67,11 @@ def grid(rows: list[dict]) -> tuple[str, list[str], list[list[str]], set[int]]:
             row.append(f"{lat['median_ms']:.3f} ({sp:.2f}×)" if lat else "-")
         cells.append(row)
     return metric, head, cells, set(front(rows, metric))
+
+
+def _workload(key: str) -> str:
+    b, _, t = key.partition("x")
+    return f"batch {b}" + (f" × {t} tokens" if t else "")
 
 
 def table(rows: list[dict]) -> Table:

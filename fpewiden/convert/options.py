@@ -10,7 +10,9 @@ from pathlib import Path
 from fpewiden.errors import FpewidenError
 from fpewiden.fpe.expand import OUTGOING
 
-SPLITS = ("random", "clause", "feature", "shared")
+SPLITS = ("random", "clause", "feature", "shared", "activation")
+IMPORTANCE = ("magnitude", "activation")
+SELECT = ("wasserstein", "all")
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
 
 
@@ -56,6 +58,43 @@ class Budget:
 
 
 @dataclass
+class Calibration:
+    """`--calibration`: convert from the model's behaviour on sample data (convert/calibration.py).
+
+    `data`: a text file (Hugging Face models; one sample per line) or a DATA spec (MLPs; its x). `samples` None:
+    sentences up to 16k tokens (HF) or 8192 rows (MLP). `select`: which neurons widen — `all` (FPE), or
+    `wasserstein` (the share `fraction` farthest from Gaussian). The defaults are the best combination measured
+    when widening (bench/results/calibration); on MiniLM no widening beat calibrated pruning (`--alpha 1`).
+    """
+
+    data: str
+    samples: int | None = None
+    importance: str = "activation"
+    reconstruct: bool = True
+    select: str = "all"
+    fraction: float = 0.05
+    ridge: float = 1e-3
+    anchor: bool = True
+
+    def expand_fraction(self, alpha: int) -> float:
+        if alpha == 1:
+            return 0.0
+        return 1.0 if self.select == "all" else self.fraction
+
+    def validate(self) -> None:
+        if self.importance not in IMPORTANCE:
+            raise FpewidenError(f"--importance {self.importance!r}: choose one of {', '.join(IMPORTANCE)}")
+        if self.select not in SELECT:
+            raise FpewidenError(f"--select {self.select!r}: choose one of {', '.join(SELECT)}")
+        if not 0.0 <= self.fraction <= 1.0:
+            raise FpewidenError(f"--expand-fraction {self.fraction}: a share of neurons between 0 and 1")
+        if self.samples is not None and self.samples < 8:
+            raise FpewidenError(f"--calibration-samples {self.samples}: at least 8")
+        if not self.ridge > 0:
+            raise FpewidenError(f"ridge {self.ridge}: must be positive")
+
+
+@dataclass
 class ConvertOptions:
     """α=1 expands nothing: with a budget below `same` the conversion is magnitude pruning of the same matrices,
     the baseline FPE is compared with (and, with calibration, Wanda or SparseGPT-like pruning)."""
@@ -69,6 +108,14 @@ class ConvertOptions:
     activation: str = "relu"
     outgoing: str = "copy"
     overlap: float = 0.0  # the paper's control: share of inputs that also reach a second child (not FPE when > 0)
+    calibration: Calibration | None = None
+
+    @property
+    def expand_fraction(self) -> float:
+        """Share of each layer's neurons that get α children (the others keep one)."""
+        if self.alpha == 1:
+            return 0.0
+        return self.calibration.expand_fraction(self.alpha) if self.calibration else 1.0
 
     def validate(self) -> None:
         """Every option on its own; what needs the checkpoint is checked by the plan."""
@@ -88,6 +135,14 @@ class ConvertOptions:
             raise FpewidenError(f"--activation {self.activation!r}: choose one of {', '.join(ACTIVATIONS)}")
         if self.alpha == 1 and (self.overlap or self.outgoing != "copy"):
             raise FpewidenError("--alpha 1 expands nothing: --overlap and --outgoing apply to children")
+        if self.split == "activation" and self.calibration is None:
+            raise FpewidenError("--split activation partitions inputs by their activity: it needs --calibration FILE")
+        if self.calibration is not None:
+            self.calibration.validate()
+            if self.budget.kind == "all":
+                raise FpewidenError("--calibration selects weights for a budget: --budget all keeps every weight")
+            if self.overlap or self.outgoing != "copy":
+                raise FpewidenError("--calibration converts with copied outgoing weights and no overlap")
 
 
 def load_clauses(path: Path) -> list[list[int]]:

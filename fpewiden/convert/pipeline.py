@@ -135,8 +135,9 @@ def _stream_pairs(ck, plan, opts, transform, meta, sink, on_pair) -> dict:
             budget = plan.pair_budget(k, opts.budget, pair.nnz())
             names = (*spec.in_weights, spec.out_weight)
             rows = [plan.neurons(spec, plan.shapes)] * len(spec.in_weights) + [pair.w_out.shape[0]]
+            b_out = reader.sink.bias(spec.out_bias) if spec.out_bias else None
             try:
-                result = transform(k, spec, pair, budget)
+                result = transform(k, spec, pair, budget, b_out)
                 for i, row, w, m in result.blocks:
                     sink.emit(k, names[i], row, w, m, rows[i], spec.transposed)
             except FpewidenError as e:
@@ -151,6 +152,9 @@ def _stream_pairs(ck, plan, opts, transform, meta, sink, on_pair) -> dict:
             if on_pair:
                 on_pair(spec.name, k + 1, len(plan.chosen))
         meta.source_sha256 = source.result()
+    summary = getattr(transform, "summary", None)
+    if summary is not None:
+        meta.calibration = summary()
     meta.budget = sum(sink.nnz_written.values())
     meta.nnz_before = sum(reader.nnz_read.values())
     meta.layers = _layers(plan, ck, reader, sink, shorts)
@@ -187,12 +191,13 @@ def convert(
     """Convert `src` into `dst`; returns a report (per layer neurons and non-zeros, totals, metadata)."""
     opts.validate()
     ck = open_checkpoint(src)
-    check_outputs([dst], [src, *([clauses_path] if clauses_path else [])], force)
+    calib = [Path(opts.calibration.data)] if opts.calibration and Path(opts.calibration.data).is_file() else []
+    check_outputs([dst], [src, *([clauses_path] if clauses_path else []), *calib], force)
     if ck.kind == "mlp" and dst.suffix != ".safetensors":
         raise FpewidenError(f"--out {dst}: MLP checkpoints are written as .safetensors; name the output *.safetensors")
     pairs = find_pairs(ck)
     chosen = select_pairs(pairs, opts.targets, ck.kind == "hf")
-    plan = make_plan(ck.shapes, ck.dtypes, pairs, chosen, opts.alpha, opts.clauses)
+    plan = make_plan(ck.shapes, ck.dtypes, pairs, chosen, opts.alpha, opts.clauses, opts.expand_fraction)
     if opts.budget.kind not in ("same", "all"):
         owned = {n for group in plan.owned() for n in group}
         plan.set_budget(opts.budget, {n: count(ck.support(n)) for n in owned})
@@ -208,6 +213,10 @@ def convert(
         seed=opts.seed,
         budget_spec=str(opts.budget),
     )
+    if transform is None and opts.calibration is not None:
+        from fpewiden.convert.calibration import CalibratedTransform
+
+        transform = CalibratedTransform(ck, opts, chosen)
     transform = transform or FpeTransform(opts)
     base = {"format": "pt", **meta.strings()}
     if ck.kind == "mlp":

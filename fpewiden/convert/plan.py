@@ -113,9 +113,13 @@ def make_plan(
     chosen: list[PairSpec],
     alpha: int,
     clauses: list[list[int]] | None = None,
+    fraction: float = 1.0,
 ) -> Plan:
     """Output shapes and write order, and every check the headers alone can decide: weight dtypes, α against
-    each layer's inputs, clause indices. Nothing is allocated before these pass."""
+    each layer's inputs, clause indices. Nothing is allocated before these pass.
+
+    `fraction`: share of each layer's neurons that get α children (selective expansion; 1 for FPE): a layer of
+    h neurons becomes h + (α−1)·round(fraction·h) wide."""
     for p in chosen:
         for name in (*p.in_weights, p.out_weight):
             if not DTYPES[dtypes[name]].is_floating_point:
@@ -134,13 +138,15 @@ def make_plan(
     out = dict(shapes)
     last_use: dict[str, int] = {}
     for k, p in enumerate(chosen):
+        h = shapes[p.in_weights[0]][1 if p.transposed else 0]
+        wide = h + (alpha - 1) * round(fraction * h)
         for w, b in zip(p.in_weights, p.in_biases, strict=True):
             s = out[w]
-            out[w] = (s[0], s[1] * alpha) if p.transposed else (s[0] * alpha, s[1])
+            out[w] = (s[0], wide) if p.transposed else (wide, s[1])
             if b:
-                out[b] = (out[b][0] * alpha,)
+                out[b] = (wide,)
             last_use[w] = k
         s = out[p.out_weight]
-        out[p.out_weight] = (s[0] * alpha, s[1]) if p.transposed else (s[0], s[1] * alpha)
+        out[p.out_weight] = (wide, s[1]) if p.transposed else (s[0], wide)
         last_use[p.out_weight] = k
     return Plan(pairs, chosen, alpha, out, last_use)

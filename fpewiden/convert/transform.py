@@ -38,8 +38,11 @@ class Converted:
 
 
 class PairTransform(Protocol):
-    def __call__(self, k: int, spec: PairSpec, pair: Pair, budget: int | None) -> Converted:
-        """Convert pair number `k` (forward order) to exactly `budget` non-zeros (None: keep everything)."""
+    def __call__(
+        self, k: int, spec: PairSpec, pair: Pair, budget: int | None, b_out: torch.Tensor | None = None
+    ) -> Converted:
+        """Convert pair number `k` (forward order) to exactly `budget` non-zeros (None: keep everything).
+        `b_out` is the outgoing layer's bias, for methods that refit it."""
         ...
 
 
@@ -75,7 +78,9 @@ class FpeTransform:
     def __init__(self, opts: ConvertOptions):
         self.opts = opts
 
-    def __call__(self, k: int, spec: PairSpec, pair: Pair, budget: int | None) -> Converted:
+    def __call__(
+        self, k: int, spec: PairSpec, pair: Pair, budget: int | None, b_out: torch.Tensor | None = None
+    ) -> Converted:
         opts = self.opts
         support = pair.support()  # one (neurons × inputs) mask, shared by the count and the splits
         short = short_neurons(support, opts.alpha) if opts.alpha > 1 else 0

@@ -224,3 +224,23 @@ def widen_blocks(
             w_out.mul_(m_out)
         keep, ties_left = _drop(w_out, m_out, threshold, ties_left, dtype)
         yield len(pair.w_in), r, w_out.mul_(keep), keep
+
+
+def keep_largest(scores: list[torch.Tensor], masks: list[torch.Tensor], budget: int) -> list[torch.Tensor]:
+    """Keep exactly `budget` masked positions across the tensors: the largest scores (magnitudes of weights, or
+    any non-negative saliency), ties broken by position as everywhere in fpewiden (the earliest go first).
+    Calibrated conversion selects its masks with this; `widen_blocks` inlines the same rule block by block."""
+    total = sum(count(m) for m in masks)
+    if not 0 <= budget <= total:
+        raise FpewidenError(f"budget {budget} is outside 0..{total}")
+    remove = total - budget
+    if remove == 0:
+        return [m.clone() for m in masks]
+    dtype = key_dtype(scores)
+    threshold, below = kth_key([(s, m, 1) for s, m in zip(scores, masks, strict=True)], remove, dtype)
+    ties_left = remove - below
+    out = []
+    for s, m in zip(scores, masks, strict=True):
+        keep, ties_left = _drop(s, m, threshold, ties_left, dtype)
+        out.append(keep)
+    return out

@@ -1,0 +1,355 @@
+"""`fpewiden bench` on Hugging Face models: folders (torch; their ONNX export for ort) and their ONNX files.
+
+Accuracy, in the ways users measure encoders and decoders, all against the reference model (the first):
+- a text file: cosine of the mean-pooled last hidden state to the reference's; for causal models also the
+  perplexity of each model on the text and the top-1 agreement of its next-token predictions with the reference;
+- labelled sentences (`embed:trec6|trec50|sst5[,n=N]`, or a TSV `label<TAB>text`): a logistic-regression probe
+  trained once on the reference's embeddings of the train split, scored on every model's embeddings of the
+  held-out split (the same probe for every model), plus the cosine on the held-out split.
+Bytes per storage format are counted per group of linear layers (attention, FFN, head; embeddings apart, since a
+lookup reads only the rows it needs); latency per engine, batch size and sequence length.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fpewiden.benchmark.formats import model_bytes
+from fpewiden.benchmark.measure import MeasuredModel, Workload, ort_session, rss_mb, summarise, time_entries
+from fpewiden.errors import FpewidenError
+from fpewiden.model.pooling import mean_pool
+
+EVAL_BATCH = 32
+PROBE_TRAIN = 3000
+GROUPS = ("attention", "ffn", "head", "embeddings", "other")
+
+
+@dataclass
+class EvalSet:
+    """What accuracy is measured on. `texts` are scored for every model; `train_*` feed the probe."""
+
+    spec: str
+    texts: list[str]
+    labels: list[str] | None = None
+    train_texts: list[str] = field(default_factory=list)
+    train_labels: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        if self.labels is None:
+            return f"{self.spec}: {len(self.texts)} text samples"
+        return f"{self.spec}: probe on {len(self.train_texts)} reference embeddings, scored on {len(self.texts)}"
+
+
+def load_eval(spec: str, seed: int = 0) -> EvalSet:
+    """A text file, a TSV of labelled sentences, or `embed:TASK[,n=N]` (the sentence sets of ../shared/datasets)."""
+    from fpewiden.data.text import read_sentences
+
+    s = spec.strip()
+    if s.startswith("embed:"):
+        from fpewiden.data.embeddings import TASKS, datasets_dir, read_labelled
+
+        task, *opts = s[len("embed:") :].split(",")
+        if task not in TASKS:
+            raise FpewidenError(f"unknown embed task {task!r}; known: {', '.join(TASKS)}")
+        n = None
+        for o in opts:
+            key, _, value = o.partition("=")
+            if key != "n" or not value.isdigit():
+                raise FpewidenError(f"{spec}: the only embed option is n=COUNT")
+            n = int(value)
+        folder, train, test = TASKS[task]
+        tr_x, tr_y = read_labelled(task, datasets_dir() / folder / train)
+        te_x, te_y = read_labelled(task, datasets_dir() / folder / test)
+        tr_n = min(n or PROBE_TRAIN, PROBE_TRAIN)
+        te_n = max(1, n // 4) if n else len(te_x)
+        return EvalSet(s, te_x[:te_n], te_y[:te_n], tr_x[:tr_n], tr_y[:tr_n])
+    path = Path(s)
+    if path.suffix == ".tsv":
+        rows = [line.split("\t", 1) for line in read_sentences(path, 10, "a labelled benchmark")]
+        if any(len(r) != 2 or not r[1].strip() for r in rows):
+            raise FpewidenError(f"{path}: every line must be LABEL<TAB>TEXT")
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+        n_test = max(1, len(rows) // 5)
+        test, train = [rows[i] for i in order[:n_test]], [rows[i] for i in order[n_test:]]
+        return EvalSet(s, [t for _, t in test], [y for y, _ in test], [t for _, t in train], [y for y, _ in train])
+    return EvalSet(s, read_sentences(path, 10, "a text benchmark"))
+
+
+@dataclass
+class Outputs:
+    """One model's outputs on the evaluation texts: pooled embeddings and next-token predictions."""
+
+    embeddings: torch.Tensor | None = None
+    nll: float | None = None  # mean next-token negative log-likelihood over the text
+    argmax: list[torch.Tensor] | None = None  # per batch, predicted next token at each position
+
+
+class Forward:
+    """Runs a model (torch or ONNX Runtime) on tokenized batches; returns (hidden states or None, logits or None)."""
+
+    def __init__(self, torch_model=None, session=None):
+        self.model, self.session = torch_model, session
+
+    @torch.no_grad()
+    def __call__(self, feeds: dict[str, np.ndarray]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if self.session is not None:
+            names = [o.name for o in self.session.get_outputs()]
+            out = self.session.run(None, {i.name: feeds[i.name] for i in self.session.get_inputs()})[0]
+            t = torch.from_numpy(out)
+            return (None, t) if names[0] == "logits" else (t, None)
+        batch = {k: torch.from_numpy(v) for k, v in feeds.items()}
+        out = self.model(**batch, output_hidden_states=True)
+        logits = getattr(out, "logits", None)
+        hidden = out.hidden_states[-1] if logits is not None else out.last_hidden_state
+        return hidden, logits
+
+
+def evaluate(forward: Forward, batches: list[dict[str, np.ndarray]]) -> Outputs:
+    pooled, nll, count, argmax = [], 0.0, 0, []
+    for feeds in batches:
+        hidden, logits = forward(feeds)
+        mask = torch.from_numpy(feeds["attention_mask"])
+        if hidden is not None:
+            pooled.append(mean_pool(hidden.float(), mask))
+        if logits is not None:
+            ids = torch.from_numpy(feeds["input_ids"])
+            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+            keep = mask[:, 1:].bool()
+            target = ids[:, 1:]
+            nll -= float(logp.gather(2, target.unsqueeze(2)).squeeze(2)[keep].sum())
+            count += int(keep.sum())
+            argmax.append(torch.where(keep, logits[:, :-1].argmax(-1), -1))
+    return Outputs(torch.cat(pooled) if pooled else None, nll / count if count else None, argmax if argmax else None)
+
+
+def metrics(out: Outputs, ref: Outputs, probe=None, labels: list[str] | None = None) -> dict[str, float]:
+    m: dict[str, float] = {}
+    if out.embeddings is not None and ref.embeddings is not None:
+        m["cosine"] = float(torch.nn.functional.cosine_similarity(out.embeddings, ref.embeddings).mean())
+        if probe is not None and labels is not None:
+            emb = torch.nn.functional.normalize(out.embeddings, dim=1).numpy()
+            m["probe_accuracy"] = float(probe.score(emb, labels))
+    if out.nll is not None:
+        m["perplexity"] = float(np.exp(out.nll))
+        if ref.argmax is not None:
+            same = sum(int(((a == r) & (r >= 0)).sum()) for a, r in zip(out.argmax, ref.argmax, strict=True))
+            total = sum(int((r >= 0).sum()) for r in ref.argmax)
+            m["agreement"] = same / total
+    return m
+
+
+def tokenize(tok, texts: list[str], seq_len: int) -> list[dict[str, np.ndarray]]:
+    out = []
+    for i in range(0, len(texts), EVAL_BATCH):
+        enc = tok(texts[i : i + EVAL_BATCH], padding=True, truncation=True, max_length=seq_len, return_tensors="np")
+        out.append({"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"]})
+    return out
+
+
+def group_of(name: str, ffn: set[str]) -> str:
+    n = name.lower()
+    if name in ffn or any(k in n for k in ("intermediate", "mlp", "fc1", "fc2", "ffn", "block_in", "block_out")):
+        return "ffn"
+    if any(k in n for k in ("embed", "wte", "wpe", "position", "token_type")):
+        return "embeddings"
+    if any(k in n for k in ("lm_head", "pooler", "classifier", "score")):
+        return "head"
+    if any(k in n for k in ("attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "value")):
+        return "attention"
+    return "other"
+
+
+def grouped_bytes(masks: dict[str, torch.Tensor], vectors: int, ffn: set[str], blocks=None) -> dict:
+    """Bytes per group and format; `total` is what one inference reads: every group but the embedding tables."""
+    groups: dict[str, dict[str, torch.Tensor]] = {g: {} for g in GROUPS}
+    for n, m in masks.items():
+        groups[group_of(n, ffn)][n] = m
+    by = {}
+    for g, ms in groups.items():
+        if ms:
+            gb = [b for b in (blocks or []) if b[0] in ms]
+            by[g] = model_bytes(ms, 0, gb or None)
+    moved = {n: m for g, ms in groups.items() if g != "embeddings" for n, m in ms.items()}
+    return {"total": model_bytes(moved, vectors, blocks), "groups": by}
+
+
+def _blocks(loaded) -> list[tuple[str, str, int]] | None:
+    """FFN pairs stored as dense blocks (shared split, grouped outgoing): the block format applies to them."""
+    from fpewiden.arch import find_pairs
+    from fpewiden.export.structure import find_blocks
+
+    meta = loaded.ck.meta
+    if not (meta.split == "shared" and meta.outgoing == "grouped" and meta.alpha):
+        return None
+    out, t = [], loaded.tensors()
+    for p in find_pairs(loaded.ck):
+        if len(p.in_weights) != 1:
+            return None
+        try:
+            m_in = loaded.masks.get(p.in_weights[0], t[p.in_weights[0]] != 0)
+            m_out = loaded.masks.get(p.out_weight, t[p.out_weight] != 0)
+            find_blocks(t[p.in_weights[0]], m_in, None, t[p.out_weight], m_out, meta.alpha)
+        except FpewidenError:
+            return None
+        out.append((p.in_weights[0], p.out_weight, meta.alpha))
+    return out
+
+
+def _from_folder(path: Path, engines, device, tmp: Path, threads: int) -> tuple[MeasuredModel, Forward]:
+    from fpewiden.arch import find_pairs
+    from fpewiden.export.export import export
+    from fpewiden.model.loaded import load_model
+
+    loaded = load_model(path, head=True)
+    e = MeasuredModel(path.name, path)
+    tensors = {n: loaded.ck.get(n) for n in loaded.ck.shapes}
+    mats = {n: t for n, t in tensors.items() if t.dim() == 2 and t.is_floating_point()}
+    masks = {n: loaded.masks.get(n, t != 0) for n, t in mats.items()}
+    ffn = {n for p in find_pairs(loaded.ck) for n in (*p.in_weights, p.out_weight)}
+    if (loaded.ck.config or {}).get("tie_word_embeddings") and getattr(loaded.model, "lm_head", None) is not None:
+        head = "lm_head.weight"  # tied: the LM head reads the whole embedding table
+        if head not in masks:
+            table = next(n for n in masks if "embed_tokens" in n or n.endswith("wte.weight"))
+            masks[head] = masks[table]
+    blocks = _blocks(loaded)
+    vectors = sum(t.numel() for t in tensors.values() if t.dim() == 1 and t.is_floating_point())
+    meta = loaded.ck.meta
+    b = grouped_bytes(masks, vectors, ffn, blocks)
+    e.info.update(
+        kind="hf",
+        neurons=sum(loaded.ck.shapes[p.in_weights[0]][1 if p.transposed else 0] for p in find_pairs(loaded.ck)),
+        nnz=sum(int(torch.count_nonzero(masks[n])) for n in masks if group_of(n, ffn) != "embeddings"),
+        params=sum(t.numel() for t in tensors.values()),
+        bytes=b["total"],
+        bytes_by_group=b["groups"],
+        fpewiden={k: getattr(meta, k) for k in ("alpha", "split", "outgoing", "budget_spec") if getattr(meta, k)},
+    )
+    if "ort" in engines:
+        layout = "fast" if blocks and (loaded.ck.config or {}).get("model_type") in ("bert",) else "dense"
+        onnx_path = tmp / f"{len(list(tmp.iterdir()))}.onnx"
+        # the fast layout swaps the FFN modules: export a copy, so torch still runs the model as transformers does
+        export(path, onnx_path, layout, verify=False, model=copy.deepcopy(loaded) if layout == "fast" else loaded)
+        e.info["ort_layout"] = layout
+        sess = ort_session(onnx_path, threads, device)
+        e.runners["ort"] = lambda feeds, s=sess: s.run(None, {i.name: feeds[i.name] for i in s.get_inputs()})
+    model = loaded.model.eval().to(device)
+    if "torch" in engines:
+
+        def run(feeds: dict[str, np.ndarray], model=model):
+            with torch.inference_mode():
+                out = model(**{k: torch.from_numpy(v).to(device) for k, v in feeds.items()})
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                return out
+
+        e.runners["torch"] = run
+    return e, Forward(torch_model=model)
+
+
+def _from_onnx(path: Path, engines, device, threads: int) -> tuple[MeasuredModel, Forward]:
+    import onnx
+    from onnx import numpy_helper
+
+    if "ort" not in engines:
+        raise FpewidenError(f"{path} is an ONNX file: measure it with --engines ort")
+    proto = onnx.load(str(path))
+    arrays = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    for sp in proto.graph.sparse_initializer:
+        dense = np.zeros(int(np.prod(sp.dims)), dtype=np.float32)
+        dense[numpy_helper.to_array(sp.indices).reshape(-1)] = numpy_helper.to_array(sp.values)
+        arrays[sp.values.name] = dense.reshape(tuple(sp.dims))
+    masks = {
+        n: torch.from_numpy(np.asarray(a, dtype=np.float32) != 0)
+        for n, a in arrays.items()
+        if a.ndim == 2 and a.dtype.kind == "f"
+    }
+    vectors = sum(a.size for a in arrays.values() if a.ndim == 1 and a.dtype.kind == "f")
+    b = grouped_bytes(masks, vectors, set())
+    e = MeasuredModel(path.stem, path)
+    e.info.update(
+        kind="onnx",
+        neurons=None,
+        nnz=sum(int(m.sum()) for n, m in masks.items() if group_of(n, set()) != "embeddings"),
+        params=sum(a.size for a in arrays.values()),
+        bytes=b["total"],
+        bytes_by_group=b["groups"],
+        ort_layout="as given",
+    )
+    sess = ort_session(path, threads, device)
+    e.runners["ort"] = lambda feeds, s=sess: s.run(None, {i.name: feeds[i.name] for i in s.get_inputs()})
+    return e, Forward(session=sess)
+
+
+def json_config(folder: Path) -> dict | None:
+    import json
+
+    f = folder / "config.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def tokenizer_for(paths: list[Path], override: Path | None):
+    from fpewiden.data.text import load_tokenizer
+
+    folders = [p for p in paths if p.is_dir()]
+    return load_tokenizer(folders, override)
+
+
+def workloads(batch_sizes: list[int], seq_lens: list[int], vocab: int) -> list[Workload]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for t in seq_lens:
+        for b in batch_sizes:
+            ids = torch.randint(vocab, (b, t), generator=g).numpy().astype(np.int64)
+            out.append(Workload(f"{b}x{t}", b, {"input_ids": ids, "attention_mask": np.ones_like(ids)}, t))
+    return out
+
+
+def bench(
+    paths: list[Path],
+    data: EvalSet,
+    batch_sizes: list[int],
+    seq_lens: list[int],
+    engines: list[str],
+    device: torch.device,
+    repeat: int,
+    warmup: int,
+    threads: int,
+    tokenizer: Path | None = None,
+) -> list[dict]:
+    """The first path is the reference."""
+    tok = tokenizer_for(paths, tokenizer)
+    eval_batches = tokenize(tok, data.texts, max(seq_lens))
+    entries, forwards = [], []
+    with tempfile.TemporaryDirectory() as d:
+        for p in paths:
+            before = rss_mb()
+            e, fwd = (
+                _from_onnx(p, engines, device, threads)
+                if p.suffix == ".onnx"
+                else _from_folder(p, engines, device, Path(d), threads)
+            )
+            e.info["memory_mb"] = max(0.0, rss_mb() - before)
+            entries.append(e)
+            forwards.append(fwd)
+        ref = evaluate(forwards[0], eval_batches)
+        probe = None
+        if data.labels is not None:
+            from sklearn.linear_model import LogisticRegression
+
+            train = evaluate(forwards[0], tokenize(tok, data.train_texts, max(seq_lens)))
+            if train.embeddings is None:
+                raise FpewidenError(f"{paths[0]} has no hidden states to probe (an ONNX export of a causal LM)")
+            emb = torch.nn.functional.normalize(train.embeddings, dim=1).numpy()
+            probe = LogisticRegression(max_iter=2000, C=10.0).fit(emb, data.train_labels)
+        for e, fwd in zip(entries, forwards, strict=True):
+            out = ref if fwd is forwards[0] else evaluate(fwd, eval_batches)
+            e.info["metrics"] = metrics(out, ref, probe, data.labels)
+        vocab = min([len(tok), *((json_config(p) or {}).get("vocab_size", len(tok)) for p in paths if p.is_dir())])
+        time_entries(entries, workloads(batch_sizes, seq_lens, vocab), repeat, warmup)
+    return summarise(entries, threads)

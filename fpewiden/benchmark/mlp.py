@@ -1,0 +1,222 @@
+"""`fpewiden bench` on MLPs: checkpoints (torch, and their ONNX export for ort) and MLP ONNX files, scored on a
+DATA spec's held-out split."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fpewiden.arch import find_pairs
+from fpewiden.benchmark.formats import model_bytes
+from fpewiden.benchmark.measure import MeasuredModel, Workload, ort_session, rss_mb, summarise, time_entries
+from fpewiden.data.labels import evaluate, metrics_from_logits
+from fpewiden.data.specs import Dataset
+from fpewiden.errors import FpewidenError
+from fpewiden.export.structure import find_blocks
+
+
+def _check_width(entry: MeasuredModel, n_in: int, data: Dataset) -> None:
+    if n_in != data.n_inputs:
+        raise FpewidenError(f"{entry.path} reads {n_in} input features but {data.spec} has {data.n_inputs}")
+
+
+def _ort_runner(path: Path, threads: int, device: torch.device | None = None):
+    sess = ort_session(path, threads, device)
+    names = [i.name for i in sess.get_inputs()]
+    if names != ["x"]:
+        raise FpewidenError(f"{path} takes inputs {names}; fpewiden bench feeds one input named x from DATA")
+    return lambda x: sess.run(None, {"x": x})[0]
+
+
+def _from_checkpoint(
+    path: Path, data: Dataset, engines: list[str], device: torch.device, tmp: Path, threads: int
+) -> MeasuredModel:
+    from fpewiden.export.export import export
+    from fpewiden.model.loaded import load_model
+
+    tr = load_model(path)
+    if tr.ck.kind == "hf":
+        raise FpewidenError(f"{path}: fpewiden bench measures MLP checkpoints and MLP ONNX files")
+    e = MeasuredModel(path.stem if path.suffix else path.name, path)
+    _check_width(e, tr.n_inputs, data)
+    tensors = tr.tensors()
+    weights = {n: t for n, t in tensors.items() if t.dim() == 2}
+    masks = {n: tr.masks.get(n, t != 0) for n, t in weights.items()}
+    meta = tr.ck.meta
+    blocks = None
+    pairs = find_pairs(tr.ck)
+    if meta.split == "shared" and meta.outgoing == "grouped" and meta.alpha and len(pairs) == 1:
+        p = pairs[0]
+        try:  # the block format and the fast export exist only where the structure really holds
+            find_blocks(
+                tensors[p.in_weights[0]],
+                masks[p.in_weights[0]],
+                None,
+                tensors[p.out_weight],
+                masks[p.out_weight],
+                meta.alpha,
+            )
+            blocks = [(p.in_weights[0], p.out_weight, meta.alpha)]
+        except FpewidenError as err:
+            e.info["block_layout"] = f"not applicable: {err}"
+    vectors = sum(t.numel() for t in tensors.values() if t.dim() == 1)
+    e.info.update(
+        kind="checkpoint",
+        neurons=sum(tensors[p.in_weights[0]].shape[0] for p in pairs),
+        nnz=sum(int(torch.count_nonzero(m)) for m in masks.values()),
+        params=sum(t.numel() for t in tensors.values()),
+        bytes=model_bytes(masks, vectors, blocks),
+        fpewiden={k: getattr(meta, k) for k in ("alpha", "split", "outgoing", "budget_spec") if getattr(meta, k)},
+    )
+    if "ort" in engines:  # exported from the model already loaded, before it moves to the device
+        layout = "fast" if blocks else "dense"
+        onnx_path = tmp / f"{len(list(tmp.iterdir()))}.onnx"
+        export(path, onnx_path, layout, verify=False, model=tr)
+        e.info["ort_layout"] = layout
+        e.runners["ort"] = _ort_runner(onnx_path, threads, device)
+    model = tr.model.eval().to(device)
+    e.info["metrics"] = evaluate(model, data.x_val, data.y_val, data.kind)
+    if "torch" in engines:
+
+        def run_torch(x: np.ndarray, model=model) -> np.ndarray:
+            with torch.inference_mode():
+                out = model(torch.from_numpy(x).to(device))
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                return out.cpu().numpy()
+
+        e.runners["torch"] = run_torch
+    if "torch" in engines and device.type == "cuda":
+        _add_semi_structured(e, tr, masks, device)
+    return e
+
+
+def _add_semi_structured(e: MeasuredModel, tr, masks: dict[str, torch.Tensor], device: torch.device) -> None:
+    """On CUDA, an fp16 copy whose 2:4-compatible weights use torch's semi-structured sparse kernels.
+
+    GPU only and not run in CI (no GPU there); where it cannot apply, the reason is recorded instead.
+    """
+    from fpewiden.benchmark.formats import is_2_4
+
+    eligible = [n for n, m in masks.items() if is_2_4(m)]
+    if not eligible:
+        e.info["torch_2_4"] = "no weight matrix has a 2:4 pattern"
+        return
+    try:
+        import copy
+
+        from torch.sparse import to_sparse_semi_structured
+
+        model = copy.deepcopy(tr.model).half().to(device).eval()
+        for name, p in zip(model.named_weights(), model.weights, strict=True):
+            if name in eligible:
+                p.data = to_sparse_semi_structured(p.data)
+    except (RuntimeError, ImportError, ValueError) as err:
+        e.info["torch_2_4"] = f"semi-structured kernels unavailable: {str(err).splitlines()[0]}"
+        return
+
+    def run(x: np.ndarray, model=model) -> np.ndarray:
+        with torch.inference_mode():
+            out = model(torch.from_numpy(x).to(device).half())
+            torch.cuda.synchronize()
+            return out.float().cpu().numpy()
+
+    e.info["torch_2_4"] = f"semi-structured weights: {eligible}"
+    e.runners["torch-2:4"] = run
+
+
+def _from_onnx(path: Path, data: Dataset, engines: list[str], threads: int) -> MeasuredModel:
+    from onnx import numpy_helper
+
+    e = MeasuredModel(path.stem, path)
+    if "ort" not in engines:
+        raise FpewidenError(f"{path} is an ONNX file: measure it with --engines ort")
+    model = _load_onnx(path)
+    arrays = [numpy_helper.to_array(t) for t in model.graph.initializer]
+    for sp in model.graph.sparse_initializer:
+        dense = np.zeros(int(np.prod(sp.dims)), dtype=np.float32)
+        dense[numpy_helper.to_array(sp.indices).reshape(-1)] = numpy_helper.to_array(sp.values)
+        arrays.append(dense.reshape(tuple(sp.dims)))
+    mats = {
+        str(i): torch.from_numpy(np.asarray(a, dtype=np.float32) != 0)
+        for i, a in enumerate(arrays)
+        if a.ndim == 2 and a.dtype.kind == "f"
+    }
+    vectors = sum(a.size for a in arrays if a.ndim == 1 and a.dtype.kind == "f")
+    run = _ort_runner(path, threads)
+    x0 = data.x_val[:1].numpy()
+    try:
+        run(x0)
+    except Exception as err:  # onnxruntime raises its own exception types
+        raise FpewidenError(f"{path} cannot run on {data.spec}: {str(err).splitlines()[0]}") from None
+    logits = torch.from_numpy(
+        np.concatenate([run(data.x_val[i : i + 4096].numpy()) for i in range(0, len(data.x_val), 4096)])
+    )
+    metrics = metrics_from_logits(data.kind, logits, data.y_val)
+    e.info.update(
+        kind="onnx",
+        neurons=None,
+        nnz=sum(int(m.sum()) for m in mats.values()),
+        params=sum(a.size for a in arrays),
+        bytes=model_bytes(mats, vectors),
+        metrics=metrics,
+        ort_layout="as given",
+    )
+    e.runners["ort"] = run
+    return e
+
+
+def _load_onnx(path: Path):
+    import onnx
+
+    try:
+        return onnx.load(str(path))
+    except Exception as e:
+        raise FpewidenError(f"{path} is not a readable ONNX model ({type(e).__name__})") from None
+
+
+def load_entries(
+    paths: list[Path], data: Dataset, engines: list[str], device: torch.device, tmp: Path, threads: int
+) -> list[MeasuredModel]:
+    entries = []
+    for p in paths:
+        if not p.exists():
+            raise FpewidenError(f"no such model: {p}")
+        before = rss_mb()
+        e = (
+            _from_onnx(p, data, engines, threads)
+            if p.suffix == ".onnx"
+            else _from_checkpoint(p, data, engines, device, tmp, threads)
+        )
+        e.info["memory_mb"] = max(0.0, rss_mb() - before)
+        entries.append(e)
+    return entries
+
+
+def workloads(data: Dataset, batch_sizes: list[int]) -> list[Workload]:
+    out = []
+    for b in batch_sizes:
+        x = data.x_val[:b].numpy()
+        if len(x) < b:
+            x = np.resize(x, (b, x.shape[1]))
+        out.append(Workload(str(b), b, x))
+    return out
+
+
+def bench(
+    paths: list[Path],
+    data: Dataset,
+    batch_sizes: list[int],
+    engines: list[str],
+    device: torch.device,
+    repeat: int,
+    warmup: int,
+    threads: int,
+) -> list[dict]:
+    with tempfile.TemporaryDirectory() as d:
+        entries = load_entries(paths, data, engines, device, Path(d), threads)
+        time_entries(entries, workloads(data, batch_sizes), repeat, warmup)
+    return summarise(entries, threads)

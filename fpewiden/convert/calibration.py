@@ -1,0 +1,260 @@
+"""Calibrated conversion: the transform that sees data.
+
+Pairs are converted in forward order. Before pair k is converted, the calibration samples run through the model
+as converted so far, and pair k's inputs are captured (for Hugging Face models by a hook on the pair's first
+projection, the forward stopped right there; for MLP chains the previous pair's converted activations are the
+inputs). The pair's own output on those inputs is the target (fpe/calibrated.py does the math). The converted
+pair then replaces the original in the model, so the next pair sees its effect, as SparseGPT does.
+
+Memory: the model, one pair's inputs over the calibration tokens, the widened pair's activations and one Gram
+matrix at a time.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fpewiden.arch import PairSpec
+from fpewiden.convert.options import ConvertOptions
+from fpewiden.convert.transform import Converted, assignment, pair_seed
+from fpewiden.errors import FpewidenError
+from fpewiden.fpe.calibrated import CalibratedOptions, PairFunction, activation_split, calibrate_pair
+from fpewiden.fpe.expand import Pair
+from fpewiden.io.checkpoint import Checkpoint
+
+# Default calibration sets. On MiniLM 4,096 tokens overfitted the refits (3,072 features per row): at half the FFN
+# non-zeros calibrated pruning kept cosine 0.978 / 0.940 (TREC / SST-5), with ~22k tokens 0.983 / 0.954, with
+# ~60k 0.984 / 0.955 at 2.3× the time (bench/results/calibration).
+MLP_SAMPLES = 8192
+HF_TOKENS = 16384  # sentences until this many tokens
+MIN_SAMPLES = 8
+MAX_TOKENS = 128
+
+
+class _Stop(Exception):
+    """Raised by the capture hook: nothing after the captured pair needs to run."""
+
+
+def _activation_of(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    from fpewiden.model.chain_mlp import ACTIVATIONS
+
+    return ACTIVATIONS[name]
+
+
+class CalibratedTransform:
+    """A PairTransform that converts each pair from its calibration inputs (see the module docstring)."""
+
+    def __init__(self, ck: Checkpoint, opts: ConvertOptions, chosen: list[PairSpec]):
+        assert opts.calibration is not None
+        self.ck, self.opts, self.settings = ck, opts, opts.calibration
+        c = opts.calibration
+        self.copts = CalibratedOptions(opts.alpha, opts.expand_fraction, c.importance, c.reconstruct, c.ridge, c.anchor)
+        self.chosen = chosen
+        self.stats: list[dict] = []
+        if ck.kind == "mlp":
+            self._init_mlp()
+        else:
+            self._init_hf()
+
+    # ---- MLP chains: the transform carries the activations from pair to pair
+    def _init_mlp(self) -> None:
+        from fpewiden.arch.chain import linear_layers
+        from fpewiden.data.specs import load_data
+
+        data = load_data(self.settings.data, self.opts.seed)
+        x = data.x[: self.settings.samples or MLP_SAMPLES]
+        if len(x) < MIN_SAMPLES:
+            raise FpewidenError(f"--calibration {self.settings.data}: {len(x)} samples; at least {MIN_SAMPLES}")
+        first = linear_layers(self.ck)[0]
+        d = self.ck.shapes[first[1]][1]
+        if x.shape[1] != d:
+            raise FpewidenError(
+                f"--calibration {self.settings.data} has {x.shape[1]} features but the model's first layer reads {d}"
+            )
+        self.fn = PairFunction(_activation_of(self.opts.activation))
+        self.x0 = x.to(torch.float32)
+        # the chain as converted so far: (module name, weight, bias) per Linear, float32
+        self.layers = [
+            [name, self.ck.get(w).float(), self.ck.get(b).float() if b else None]
+            for name, w, b in linear_layers(self.ck)
+        ]
+        self.samples = len(x)
+
+    def _mlp_inputs(self, spec: PairSpec) -> tuple[int, torch.Tensor]:
+        """The pair's inputs: the samples through every layer before it, as converted so far."""
+        x = self.x0
+        for i, (name, w, b) in enumerate(self.layers):
+            if name == spec.name:
+                return i, x
+            x = self.fn.act(x @ w.T + (b if b is not None else 0))
+        raise AssertionError(spec.name)
+
+    # ---- Hugging Face models: the model runs in memory, pairs are swapped in as they are converted
+    def _init_hf(self) -> None:
+        from fpewiden.arch.hf import family_of
+        from fpewiden.data.text import load_tokenizer, read_sentences
+        from fpewiden.model.loaded import load_model
+
+        path = Path(self.settings.data)
+        sentences = read_sentences(path, MIN_SAMPLES, "calibration")
+        self.family = family_of(self.ck.config or {})
+        self.loaded = load_model(self.ck.path)
+        self.model = self.loaded.model.eval()
+        tok = load_tokenizer([self.ck.path])
+        keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in _forward_args(self.model)]
+        chosen, tokens = [], 0
+        for s in sentences:
+            if self.settings.samples is not None and len(chosen) >= self.settings.samples:
+                break
+            if self.settings.samples is None and tokens >= HF_TOKENS:
+                break
+            chosen.append(s)
+            tokens += len(tok(s, truncation=True, max_length=MAX_TOKENS)["input_ids"])
+        if len(chosen) < MIN_SAMPLES:
+            raise FpewidenError(f"--calibration {path}: {len(chosen)} samples; at least {MIN_SAMPLES}")
+        self.batches = []
+        for i in range(0, len(chosen), 32):
+            enc = tok(chosen[i : i + 32], padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
+            self.batches.append({k: enc[k] for k in keys if k in enc})
+        self.samples, self.tokens = len(chosen), tokens
+        self.names = {id(p): n for n, p in self.model.named_parameters()}
+
+    def _module(self, ckpt_name: str) -> tuple[str, nn.Module]:
+        """The module holding a checkpoint tensor, and its path in the model."""
+        param = self.loaded.param_of.get(ckpt_name)
+        if param is None:
+            raise FpewidenError(f"calibration: the model loaded by transformers has no tensor {ckpt_name}")
+        path = self.names[id(param)].rsplit(".", 1)[0]
+        return path, self.model.get_submodule(path)
+
+    def _hf_function(self, spec: PairSpec) -> PairFunction:
+        path, _ = self._module(spec.in_weights[0])
+        layer = path[: -len(self.family.ins[0])].rstrip(".")
+        act = functools.reduce(getattr, self.family.act.split("."), self.model.get_submodule(layer))
+        return PairFunction(act, self.family.gated)
+
+    @torch.no_grad()
+    def _hf_inputs(self, spec: PairSpec) -> torch.Tensor:
+        _, module = self._module(spec.in_weights[0])
+        captured: list[torch.Tensor] = []
+
+        def hook(_mod: nn.Module, args: tuple) -> None:
+            captured.append(args[0])
+            raise _Stop
+
+        handle = module.register_forward_pre_hook(hook)
+        rows = []
+        try:
+            for batch in self.batches:
+                captured.clear()
+                try:
+                    self.model(**batch)
+                except _Stop:
+                    pass
+                if not captured:
+                    raise FpewidenError(f"calibration: layer {spec.name} did not run on the calibration samples")
+                x = captured[0]
+                keep = batch["attention_mask"].bool()
+                rows.append(x[keep].to(torch.float32))
+        finally:
+            handle.remove()
+        return torch.cat(rows)
+
+    def _hf_update(self, spec: PairSpec, pair: Pair, b_out: torch.Tensor | None) -> None:
+        """Put the converted pair into the in-memory model (weights in the module's own orientation)."""
+        for name, bias_name, w, b in zip(spec.in_weights, spec.in_biases, pair.w_in, pair.b_in, strict=True):
+            _, mod = self._module(name)
+            _set(mod, w, b if bias_name else None, spec.transposed)
+        _, mod = self._module(spec.out_weight)
+        _set(mod, pair.w_out, b_out if spec.out_bias else None, spec.transposed)
+
+    def summary(self) -> dict:
+        """For the output's metadata: what calibration ran on and what it did per layer."""
+        c = self.settings
+        return {
+            "data": c.data,
+            "samples": self.samples,
+            **({"tokens": self.tokens} if self.ck.kind == "hf" else {}),
+            "importance": c.importance,
+            "reconstruct": c.reconstruct,
+            "select": c.select,
+            "expand_fraction": self.copts.fraction,
+            "ridge": c.ridge,
+            "layers": self.stats,
+        }
+
+    # ---- the transform
+    def _split(self, spec: PairSpec, x: torch.Tensor) -> Callable[[Pair, torch.Tensor, torch.Tensor], torch.Tensor]:
+        def split(pair: Pair, support: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+            if self.opts.split == "activation":
+                xc = x - x.mean(0)
+                cov = (xc.T @ xc) / max(1, len(x) - 1)
+                source = pair.w_in[0] if len(pair.w_in) == 1 else sum(w.float().abs() for w in pair.w_in)
+                return activation_split(source.float(), support, cov, self.copts.alpha)
+            gen = torch.Generator().manual_seed(pair_seed(self.opts.seed, spec.name))
+            return assignment(self.opts, pair, support, gen)
+
+        return split
+
+    def __call__(
+        self, k: int, spec: PairSpec, pair: Pair, budget: int | None, b_out: torch.Tensor | None = None
+    ) -> Converted:
+        dtypes = [w.dtype for w in pair.w_in] + [pair.w_out.dtype]
+        f32 = Pair(
+            [w.float() for w in pair.w_in],
+            pair.m_in,
+            [None if b is None else b.float() for b in pair.b_in],
+            pair.w_out.float(),
+            pair.m_out,
+        )
+        if self.ck.kind == "mlp":
+            i, x = self._mlp_inputs(spec)
+            fn = self.fn
+        else:
+            x, fn = self._hf_inputs(spec), self._hf_function(spec)
+        res = calibrate_pair(
+            f32, x, fn, None if b_out is None else b_out.float(), self.copts, self._split(spec, x), budget
+        )
+        out = res.pair
+        if self.ck.kind == "mlp":
+            self.layers[i][1:] = [out.w_in[0], out.b_in[0]]
+            self.layers[i + 1][1] = out.w_out
+            if res.b_out is not None:
+                self.layers[i + 1][2] = res.b_out
+        else:
+            self._hf_update(spec, out, res.b_out)
+        self.stats.append(
+            {
+                "layer": spec.name,
+                "expanded": res.expanded,
+                "output_error_before_refit": res.error_before,
+                "output_error": res.error_after,
+            }
+        )
+        blocks = [
+            (i, 0, w.to(dt).contiguous(), m)
+            for i, (w, m, dt) in enumerate(zip([*out.w_in, out.w_out], [*out.m_in, out.m_out], dtypes, strict=True))
+        ]
+        in_biases = [None if b is None else b.to(ob.dtype) for b, ob in zip(out.b_in, pair.b_in, strict=True)]
+        return Converted(blocks, in_biases, res.b_out if b_out is not None else None, 0)
+
+
+def _forward_args(model: nn.Module) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(model.forward).parameters)
+
+
+def _set(mod: nn.Module, w: torch.Tensor, b: torch.Tensor | None, transposed: bool) -> None:
+    """Replace a Linear's (or GPT-2 Conv1D's) weight and bias with tensors of a new width."""
+    weight = (w.T if transposed else w).to(torch.float32).contiguous()
+    mod.weight = nn.Parameter(weight, requires_grad=False)
+    if b is not None:
+        mod.bias = nn.Parameter(b.to(torch.float32).contiguous(), requires_grad=False)
+    if hasattr(mod, "nf"):  # Conv1D computes its output shape from nf
+        mod.nf = weight.shape[1]

@@ -1,0 +1,317 @@
+"""Calibrated conversion of one pair: the data-aware pieces, as pure tensor math (no I/O, no model).
+
+Everything here sees a pair (neuron-major incoming matrices, outgoing matrix, biases) and `x`, the pair's inputs on
+calibration data (tokens × inputs), already passed through every earlier converted layer. The target is the pair
+as it was, applied to those inputs, as SparseGPT does: each pair corrects the error of the ones before it.
+
+- `wasserstein_to_gaussian`: how far each neuron's standardized pre-activation distribution is from a Gaussian
+  (Wasserstein neurons, arXiv 2509.24198): the neurons selective expansion widens.
+- `activation_split`: a data-aware partition of an expanded neuron's inputs.
+- `expand_selected`: FPE with a children count per neuron (1 = not expanded).
+- `saliency`: what removing each weight costs, measured in the same unit for both matrices of the pair.
+- `refit_rows`: masked ridge least squares, row by row, from Gram matrices.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from fpewiden.fpe.expand import Pair
+
+Activation = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class PairFunction:
+    """How the pair computes: `act(W_in x + b)`, or `act(gate x) * (up x)` for gated MLPs (two incoming)."""
+
+    act: Activation
+    gated: bool = False
+
+
+def pre_activations(pair: Pair, x: torch.Tensor) -> list[torch.Tensor]:
+    """(tokens × neurons) per incoming matrix, biases included."""
+    out = []
+    for w, b in zip(pair.w_in, pair.b_in, strict=True):
+        h = x @ w.to(x.dtype).T
+        out.append(h + b.to(x.dtype) if b is not None else h)
+    return out
+
+
+def activations(pre: list[torch.Tensor], fn: PairFunction) -> torch.Tensor:
+    return fn.act(pre[0]) * pre[1] if fn.gated else fn.act(pre[0])
+
+
+def pair_output(pair: Pair, x: torch.Tensor, fn: PairFunction, b_out: torch.Tensor | None) -> torch.Tensor:
+    y = activations(pre_activations(pair, x), fn) @ pair.w_out.to(x.dtype).T
+    return y + b_out.to(x.dtype) if b_out is not None else y
+
+
+def _derivative(act: Activation, h: torch.Tensor) -> torch.Tensor:
+    """act'(h) elementwise, by autograd (every supported activation is elementwise)."""
+    h = h.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (g,) = torch.autograd.grad(act(h).sum(), h)
+    return g
+
+
+def normal_quantiles(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    p = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    return (math.sqrt(2.0) * torch.erfinv(2 * p - 1)).to(dtype)
+
+
+def wasserstein_to_gaussian(h: torch.Tensor) -> torch.Tensor:
+    """Per column of `h` (tokens × neurons): the 1-D Wasserstein-1 distance between the standardized empirical
+    distribution and N(0, 1), from sorted values against Gaussian quantiles. Constant columns score as far as
+    a point mass is (mean |q|), not 0."""
+    z = (h - h.mean(0)) / h.std(0).clamp_min(1e-12)
+    return (z.sort(dim=0).values - normal_quantiles(h.shape[0], h.dtype)[:, None]).abs().mean(0)
+
+
+def select_neurons(scores: torch.Tensor, fraction: float) -> torch.Tensor:
+    """The `round(fraction · neurons)` highest-scoring neurons (ties to the lower index), as a bool mask."""
+    n = round(fraction * scores.numel())
+    keep = torch.zeros(scores.numel(), dtype=torch.bool)
+    if n:
+        order = torch.sort(scores, descending=True, stable=True).indices
+        keep[order[:n]] = True
+    return keep
+
+
+def activation_split(
+    w: torch.Tensor, support: torch.Tensor, x_cov: torch.Tensor, alpha: int, iters: int = 40
+) -> torch.Tensor:
+    """A data-aware partition of each neuron's inputs into α balanced children.
+
+    A neuron's pre-activation is a sum of contributions w_j·x_j. Inputs whose contributions rise and fall
+    together on the calibration data (features of the same kind) should feed the same child, and groups that
+    move against each other different children, so that children are rarely large together. The leading
+    eigenvector of the contributions' covariance diag(w)·Cov(x)·diag(w) (power iteration, batched over neurons)
+    orders the inputs; the order is cut into α contiguous parts of equal size over the neuron's support.
+    Returns the assignment (neurons × inputs, int8) as the other splits do.
+    """
+    h, d = w.shape
+    wm = (w * support).to(torch.float32)
+    v = torch.ones(h, d) / math.sqrt(d)
+    for _ in range(iters):
+        v = wm * ((wm * v) @ x_cov)
+        v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    key = torch.where(support, v, torch.inf)  # unsupported inputs last: they are no child's
+    order = key.argsort(dim=1, stable=True)
+    fan_in = support.sum(1, keepdim=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(d).expand(h, d).contiguous())
+    child = (rank * alpha) // fan_in.clamp_min(1)
+    return child.clamp_max(alpha - 1).to(torch.int8)
+
+
+def expand_selected(pair: Pair, counts: torch.Tensor, assignment: torch.Tensor) -> tuple[Pair, torch.Tensor]:
+    """FPE with `counts[i]` children for neuron i (1: the neuron stays as it is). Children are parent-major rows;
+    child c of neuron i takes input j where assignment[i, j] == c; each child gets bias b/counts[i]; outgoing
+    columns are copied. Returns the expanded pair (nothing pruned) and each row's parent."""
+    parent = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    first = torch.cumsum(counts, 0) - counts
+    child = torch.arange(len(parent)) - first[parent]
+    take = assignment.to(torch.int64)[parent] == child[:, None]
+    m_in = [m[parent] & take for m in pair.m_in]
+    w_in = [w[parent] * m for w, m in zip(pair.w_in, m_in, strict=True)]
+    b_in = [None if b is None else (b / counts.to(b.dtype))[parent] for b in pair.b_in]
+    return Pair(w_in, m_in, b_in, pair.w_out[:, parent], pair.m_out[:, parent]), parent
+
+
+def saliency(pair: Pair, x: torch.Tensor, fn: PairFunction) -> list[torch.Tensor]:
+    """What removing each weight costs: the norm, over the calibration tokens, of the change it makes in the pair's
+    output, to first order. The same unit for every matrix, so one global budget can compare them.
+
+    outgoing W_out[r, c]: |W_out[r, c]| · ‖a_c‖ (the weight times its input, as Wanda scores);
+    incoming W[i, j]:     |W[i, j]| · ‖∂a_i/∂h_i ⊙ x_j‖ · ‖W_out[:, i]‖ (its pre-activation change, through the
+    activation's slope on each token, into every output the neuron feeds).
+    Scores follow the pair's order: incoming matrices, then the outgoing one.
+    """
+    pre = pre_activations(pair, x)
+    a = activations(pre, fn)
+    col = pair.w_out.to(x.dtype).norm(dim=0)  # ‖W_out[:, i]‖
+    out_score = pair.w_out.abs().to(x.dtype) * a.norm(dim=0)[None, :]
+    if fn.gated:
+        slopes = [_derivative(fn.act, pre[0]) * pre[1], fn.act(pre[0])]
+    else:
+        slopes = [_derivative(fn.act, pre[0])]
+    x2 = x * x
+    in_scores = [
+        w.abs().to(x.dtype) * ((s * s).T @ x2).clamp_min(0).sqrt() * col[:, None]
+        for w, s in zip(pair.w_in, slopes, strict=True)
+    ]
+    return [*in_scores, out_score]
+
+
+def refit_rows(
+    gram: torch.Tensor,
+    cross: torch.Tensor,
+    mask: torch.Tensor,
+    ridge: float,
+    prior: torch.Tensor | None = None,
+    budget_bytes: int = 256 << 20,
+) -> torch.Tensor:
+    """Masked ridge least squares, one independent problem per row.
+
+    Row r fits its target from the features it keeps (mask[r]): w_S = (G_SS + λI)⁻¹ (c_S + λ p_S), where G is the
+    features' Gram matrix (features × features), c = cross[r] their products with row r's target and p the
+    prior row the ridge pulls towards (zero when None). λ = ridge × the mean of diag(G), so the solve stays
+    positive definite when features are dead or collinear (rank-deficient activations). Rows are solved in
+    batches padded to the longest row (padding is an identity block) by Cholesky in float32, 2.5× faster than
+    float64 here; a batch whose factorisation fails is redone in float64.
+    Returns the fitted rows (rows × features), zero where the mask is.
+    """
+    rows, n = mask.shape
+    lam = ridge * float(gram.diagonal().mean().clamp_min(1e-30))
+    g = torch.zeros(n + 1, n + 1, dtype=torch.float32)
+    g[:n, :n] = gram.to(torch.float32)
+    rhs_rows = cross.to(torch.float32) + (lam * prior.to(torch.float32) if prior is not None else 0.0)
+    c = torch.cat([rhs_rows, torch.zeros(rows, 1)], dim=1)
+    width = int(mask.sum(1).max()) if rows else 0
+    out = torch.zeros(rows, n, dtype=torch.float32)
+    if width == 0:
+        return out
+    # each row's kept features first (in order), then the padding feature n
+    idx = torch.where(mask, torch.arange(n).expand(rows, n), n).sort(dim=1).values[:, :width]
+    chunk = max(1, budget_bytes // (4 * width * width * 3))
+    for s in range(0, rows, chunk):
+        ix = idx[s : s + chunk]
+        pad = ix == n
+        sub = g[ix[:, :, None], ix[:, None, :]]
+        sub.diagonal(dim1=1, dim2=2).add_(torch.where(pad, 1.0, lam))  # identity for padding, λ for real features
+        rhs = c[torch.arange(s, s + len(ix))[:, None], ix].unsqueeze(-1)
+        factor, info = torch.linalg.cholesky_ex(sub)
+        if bool(info.any()):
+            sol = torch.cholesky_solve(rhs.double(), torch.linalg.cholesky(sub.double())).float()
+        else:
+            sol = torch.cholesky_solve(rhs, factor)
+        sol = sol.squeeze(-1)
+        rr = torch.arange(s, s + len(ix))[:, None].expand_as(ix)
+        out[rr[~pad], ix[~pad]] = sol[~pad]
+    return out
+
+
+@dataclass(frozen=True)
+class CalibratedOptions:
+    """`fraction`: share of each layer's neurons expanded (by Wasserstein distance; 1: all, as FPE; 0: none,
+    which is calibrated pruning). `importance`: magnitude or activation (saliency). `reconstruct`: refit the kept
+    weights to the pair's original output. `ridge`: relative ridge of the refits."""
+
+    alpha: int
+    fraction: float = 1.0
+    importance: str = "activation"
+    reconstruct: bool = True
+    ridge: float = 1e-3
+    anchor: bool = True  # the refits' ridge pulls towards the converted weights (True) or towards zero
+
+
+@dataclass
+class CalibratedPair:
+    pair: Pair  # expanded (rows parent-major), masked to the budget, refitted
+    b_out: torch.Tensor | None
+    expanded: int  # how many neurons were widened
+    error_before: float  # relative output error of the expanded, pruned pair before the refit
+    error_after: float  # after it (equal when there is no refit)
+
+
+def _relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def _refit(
+    features: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    ridge: float,
+    with_bias: bool,
+    prior: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows of W (targets × features) on the kept features, and the bias, minimizing ‖target − features·Wᵀ − b‖²
+    + λ‖W − prior‖². With a bias, both sides are centered so the bias is not shrunk."""
+    if with_bias:
+        mf, mt = features.mean(0), target.mean(0)
+        f, t = features - mf, target - mt
+    else:
+        f, t = features, target
+    gram = f.T @ f
+    w = refit_rows(gram, t.T @ f, mask, ridge, prior).to(features.dtype)
+    return w, (mt - w @ mf) if with_bias else None
+
+
+def calibrate_pair(
+    pair: Pair,
+    x: torch.Tensor,
+    fn: PairFunction,
+    b_out: torch.Tensor | None,
+    opts: CalibratedOptions,
+    split: Callable[[Pair, torch.Tensor, torch.Tensor], torch.Tensor],
+    budget: int | None,
+) -> CalibratedPair:
+    """Widen the selected neurons, keep exactly `budget` weights by importance, refit what is kept.
+
+    `x` (tokens × inputs): the pair's inputs on calibration data. `split(pair, support, selected)` gives the
+    children assignment (neurons × inputs). The target is the pair's own output on `x`.
+    """
+    x = x.to(torch.float32)
+    pre = pre_activations(pair, x)
+    target = activations(pre, fn) @ pair.w_out.to(x.dtype).T + (b_out.to(x.dtype) if b_out is not None else 0)
+    h = pair.neurons
+    if opts.alpha > 1 and opts.fraction > 0:
+        chosen = torch.ones(h, dtype=torch.bool) if opts.fraction >= 1 else None
+        if chosen is None:
+            chosen = select_neurons(wasserstein_to_gaussian(pre[0]), opts.fraction)
+    else:
+        chosen = torch.zeros(h, dtype=torch.bool)
+    counts = torch.where(chosen, opts.alpha, 1)
+    support = pair.support()
+    assignment = torch.where(chosen[:, None], split(pair, support, chosen).to(torch.int8), 0)
+    ex, _ = expand_selected(pair, counts, assignment)
+    full_masks = [*ex.m_in, ex.m_out]
+    if budget is None:
+        masks = [m.clone() for m in full_masks]
+    else:
+        if opts.importance == "magnitude":
+            scores = [w.abs() for w in (*ex.w_in, ex.w_out)]
+        else:
+            scores = saliency(ex, x, fn)
+        from fpewiden.fpe.expand import keep_largest
+
+        masks = keep_largest(scores, full_masks, budget)
+    w_in = [w * m for w, m in zip(ex.w_in, masks[:-1], strict=True)]
+    w_out = ex.w_out * masks[-1]
+    pruned = Pair(w_in, masks[:-1], ex.b_in, w_out, masks[-1])
+    before = _relative_error(pair_output(pruned, x, fn, b_out), target)
+    if not opts.reconstruct:
+        return CalibratedPair(pruned, b_out, int(chosen.sum()), before, before)
+    # incoming: each child that lost inputs reproduces its unpruned pre-activation
+    new_in, new_b = [], []
+    for w_full, b, w_kept, m, m_full in zip(ex.w_in, ex.b_in, w_in, masks[:-1], full_masks[:-1], strict=True):
+        lost = (m != m_full).any(1)
+        if not bool(lost.any()):
+            new_in.append(w_kept)
+            new_b.append(b)
+            continue
+        goal = x @ w_full[lost].to(x.dtype).T
+        prior = w_kept[lost].to(x.dtype) if opts.anchor else None
+        w_fit, shift = _refit(x, goal, m[lost], opts.ridge, b is not None, prior)
+        w = w_kept.clone().to(x.dtype)
+        w[lost] = w_fit
+        new_in.append(w.to(w_kept.dtype))
+        if b is not None:
+            nb = b.clone().to(x.dtype)
+            nb[lost] = b[lost].to(x.dtype) + shift
+            new_b.append(nb.to(b.dtype))
+        else:
+            new_b.append(None)
+    # outgoing (and its bias): the pair's original output from the refitted children's activations
+    a = activations(pre_activations(Pair(new_in, masks[:-1], new_b, w_out, masks[-1]), x), fn)
+    w_fit, b_fit = _refit(a, target, masks[-1], opts.ridge, b_out is not None, w_out if opts.anchor else None)
+    refit = Pair(new_in, masks[:-1], new_b, w_fit.to(w_out.dtype), masks[-1])
+    b_new = b_fit.to(b_out.dtype) if b_out is not None and b_fit is not None else b_out
+    after = _relative_error(pair_output(refit, x, fn, b_new), target)
+    return CalibratedPair(refit, b_new, int(chosen.sum()), before, after)

@@ -1,0 +1,225 @@
+"""Calibrated conversion: the math (saliency, selection, expansion, refits) and the command end to end."""
+
+import json
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from fpewiden.cli import app
+from fpewiden.convert import Budget, Calibration, ConvertOptions, convert
+from fpewiden.fpe import reference
+from fpewiden.fpe.calibrated import (
+    CalibratedOptions,
+    PairFunction,
+    calibrate_pair,
+    expand_selected,
+    normal_quantiles,
+    pair_output,
+    refit_rows,
+    saliency,
+    select_neurons,
+    wasserstein_to_gaussian,
+)
+from fpewiden.fpe.expand import Pair, keep_largest
+from fpewiden.io.checkpoint import open_checkpoint
+from fpewiden.model.chain_mlp import ChainMLP
+from tests.helpers import sentences, tiny_bert, tiny_causal, write_mlp
+
+runner = CliRunner()
+
+
+def pair_and_inputs(h=6, d=10, o=4, tokens=200, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    w_in = torch.randn(h, d, generator=g)
+    w_out = torch.randn(o, h, generator=g)
+    b = torch.randn(h, generator=g) if bias else None
+    pair = Pair([w_in], [torch.ones(h, d, dtype=torch.bool)], [b], w_out, torch.ones(o, h, dtype=torch.bool))
+    return pair, torch.randn(tokens, d, generator=g)
+
+
+def test_wasserstein_is_zero_for_gaussian_quantiles_and_large_for_sparse_activity():
+    q = normal_quantiles(1000)
+    sparse = torch.relu(torch.randn(1000, generator=torch.Generator().manual_seed(0)) - 1.5)
+    w = wasserstein_to_gaussian(torch.stack([q * 3 + 2, sparse], dim=1))
+    assert w[0] < 2e-3 and w[1] > 0.3  # quantiles sit on the Gaussian (up to the sample std), sparse is far off
+
+
+def test_select_neurons_takes_the_highest_scores():
+    scores = torch.tensor([0.1, 0.9, 0.5, 0.9, 0.2])
+    assert select_neurons(scores, 0.4).tolist() == [False, True, False, True, False]
+    assert not select_neurons(scores, 0.0).any() and select_neurons(scores, 1.0).all()
+
+
+def test_expand_selected_splits_only_the_chosen_neurons():
+    pair, _ = pair_and_inputs()
+    counts = torch.tensor([2, 1, 3, 1, 1, 2])
+    a = torch.randint(0, 3, (6, 10), generator=torch.Generator().manual_seed(1)) % counts[:, None]
+    ex, parent = expand_selected(pair, counts, a)
+    assert parent.tolist() == [0, 0, 1, 2, 2, 2, 3, 4, 5, 5]
+    for i in range(6):
+        rows = parent == i
+        assert torch.equal(ex.m_in[0][rows].sum(0), torch.ones(10, dtype=torch.long))  # a partition of the inputs
+        assert torch.allclose(ex.w_in[0][rows].sum(0), pair.w_in[0][i])
+        assert torch.allclose(ex.b_in[0][rows].sum(), pair.b_in[0][i])
+        assert torch.equal(ex.w_out[:, rows], pair.w_out[:, i : i + 1].expand(-1, int(rows.sum())))
+    assert torch.equal(ex.w_in[0][parent == 1], pair.w_in[0][1:2])  # one child: the neuron as it was
+
+
+def test_saliency_is_the_exact_output_change_for_a_linear_pair():
+    pair, x = pair_and_inputs()
+    fn = PairFunction(lambda t: t)
+    scores = saliency(pair, x, fn)
+    base = pair_output(pair, x, fn, None)
+    for k, (i, j) in enumerate([(0, 3), (5, 9)]):  # an incoming and an outgoing weight, each removed
+        w_in, w_out = pair.w_in[0].clone(), pair.w_out.clone()
+        if k == 0:
+            w_in[i, j] = 0
+            got = scores[0][i, j]
+        else:
+            w_out[i % 4, j % 6] = 0
+            got = scores[1][i % 4, j % 6]
+        changed = pair_output(Pair([w_in], pair.m_in, pair.b_in, w_out, pair.m_out), x, fn, None)
+        torch.testing.assert_close(got, (changed - base).norm(), rtol=1e-4, atol=1e-4)
+
+
+@given(st.integers(1, 6), st.integers(2, 12), st.integers(0, 999), st.floats(0.2, 1.0))
+def test_refit_rows_solves_each_masked_problem(rows, n, seed, density):
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randn(50, n, generator=g)
+    t = torch.randn(50, rows, generator=g)
+    mask = torch.rand(rows, n, generator=g) < density
+    got = refit_rows(f.T @ f, t.T @ f, mask, ridge=1e-6)
+    assert not bool(got[~mask].any())
+    for r in range(rows):
+        s = mask[r]
+        if s.any():
+            ref = torch.linalg.lstsq(f[:, s].double(), t[:, r : r + 1].double()).solution.squeeze(1)
+            torch.testing.assert_close(got[r, s].double(), ref, rtol=1e-3, atol=1e-3)
+
+
+@given(st.lists(st.tuples(st.integers(1, 5), st.integers(1, 5)), min_size=1, max_size=3), st.integers(0, 999))
+def test_keep_largest_matches_the_reference_sort(shapes, seed):
+    g = torch.Generator().manual_seed(seed)
+    scores = [torch.round(torch.rand(r, c, generator=g) * 4) / 4 for r, c in shapes]  # many ties
+    masks = [torch.rand(r, c, generator=g) < 0.8 for r, c in shapes]
+    budget = sum(int(m.sum()) for m in masks) // 2
+    assert all(
+        torch.equal(a, b) for a, b in zip(keep_largest(scores, masks, budget), reference.prune(scores, masks, budget))
+    )
+
+
+def random_split(pair, support, chosen):
+    g = torch.Generator().manual_seed(0)
+    return (torch.rand(support.shape, generator=g) < 0.5).to(torch.int8)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.5, 1.0])
+def test_calibrate_pair_keeps_the_budget_and_the_refit_helps(fraction):
+    pair, x = pair_and_inputs(h=8, d=12, o=5, tokens=400)
+    fn = PairFunction(torch.relu)
+    b_out = torch.randn(5)
+    budget = pair.nnz() // 2
+    opts = CalibratedOptions(alpha=2, fraction=fraction, importance="activation", reconstruct=True)
+    res = calibrate_pair(pair, x, fn, b_out, opts, random_split, budget)
+    assert res.pair.nnz() == budget and res.expanded == round(fraction * 8)
+    assert res.pair.neurons == 8 + round(fraction * 8)
+    for w, m in zip([*res.pair.w_in, res.pair.w_out], [*res.pair.m_in, res.pair.m_out]):
+        assert not bool(w[~m].any())
+    assert res.error_after < res.error_before
+    target = pair_output(pair, x, fn, b_out)
+    got = pair_output(res.pair, x, fn, res.b_out)
+    assert float((got - target).norm() / target.norm()) == pytest.approx(res.error_after, rel=1e-4)
+
+
+def test_calibrate_pair_without_pruning_or_widening_is_the_identity():
+    pair, x = pair_and_inputs()
+    res = calibrate_pair(
+        pair, x, PairFunction(torch.relu), None, CalibratedOptions(alpha=2, fraction=0.0), random_split, pair.nnz()
+    )
+    assert res.error_after < 1e-5 and torch.equal(res.pair.m_out, pair.m_out)
+
+
+def trained_digits_mlp(tmp_path, hidden=32, epochs=15):
+    from fpewiden.data.specs import load_data
+    from fpewiden.train.config import TrainConfig
+    from fpewiden.train.finetune import finetune
+
+    src = tmp_path / "init.safetensors"
+    save_file(ChainMLP.fresh([64, hidden, 10], "relu", seed=0).tensors(), str(src))
+    dense = tmp_path / "dense.safetensors"
+    finetune(src, "digits", dense, TrainConfig(epochs=epochs, lr=1e-2, device="cpu"))
+    return dense, load_data("digits")
+
+
+def accuracy(path, data) -> float:
+    from fpewiden.data.labels import evaluate
+    from fpewiden.model.loaded import load_model
+
+    return evaluate(load_model(path).model, data.x_val, data.y_val, data.kind)["accuracy"]
+
+
+def test_calibrated_widening_keeps_an_mlp_accurate_before_fine_tuning(tmp_path):
+    dense, data = trained_digits_mlp(tmp_path, hidden=8)
+    base = accuracy(dense, data)
+    plain, cal = tmp_path / "plain.safetensors", tmp_path / "cal.safetensors"
+    convert(dense, plain, ConvertOptions(alpha=4))
+    report = convert(dense, cal, ConvertOptions(alpha=4, calibration=Calibration("digits", select="all")))
+    assert report["nnz_after"] == report["nnz_before"]
+    assert open_checkpoint(cal).meta.calibration["layers"][0]["expanded"] == 8
+    calibrated = accuracy(cal, data)
+    assert calibrated >= 0.9 * base and calibrated > accuracy(plain, data)
+
+
+def test_alpha_1_calibrated_is_pruning_with_exact_budget(tmp_path):
+    src = write_mlp(tmp_path / "m.safetensors", widths=(12, 16, 10, 3))
+    x = torch.randn(300, 12)
+    save_file({"x": x, "y": torch.randint(0, 3, (300,))}, str(tmp_path / "cal.safetensors"))
+    out = tmp_path / "p.safetensors"
+    report = convert(
+        src,
+        out,
+        ConvertOptions(alpha=1, budget=Budget.parse("0.4"), calibration=Calibration(str(tmp_path / "cal.safetensors"))),
+    )
+    assert report["nnz_after"] == round(0.4 * report["nnz_before"])
+    assert load_file(out)["0.weight"].shape == (16, 12)
+    errors = open_checkpoint(out).meta.calibration["layers"]
+    assert all(e["output_error"] <= e["output_error_before_refit"] for e in errors)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama", "gpt2"])
+def test_hf_calibrated_convert_loads_with_the_planned_width(tmp_path, family):
+    import transformers
+
+    src = tiny_bert(tmp_path / "m") if family == "bert" else tiny_causal(tmp_path / "m", family)
+    text = sentences(tmp_path / "cal.txt", 40)
+    out = tmp_path / "o"
+    res = runner.invoke(
+        app,
+        [
+            str(a)
+            for a in (
+                "convert",
+                src,
+                "--out",
+                out,
+                "--budget",
+                "0.6",
+                "--calibration",
+                text,
+                "--expand-fraction",
+                "0.25",
+            )
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    meta = open_checkpoint(out).meta
+    assert meta.budget == round(0.6 * meta.nnz_before)
+    assert all(layer["expanded"] == 8 for layer in meta.calibration["layers"])  # 25% of 32 neurons
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg.get("intermediate_size", cfg.get("n_inner")) == 32 + 8
+    _, info = transformers.AutoModel.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"]
