@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import sys
 import warnings
@@ -58,6 +59,7 @@ FORCE = typer.Option("--force", help="Replace an existing output that fpewiden d
 def _quiet_libraries() -> None:
     """No library chatter before our one line, and never the network: models and tokenizers come from disk."""
     warnings.simplefilter("ignore")
+    logging.getLogger("torch").setLevel(logging.ERROR)  # torch.onnx logs optional-package notes as warnings
     for key, value in (
         ("HF_HUB_OFFLINE", "1"),
         ("TRANSFORMERS_OFFLINE", "1"),

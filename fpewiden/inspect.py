@@ -18,6 +18,7 @@ def inspect_checkpoint(path: Path) -> dict:
     ck = open_checkpoint(path)
     meta = ck.meta
     before = {r["name"]: r["neurons_before"] for r in meta.layers or []}
+    tied = meta.tied()  # stored as equal copies per parent, counted once
     layers = []
     seen: dict[str, tuple[int, int]] = {}  # matrix -> (non-zeros, entries)
     for p in find_pairs(ck):
@@ -26,7 +27,7 @@ def inspect_checkpoint(path: Path) -> dict:
             if name not in seen or name == p.in_weights[0]:
                 t = ck.get(name)
                 m = ck.support(name, t)
-                seen[name] = (count(m), t.numel())
+                seen[name] = (count(m) // tied.get(name, 1), t.numel() // tied.get(name, 1))
                 if name == p.in_weights[0]:  # read once: its masked values feed the interference metrics
                     w_in = t.float() * m
         assert w_in is not None

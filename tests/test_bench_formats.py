@@ -2,7 +2,8 @@
 
 import torch
 
-from fpewiden.benchmark.formats import best_format, block_bytes, matrix_bytes, model_bytes, pareto_front
+from fpewiden.benchmark.formats import PairLayout, best_format, matrix_bytes, model_bytes, pareto_front
+from fpewiden.export.fast import find_structure
 
 
 def test_matrix_bytes_by_hand():
@@ -13,7 +14,7 @@ def test_matrix_bytes_by_hand():
     assert b["csr_idx32"] == 3 * 8 + 5 * 4  # values+cols, row pointers
     assert b["csr_idx16"] == 3 * 6 + 5 * 4
     assert b["bitmask"] == 3 * 4 + 5  # 40 bits
-    assert b["block"] is None
+    assert b["block"] is None and b["parent"] is None
 
 
 def test_csr16_needs_narrow_matrices():
@@ -28,8 +29,20 @@ def test_model_bytes_and_best_format():
     nnz = int(half.sum())
     assert t["csr_idx16"] == (128 * 6 + 9 * 4) + (nnz * 6 + 17 * 4) + 40  # every matrix in the format
     assert best_format(t) in ("csr_idx16", "bitmask")
-    blocks = model_bytes({"a": dense, "b": half}, vectors=0, blocks=[("a", "b", 2)])
-    assert blocks["block"] == block_bytes((8, 16), (16, 8), 2) == (8 * 8 + 16 * 4) * 4 + (16 + 16) * 4
+    assert t["block"] is None and t["parent"] is None  # no converted pair
+
+
+def test_block_and_parent_bytes_of_a_shared_tied_pair():
+    """4 parents × α=2 over 16 inputs, one shared partition (8 inputs per child), outgoing tied (6 × 4)."""
+    child = torch.arange(16) % 2
+    m_in = child.unsqueeze(0) == (torch.arange(8) % 2).unsqueeze(1)  # (8 children × 16): a partition per parent
+    w_out = torch.randn(6, 4).repeat_interleave(2, dim=1)  # tied copies
+    st = find_structure([m_in], w_out, 2, "tied", 1)
+    masks = {"in": m_in, "out": torch.ones(6, 4, dtype=torch.bool)}  # the tied matrix at its deployed size
+    t = model_bytes(masks, vectors=0, pairs=[PairLayout(("in",), "out", 2, st, True)])
+    assert t["block"] == (2 * 8 * 4) * 4 + 16 * 4 + 6 * 4 * 4  # two 8×4 blocks + gather indices + W_out (6 × 4)
+    assert t["parent"] == 4 * 16 * 4 + (4 * 16) // 8 + 6 * 4 * 4  # parent values + 1 bit per weight + W_out
+    assert t["dense_fp32"] == (8 * 16 + 6 * 4) * 4  # the widened incoming matrix, stored densely
 
 
 def test_pareto_front():

@@ -197,6 +197,27 @@ def test_grouped_outgoing_and_shared_split(case, budget_ratio):
     assert not bool(small.w_out.view(-1, h, alpha)[(c != r).expand_as(cols)].any())
 
 
+@given(pairs(), st.floats(0.3, 1.0), st.integers(1, 4))
+def test_tied_outgoing_and_grouped_split(case, budget_ratio, groups):
+    """Tied outgoing: one weight per (output, parent), its copies equal and pruned together; the outgoing matrix
+    counts once, so at budget `same` nothing is pruned. grouped:G: G input partitions, one per neuron group."""
+    from fpewiden.fpe.splits import grouped_assignment, neuron_groups
+
+    pair, alpha, _, seed = case
+    h = pair.w_in[0].shape[0]
+    a = grouped_assignment(pair.support(), alpha, groups, torch.Generator().manual_seed(seed))
+    g = neuron_groups(h, min(groups, h))
+    assert all(bool((a[g == k] == a[g == k][0]).all()) for k in g.unique())
+    same = widen(pair, alpha, a, pair.nnz(), outgoing="tied")
+    assert torch.equal(same.m_out, pair.m_out.repeat_interleave(alpha, dim=1))  # nothing pruned
+    assert torch.equal(same.w_out, pair.w_out.repeat_interleave(alpha, dim=1))
+    small = widen(pair, alpha, a, round(budget_ratio * pair.nnz()), outgoing="tied")
+    copies = small.m_out.view(-1, h, alpha)
+    assert bool((copies == copies[:, :, :1]).all())  # a parent's copies share one decision
+    kept = sum(int(m.sum()) for m in small.m_in) + int(small.m_out.sum()) // alpha
+    assert kept == round(budget_ratio * pair.nnz())
+
+
 @given(pairs(), st.floats(0.0, 1.0), st.floats(0.5, 1.0))
 def test_overlap_control(case, overlap, budget_ratio):
     """With overlap, children may share inputs (the paper's control); the budget stays exact."""

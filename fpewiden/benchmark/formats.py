@@ -6,17 +6,39 @@ paper's deployment premise). Biases and other 1-D tensors are stored dense fp32 
   csr_idx32 / csr_idx16: fp32 values + column indices (int32 / uint16) + int32 row pointers; uint16 needs
     fewer than 65,536 columns;
   bitmask: fp32 values + one bit per entry;
-  block: the fast export layout (dense blocks holding the pair's parent-sized weights + int32 permutations),
-    only for pairs converted with --split shared --outgoing grouped.
+  block: the fast export layout of converted pairs (export/fast.py): grouped incoming as dense blocks (their
+    entries + int32 gather indices), tied outgoing as one column per parent, grouped outgoing as one child per
+    (output, parent); other matrices dense fp32. Only where a conversion has such a structure;
+  parent: FPE-aware storage of converted pairs: each incoming matrix as its parent's dense values plus a child id
+    per weight (⌈log2 α⌉ bits; the children of a parent partition its row), tied outgoing as one column per
+    parent, other outgoing matrices in their smallest exact format; other matrices dense fp32. At α=2 a
+    per-neuron split costs 1.03× the parent's fp32 bytes instead of α×.
+Tied outgoing matrices are counted at their deployed size in every format (one column per parent; the checkpoint
+stores equal copies so that every runtime loads it).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-FORMATS = ("dense_fp32", "dense_fp16", "dense_bf16", "csr_idx32", "csr_idx16", "bitmask", "block")
+from fpewiden.export.fast import Structure
+
+FORMATS = ("dense_fp32", "dense_fp16", "dense_bf16", "csr_idx32", "csr_idx16", "bitmask", "block", "parent")
+
+
+@dataclass(frozen=True)
+class PairLayout:
+    """A converted pair as bench counts it: incoming and outgoing matrix names, α, its fast-layout structure (None
+    when it has none), and whether the outgoing matrix is tied (its mask already one column per parent)."""
+
+    ins: tuple[str, ...]
+    out: str
+    alpha: int
+    structure: Structure | None
+    tied: bool
 
 
 def matrix_bytes(mask: torch.Tensor) -> dict[str, int | None]:
@@ -32,41 +54,60 @@ def matrix_bytes(mask: torch.Tensor) -> dict[str, int | None]:
         "csr_idx16": nnz * (4 + 2) + (rows + 1) * 4 if cols <= 65536 else None,
         "bitmask": nnz * 4 + math.ceil(numel / 8),
         "block": None,
+        "parent": None,
     }
 
 
-def block_bytes(in_shape: tuple[int, int], out_shape: tuple[int, int], alpha: int) -> int:
-    """The fast layout of one pair: blocks hold (h·α × d/α) + (o/α × h·α) fp32 entries, plus int32 permutations."""
-    ha, d = in_shape
-    o = out_shape[0]
-    return (ha * d // alpha + o * ha // alpha) * 4 + (d + o) * 4
+def _block_pair(p: PairLayout, masks: dict[str, torch.Tensor]) -> int | None:
+    st = p.structure
+    if st is None:
+        return None
+    ha, d = masks[p.ins[0]].shape
+    if st.blocks is not None:  # G·α blocks: each (|S_gc| inputs × group neurons), plus the gather indices
+        sizes = [int((st.groups == g).sum()) for g in range(len(st.blocks))]
+        incoming = sum(len(s) * n for sets, n in zip(st.blocks, sizes, strict=True) for s in sets) * 4 * len(p.ins)
+        incoming += d * len(st.blocks) * 4
+    else:
+        incoming = ha * d * 4 * len(p.ins)
+    o, cols = masks[p.out].shape
+    outgoing = o * cols * 4 if st.outgoing in ("tied", "copy") else o * (cols // p.alpha) * 4 + o * 4
+    return incoming + outgoing
+
+
+def _parent_pair(p: PairLayout, masks: dict[str, torch.Tensor], per: dict[str, dict]) -> int:
+    ha, d = masks[p.ins[0]].shape
+    bits = math.ceil(math.log2(p.alpha)) if p.alpha > 1 else 0
+    incoming = (ha // p.alpha) * d * 4 * len(p.ins) + math.ceil((ha // p.alpha) * d * bits / 8) * len(p.ins)
+    o, cols = masks[p.out].shape
+    outgoing = o * cols * 4 if p.tied else min(v for v in per[p.out].values() if v is not None)
+    return incoming + outgoing
 
 
 def model_bytes(
     masks: dict[str, torch.Tensor],
     vectors: int,
-    blocks: list[tuple[str, str, int]] | None = None,
+    pairs: list[PairLayout] | None = None,
 ) -> dict[str, int | None]:
-    """Total bytes per format. `masks`: every weight matrix's mask; `vectors`: entries of 1-D tensors (biases);
-    `blocks`: (incoming, outgoing, α) pairs stored in the block layout, for the block format.
+    """Total bytes per format. `masks`: every weight matrix's mask (tied ones at their deployed size); `vectors`:
+    entries of 1-D tensors (biases, stored dense fp32); `pairs`: converted pairs, for the block and parent formats.
 
-    A format not applicable to some matrix falls back to that matrix's smallest applicable format; the block
-    format applies only when `blocks` is given, with the other matrices dense fp32.
+    A format not applicable to some matrix falls back to that matrix's smallest applicable format; the block and
+    parent formats store matrices outside converted pairs dense fp32, and are None without converted pairs (or,
+    for block, when no pair has a fast-layout structure).
     """
     per = {n: matrix_bytes(m) for n, m in masks.items()}
     totals: dict[str, int | None] = {}
     for f in FORMATS:
-        if f == "block":
+        if f in ("block", "parent"):
             continue
         totals[f] = sum(b[f] if b[f] is not None else min(v for v in b.values() if v is not None) for b in per.values())
         totals[f] += vectors * 4
-    if blocks:
-        in_block = {w for w, _, _ in blocks} | {o for _, o, _ in blocks}
-        total = sum(block_bytes(tuple(masks[w].shape), tuple(masks[o].shape), a) for w, o, a in blocks)
-        total += sum(per[n]["dense_fp32"] for n in per if n not in in_block)
-        totals["block"] = total + vectors * 4
-    else:
-        totals["block"] = None
+    pairs = pairs or []
+    inside = {n for p in pairs for n in (*p.ins, p.out)}
+    rest = sum(per[n]["dense_fp32"] for n in per if n not in inside) + vectors * 4
+    blocks = [_block_pair(p, masks) for p in pairs]
+    totals["block"] = rest + sum(blocks) if pairs and all(b is not None for b in blocks) else None
+    totals["parent"] = rest + sum(_parent_pair(p, masks, per) for p in pairs) if pairs else None
     return totals
 
 
@@ -96,3 +137,30 @@ def is_2_4(mask: torch.Tensor) -> bool:
     if cols % 4:
         return False
     return bool((mask.reshape(rows, cols // 4, 4).sum(-1) <= 2).all())
+
+
+def pair_layouts(loaded, masks: dict[str, torch.Tensor]) -> tuple[list[PairLayout], dict[str, torch.Tensor]]:
+    """The converted pairs of a loaded checkpoint as bench counts them, and the masks with tied outgoing
+    matrices collapsed to one column per parent (their deployed size)."""
+    from fpewiden.errors import FpewidenError
+    from fpewiden.export.fast import structures
+
+    meta = loaded.ck.meta
+    if not meta.alpha or not meta.pairs:
+        return [], masks
+    try:
+        found = structures(loaded)
+    except FpewidenError:  # no fast-layout structure: the block format does not apply, the parent one does
+        found = {}
+    tied = meta.tied()
+    masks = dict(masks)
+    layouts = []
+    for p in meta.pairs:
+        if p.get("transposed"):  # GPT-2's Conv1D: counted as plain matrices
+            continue
+        out = p["out"]
+        if out in tied:
+            m = masks[out]
+            masks[out] = m.view(m.shape[0], -1, meta.alpha)[:, :, 0]
+        layouts.append(PairLayout(tuple(p["in"]), out, meta.alpha, found.get(p["name"]), out in tied))
+    return layouts, masks

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fpewiden.benchmark.formats import model_bytes
+from fpewiden.benchmark.formats import model_bytes, pair_layouts
 from fpewiden.benchmark.measure import MeasuredModel, Workload, ort_session, rss_mb, summarise, time_entries
 from fpewiden.errors import FpewidenError
 from fpewiden.model.pooling import mean_pool
@@ -165,7 +165,7 @@ def group_of(name: str, ffn: set[str]) -> str:
     return "other"
 
 
-def grouped_bytes(masks: dict[str, torch.Tensor], vectors: int, ffn: set[str], blocks=None) -> dict:
+def grouped_bytes(masks: dict[str, torch.Tensor], vectors: int, ffn: set[str], pairs=None) -> dict:
     """Bytes per group and format; `total` is what one inference reads: every group but the embedding tables."""
     groups: dict[str, dict[str, torch.Tensor]] = {g: {} for g in GROUPS}
     for n, m in masks.items():
@@ -173,32 +173,10 @@ def grouped_bytes(masks: dict[str, torch.Tensor], vectors: int, ffn: set[str], b
     by = {}
     for g, ms in groups.items():
         if ms:
-            gb = [b for b in (blocks or []) if b[0] in ms]
-            by[g] = model_bytes(ms, 0, gb or None)
+            gp = [p for p in (pairs or []) if p.ins[0] in ms]
+            by[g] = model_bytes(ms, 0, gp or None)
     moved = {n: m for g, ms in groups.items() if g != "embeddings" for n, m in ms.items()}
-    return {"total": model_bytes(moved, vectors, blocks), "groups": by}
-
-
-def _blocks(loaded) -> list[tuple[str, str, int]] | None:
-    """FFN pairs stored as dense blocks (shared split, grouped outgoing): the block format applies to them."""
-    from fpewiden.arch import find_pairs
-    from fpewiden.export.structure import find_blocks
-
-    meta = loaded.ck.meta
-    if not (meta.split == "shared" and meta.outgoing == "grouped" and meta.alpha):
-        return None
-    out, t = [], loaded.tensors()
-    for p in find_pairs(loaded.ck):
-        if len(p.in_weights) != 1:
-            return None
-        try:
-            m_in = loaded.masks.get(p.in_weights[0], t[p.in_weights[0]] != 0)
-            m_out = loaded.masks.get(p.out_weight, t[p.out_weight] != 0)
-            find_blocks(t[p.in_weights[0]], m_in, None, t[p.out_weight], m_out, meta.alpha)
-        except FpewidenError:
-            return None
-        out.append((p.in_weights[0], p.out_weight, meta.alpha))
-    return out
+    return {"total": model_bytes(moved, vectors, pairs), "groups": by}
 
 
 def _from_folder(path: Path, engines, device, tmp: Path, threads: int) -> tuple[MeasuredModel, Forward]:
@@ -217,10 +195,11 @@ def _from_folder(path: Path, engines, device, tmp: Path, threads: int) -> tuple[
         if head not in masks:
             table = next(n for n in masks if "embed_tokens" in n or n.endswith("wte.weight"))
             masks[head] = masks[table]
-    blocks = _blocks(loaded)
+    layouts, masks = pair_layouts(loaded, masks)
+    fast = bool(layouts) and all(p.structure is not None for p in layouts)
     vectors = sum(t.numel() for t in tensors.values() if t.dim() == 1 and t.is_floating_point())
     meta = loaded.ck.meta
-    b = grouped_bytes(masks, vectors, ffn, blocks)
+    b = grouped_bytes(masks, vectors, ffn, layouts)
     e.info.update(
         kind="hf",
         neurons=sum(loaded.ck.shapes[p.in_weights[0]][1 if p.transposed else 0] for p in find_pairs(loaded.ck)),
@@ -231,7 +210,8 @@ def _from_folder(path: Path, engines, device, tmp: Path, threads: int) -> tuple[
         fpewiden={k: getattr(meta, k) for k in ("alpha", "split", "outgoing", "budget_spec") if getattr(meta, k)},
     )
     if "ort" in engines:
-        layout = "fast" if blocks and (loaded.ck.config or {}).get("model_type") in ("bert",) else "dense"
+        family = (loaded.ck.config or {}).get("model_type")
+        layout = "fast" if fast and family not in ("gpt2", "opt", "clip", "siglip") else "dense"
         onnx_path = tmp / f"{len(list(tmp.iterdir()))}.onnx"
         # the fast layout swaps the FFN modules: export a copy, so torch still runs the model as transformers does
         export(path, onnx_path, layout, verify=False, model=copy.deepcopy(loaded) if layout == "fast" else loaded)

@@ -10,12 +10,11 @@ import numpy as np
 import torch
 
 from fpewiden.arch import find_pairs
-from fpewiden.benchmark.formats import model_bytes
+from fpewiden.benchmark.formats import model_bytes, pair_layouts
 from fpewiden.benchmark.measure import MeasuredModel, Workload, ort_session, rss_mb, summarise, time_entries
 from fpewiden.data.labels import evaluate, metrics_from_logits
 from fpewiden.data.specs import Dataset
 from fpewiden.errors import FpewidenError
-from fpewiden.export.structure import find_blocks
 
 
 def _check_width(entry: MeasuredModel, n_in: int, data: Dataset) -> None:
@@ -46,33 +45,20 @@ def _from_checkpoint(
     weights = {n: t for n, t in tensors.items() if t.dim() == 2}
     masks = {n: tr.masks.get(n, t != 0) for n, t in weights.items()}
     meta = tr.ck.meta
-    blocks = None
     pairs = find_pairs(tr.ck)
-    if meta.split == "shared" and meta.outgoing == "grouped" and meta.alpha and len(pairs) == 1:
-        p = pairs[0]
-        try:  # the block format and the fast export exist only where the structure really holds
-            find_blocks(
-                tensors[p.in_weights[0]],
-                masks[p.in_weights[0]],
-                None,
-                tensors[p.out_weight],
-                masks[p.out_weight],
-                meta.alpha,
-            )
-            blocks = [(p.in_weights[0], p.out_weight, meta.alpha)]
-        except FpewidenError as err:
-            e.info["block_layout"] = f"not applicable: {err}"
+    layouts, masks = pair_layouts(tr, masks)
+    fast = bool(layouts) and all(p.structure is not None for p in layouts)
     vectors = sum(t.numel() for t in tensors.values() if t.dim() == 1)
     e.info.update(
         kind="checkpoint",
         neurons=sum(tensors[p.in_weights[0]].shape[0] for p in pairs),
         nnz=sum(int(torch.count_nonzero(m)) for m in masks.values()),
         params=sum(t.numel() for t in tensors.values()),
-        bytes=model_bytes(masks, vectors, blocks),
+        bytes=model_bytes(masks, vectors, layouts),
         fpewiden={k: getattr(meta, k) for k in ("alpha", "split", "outgoing", "budget_spec") if getattr(meta, k)},
     )
     if "ort" in engines:  # exported from the model already loaded, before it moves to the device
-        layout = "fast" if blocks else "dense"
+        layout = "fast" if fast else "dense"
         onnx_path = tmp / f"{len(list(tmp.iterdir()))}.onnx"
         export(path, onnx_path, layout, verify=False, model=tr)
         e.info["ort_layout"] = layout

@@ -10,7 +10,7 @@ from pathlib import Path
 from fpewiden.errors import FpewidenError
 from fpewiden.fpe.expand import OUTGOING
 
-SPLITS = ("random", "clause", "feature", "shared", "activation")
+SPLITS = ("random", "clause", "feature", "shared", "grouped:G", "activation")
 IMPORTANCE = ("magnitude", "activation")
 SELECT = ("wasserstein", "all")
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
@@ -111,6 +111,18 @@ class ConvertOptions:
     calibration: Calibration | None = None
 
     @property
+    def groups(self) -> int | None:
+        """G of `--split grouped:G` (shared is G = 1); None for other splits."""
+        if self.split == "shared":
+            return 1
+        head, _, g = self.split.partition(":")
+        if head != "grouped" or not g:
+            return None
+        if not g.isdigit() or int(g) < 1:
+            raise FpewidenError(f"--split {self.split!r}: grouped:G needs a number of groups G ≥ 1")
+        return int(g)
+
+    @property
     def expand_fraction(self) -> float:
         """Share of each layer's neurons that get α children (the others keep one)."""
         if self.alpha == 1:
@@ -121,7 +133,7 @@ class ConvertOptions:
         """Every option on its own; what needs the checkpoint is checked by the plan."""
         if self.alpha < 1:
             raise FpewidenError(f"--alpha must be at least 1 (got {self.alpha}; 1 prunes without widening)")
-        if self.split not in SPLITS:
+        if self.split not in SPLITS and self.groups is None:
             raise FpewidenError(f"--split {self.split!r}: choose one of {', '.join(SPLITS)}")
         if self.split == "clause" and self.clauses is None:
             raise FpewidenError("--split clause needs --clauses FILE")
@@ -143,6 +155,8 @@ class ConvertOptions:
                 raise FpewidenError("--calibration selects weights for a budget: --budget all keeps every weight")
             if self.overlap or self.outgoing != "copy":
                 raise FpewidenError("--calibration converts with copied outgoing weights and no overlap")
+        if self.outgoing == "tied" and self.overlap:
+            raise FpewidenError("--outgoing tied sums a parent's children: --overlap does not apply")
 
 
 def load_clauses(path: Path) -> list[list[int]]:

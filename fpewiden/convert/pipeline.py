@@ -198,6 +198,14 @@ def convert(
     pairs = find_pairs(ck)
     chosen = select_pairs(pairs, opts.targets, ck.kind == "hf")
     plan = make_plan(ck.shapes, ck.dtypes, pairs, chosen, opts.alpha, opts.clauses, opts.expand_fraction)
+    tied = {p.out_weight: opts.alpha for p in chosen} if opts.outgoing == "tied" and opts.alpha > 1 else {}
+    inputs = {w for p in chosen for w in p.in_weights}
+    for p in chosen:
+        if p.out_weight in tied and p.out_weight in inputs:
+            raise FpewidenError(
+                f"--outgoing tied: layer {p.name}'s outgoing matrix {p.out_weight} is the next layer's incoming "
+                "matrix; tie only the last hidden layer of a chain (--targets) or a single hidden layer"
+            )
     if opts.budget.kind not in ("same", "all"):
         owned = {n for group in plan.owned() for n in group}
         plan.set_budget(opts.budget, {n: count(ck.support(n)) for n in owned})
@@ -221,11 +229,11 @@ def convert(
     base = {"format": "pt", **meta.strings()}
     if ck.kind == "mlp":
         with atomic_file(dst) as tmp:
-            sink = OutputSink(ck, plan, {ck.file_of[n]: tmp for n in ck.shapes}, None, base)
+            sink = OutputSink(ck, plan, {ck.file_of[n]: tmp for n in ck.shapes}, None, base, tied)
             report = _stream(ck, plan, opts, transform, meta, sink, on_pair)
     else:
         with atomic_dir(dst) as tmp:
-            sink = OutputSink(ck, plan, {f: tmp / f for f in set(ck.file_of.values())}, tmp / MASKS_FILE, base)
+            sink = OutputSink(ck, plan, {f: tmp / f for f in set(ck.file_of.values())}, tmp / MASKS_FILE, base, tied)
             report = _stream(ck, plan, opts, transform, meta, sink, on_pair)
             config = json.loads(json.dumps(ck.config))
             for p in chosen:

@@ -24,10 +24,20 @@ def _neuron_major(t: torch.Tensor, transposed: bool) -> torch.Tensor:
 
 
 class OutputSink:
-    def __init__(self, ck: Checkpoint, plan: Plan, paths: dict[str, Path], masks_path: Path | None, meta: dict):
+    def __init__(
+        self,
+        ck: Checkpoint,
+        plan: Plan,
+        paths: dict[str, Path],
+        masks_path: Path | None,
+        meta: dict,
+        tied: dict[str, int] | None = None,
+    ):
         """`paths`: output path per weight file of the checkpoint; masks go inside the single weights file when
-        `masks_path` is None (MLP outputs), else into their own file (Hugging Face folders)."""
+        `masks_path` is None (MLP outputs), else into their own file (Hugging Face folders). `tied`: outgoing
+        matrices stored as α equal copies per parent (counted once)."""
         self.ck, self.plan = ck, plan
+        self.tied = tied or {}
         self.mask_names = sorted(set(plan.matrices) | set(ck.packed_masks))
         by_file: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}
         for name in ck.shapes:
@@ -61,7 +71,7 @@ class OutputSink:
 
     def _finish(self, name: str, packed: torch.Tensor, nnz: int) -> None:
         self.packed[name] = packed
-        self.nnz_written[name] = nnz
+        self.nnz_written[name] = nnz // self.tied.get(name, 1)
 
     def emit(self, k: int, name: str, row: int, w: torch.Tensor, m: torch.Tensor, rows: int, transposed: bool) -> None:
         """Pair k produced rows [row, row + len) of the `rows` rows matrix `name` has in neuron-major form now."""

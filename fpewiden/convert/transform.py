@@ -18,9 +18,9 @@ from fpewiden.fpe.expand import Pair, short_neurons, widen_blocks
 from fpewiden.fpe.splits import (
     feature_assignment,
     group_assignment,
+    grouped_assignment,
     overlap_children,
     random_assignment,
-    shared_assignment,
 )
 
 Block = tuple[int, int, torch.Tensor, torch.Tensor]  # (tensor index: incoming..., outgoing; first row; weights; mask)
@@ -65,8 +65,8 @@ def assignment(opts: ConvertOptions, pair: Pair, support: torch.Tensor, gen: tor
     if opts.split == "clause":
         assert opts.clauses is not None
         return group_assignment(support, opts.alpha, opts.clauses, gen)
-    if opts.split == "shared":
-        return shared_assignment(support, opts.alpha, gen)
+    if opts.groups is not None:
+        return grouped_assignment(support, opts.alpha, opts.groups, gen)
     # feature: the incoming weights' Gram matrix defines input clusters; gate and up both count for gated MLPs
     source = pair.w_in[0] if len(pair.w_in) == 1 else torch.cat([w.to(torch.float32) for w in pair.w_in], dim=0)
     return feature_assignment(source, support, opts.alpha, gen)

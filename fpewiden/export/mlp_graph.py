@@ -1,7 +1,7 @@
 """ONNX graphs for MLP checkpoints, built node by node so every layout's operators and bytes are explicit.
 
 dense: MatMul(x, Wᵀ) + b per layer, weights as plain fp32 initializers: the honest baseline.
-fast:  each FPE pair as α dense blocks between one input Gather and one output Gather (see structure.py).
+fast:  the block structures of fast.py, exported through torch.onnx (one implementation for MLPs and HF).
 Sparse storage and fp16 storage are edits of the finished graph (onnx_edit.py), shared with Hugging Face models.
 """
 
@@ -12,10 +12,8 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from fpewiden.arch import find_pairs
 from fpewiden.errors import FpewidenError
 from fpewiden.export.onnx_edit import Built
-from fpewiden.export.structure import Blocks, find_blocks
 from fpewiden.model.loaded import LoadedModel
 
 LAYOUTS = ("dense", "sparse", "fast")
@@ -82,49 +80,17 @@ def _linear(g: GraphBuilder, x: str, w: torch.Tensor, b: torch.Tensor | None, ba
     return g.node("Add", [y, g.weight(b, f"{base}_bias")]) if b is not None else y
 
 
-def _blocks(g: GraphBuilder, x: str, blocks: Blocks, act: str, base: str) -> str:
-    """x (B, d) -> Gather -> Split into α (B, d/α) -> per block MatMul + bias + act + MatMul -> Concat -> Gather.
-
-    Separate per-block MatMuls with 1-D biases let ONNX Runtime fuse MatMul+Add(+activation) as it does for the
-    dense original; one batched (α, B, d/α) MatMul with Transposes measured slower (bench/results/README.md).
-    """
-    a, dblk, _ = blocks.w_in.shape
-    t = g.node("Gather", [x, g.const(blocks.in_perm.numpy().astype(np.int32), f"{base}_in_perm")], axis=1)
-    pieces = [g.name(f"{base}_block_in") for _ in range(a)]
-    sizes = g.const(np.full(a, dblk, np.int64), "split")
-    g.nodes.append(helper.make_node("Split", [t, sizes], pieces, name=g.name("split"), axis=1))
-    outs = []
-    for c in range(a):
-        u = g.node("MatMul", [pieces[c], g.weight(blocks.w_in[c], f"{base}_in_block{c}")])
-        u = g.node("Add", [u, g.weight(blocks.b_in[c, 0], f"{base}_in_bias_block{c}")])
-        u = g.activation(u, act)
-        outs.append(g.node("MatMul", [u, g.weight(blocks.w_out[c], f"{base}_out_block{c}")]))
-    t = g.node("Concat", outs, axis=1)
-    return g.node("Gather", [t, g.const(blocks.out_perm.numpy().astype(np.int32), f"{base}_out_perm")], axis=1)
-
-
 def mlp_to_onnx(
-    layers: list[tuple[str, torch.Tensor, torch.Tensor | None]],
-    activation: str,
-    opset: int = 17,
-    blocks: Blocks | None = None,
+    layers: list[tuple[str, torch.Tensor, torch.Tensor | None]], activation: str, opset: int = 17
 ) -> onnx.ModelProto:
-    """`layers`: (name, weight (out, in), bias) in forward order. `blocks` (the fast layout) replaces layers 0
-    and 1 with their block form."""
+    """`layers`: (name, weight (out, in), bias) in forward order."""
     g = GraphBuilder(opset)
     x = "x"
     i = 0
     while i < len(layers):
         name, w, b = layers[i]
-        if i == 0 and blocks is not None:
-            x = _blocks(g, x, blocks, activation, name)
-            _, _, b_out = layers[1]
-            if b_out is not None:
-                x = g.node("Add", [x, g.weight(b_out, f"{layers[1][0]}_bias")])
-            i = 2
-        else:
-            x = _linear(g, x, w, b, name)
-            i += 1
+        x = _linear(g, x, w, b, name)
+        i += 1
         if i < len(layers):
             x = g.activation(x, activation)
     return g.model(x, layers[0][1].shape[1], layers[-1][1].shape[0])
@@ -142,26 +108,25 @@ def _layers(tr: LoadedModel) -> list[tuple[str, torch.Tensor, torch.Tensor | Non
     return out
 
 
-def _fast_blocks(tr: LoadedModel) -> Blocks:
-    alpha = tr.ck.meta.alpha
-    if alpha is None:
-        raise FpewidenError("the fast layout is for FPE conversions (this checkpoint has no fpewiden metadata)")
-    pairs = find_pairs(tr.ck)
-    if len(pairs) != 1:
-        raise FpewidenError(f"the fast layout supports MLPs with one hidden layer (this one has {len(pairs)})")
-    (p,) = pairs
-    t = tr.tensors()
-    m_in = tr.masks.get(p.in_weights[0], t[p.in_weights[0]] != 0)
-    m_out = tr.masks.get(p.out_weight, t[p.out_weight] != 0)
-    b_in = t.get(p.in_biases[0]) if p.in_biases[0] else None
-    return find_blocks(t[p.in_weights[0]], m_in, b_in, t[p.out_weight], m_out, alpha)
-
-
 def build_mlp(tr: LoadedModel, layout: str, opset: int, samples: int = 64) -> Built:
-    """The MLP's graph (blocks for `fast`), and standard-normal inputs to verify it on."""
-    blocks = _fast_blocks(tr) if layout == "fast" else None
-    model = mlp_to_onnx(_layers(tr), tr.activation, opset, blocks)
+    """The MLP's graph (node by node; the fast layout's blocks through torch.onnx, see fast.py), and
+    standard-normal inputs to verify it on."""
     x = torch.randn(samples, tr.n_inputs, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         reference = tr.model(x).numpy()
-    return Built(model, {"x": x.numpy()}, reference, "y", 1.0)
+    if layout == "fast":
+        return Built(_fast_graph(tr, max(opset, 18)), {"x": x.numpy()}, reference, "y", 1.0)
+    return Built(mlp_to_onnx(_layers(tr), tr.activation, opset), {"x": x.numpy()}, reference, "y", 1.0)
+
+
+def _fast_graph(tr: LoadedModel, opset: int) -> onnx.ModelProto:
+    from fpewiden.arch.chain import linear_layers
+    from fpewiden.export.fast import FastMLP, structures
+    from fpewiden.export.torch_onnx import to_onnx
+
+    by_pair = structures(tr)
+    index = {m: i for i, (m, _, _) in enumerate(linear_layers(tr.ck))}
+    layers = [(w, b) for _, w, b in _layers(tr)]
+    fast = FastMLP(layers, {index[name]: st for name, st in by_pair.items()}, tr.model.act).eval()
+    example = torch.zeros(2, tr.n_inputs)
+    return to_onnx(fast, (example,), ["x"], ["y"], ({0: "batch"},), opset, str(tr.ck.path))

@@ -156,11 +156,13 @@ def _row_block(cols: int) -> int:
     return max(8, (_CHUNK // max(cols, 1)) // 8 * 8)
 
 
-OUTGOING = ("copy", "grouped")
+OUTGOING = ("copy", "grouped", "tied")
 
 
 def grouped_outgoing(rows: range, n_cols: int, alpha: int) -> torch.Tensor:
     """The 1:α outgoing pattern: output r reads only child r mod α of every parent (a (rows, neurons·α) mask).
+    (`tied`, the other alternative to copies, shares one outgoing column among a parent's children: the model
+    computes W_out · Σ_k act(children k); stored as equal copies so every runtime loads it.)
 
     Each output keeps exactly one of the α copies per parent, so the outgoing matrix keeps the parent's
     non-zero count; for α=2 the pattern is 2:4-compatible, and with a shared split the pair becomes α
@@ -185,7 +187,7 @@ def widen_blocks(
     come in row order, so a writer can put each at its offset and free it: memory stays at the parent tensors.
     `budget` None keeps every expanded weight (the expansion alone, before FPE's pruning step).
     """
-    out_mult = alpha if outgoing == "copy" else 1
+    out_mult = alpha if outgoing == "copy" else 1  # grouped keeps one copy per (output, parent); tied shares one
     # with overlap, entries that also go to a second child appear twice among the expanded incoming weights
     dup = [m & (second >= 0) for m in pair.m_in] if second is not None else []
     expanded_total = sum(count(m) for m in [*pair.m_in, *dup]) + out_mult * count(pair.m_out)
@@ -217,6 +219,11 @@ def widen_blocks(
     o = pair.w_out.shape[0]
     step = _row_block(h * alpha)
     for r in range(0, o, step):
+        if outgoing == "tied":  # one decision per parent weight, then the children's columns copy it
+            keep, ties_left = _drop(pair.w_out[r : r + step], pair.m_out[r : r + step], threshold, ties_left, dtype)
+            keep = keep.repeat_interleave(alpha, dim=1)
+            yield len(pair.w_in), r, pair.w_out[r : r + step].repeat_interleave(alpha, dim=1).mul_(keep), keep
+            continue
         w_out = pair.w_out[r : r + step].repeat_interleave(alpha, dim=1)
         m_out = pair.m_out[r : r + step].repeat_interleave(alpha, dim=1)
         if outgoing == "grouped":

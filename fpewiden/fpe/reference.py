@@ -61,6 +61,10 @@ def widen(
     full = expand(pair, alpha, assignment, outgoing, second)
     if budget is None:
         return full
-    masks = prune([*full.w_in, full.w_out], [*full.m_in, full.m_out], budget)
+    if outgoing == "tied":  # one outgoing weight per parent competes for the budget; children copy its fate
+        masks = prune([*full.w_in, pair.w_out], [*full.m_in, pair.m_out], budget)
+        masks[-1] = masks[-1].repeat_interleave(alpha, dim=1)
+    else:
+        masks = prune([*full.w_in, full.w_out], [*full.m_in, full.m_out], budget)
     weights = [w * m for w, m in zip([*full.w_in, full.w_out], masks, strict=True)]
     return Pair(weights[:-1], masks[:-1], full.b_in, weights[-1], masks[-1])

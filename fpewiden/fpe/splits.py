@@ -32,15 +32,32 @@ def random_assignment(support: torch.Tensor, alpha: int, generator: torch.Genera
 
 
 def shared_assignment(support: torch.Tensor, alpha: int, generator: torch.Generator) -> torch.Tensor:
-    """One balanced random partition of the inputs, shared by every neuron of the layer.
+    """One balanced random partition of the inputs, shared by every neuron of the layer (`grouped:1`).
 
     Child c of every neuron reads the same input subset, so after one input permutation the widened incoming
-    matrix is α dense blocks: the structure `export --layout fast` runs as a batched MatMul.
+    matrix is α dense blocks: the structure `export --layout fast` runs as dense MatMuls.
+    """
+    return grouped_assignment(support, alpha, 1, generator)
+
+
+def neuron_groups(h: int, groups: int) -> torch.Tensor:
+    """Group of each neuron: `groups` contiguous runs of (nearly) equal size."""
+    return (torch.arange(h) * groups) // h
+
+
+def grouped_assignment(support: torch.Tensor, alpha: int, groups: int, generator: torch.Generator) -> torch.Tensor:
+    """`groups` groups of neurons (contiguous), each with one balanced random partition of the inputs.
+
+    Between per-neuron partitions (G = neurons) and one shared partition (G = 1): the incoming matrix is G·α
+    dense blocks after permuting inputs per group, so it exports as gathers and dense MatMuls, while neurons of
+    different groups still split their inputs differently.
     """
     h, d = support.shape
-    child = torch.empty(d, dtype=torch.int8)
-    child[torch.randperm(d, generator=generator)] = (torch.arange(d) % alpha).to(torch.int8)
-    return child.unsqueeze(0).expand(h, d).contiguous()
+    groups = max(1, min(groups, h))
+    child = torch.empty(groups, d, dtype=torch.int8)
+    for g in range(groups):
+        child[g, torch.randperm(d, generator=generator)] = (torch.arange(d) % alpha).to(torch.int8)
+    return child[neuron_groups(h, groups)]
 
 
 def owner_groups(groups: Sequence[Sequence[int]], n_inputs: int) -> list[list[int]]:

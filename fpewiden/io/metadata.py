@@ -59,6 +59,13 @@ class FpeMetadata:
     def converted(self) -> bool:
         return self.alpha is not None
 
+    def tied(self) -> dict[str, int]:
+        """Outgoing matrices whose children's columns are tied copies (`--outgoing tied`) -> α. Such a matrix is
+        stored with its copies (every runtime loads it) but holds, and counts, one column per parent."""
+        if self.outgoing != "tied" or not self.alpha or not self.pairs:
+            return {}
+        return {p["out"]: self.alpha for p in self.pairs}
+
     @staticmethod
     def read(strings: dict[str, str]) -> FpeMetadata:
         """Parse the `fpewiden.*` keys of a safetensors header's metadata (other keys are not ours)."""

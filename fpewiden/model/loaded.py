@@ -32,6 +32,16 @@ class LoadedModel:
     def mask_map(self) -> dict[nn.Parameter, torch.Tensor]:
         return {self.param_of[n]: m for n, m in self.masks.items()}
 
+    def ties(self) -> list[tuple[nn.Parameter, int, int]]:
+        """(parameter, α, dim) of every tied outgoing matrix (`--outgoing tied`): groups of α neighbours along
+        `dim` are one shared weight (dim 1 for Linear, 0 for GPT-2's transposed Conv1D)."""
+        transposed = {p["out"]: p.get("transposed", False) for p in self.ck.meta.pairs or []}
+        return [
+            (self.param_of[n], alpha, 0 if transposed.get(n) else 1)
+            for n, alpha in self.ck.meta.tied().items()
+            if n in self.param_of
+        ]
+
     def tensors(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().cpu() for n, p in self.param_of.items()}
 

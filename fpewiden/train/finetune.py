@@ -93,7 +93,7 @@ def finetune(
             data.clauses,
         )
     dc_params = list(tr.model.weights) if cfg.dropconnect else []
-    history = train(tr.model, task, cfg, tr.mask_map(), state, resume, on_step, on_epoch, dc_params)
+    history = train(tr.model, task, cfg, tr.mask_map(), state, resume, on_step, on_epoch, dc_params, tr.ties())
     for n, m in before.items():  # the zero pattern must be exactly what it was
         assert torch.equal(tr.masks[n], m) and not bool(tr.tensors()[n][~m].any()), n
     summary = {

@@ -140,6 +140,20 @@ def mask_grads(masks: dict[nn.Parameter, torch.Tensor]) -> None:
         torch._foreach_mul_([g for g, _ in live], [m for _, m in live])
 
 
+def tie_grads(ties: list[tuple[nn.Parameter, int, int]]) -> None:
+    """A tied outgoing column is one weight stored as α equal copies: its gradient is the sum of the copies'
+    gradients, given to every copy, so the optimizer moves them alike and they stay equal."""
+    for p, alpha, dim in ties:
+        if p.grad is None:
+            continue
+        g = p.grad
+        if dim == 1:
+            s = g.view(g.shape[0], -1, alpha).sum(-1, keepdim=True).expand(-1, -1, alpha)
+        else:
+            s = g.view(-1, alpha, g.shape[1]).sum(1, keepdim=True).expand(-1, alpha, -1)
+        g.copy_(s.reshape(g.shape))
+
+
 def epoch_order(n: int, seed: int, epoch: int, dist: Distributed) -> torch.Tensor:
     """This rank's shard of the epoch's shuffled order; every rank gets the same number of samples."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(seed, epoch)))
@@ -157,9 +171,10 @@ def train(
     on_step: Callable[[int, int, int, int], None] | None = None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     dropconnect_params: list[nn.Parameter] | None = None,
+    ties: list[tuple[nn.Parameter, int, int]] | None = None,
 ) -> list[dict[str, float]]:
     """Train in place; returns the history: held-out metrics before training (epoch 0), then per epoch the train
-    loss and held-out loss and metrics.
+    loss and held-out loss and metrics. `ties`: tied outgoing matrices (see `tie_grads`), kept tied.
 
     `state_path` receives the model, optimizer state and history after every epoch (atomically); with `resume`
     an existing state file is continued from. With `cfg.dropconnect` > 0 the weights in `dropconnect_params` are
@@ -169,14 +184,16 @@ def train(
     device = resolve_device(cfg.device)
     dist, owns_group = setup_distributed(device)
     try:
-        return _train(model, task, cfg, masks, state_path, resume, on_step, on_epoch, dropconnect_params, device, dist)
+        return _train(
+            model, task, cfg, masks, state_path, resume, on_step, on_epoch, dropconnect_params, device, dist, ties or []
+        )
     finally:
         model.to("cpu")
         if owns_group:
             teardown_distributed()
 
 
-def _train(model, task, cfg, masks, state_path, resume, on_step, on_epoch, dropconnect_params, device, dist):
+def _train(model, task, cfg, masks, state_path, resume, on_step, on_epoch, dropconnect_params, device, dist, ties):
     model.to(device)
     # masks as 0/1 in the parameter's dtype: multiplying by a float mask is >10x faster than by a bool one on CPU
     masks = {p: m.to(device=device, dtype=p.dtype) for p, m in (masks or {}).items()}
@@ -228,6 +245,7 @@ def _train(model, task, cfg, masks, state_path, resume, on_step, on_epoch, dropc
             loss.backward()
             dc.restore()
             mask_grads(masks)
+            tie_grads(ties)
             opt.step()
             apply_masks(masks)
             total += float(loss.detach()) * len(idx)
