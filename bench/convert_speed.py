@@ -2,9 +2,12 @@
 
 Builds a synthetic Llama-shaped sharded checkpoint (random bf16 gate/up/down), then in separate processes:
   floor:   read every tensor and write the same checkpoint unchanged (fpewiden's own streaming reader/writer),
+  floor_output_sized: the same, but writing α copies of every tensor: the bytes a conversion must write,
+  plain copy: `shutil.copytree` of the folder plus a file of the extra bytes an α output holds, synced (what
+    the disk and page cache allow without any tensor work),
   convert: `fpewiden convert --alpha 2` (budget same).
-  floor_output_sized: the same, but writing α copies of every tensor: the bytes a conversion must write.
-Reports seconds, parameters per second and each process's peak RSS, plus the ratios to both floors.
+Reports seconds, parameters per second and each process's peak RSS (and net of the import baseline), plus the
+ratios to every floor. Runs alternate `--rounds` times; medians are reported.
 
   python bench/convert_speed.py [--layers 8 --hidden 4096 --intermediate 11008 --layers-per-shard 2]
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -113,6 +117,24 @@ def run(code: str, *args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def plain_copy(src: Path, dst: Path, extra: int) -> float:
+    """Copy the folder, write `extra` more bytes, sync: the floor of any conversion that writes an α output."""
+    import os
+    import time
+
+    t = time.perf_counter()
+    shutil.copytree(src, dst)
+    chunk = b"\0" * (64 << 20)
+    with open(dst / "extra.bin", "wb") as f:
+        left = extra
+        while left:
+            left -= f.write(chunk[: min(left, len(chunk))])
+        f.flush()
+        os.fsync(f.fileno())
+    os.sync()
+    return time.perf_counter() - t
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=8)
@@ -121,6 +143,7 @@ def main() -> None:
     ap.add_argument("--layers-per-shard", type=int, default=2)
     ap.add_argument("--alpha", type=int, default=2)
     ap.add_argument("--split", default="random")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path("bench/results/convert_speed.json"))
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fpewiden-bench-"))
@@ -143,27 +166,40 @@ def main() -> None:
         params = int(built.stdout.split()[-1])
         pair_mb = 3 * args.hidden * args.intermediate * 2 / 2**20
         base = run(BASELINE)
-        floor = run(FLOOR, str(work / "src"), str(work / "floor"), "1")
-        shutil.rmtree(work / "floor")
-        floor_out = run(FLOOR, str(work / "src"), str(work / "floor"), str(args.alpha))
-        shutil.rmtree(work / "floor")
-        conv = run(CONVERT, str(work / "src"), str(work / "dst"), str(args.alpha), args.split)
+        runs: dict[str, list[dict]] = {"floor": [], "floor_output_sized": [], "plain_copy": [], "convert": []}
+        for _ in range(args.rounds):
+            runs["floor"].append(run(FLOOR, str(work / "src"), str(work / "floor"), "1"))
+            shutil.rmtree(work / "floor")
+            runs["floor_output_sized"].append(run(FLOOR, str(work / "src"), str(work / "floor"), str(args.alpha)))
+            shutil.rmtree(work / "floor")
+            extra = params * 2 * (args.alpha - 1)
+            runs["plain_copy"].append({"seconds": plain_copy(work / "src", work / "copy", extra)})
+            shutil.rmtree(work / "copy")
+            runs["convert"].append(run(CONVERT, str(work / "src"), str(work / "dst"), str(args.alpha), args.split))
+            shutil.rmtree(work / "dst")
+
+        def median(key: str, field: str) -> float:
+            return statistics.median(r[field] for r in runs[key])
+
+        conv_s, conv_rss = median("convert", "seconds"), max(r["peak_rss_mb"] for r in runs["convert"])
         result = {
             "command": "python " + " ".join(sys.argv),
             "shape": f"{args.layers} layers x gate/up {args.intermediate}x{args.hidden} + down, bf16",
             "params": params,
             "input_gb": params * 2 / 1e9,
+            "rounds": args.rounds,
             "largest_pair_mb_bf16_in": pair_mb,
             "largest_pair_mb_bf16_out": pair_mb * args.alpha,
             "import_baseline_rss_mb": base["peak_rss_mb"],
-            "floor": {**floor, "params_per_s": params / floor["seconds"]},
-            "floor_output_sized": {**floor_out, "note": "read the input, write alpha x its bytes (the output size)"},
-            "convert": {**conv, "params_per_s": params / conv["seconds"]},
-            "time_ratio_convert_over_floor": conv["seconds"] / floor["seconds"],
-            "time_ratio_convert_over_output_sized_floor": conv["seconds"] / floor_out["seconds"],
-            "rss_net_of_import_mb": conv["peak_rss_mb"] - base["peak_rss_mb"],
-            "rss_ratio_over_largest_pair_in": conv["peak_rss_mb"] / pair_mb,
-            "rss_ratio_over_largest_pair_out": conv["peak_rss_mb"] / (pair_mb * args.alpha),
+            "seconds": {k: median(k, "seconds") for k in runs},
+            "runs": runs,
+            "convert_params_per_s": params / conv_s,
+            "time_ratio_convert_over_floor": conv_s / median("floor", "seconds"),
+            "time_ratio_convert_over_output_sized_floor": conv_s / median("floor_output_sized", "seconds"),
+            "time_ratio_convert_over_plain_copy": conv_s / median("plain_copy", "seconds"),
+            "convert_peak_rss_mb": conv_rss,
+            "rss_net_of_import_mb": conv_rss - base["peak_rss_mb"],
+            "rss_net_ratio_over_largest_pair_out": (conv_rss - base["peak_rss_mb"]) / (pair_mb * args.alpha),
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -152,7 +152,7 @@ def convert(
     force: Annotated[bool, FORCE] = False,
 ) -> None:
     """Widen every hidden neuron into α children at exactly the same (or a given) non-zero count."""
-    from fpewiden.console import console, convert_table, progress_bar
+    from fpewiden.console import bytes_bar, console, convert_table
     from fpewiden.convert import Budget, Calibration, ConvertOptions, load_clauses
     from fpewiden.convert import convert as run_convert
 
@@ -184,7 +184,7 @@ def convert(
         overlap=overlap,
         calibration=Calibration(calibration, **calibrated) if calibration is not None else None,
     )
-    with progress_bar() as bar:
+    with bytes_bar() as bar:
         task = bar.add_task("converting", total=None)
 
         def step(name: str, done: int, total: int) -> None:

@@ -5,7 +5,16 @@ from __future__ import annotations
 import sys
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
 
@@ -21,6 +30,20 @@ def progress_bar(disable: bool = False) -> Progress:
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+        disable=disable or not sys.stderr.isatty(),
+    )
+
+
+def bytes_bar(disable: bool = False) -> Progress:
+    """Progress in bytes with rate and time left: for work measured in the bytes it reads (convert)."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
         console=Console(stderr=True),
         transient=True,
         disable=disable or not sys.stderr.isatty(),

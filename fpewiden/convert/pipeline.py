@@ -27,6 +27,7 @@ from fpewiden.io.atomic import atomic_dir, atomic_file
 from fpewiden.io.checkpoint import MASKS_FILE, Checkpoint, open_checkpoint
 from fpewiden.io.metadata import FpeMetadata
 from fpewiden.io.outputs import check_outputs, mark_dir
+from fpewiden.io.safetensors_stream import nbytes
 from fpewiden.io.write import write_hf_extras
 
 
@@ -71,23 +72,26 @@ class _Reader:
         self.ck, self.sink = ck, sink
         self.nnz_read: dict[str, int] = {}
 
-    def _matrix(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _matrix(self, name: str) -> tuple[torch.Tensor, torch.Tensor, int]:
         held = self.sink.take(name)
         if held is not None:
-            return held
+            return (*held, self.sink.nnz_held[name])
         t = _check_finite(name, self.ck.get(name))
         m = self.ck.support(name, t)
         self.nnz_read[name] = count(m)
-        return t, m
+        return t, m, self.nnz_read[name]
 
-    def pair(self, spec: PairSpec) -> Pair:
+    def pair(self, spec: PairSpec) -> tuple[Pair, int]:
+        """The pair, and its non-zeros now (each matrix counted once, as it was read or held)."""
+
         def nm(t: torch.Tensor) -> torch.Tensor:
             return t.T if spec.transposed else t
 
         ins = [self._matrix(w) for w in spec.in_weights]
-        w_out, m_out = self._matrix(spec.out_weight)
+        w_out, m_out, n_out = self._matrix(spec.out_weight)
         biases = [_check_finite(b, self.sink.bias(b)) if b else None for b in spec.in_biases]
-        return Pair([nm(w) for w, _ in ins], [nm(m) for _, m in ins], biases, nm(w_out), nm(m_out))
+        pair = Pair([nm(w) for w, _, _ in ins], [nm(m) for _, m, _ in ins], biases, nm(w_out), nm(m_out))
+        return pair, sum(n for _, _, n in ins) + n_out
 
 
 def _layers(plan: Plan, ck: Checkpoint, reader: _Reader, sink: OutputSink, shorts: list[int]) -> list[dict]:
@@ -126,13 +130,19 @@ def _stream(
         raise
 
 
+def pair_bytes(ck: Checkpoint, spec: PairSpec) -> int:
+    """The bytes of a pair's matrices as stored: what convert reads for it, the unit of its progress."""
+    return sum(nbytes(ck.dtypes[n], ck.shapes[n]) for n in (*spec.in_weights, spec.out_weight))
+
+
 def _stream_pairs(ck, plan, opts, transform, meta, sink, on_pair) -> dict:
     reader = _Reader(ck, sink)
+    done, total = 0, sum(pair_bytes(ck, p) for p in plan.chosen)
     shorts: list[int] = []
     with SourceHash(ck) as source:
         for k, spec in enumerate(plan.chosen):
-            pair = reader.pair(spec)
-            budget = plan.pair_budget(k, opts.budget, pair.nnz())
+            pair, nnz_now = reader.pair(spec)
+            budget = plan.pair_budget(k, opts.budget, nnz_now)
             names = (*spec.in_weights, spec.out_weight)
             rows = [plan.neurons(spec, plan.shapes)] * len(spec.in_weights) + [pair.w_out.shape[0]]
             b_out = reader.sink.bias(spec.out_bias) if spec.out_bias else None
@@ -149,8 +159,9 @@ def _stream_pairs(ck, plan, opts, transform, meta, sink, on_pair) -> dict:
                 sink.set_bias(spec.out_bias, result.out_bias)
             shorts.append(result.short_neurons)
             del pair, result
+            done += pair_bytes(ck, spec)
             if on_pair:
-                on_pair(spec.name, k + 1, len(plan.chosen))
+                on_pair(spec.name, done, total)
         meta.source_sha256 = source.result()
     summary = getattr(transform, "summary", None)
     if summary is not None:
@@ -188,7 +199,8 @@ def convert(
     clauses_path: Path | None = None,
     transform: PairTransform | None = None,
 ) -> dict:
-    """Convert `src` into `dst`; returns a report (per layer neurons and non-zeros, totals, metadata)."""
+    """Convert `src` into `dst`; returns a report (per layer neurons and non-zeros, totals, metadata).
+    `on_pair(name, bytes done, bytes in all)` is called after each pair."""
     opts.validate()
     ck = open_checkpoint(src)
     calib = [Path(opts.calibration.data)] if opts.calibration and Path(opts.calibration.data).is_file() else []

@@ -64,6 +64,7 @@ class OutputSink:
         self.biases: dict[str, torch.Tensor] = {}
         self._parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._held: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.nnz_held: dict[str, int] = {}
 
     def take(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """A matrix an earlier pair converted and held for this one (weights, mask), in stored orientation."""
@@ -92,6 +93,7 @@ class OutputSink:
         m_all = _neuron_major(torch.cat([b for _, b in blocks]), transposed).contiguous()
         if not final:  # a later pair reads it (MLP chains): keep it in memory until then
             self._held[name] = (w_all, m_all)
+            self.nnz_held[name] = count(m_all)
         else:
             self.writers[self.ck.file_of[name]].write(name, w_all)
             self._finish(name, pack_mask(m_all), count(m_all))

@@ -14,7 +14,7 @@ import torch
 
 from fpewiden.arch import PairSpec
 from fpewiden.convert.options import ConvertOptions
-from fpewiden.fpe.expand import Pair, short_neurons, widen_blocks
+from fpewiden.fpe.expand import Pair, row_counts, widen_blocks
 from fpewiden.fpe.splits import (
     feature_assignment,
     group_assignment,
@@ -56,12 +56,18 @@ def split_biases(pair: Pair, alpha: int) -> list[torch.Tensor | None]:
     return [None if b is None else (b / alpha).repeat_interleave(alpha).to(b.dtype) for b in pair.b_in]
 
 
-def assignment(opts: ConvertOptions, pair: Pair, support: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Which child of each neuron receives each input, by the chosen split."""
+def assignment(
+    opts: ConvertOptions,
+    pair: Pair,
+    support: torch.Tensor,
+    gen: torch.Generator,
+    fan_in: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Which child of each neuron receives each input, by the chosen split (`fan_in`: support's row counts)."""
     if opts.alpha == 1:  # nothing to split: expansion is the identity and the pair is magnitude-pruned
         return torch.zeros(support.shape, dtype=torch.int8)
     if opts.split == "random":
-        return random_assignment(support, opts.alpha, gen)
+        return random_assignment(support, opts.alpha, gen, fan_in)
     if opts.split == "clause":
         assert opts.clauses is not None
         return group_assignment(support, opts.alpha, opts.clauses, gen)
@@ -83,9 +89,10 @@ class FpeTransform:
     ) -> Converted:
         opts = self.opts
         support = pair.support()  # one (neurons × inputs) mask, shared by the count and the splits
-        short = short_neurons(support, opts.alpha) if opts.alpha > 1 else 0
+        fan_in = row_counts(support)
+        short = int(torch.count_nonzero((fan_in > 0) & (fan_in < opts.alpha))) if opts.alpha > 1 else 0
         gen = torch.Generator().manual_seed(pair_seed(opts.seed, spec.name))
-        a = assignment(opts, pair, support, gen)
+        a = assignment(opts, pair, support, gen, fan_in)
         second = overlap_children(a, support, opts.alpha, opts.overlap, gen) if opts.overlap else None
         del support
         blocks = widen_blocks(pair, opts.alpha, a, budget, opts.outgoing, second)

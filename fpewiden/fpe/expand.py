@@ -63,13 +63,6 @@ class Pair:
         return s
 
 
-def short_neurons(support: torch.Tensor, alpha: int) -> int:
-    """Neurons with fewer non-zero inputs than α (but some): each input goes to its own child and the remaining
-    children stay empty, as every child of a dead neuron does. Pruned checkpoints have such neurons."""
-    fan_in = row_counts(support)
-    return int(torch.count_nonzero((fan_in > 0) & (fan_in < alpha)))
-
-
 def magnitude_keys(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Integers ordered exactly like |t|: the bit pattern of a non-negative IEEE float is monotonic in its value."""
     a = t.detach().abs()
@@ -87,20 +80,21 @@ def key_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
 
 def kth_key(sources: list[tuple[torch.Tensor, torch.Tensor, int]], k: int, dtype: torch.dtype) -> tuple[int, int]:
     """Radix select: the k-th smallest magnitude key (1-based) over masked entries, each counted `mult` times.
+    `sources` are (magnitude keys, as `magnitude_keys` makes them, mask, mult).
 
     Returns (key, how many counted entries are strictly smaller). 16 bits per pass: one pass for bf16/fp16, two
     for fp32, four for fp64; memory is one chunk of keys, time is linear.
     """
     bits = torch.finfo(dtype).bits
     prefix, below = 0, 0
+    dense = [count(m) == m.numel() for _, m, _ in sources]  # a full mask needs no selection
     for shift in range(bits - 16, -1, -16):
         hist = torch.zeros(1 << 16, dtype=torch.int64)
-        for t, m, mult in sources:
+        for (t, m, mult), full in zip(sources, dense, strict=True):
             flat_t, flat_m = t.reshape(-1), m.reshape(-1)
-            dense = count(flat_m) == flat_m.numel()
             for i in range(0, flat_t.numel(), _CHUNK):
-                keys = magnitude_keys(flat_t[i : i + _CHUNK], dtype)
-                if not dense:
+                keys = flat_t[i : i + _CHUNK]
+                if not full:
                     keys = keys[flat_m[i : i + _CHUNK]]
                 if shift + 16 < bits:
                     keys = keys[(keys >> (shift + 16)) == prefix]
@@ -149,6 +143,50 @@ def _drop(
         flat_keep[i + idx] = False
         ties_left -= len(idx)
     return keep, ties_left
+
+
+def _incoming_block(
+    w: torch.Tensor, keys: torch.Tensor, m: torch.Tensor, a: torch.Tensor, alpha: int, threshold: int, ties_left: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A block of parent rows of an incoming matrix, split over children and pruned; the pruning decision is made
+    once per parent weight (each lands in exactly one child) and ties go by their position in the widened
+    tensor, so the result is what pruning the widened block would give, at a fraction of the work."""
+    rows, d = w.shape
+    keep = m
+    if threshold >= 0:
+        keep = m & (keys >= threshold)
+        if ties_left:
+            tie = torch.nonzero(keep & (keys == threshold))
+            if len(tie):
+                r, c = tie.unbind(1)
+                first = ((r * alpha + a[r, c].long()) * d + c).argsort()[:ties_left]
+                keep[r[first], c[first]] = False
+                ties_left -= len(first)
+    children = torch.arange(alpha, dtype=torch.int8).view(1, alpha, 1)
+    mask = (a.unsqueeze(1) == children) & keep.unsqueeze(1)
+    wide = (w.unsqueeze(1) * mask).reshape(rows * alpha, d)
+    return wide, mask.reshape(rows * alpha, d), ties_left
+
+
+def _copied_block(
+    w: torch.Tensor, keys: torch.Tensor, m: torch.Tensor, alpha: int, threshold: int, ties_left: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A block of outgoing rows with every column copied α times, pruned: one decision per parent weight for all
+    its copies, except at the threshold where ties are removed copy by copy in widened row-major order."""
+    if threshold < 0:
+        keep = m.repeat_interleave(alpha, dim=1)
+    else:
+        parent = m & (keys >= threshold)
+        keep = parent.repeat_interleave(alpha, dim=1)
+        if ties_left:
+            tie = torch.nonzero(parent & (keys == threshold))
+            take = min(ties_left, len(tie) * alpha)
+            if take:
+                slot = torch.arange(take)
+                r, c = tie[slot // alpha].unbind(1)
+                keep[r, c * alpha + slot % alpha] = False
+                ties_left -= take
+    return w.repeat_interleave(alpha, dim=1).mul_(keep), keep, ties_left
 
 
 def _row_block(cols: int) -> int:
@@ -200,9 +238,15 @@ def widen_blocks(
     remove = expanded_total - budget
     dtype = key_dtype([*pair.w_in, pair.w_out])
     mults = [1] * len(pair.w_in) + [out_mult]
-    sources = list(zip([*pair.w_in, pair.w_out], [*pair.m_in, pair.m_out], mults, strict=True))
+    # magnitude keys of every parent tensor, once: the threshold search and the per-block decisions both read them
+    keys = (
+        [magnitude_keys(w, dtype) for w in (*pair.w_in, pair.w_out)]
+        if remove
+        else [torch.empty(0)] * (len(pair.w_in) + 1)
+    )
+    sources = list(zip(keys, [*pair.m_in, pair.m_out], mults, strict=True))
     if dup:
-        sources += [(w, d, 1) for w, d in zip(pair.w_in, dup, strict=True)]
+        sources += [(k, d, 1) for k, d in zip(keys[: len(pair.w_in)], dup, strict=True)]
     threshold, ties_left = -1, 0
     if remove:
         threshold, below = kth_key(sources, remove, dtype)
@@ -212,7 +256,15 @@ def widen_blocks(
     step = _row_block(d * alpha)  # parent rows per block
     for i, (w, m) in enumerate(zip(pair.w_in, pair.m_in, strict=True)):
         for r in range(0, h, step):
-            extra = None if second is None else second[r : r + step]
+            if second is None:
+                block_keys = keys[i][r : r + step] if remove else keys[i]
+                wide, keep, ties_left = _incoming_block(
+                    w[r : r + step], block_keys, m[r : r + step], assignment[r : r + step], alpha, threshold, ties_left
+                )
+                yield i, r * alpha, wide, keep
+                continue
+            # the overlap control: an input may reach two children, so decide on the widened block itself
+            extra = second[r : r + step]
             wide, mask = expand_incoming(w[r : r + step], m[r : r + step], assignment[r : r + step], alpha, extra)
             keep, ties_left = _drop(wide, mask, threshold, ties_left, dtype)
             yield i, r * alpha, wide.mul_(keep), keep
@@ -223,6 +275,13 @@ def widen_blocks(
             keep, ties_left = _drop(pair.w_out[r : r + step], pair.m_out[r : r + step], threshold, ties_left, dtype)
             keep = keep.repeat_interleave(alpha, dim=1)
             yield len(pair.w_in), r, pair.w_out[r : r + step].repeat_interleave(alpha, dim=1).mul_(keep), keep
+            continue
+        if outgoing == "copy":
+            block_keys = keys[-1][r : r + step] if remove else keys[-1]
+            w_out, keep, ties_left = _copied_block(
+                pair.w_out[r : r + step], block_keys, pair.m_out[r : r + step], alpha, threshold, ties_left
+            )
+            yield len(pair.w_in), r, w_out, keep
             continue
         w_out = pair.w_out[r : r + step].repeat_interleave(alpha, dim=1)
         m_out = pair.m_out[r : r + step].repeat_interleave(alpha, dim=1)
@@ -244,7 +303,8 @@ def keep_largest(scores: list[torch.Tensor], masks: list[torch.Tensor], budget: 
     if remove == 0:
         return [m.clone() for m in masks]
     dtype = key_dtype(scores)
-    threshold, below = kth_key([(s, m, 1) for s, m in zip(scores, masks, strict=True)], remove, dtype)
+    sources = [(magnitude_keys(s, dtype), m, 1) for s, m in zip(scores, masks, strict=True)]
+    threshold, below = kth_key(sources, remove, dtype)
     ties_left = remove - below
     out = []
     for s, m in zip(scores, masks, strict=True):

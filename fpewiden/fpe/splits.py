@@ -14,7 +14,9 @@ import torch
 from fpewiden.fpe.expand import row_counts
 
 
-def random_assignment(support: torch.Tensor, alpha: int, generator: torch.Generator) -> torch.Tensor:
+def random_assignment(
+    support: torch.Tensor, alpha: int, generator: torch.Generator, fan_in: torch.Tensor | None = None
+) -> torch.Tensor:
     """A balanced random partition per neuron: child sizes over the parent's support differ by at most one.
 
     Dealing a uniformly shuffled support round-robin is the same as labelling it with a random permutation
@@ -22,8 +24,8 @@ def random_assignment(support: torch.Tensor, alpha: int, generator: torch.Genera
     """
     h, d = support.shape
     out = torch.zeros((h, d), dtype=torch.int8)
-    fan_in = row_counts(support).tolist()
-    for i, f in enumerate(fan_in):
+    counts = (row_counts(support) if fan_in is None else fan_in).tolist()
+    for i, f in enumerate(counts):
         if f == d:
             out[i] = torch.randperm(d, generator=generator) % alpha
         elif f:
