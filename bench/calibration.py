@@ -126,7 +126,9 @@ def main() -> None:
     for f in args.fractions.split(","):
         if f:
             models[f"sel-{f}"] = ["--alpha", "2", "--cal", "--select", "wasserstein", "--expand-fraction", f]
-    rows = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    done = args.out / "rows.jsonl"  # one line per finished model: a killed run resumes where it stopped
+    rows = [json.loads(line) for line in done.read_text().splitlines()] if done.is_file() else []
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
         cal = work / "calibration.txt"
@@ -135,6 +137,8 @@ def main() -> None:
             for name, flags in models.items():
                 if budget == "same" and name in ("magnitude", "act", "act+refit", "sel-0"):
                     continue  # at the original count these change nothing: the original itself
+                if any(r["model"] == name and r["budget"] == budget for r in rows):
+                    continue
                 dst = work / f"{name}_{budget}"
                 info = convert(src, dst, flags, budget, cal, args.calibration_samples)
                 row = {"model": name, "budget": budget, "ffn_nnz": ffn_nnz(dst), **info}
@@ -147,11 +151,12 @@ def main() -> None:
                 if cal_meta:
                     row["calibration"] = cal_meta
                 rows.append(row)
+                with done.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
                 print(json.dumps({k: v for k, v in row.items() if k != "calibration"}), flush=True)
                 import shutil
 
                 shutil.rmtree(dst)
-    args.out.mkdir(parents=True, exist_ok=True)
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     (args.out / "results.json").write_text(json.dumps(json_document({"command": command, "rows": rows}), indent=2))
     lines = [

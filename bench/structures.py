@@ -6,7 +6,7 @@ weight bytes of each structure's best exact format and its ONNX Runtime latency 
 `fpewiden bench` on an MLP 1024→4096→1024 converted the same way (2 threads, round-robin; weights are fresh, since
 latency and bytes do not depend on training). "Gain kept" = (structure − dense) / (per-neuron FPE − dense).
 
-  python bench/structures.py [--seeds 0,1,2 --repeat 200 --out bench/results/structures]
+  python bench/structures.py [--seeds 0,1,2 --repeat 200 --out bench/results/structures --part all|accuracy|speed]
 """
 
 from __future__ import annotations
@@ -160,21 +160,43 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--repeat", type=int, default=200)
     ap.add_argument("--out", type=Path, default=Path("bench/results/structures"))
+    ap.add_argument(
+        "--part",
+        choices=["all", "accuracy", "speed"],
+        default="all",
+        help="measure one part only (kept in --out; the table is written once both parts are there)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(2)
-    t0 = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    parts = {}
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
-        speeds = speed(args.repeat, work)
-        accs = accuracy([int(s) for s in args.seeds.split(",")], work)
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    doc = {"command": command, "seconds": time.perf_counter() - t0, "accuracy": accs, "speed": speeds}
-    (args.out / "results.json").write_text(json.dumps(json_document(doc), indent=2) + "\n")
+        for part in ("speed", "accuracy"):
+            saved = args.out / f"{part}.json"
+            if args.part in ("all", part):
+                t0 = time.perf_counter()
+                value = (
+                    speed(args.repeat, work)
+                    if part == "speed"
+                    else accuracy([int(s) for s in args.seeds.split(",")], work)
+                )
+                command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+                doc = {"command": command, "seconds": time.perf_counter() - t0, part: value}
+                saved.write_text(json.dumps(json_document(doc), indent=2) + "\n")
+            if saved.is_file():
+                parts[part] = json.loads(saved.read_text())
+    if len(parts) < 2:
+        return
+    accs, speeds = parts["accuracy"]["accuracy"], parts["speed"]["speed"]
+    doc = {
+        "command": " ; ".join(sorted({p["command"] for p in parts.values()})),
+        "seconds": sum(p["seconds"] for p in parts.values()),
+    }
     lines = [
         "# Widened structures at equal non-zeros: accuracy, bytes, speed",
         "",
-        f"`{command}` ({doc['seconds'] / 60:.0f} min on 2 CPU cores). α=2, budget same, 3 seeds, mean ± std; "
+        f"`{doc['command']}` ({doc['seconds'] / 60:.0f} min on 2 CPU cores). α=2, budget same, 3 seeds, mean ± std; "
         "gain kept = (structure − dense) / (per-neuron FPE − dense).",
         "",
         "| structure | " + " | ".join(TASKS) + " | best format | bytes vs dense | ORT b1 vs dense | ORT b32 vs dense |",

@@ -103,7 +103,10 @@ def convert(
     ] = 2,
     split: Annotated[
         str,
-        typer.Option(help="random | clause | feature | shared (one partition per layer) | activation (calibrated)"),
+        typer.Option(
+            help="random | clause | feature | shared (one partition per layer) | grouped:G (G partitions, "
+            "each for a group of neurons) | activation (calibrated)"
+        ),
     ] = "random",
     clauses: Annotated[
         Path | None, typer.Option(help="JSON list of lists of input indices (for --split clause).")
@@ -118,7 +121,11 @@ def convert(
     ] = None,
     activation: Annotated[str, typer.Option(help="MLP activation: relu | gelu | silu | tanh.")] = "relu",
     outgoing: Annotated[
-        str, typer.Option(help="copy (the paper) | grouped (output r keeps child r mod α of each parent: 1:α)")
+        str,
+        typer.Option(
+            help="copy (the paper) | tied (children share the parent's column: original bytes) | grouped (output r "
+            "keeps child r mod α of each parent)"
+        ),
     ] = "copy",
     overlap: Annotated[
         float, typer.Option(help="Control experiment: share of inputs that also reach a second child (0 = FPE).")
@@ -374,10 +381,19 @@ def bench(
         ),
     ] = None,
     sweep: Annotated[
-        bool, typer.Option(help="MODEL is a recipe or checkpoint: convert+finetune α ∈ {1,2,4,8}.")
+        bool,
+        typer.Option(
+            help="MODEL: a recipe or checkpoint (convert+finetune α ∈ {1,2,4,8}) or a HF folder (convert α ∈ {1,2,4})."
+        ),
     ] = False,
     budget: Annotated[str, typer.Option(help="With --sweep: the budget every α is held to.")] = "same",
     sweep_out: Annotated[Path, typer.Option(help="With --sweep: directory for the sweep's run.")] = Path("runs/sweep"),
+    calibration: Annotated[
+        Path | None, typer.Option(help="With --sweep of a HF folder: calibrate each conversion on this text.")
+    ] = None,
+    epochs: Annotated[
+        int, typer.Option(help="With --sweep of a HF folder: distil each conversion from the original (epochs).")
+    ] = 0,
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,32",
     seq_len: Annotated[str, typer.Option(help="HF models: comma-separated sequence lengths timed.")] = "32,128",
     reference: Annotated[
@@ -403,6 +419,26 @@ def bench(
 
         if len(models) != 1:
             raise FpewidenError("--sweep takes one recipe or checkpoint")
+        if models[0].is_dir():  # a Hugging Face folder: converted (and distilled), not trained from scratch
+            from fpewiden.benchmark.hf_sweep import hf_sweep
+
+            if data is None:
+                raise FpewidenError("--sweep of a Hugging Face folder needs --data (text, TSV or embed:...)")
+            options = dict(
+                batch_sizes=batch_sizes,
+                engines=engines,
+                device=device,
+                repeat=repeat,
+                warmup=warmup,
+                threads=threads,
+                seed=seed,
+                seq_lens=seq_len,
+                tokenizer=tokenizer,
+            )
+            hf_sweep(models[0], data, budget, sweep_out, calibration, epochs, force, options)
+            return
+        if calibration is not None or epochs:
+            raise FpewidenError("--calibration and --epochs apply to --sweep of a Hugging Face folder")
         source = models[0] if models[0].exists() else recipe_path(models[0])
         inputs = [source, *([p] if data and (p := data_file(data)) else [])]
         run_recipe(sweep_recipe(models[0], data, budget), sweep_out, force=force, inputs=inputs)

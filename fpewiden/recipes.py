@@ -31,9 +31,9 @@ class Conversion(BaseModel):
     model_config = STRICT
 
     alpha: Annotated[int, Field(ge=1)] = 2
-    split: Literal["random", "clause", "feature", "shared", "activation"] = "random"
+    split: str = "random"  # random, clause, feature, shared, grouped:G or activation (checked below)
     budget: str = "same"
-    outgoing: Literal["copy", "grouped"] = "copy"
+    outgoing: Literal["copy", "grouped", "tied"] = "copy"
     overlap: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
     dropconnect: Probability = 0.0  # fine-tune this model with DropConnect (a baseline; alpha 1 = dense + DropConnect)
     # > 0: after fine-tuning, magnitude-prune back to the warm model's non-zero count and fine-tune this many more
@@ -47,6 +47,17 @@ class Conversion(BaseModel):
     expand_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0
 
     _floats = field_validator("overlap", "dropconnect", "expand_fraction", mode="before")(yaml_float)
+
+    @field_validator("split")
+    @classmethod
+    def _split(cls, v: str) -> str:
+        """the same splits as convert's --split, grouped:G included."""
+        head, _, g = v.partition(":")
+        if v in ("random", "clause", "feature", "shared", "activation") or (
+            head == "grouped" and g.isdigit() and int(g) >= 1
+        ):
+            return v
+        raise ValueError("expected random, clause, feature, shared, grouped:G (G ≥ 1) or activation")
 
     @field_validator("budget", mode="before")
     @classmethod

@@ -142,7 +142,8 @@ def _run(recipe: Recipe, stage: Path, out: Path) -> dict:
             tick(f"seed {seed}: dense baseline")
             rows.append(_row("dense", d / "dense.safetensors", dense, seed, dense["before"]))
             for c in recipe.conversions:
-                name = f"a{c.alpha}_{c.split}_{c.outgoing}_{c.budget}_o{c.overlap}_dc{c.dropconnect}".replace(".", "p")
+                split = c.split.replace(":", "")
+                name = f"a{c.alpha}_{split}_{c.outgoing}_{c.budget}_o{c.overlap}_dc{c.dropconnect}".replace(".", "p")
                 if c.calibrate:
                     name += f"_cal_{c.importance[0]}{int(c.reconstruct)}_{c.select[0]}{c.expand_fraction:g}".replace(
                         ".", "p"

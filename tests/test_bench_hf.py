@@ -79,3 +79,25 @@ def test_causal_models_report_perplexity_and_agreement(tmp_path):
     assert torch_half["agreement"] == pytest.approx(onnx_half["agreement"], abs=1e-3)
     assert "cosine" in torch_half and "cosine" not in onnx_half  # an exported LM carries logits only
     assert rows[0]["bytes_by_group"]["head"]["dense_fp32"] > 0
+
+
+def test_sweep_of_a_hugging_face_folder_converts_distils_and_benches(tmp_path):
+    src = tiny_bert(tmp_path / "bert", dropout=0.0)
+    text = sentences(tmp_path / "t.txt", 40)
+    out = tmp_path / "sweep"
+    args = ["--sweep", "--data", text, "--budget", "0.5", "--calibration", text, "--epochs", "1", "--engines", "torch"]
+    bench(src, *args, "--sweep-out", out)
+    doc = json.loads((out / "bench.json").read_text())
+    rows = doc["benchmarks"]
+    assert [r["model"] for r in rows] == ["bert", "alpha1-distilled", "alpha2-distilled", "alpha4-distilled"]
+    assert len({r["nnz"] for r in rows[1:]}) == 1 and rows[1]["nnz"] < rows[0]["nnz"]  # one budget for every α
+    assert all(str(out) in r["path"] for r in rows[1:])  # named where they are, not where they were staged
+    assert (out / "alpha2" / "config.json").is_file() and (out / "alpha2-distilled" / "config.json").is_file()
+    assert json.loads((out / "sweep.json").read_text())["alphas"] == [1, 2, 4]
+    bench(src, *args, "--sweep-out", out)  # its own output: replaced without --force
+    res = runner.invoke(
+        app, ["bench", str(src), "--sweep", "--data", str(text), "--epochs", "1", "--sweep-out", str(out)]
+    )
+    assert res.exit_code == 2 and "pass --calibration FILE" in res.stderr
+    res = runner.invoke(app, ["bench", str(src), "--sweep", "--data", "embed:nope", "--sweep-out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and not (tmp_path / "x").exists()

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from fpewiden.cli import app
@@ -51,6 +52,31 @@ def test_run_tiny_recipe(tmp_path):
     assert mean == pytest.approx(same["exact_match"]["mean"], abs=5e-5)
     saved = yaml.safe_load((tmp_path / "out" / "recipe.yaml").read_text())
     assert saved["epochs"] == 3 and saved["seeds"] == [0, 1]
+
+
+def test_run_recipe_with_deployable_structures(tmp_path):
+    """recipes take every structure convert takes; fine-tuning inside run keeps the outgoing tie."""
+    recipe = {
+        "data": "dnf:inputs=12,clauses=6,literals=2,n=600",
+        "model": {"hidden": [4]},
+        "epochs": 3,
+        "warmup_epochs": 1,
+        "conversions": [{"alpha": 2, "split": "grouped:2", "outgoing": "tied"}],
+        "seeds": [0],
+    }
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    res = cli("run", path, "--out", tmp_path / "out")
+    assert res.exit_code == 0, res.output
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    dense, tied = result["summary"]
+    assert tied["model"] == "FPE α=2 grouped:2, tied outgoing" and tied["nnz"] == dense["nnz"]
+    run = next(r for r in result["runs"] if r["model"] == tied["model"])
+    w = load_file(run["path"])["2.weight"]
+    assert w.shape == (6, 8) and torch.equal(w[:, 0::2], w[:, 1::2])
+    path.write_text(yaml.safe_dump({**recipe, "conversions": [{"alpha": 2, "split": "grouped:0"}]}))
+    res = cli("run", path, "--out", tmp_path / "o2")
+    assert res.exit_code == 2 and "grouped:G (G ≥ 1)" in res.stderr
 
 
 def test_run_overrides_and_recipe_errors(tmp_path):

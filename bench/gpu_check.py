@@ -1,0 +1,229 @@
+"""The GPU paths in one short prepared run, and their CPU twin (`--dry-run`, run by the test suite).
+
+CI never has a GPU, so every CUDA path of fpewiden has a CPU-tested twin; this script runs the CUDA side once on a
+lent GPU machine (bench/gpu_check.sh) and prints one line per check, `ok` or `FAIL` with the reason:
+
+  1. the main job (`fpewiden run polysemantic`, seed 0) with fine-tuning on the device (bf16 autocast on CUDA);
+  2. finetune of an FPE MLP on the device: zero pattern kept, non-zeros unchanged, loss down;
+  3. the same under torchrun (1 process; NCCL on CUDA, gloo on CPU);
+  4. Hugging Face: a tiny BERT and a tiny Llama built offline, converted (tied outgoing; calibrated), distilled
+     from their originals on the device: masks kept, tie kept;
+  5. `fpewiden bench --engines torch` on the device: an MLP (1024→4096→1024 on CUDA, 256→1024→256 dry) dense,
+     FPE α=2 and shared+tied, latency at batch 1/32/1024 and whether torch's 2:4 kernels ran.
+
+  bash bench/gpu_check.sh            # on a GPU machine
+  python bench/gpu_check.py --dry-run  # the CPU twin
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # the offline tiny models of the test suite
+
+DNF = "dnf:inputs=32,clauses=16,literals=3,outputs=clauses,n=4000"
+
+
+def fpewiden(*args: object, torchrun: bool = False) -> subprocess.CompletedProcess:
+    pre = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"] if torchrun else []
+    cmd = [sys.executable, *pre, "-m", "fpewiden", *map(str, args)]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "GLOO_SOCKET_IFNAME": "lo"})
+    if res.returncode:
+        raise AssertionError(f"fpewiden {' '.join(map(str, args))} exited {res.returncode}: {res.stderr[-1500:]}")
+    return res
+
+
+def same_masks(before: Path, after: Path) -> int:
+    """Checks every stored mask survived fine-tuning; returns the non-zero count after."""
+    from fpewiden.io.checkpoint import open_checkpoint
+
+    a, b = open_checkpoint(before), open_checkpoint(after)
+    names = list(a.packed_masks)
+    assert names, f"{before} stores no masks"
+    for n in names:
+        assert not ((b.get(n) != 0) & ~a.mask(n)).any(), f"{n}: a fixed zero became non-zero"
+    from fpewiden.inspect import inspect_checkpoint
+
+    return inspect_checkpoint(after)["totals"]["nnz"]
+
+
+def check_main_job(device: str, work: Path) -> str:
+    fpewiden("run", "polysemantic", "--out", work / "run", "--seeds", "0", "--device", device)
+    rows = {
+        s["model"]: s["exact_match"]["mean"] for s in json.loads((work / "run" / "results.json").read_text())["summary"]
+    }
+    dense, fpe = rows["dense"], rows["FPE α=2 random"]
+    assert fpe > dense, f"FPE {fpe:.3f} not above dense {dense:.3f}"
+    return f"exact match dense {dense:.3f}, FPE α=2 random {fpe:.3f} (CPU, 3 seeds: 0.400 / 0.979)"
+
+
+def _mlp_pair(work: Path) -> tuple[Path, Path]:
+    from helpers import write_mlp
+
+    from fpewiden.convert import ConvertOptions, convert
+
+    src = write_mlp(work / "mlp.safetensors", widths=(32, 8, 16))  # sized for DNF
+    conv = work / "fpe.safetensors"
+    convert(src, conv, ConvertOptions(alpha=2, activation="relu"))
+    return src, conv
+
+
+def check_finetune(device: str, work: Path, torchrun: bool = False) -> str:
+    _, conv = _mlp_pair(work)
+    out = work / ("ddp.safetensors" if torchrun else "ft.safetensors")
+    fpewiden(
+        "finetune",
+        conv,
+        "--data",
+        DNF,
+        "--out",
+        out,
+        "--epochs",
+        "4",
+        "--lr",
+        "0.01",
+        "--device",
+        device,
+        torchrun=torchrun,
+    )
+    nnz = same_masks(conv, out)
+    log = json.loads(out.with_name(out.name + ".log.json").read_text())
+    losses = [h["loss"] for h in log["history"] if h.get("loss") is not None]
+    assert losses[-1] < losses[0], f"loss {losses[0]:.4f} → {losses[-1]:.4f}"
+    return f"masks kept, {nnz} non-zeros, loss {losses[0]:.4f} → {losses[-1]:.4f}"
+
+
+def check_hf(device: str, work: Path) -> str:
+    """BERT: shared split with tied outgoing weights; Llama: calibrated conversion (calibration copies outgoing)."""
+    import torch
+    from helpers import sentences, tiny_bert, tiny_causal
+    from safetensors.torch import load_file
+
+    text = sentences(work / "text.txt", n=80)
+    notes = []
+    for name, build, flags in (
+        ("bert", tiny_bert, ["--split", "shared", "--outgoing", "tied"]),
+        ("llama", tiny_causal, ["--calibration", text]),
+    ):
+        src = build(work / name)
+        conv = work / f"{name}-fpe"
+        fpewiden("convert", src, "--out", conv, "--alpha", "2", *flags)
+        out = work / f"{name}-ft"
+        fpewiden(
+            "finetune", conv, "--data", text, "--teacher", src, "--out", out, "--epochs", "1", "--device", device,
+            "--batch-size", "8",
+        )  # fmt: skip
+        same_masks(conv, out)
+        if "tied" in flags:
+            tensors = load_file(str(out / "model.safetensors"))
+            downs = [w for k, w in tensors.items() if k.endswith("output.dense.weight") and "attention" not in k]
+            assert downs and all(torch.equal(w[:, 0::2], w[:, 1::2]) for w in downs), f"{name}: outgoing tie broken"
+            notes.append(f"{name} (tied) masks and tie kept")
+        else:
+            notes.append(f"{name} (calibrated) masks kept")
+    return ", ".join(notes)
+
+
+def check_bench(device: str, work: Path, dry: bool) -> str:
+    import torch
+    from safetensors.torch import save_file
+
+    from fpewiden.model.chain_mlp import ChainMLP
+
+    widths = [256, 1024, 256] if dry else [1024, 4096, 1024]
+    src = work / "big.safetensors"
+    save_file(
+        ChainMLP.fresh(widths, "gelu", seed=0).tensors(),
+        str(src),
+        metadata={"fpewiden.version": "gpu-check", "fpewiden.activation": "gelu"},
+    )
+    g = torch.Generator().manual_seed(0)
+    save_file(
+        {"x": torch.randn(1024, widths[0], generator=g), "y": torch.randint(0, widths[-1], (1024,), generator=g)},
+        str(work / "data.safetensors"),
+    )
+    models = [src]
+    for tag, flags in (("fpe", ["--split", "random"]), ("tied", ["--split", "shared", "--outgoing", "tied"])):
+        dst = work / f"{tag}.safetensors"
+        fpewiden("convert", src, "--out", dst, "--alpha", "2", "--activation", "gelu", *flags)
+        models.append(dst)
+    out = work / "bench.json"
+    fpewiden(
+        "bench",
+        *models,
+        "--data",
+        work / "data.safetensors",
+        "--engines",
+        "torch",
+        "--device",
+        device,
+        "--batch-sizes",
+        "1,32,1024",
+        "--repeat",
+        "20" if dry else "200",
+        "--warmup",
+        "5" if dry else "20",
+        "--json",
+        out,
+    )
+    rows = json.loads(out.read_text())["benchmarks"]
+    cells = []
+    for name, r in zip(("dense", "fpe", "tied"), rows, strict=True):
+        lat = r["latency"]["torch"]
+        cells.append(f"{name} " + "/".join(f"{lat[b]['median_ms']:.3f}" for b in ("1", "32", "1024")) + " ms")
+        if "torch-2:4" in r["latency"]:
+            cells[-1] += " (2:4 kernels ran)"
+    return "torch b1/b32/b1024: " + "; ".join(cells)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dry-run", action="store_true", help="the CPU twin: same checks, device cpu, smaller bench")
+    ap.add_argument("--only", default="", help="comma-separated check names (default: all)")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    import torch
+
+    device = "cpu" if args.dry_run else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --dry-run for the CPU twin")
+    name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
+    print(f"torch {torch.__version__}, device {name}", flush=True)
+    checks = {
+        "main_job": lambda w: check_main_job(device, w),
+        "finetune": lambda w: check_finetune(device, w),
+        "torchrun": lambda w: check_finetune(device, w, torchrun=True),
+        "hf": lambda w: check_hf(device, w),
+        "bench": lambda w: check_bench(device, w, args.dry_run),
+    }
+    only = [c for c in args.only.split(",") if c]
+    results, failed = {}, 0
+    for key, check in checks.items():
+        if only and key not in only:
+            continue
+        t = time.perf_counter()
+        with tempfile.TemporaryDirectory() as d:
+            try:
+                note, ok = check(Path(d)), True
+            except Exception as e:  # one line per failed check; the rest still run
+                note, ok = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}", False
+                traceback.print_exc(file=sys.stderr)
+        failed += not ok
+        results[key] = {"ok": ok, "note": note, "seconds": round(time.perf_counter() - t, 1)}
+        print(f"{'ok  ' if ok else 'FAIL'} {key:9s} {results[key]['seconds']:6.1f} s  {note}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"device": name, "torch": torch.__version__, "checks": results}, indent=2))
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
