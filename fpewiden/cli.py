@@ -205,6 +205,13 @@ def convert(
             f"note: {short} neuron(s) have fewer non-zero inputs than α={alpha}; their extra children are empty",
             err=True,
         )
+    if calibration is not None and alpha > 1 and src.is_dir():
+        typer.echo(
+            "note: on a pretrained MiniLM, widening with calibration stayed below calibrated pruning at the same "
+            "non-zeros (--alpha 1: cosine 0.983 against 0.975 with 5% of neurons widened, 0.913 with all; "
+            "bench/results/calibration); compare both on your model",
+            err=True,
+        )
 
 
 @app.command()

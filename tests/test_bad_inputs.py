@@ -223,7 +223,10 @@ CASES = {
     ),
     "convert-split": (["convert", "{ws}/mlp.safetensors", "--out", "{ws}/o.safetensors", "--split", "x"], "--split"),
     "convert-out-pt": (["convert", "{ws}/mlp.safetensors", "--out", "{ws}/out/o.pt"], "*.safetensors"),
-    "convert-out-no-folder": (["convert", "{ws}/mlp.safetensors", "--out", "{ws}/nodir/o.safetensors"], "does not"),
+    "convert-out-under-a-file": (
+        ["convert", "{ws}/mlp.safetensors", "--out", "{ws}/clauses_ok.json/o.safetensors"],
+        "cannot create folder",
+    ),
     "convert-unknown-option": (["convert", "{ws}/mlp.safetensors", "--out", "{ws}/o.safetensors", "--foo"], "--foo"),
     "convert-missing-out": (["convert", "{ws}/mlp.safetensors"], "--out"),
     # convert: outputs that would destroy something
@@ -549,9 +552,9 @@ CASES = {
     # bench
     "bench-threads": (["bench", "{ws}/mlp.safetensors", "--data", "digits", "--threads", "0"], "--threads"),
     "bench-corrupt-onnx": (["bench", "{ws}/corrupt.onnx", "--data", "digits"], "not a readable ONNX model"),
-    "bench-json-no-folder": (
-        ["bench", "{ws}/mlp.safetensors", "--data", "digits", "--json", "{ws}/nodir/b.json"],
-        "does not exist",
+    "bench-json-under-a-file": (
+        ["bench", "{ws}/mlp.safetensors", "--data", "digits", "--json", "{ws}/clauses_ok.json/b.json"],
+        "cannot create folder",
     ),
     "bench-plot-is-model": (
         ["bench", "{ws}/mlp.safetensors", "--data", "digits", "--plot", "{ws}/mlp.safetensors"],

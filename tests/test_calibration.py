@@ -216,6 +216,7 @@ def test_hf_calibrated_convert_loads_with_the_planned_width(tmp_path, family):
         ],
     )
     assert res.exit_code == 0, res.output
+    assert "note: on a pretrained MiniLM, widening with calibration stayed below calibrated pruning" in res.stderr
     meta = open_checkpoint(out).meta
     assert meta.budget == round(0.6 * meta.nnz_before)
     assert all(layer["expanded"] == 8 for layer in meta.calibration["layers"])  # 25% of 32 neurons

@@ -126,8 +126,11 @@ def test_export_bad_flags(tmp_path, args, fragment):
 
 def test_export_unwritable_and_wrong_suffix(tmp_path):
     ckpt = make(tmp_path)
-    res = runner.invoke(app, ["export", str(ckpt), "--out", str(tmp_path / "nodir" / "m.onnx")])
-    assert res.exit_code == 2 and "does not exist" in res.stderr
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    res = runner.invoke(app, ["export", str(ckpt), "--out", str(tmp_path / "notes.txt" / "m.onnx")])
+    assert res.exit_code == 2 and "cannot create folder" in res.stderr
+    res = runner.invoke(app, ["export", str(ckpt), "--out", str(tmp_path / "new" / "dir" / "m.onnx")])
+    assert res.exit_code == 0 and (tmp_path / "new" / "dir" / "m.onnx").is_file()  # missing folders are created
     res = runner.invoke(app, ["export", str(ckpt), "--out", str(tmp_path / "m.bin")])
     assert res.exit_code == 2 and "*.onnx" in res.stderr
 
@@ -169,3 +172,21 @@ def test_external_data_round_trip(tmp_path, layout):
         assert big and all(t.data_location == external for t in big)
     assert result["checker"].startswith("passed")
     assert ort_vs_torch(ckpt, out, 16) <= 1e-5
+
+
+def test_hf_export_prints_no_library_chatter(tmp_path):
+    """torch.onnx logs notes about optional packages through loggers of its own; a user sees fpewiden's report."""
+    import subprocess
+    import sys
+
+    from tests.helpers import tiny_bert
+
+    src = tiny_bert(tmp_path / "bert", dropout=0.0)
+    res = subprocess.run(
+        [sys.executable, "-m", "fpewiden", "export", str(src), "--out", str(tmp_path / "b.onnx")],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stderr.strip() == "", res.stderr[-2000:]
+    assert (tmp_path / "b.onnx").is_file()

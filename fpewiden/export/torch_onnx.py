@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import tempfile
 import warnings
 from pathlib import Path
@@ -34,7 +35,10 @@ def to_onnx(
     shapes = tuple({axis: dims.setdefault(n, torch.export.Dim(n)) for axis, n in d.items()} for d in dynamic)
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "model.onnx"
-        # the exporter prints its progress on stdout; keep stdout for fpewiden's own report
+        # the exporter prints its progress on stdout; keep stdout for fpewiden's own report. Its optional-package
+        # notes ("torchvision is not installed") are logged by loggers torch configures itself at import
+        for name in ("torch.onnx", "torch.onnx._internal.exporter._registration"):
+            logging.getLogger(name).setLevel(logging.ERROR)
         with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             try:

@@ -3,7 +3,7 @@
 - an output never equals, contains or lies inside an input (checkpoint, teacher, data, clauses, recipe, text);
 - an existing output is replaced only if fpewiden wrote it (recognised from what fpewiden puts in every file
   it writes), or with `--force`;
-- the output's folder exists and really accepts a file (a probe is written and removed, so a read-only or full
+- the output's folder exists (missing folders are created) and really accepts a file (a probe is written and removed, so a read-only or full
   file system fails here, not after an hour of work);
 - stages left by a killed earlier run to the same destination are removed.
 
@@ -167,10 +167,17 @@ def check_outputs(outputs: list[Path], inputs: list[Path], force: bool = False, 
                     raise FpewidenError(
                         f"{out} exists and is a {kind} fpewiden did not write; pass --force to replace it"
                     )
+    for out in outputs:  # only once every output passed: missing folders are created (as mkdir -p would)
+        target = out.resolve()
         parent = target.parent
-        if not parent.is_dir():
-            raise FpewidenError(f"cannot write {out}: folder {out.parent} does not exist")
         if parent not in seen:
+            if not parent.is_dir():
+                try:
+                    parent.mkdir(parents=True, exist_ok=True)
+                except OSError as e:
+                    raise FpewidenError(
+                        f"cannot write {out}: cannot create folder {out.parent} ({e.strerror})"
+                    ) from None
             _probe(parent, out)
             seen.add(parent)
         remove_stale(target)
