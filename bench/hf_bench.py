@@ -2,9 +2,10 @@
 
 MiniLM (default): the original; magnitude pruning at half the FFN non-zeros; calibrated pruning (α=1, activation
 importance, refit) at half; FPE α=2 at `same` and at 0.5 (the paper's recipe), calibrated FPE α=2 at 0.5; and the
-shared-split, grouped-outgoing FPE α=2 (the structure `export --layout fast` runs). ONNX exports: dense for the
+shared-split FPE α=2 with grouped and with tied outgoing weights (structures `export --layout fast` runs at the
+original's bytes). ONNX exports: dense for the
 original (the folders themselves are exported dense by bench for ONNX Runtime, fast where the structure allows);
-sparse for magnitude pruning and FPE α=2 same; fast for the shared/grouped model. Accuracy:
+sparse for magnitude pruning and FPE α=2 same; fast for the shared/grouped and shared/tied models. Accuracy:
 TREC-6 probe (trained on the original's embeddings of TREC training questions) and cosine on the TREC test
 questions. `--causal`: a tiny Llama (bench/tiny_llama.py) with magnitude pruning, calibrated pruning and FPE,
 measured by perplexity and next-token agreement on the TREC test questions.
@@ -65,6 +66,7 @@ def main() -> None:
         }
         if not args.causal:
             models["fpe-a2-shared-grouped"] = ["--alpha", "2", "--split", "shared", "--outgoing", "grouped"]
+            models["fpe-a2-shared-tied"] = ["--alpha", "2", "--split", "shared", "--outgoing", "tied"]
         paths = [src]
         for name, flags in models.items():
             fpewiden("convert", str(src), "--out", str(work / name), *flags)
@@ -75,6 +77,7 @@ def main() -> None:
                 ("magnitude-0.5", work / "magnitude-0.5", "sparse"),
                 ("fpe-a2-same", work / "fpe-a2-same", "sparse"),
                 ("fpe-a2-shared-grouped", work / "fpe-a2-shared-grouped", "fast"),
+                ("fpe-a2-shared-tied", work / "fpe-a2-shared-tied", "fast"),
             ]
         for name, model, layout in exports:
             out = work / f"{name}.{layout}.onnx"
