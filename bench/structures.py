@@ -162,9 +162,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench/results/structures"))
     ap.add_argument(
         "--part",
-        choices=["all", "accuracy", "speed"],
+        choices=["all", "accuracy", "speed", "table"],
         default="all",
-        help="measure one part only (kept in --out; the table is written once both parts are there)",
+        help="measure one part only, or none (table): parts are kept in --out, the table written once both are there",
     )
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -208,7 +208,7 @@ def main() -> None:
             a = accs[task]
             gain = a["FPE per-neuron (paper)"]["mean"] - a["dense"]["mean"]
             kept = (a[name]["mean"] - a["dense"]["mean"]) / gain if gain > 0 else float("nan")
-            kept_text = f" ({kept:.0%})" if name != "dense" else ""
+            kept_text = "" if name == "dense" else (f" ({kept:.0%})" if gain > 0 else " (no gain to keep)")
             cells.append(f"{a[name]['mean']:.3f} ± {a[name]['std']:.3f}{kept_text}")
         s = speeds[name]
         cells += [
