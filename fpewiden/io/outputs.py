@@ -3,8 +3,8 @@
 - an output never equals, contains or lies inside an input (checkpoint, teacher, data, clauses, recipe, text);
 - an existing output is replaced only if fpewiden wrote it (recognised from what fpewiden puts in every file
   it writes), or with `--force`;
-- the output's folder exists (missing folders are created) and really accepts a file (a probe is written and removed, so a read-only or full
-  file system fails here, not after an hour of work);
+- the output's folder exists (missing folders are created) and really accepts a file (a probe is written and
+  removed, so a read-only or full file system fails here, not after an hour of work);
 - stages left by a killed earlier run to the same destination are removed.
 
 Recognised as fpewiden's: a folder holding `.fpewiden` (every folder fpewiden writes has one) or, from older
