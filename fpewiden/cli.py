@@ -419,56 +419,26 @@ def bench(
     force: Annotated[bool, FORCE] = False,
 ) -> None:
     """Accuracy, bytes moved per storage format, and measured latency of several models, in one run."""
+    options = dict(
+        batch_sizes=batch_sizes,
+        engines=engines,
+        device=device,
+        repeat=repeat,
+        warmup=warmup,
+        threads=threads,
+        seed=seed,
+        seq_lens=seq_len,
+        tokenizer=tokenizer,
+    )
     if sweep:
-        from fpewiden.data.specs import data_file
-        from fpewiden.recipes import recipe_path
-        from fpewiden.run import run_recipe, sweep_recipe
+        from fpewiden.benchmark.command import sweep_command
 
-        if len(models) != 1:
-            raise FpewidenError("--sweep takes one recipe or checkpoint")
-        if models[0].is_dir():  # a Hugging Face folder: converted (and distilled), not trained from scratch
-            from fpewiden.benchmark.hf_sweep import hf_sweep
-
-            if data is None:
-                raise FpewidenError("--sweep of a Hugging Face folder needs --data (text, TSV or embed:...)")
-            options = dict(
-                batch_sizes=batch_sizes,
-                engines=engines,
-                device=device,
-                repeat=repeat,
-                warmup=warmup,
-                threads=threads,
-                seed=seed,
-                seq_lens=seq_len,
-                tokenizer=tokenizer,
-            )
-            hf_sweep(models[0], data, budget, sweep_out, calibration, epochs, force, options)
-            return
-        if calibration is not None or epochs:
-            raise FpewidenError("--calibration and --epochs apply to --sweep of a Hugging Face folder")
-        source = models[0] if models[0].exists() else recipe_path(models[0])
-        inputs = [source, *([p] if data and (p := data_file(data)) else [])]
-        run_recipe(sweep_recipe(models[0], data, budget), sweep_out, force=force, inputs=inputs)
+        sweep_command(models, data, budget, sweep_out, calibration, epochs, force, options)
         return
     from fpewiden.benchmark.command import bench_command
 
     bench_command(
-        models,
-        data,
-        batch_sizes,
-        engines,
-        device,
-        repeat,
-        warmup,
-        threads,
-        seed,
-        json_out,
-        markdown,
-        plot,
-        force,
-        seq_len,
-        reference,
-        tokenizer,
+        models, data, json_out=json_out, markdown=markdown, plot=plot, force=force, reference=reference, **options
     )
 
 

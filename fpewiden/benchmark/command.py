@@ -115,3 +115,35 @@ def bench_command(
     console().print(table(rows))
     write(rows, json_out, markdown, plot, {"data": dataset.describe(), **extra})
     return rows
+
+
+def sweep_command(
+    models: list[Path],
+    data: str | None,
+    budget: str,
+    out: Path,
+    calibration: Path | None,
+    epochs: int,
+    force: bool,
+    bench_options: dict,
+) -> None:
+    """`bench --sweep`: a recipe or checkpoint is trained for each α (run.sweep_recipe); a Hugging Face folder is
+    converted, optionally calibrated and distilled (benchmark/hf_sweep.py)."""
+    from fpewiden.data.specs import data_file
+    from fpewiden.recipes import recipe_path
+    from fpewiden.run import run_recipe, sweep_recipe
+
+    if len(models) != 1:
+        raise FpewidenError("--sweep takes one recipe or checkpoint")
+    if models[0].is_dir():  # a Hugging Face folder: converted (and distilled), not trained from scratch
+        from fpewiden.benchmark.hf_sweep import hf_sweep
+
+        if data is None:
+            raise FpewidenError("--sweep of a Hugging Face folder needs --data (text, TSV or embed:...)")
+        hf_sweep(models[0], data, budget, out, calibration, epochs, force, bench_options)
+        return
+    if calibration is not None or epochs:
+        raise FpewidenError("--calibration and --epochs apply to --sweep of a Hugging Face folder")
+    source = models[0] if models[0].exists() else recipe_path(models[0])
+    inputs = [source, *([p] if data and (p := data_file(data)) else [])]
+    run_recipe(sweep_recipe(models[0], data, budget), out, force=force, inputs=inputs)
