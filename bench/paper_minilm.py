@@ -61,7 +61,8 @@ def main() -> None:
     ap.add_argument(
         "--models",
         default="fpe-same,fpe-0.5,magnitude-0.5",
-        help="comma-separated: fpe-same, fpe-0.5, magnitude-0.5, cal-pruning-0.5, fpe-cal-0.5, sel0.05-0.5",
+        help="comma-separated, of: fpe-same, fpe-0.5, magnitude-0.5, cal-pruning-0.5, fpe-cal-0.5, sel0.05-0.5, "
+        "shared-tied-same",
     )
     ap.add_argument("--n", type=int, default=0, help="first N training and N/4 test questions only (quick checks)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/paper_minilm"))
@@ -95,18 +96,25 @@ def main() -> None:
             "0.5",
             {"select": "wasserstein", "fraction": 0.05},
         ),
+        "shared-tied-same": (
+            "FPE α=2, shared split, tied outgoing (the original's bytes), budget same",
+            2,
+            "same",
+            None,
+        ),
     }
+    structure = {"shared-tied-same": {"split": "shared", "outgoing": "tied"}}
     chosen = args.models.split(",")
     if any(m not in known for m in chosen):
         raise SystemExit(f"--models: choose from {', '.join(known)}")
-    configs = [known[m] for m in chosen]
+    configs = [(*known[m], structure.get(m, {})) for m in chosen]
     with tempfile.TemporaryDirectory() as d:
         text = Path(d) / "train.txt"
         text.write_text("\n".join(train_texts[: args.sentences]))
-        for n, (label, alpha, budget, cal) in enumerate(configs):
+        for n, (label, alpha, budget, cal, layout) in enumerate(configs):
             conv, ft = Path(d) / f"{n}_{alpha}_{budget}", Path(d) / f"{n}_{alpha}_{budget}_ft"
             calibration = Calibration(str(text), **cal) if cal is not None else None
-            opts = ConvertOptions(alpha=alpha, budget=Budget.parse(budget), calibration=calibration)
+            opts = ConvertOptions(alpha=alpha, budget=Budget.parse(budget), calibration=calibration, **layout)
             report = convert(original, conv, opts)
             for stage, model_dir in (("converted", conv), ("distilled", ft)):
                 if stage == "distilled":
