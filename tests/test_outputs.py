@@ -200,3 +200,17 @@ def test_disk_full_is_one_line_and_leaves_nothing(tmp_path, tiny_disk):
     res = cli("convert", hf, "--out", tiny_disk / "hf")
     assert res.exit_code == 2 and "No space left on device" in res.stderr, res.output
     assert list(tiny_disk.iterdir()) == []
+
+
+def test_the_quickstart_writes_into_a_folder_a_fresh_clone_lacks(tmp_path, monkeypatch):
+    """README: `fpewiden run polysemantic --out runs/polysemantic` in a fresh clone, which has no runs/."""
+    monkeypatch.chdir(tmp_path)
+    res = cli(
+        "run", "polysemantic", "--out", "runs/polysemantic", "--seeds", "0", "--epochs", "2", "--warmup-epochs", "1"
+    )
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "runs" / "polysemantic" / "results.md").is_file()
+    (tmp_path / "file").write_text("mine")
+    res = cli("convert", write_mlp(tmp_path / "m.safetensors"), "--out", tmp_path / "file" / "x" / "c.safetensors")
+    assert res.exit_code == 2 and "cannot create folder" in res.stderr
+    assert (tmp_path / "file").read_text() == "mine"
