@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from fpewiden.data.embeddings import datasets_dir, minilm_dir, read_labelled
+from fpewiden.data.embeddings import minilm_dir, task_sentences
 from fpewiden.io.outputs import MD_MARKER, json_document
 from fpewiden.model.pooling import mean_pool
 
@@ -57,14 +57,7 @@ MODELS = {
 
 
 def sentences(task: str, split: str) -> list[str]:
-    folder, train, test = {
-        "trec": ("trec", "train_5500.label", "TREC_10.label"),
-        "sst5": ("sst5", "sentiment-train", "sentiment-test"),
-    }[task]
-    texts, _ = read_labelled(
-        "trec6" if task == "trec" else "sst5", datasets_dir() / folder / (train if split == "train" else test)
-    )
-    return texts
+    return task_sentences("trec6" if task == "trec" else task, split)[0]
 
 
 @torch.no_grad()

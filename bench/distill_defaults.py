@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from fpewiden.convert import Budget, ConvertOptions, convert
-from fpewiden.data.embeddings import datasets_dir, minilm_dir, read_labelled
+from fpewiden.data.embeddings import minilm_dir, task_sentences
 from fpewiden.io.outputs import MD_MARKER, json_document
 
 SETTINGS = {
@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--budgets", default="same,0.5")
     ap.add_argument("--out", type=Path, default=Path("bench/results/distill_defaults"))
     args = ap.parse_args()
-    texts, _ = read_labelled("trec6", datasets_dir() / "trec" / "train_5500.label")
+    texts, _ = task_sentences("trec6", "train")
     rows = []
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)

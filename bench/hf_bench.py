@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fpewiden.data.embeddings import cache_dir, datasets_dir, minilm_dir, read_labelled
+from fpewiden.data.embeddings import cache_dir, minilm_dir, task_sentences
 
 
 def fpewiden(*args: str) -> None:
@@ -41,8 +41,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench/results/hf_bench"))
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    train, _ = read_labelled("trec6", datasets_dir() / "trec" / "train_5500.label")
-    test, _ = read_labelled("trec6", datasets_dir() / "trec" / "TREC_10.label")
+    train, _ = task_sentences("trec6", "train")
+    test, _ = task_sentences("trec6", "test")
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)

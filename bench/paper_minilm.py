@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from fpewiden.convert import Budget, Calibration, ConvertOptions, convert
-from fpewiden.data.embeddings import datasets_dir, minilm_dir, read_labelled
+from fpewiden.data.embeddings import minilm_dir, task_sentences
 from fpewiden.model.pooling import mean_pool
 from fpewiden.train.config import TrainConfig
 from fpewiden.train.finetune import finetune
@@ -67,8 +67,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=0, help="first N training and N/4 test questions only (quick checks)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/paper_minilm"))
     args = ap.parse_args()
-    train_texts, train_labels = read_labelled("trec6", datasets_dir() / "trec" / "train_5500.label")
-    test_texts, test_labels = read_labelled("trec6", datasets_dir() / "trec" / "TREC_10.label")
+    train_texts, train_labels = task_sentences("trec6", "train")
+    test_texts, test_labels = task_sentences("trec6", "test")
     if args.n:
         train_texts, train_labels = train_texts[: args.n], train_labels[: args.n]
         test_texts, test_labels = test_texts[: args.n // 4], test_labels[: args.n // 4]

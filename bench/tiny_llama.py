@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from fpewiden.data.embeddings import cache_dir, datasets_dir, read_labelled
+from fpewiden.data.embeddings import cache_dir, task_sentences
 
 VOCAB = 2000
 
@@ -53,7 +53,7 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(2)
-    texts, _ = read_labelled("trec6", datasets_dir() / "trec" / "train_5500.label")
+    texts, _ = task_sentences("trec6", "train")
     args.out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(texts, args.out)
     cfg = transformers.LlamaConfig(

@@ -134,7 +134,7 @@ def sweep_command(
     from fpewiden.run import run_recipe, sweep_recipe
 
     if len(models) != 1:
-        raise FpewidenError("--sweep takes one recipe or checkpoint")
+        raise FpewidenError("--sweep takes one recipe, checkpoint or Hugging Face folder")
     if models[0].is_dir():  # a Hugging Face folder: converted (and distilled), not trained from scratch
         from fpewiden.benchmark.hf_sweep import hf_sweep
 

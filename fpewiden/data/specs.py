@@ -122,16 +122,9 @@ def _digits(seed: int, val: float) -> Dataset:
 
 
 def _embedded(spec: str) -> Dataset:
-    from fpewiden.data.embeddings import load_embedded
+    from fpewiden.data.embeddings import load_embedded, parse_embed
 
-    task, *opts = spec[len("embed:") :].split(",")
-    n = None
-    for o in opts:
-        key, _, value = o.partition("=")
-        if key != "n" or not value.isdigit():
-            raise FpewidenError(f"{spec}: the only embed option is n=COUNT")
-        n = int(value)
-    x, y, xt, yt = load_embedded(task.strip(), n)
+    x, y, xt, yt = load_embedded(*parse_embed(spec))
     return Dataset(x, y, xt, yt, "classes", spec)
 
 

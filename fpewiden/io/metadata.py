@@ -80,15 +80,7 @@ class FpeMetadata:
                 extra[name] = raw
                 continue
             try:
-                values[name] = (
-                    int(raw)
-                    if name in _INT
-                    else float(raw)
-                    if name in _FLOAT
-                    else json.loads(raw)
-                    if name in _JSON
-                    else raw
-                )
+                values[name] = _parse(name, raw)
             except ValueError:
                 extra[name] = raw  # unreadable: carried along, never trusted
         return FpeMetadata(**values, extra=extra)
