@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from fpewiden.data.embeddings import minilm_dir, task_sentences
-from fpewiden.io.outputs import MD_MARKER, json_document
+from fpewiden.io.provenance import MD_MARKER, json_document
 from fpewiden.model.pooling import mean_pool
 
 CHILD = """

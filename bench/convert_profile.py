@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from convert_speed import CONVERT, build
 
-from fpewiden.io.outputs import MD_MARKER
+from fpewiden.io.provenance import MD_MARKER
 
 
 def frames(line: str) -> tuple[list[str], int]:

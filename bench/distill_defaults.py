@@ -21,7 +21,7 @@ from pathlib import Path
 
 from fpewiden.convert import Budget, ConvertOptions, convert
 from fpewiden.data.embeddings import minilm_dir, task_sentences
-from fpewiden.io.outputs import MD_MARKER, json_document
+from fpewiden.io.provenance import MD_MARKER, json_document
 
 SETTINGS = {
     "defaults (lr 1e-4, batch 32)": [],

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from fpewiden.io.outputs import MD_MARKER, json_document
+from fpewiden.io.provenance import MD_MARKER, json_document
 from fpewiden.model.chain_mlp import ChainMLP
 from fpewiden.recipes import Conversion, ModelSpec, Recipe
 from fpewiden.run import run_recipe

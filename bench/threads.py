@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fpewiden.io.outputs import MD_MARKER, json_document
+from fpewiden.io.provenance import MD_MARKER, json_document
 from fpewiden.train.trainer import available_cores
 
 

@@ -431,7 +431,7 @@ def bench(
         tokenizer=tokenizer,
     )
     if sweep:
-        from fpewiden.benchmark.command import sweep_command
+        from fpewiden.sweep import sweep_command
 
         sweep_command(models, data, budget, sweep_out, calibration, epochs, force, options)
         return

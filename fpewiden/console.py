@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 from rich.console import Console
 from rich.progress import (
@@ -137,3 +138,13 @@ def export_table(r: dict) -> Table:
     else:
         t.add_row("verified vs PyTorch", "skipped (--no-verify)")
     return t
+
+
+def status_lines(prefix: str) -> Callable[[str], None]:
+    """A progress reporter for long work that must be visible in logs too: one line per step on stderr,
+    terminal or not (a redrawn bar would show nothing when stderr is a file)."""
+
+    def say(message: str) -> None:
+        print(f"{prefix}: {message}", file=sys.stderr, flush=True)
+
+    return say

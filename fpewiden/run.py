@@ -24,10 +24,11 @@ from fpewiden.benchmark.outputs import write as write_bench
 from fpewiden.console import console, progress_bar, results_table
 from fpewiden.convert import Budget, Calibration, ConvertOptions, convert
 from fpewiden.data.specs import data_file, load_data
-from fpewiden.errors import FpewidenError
+from fpewiden.errors import EmptyLayerError
 from fpewiden.io.atomic import atomic_dir, atomic_file
 from fpewiden.io.metadata import FpeMetadata
-from fpewiden.io.outputs import MD_MARKER, check_outputs, json_document, mark_dir
+from fpewiden.io.outputs import check_outputs
+from fpewiden.io.provenance import Provenance, digest, json_document, mark_dir, markdown_marker
 from fpewiden.model.chain_mlp import ChainMLP
 from fpewiden.recipes import Recipe
 from fpewiden.train.finetune import finetune
@@ -74,7 +75,7 @@ def table_columns(summary: list[dict]) -> list[str]:
     return [*metrics, f"{metrics[0]}_at_conversion"] if metrics else metrics
 
 
-def markdown(recipe: Recipe, summary: list[dict]) -> str:
+def markdown(recipe: Recipe, summary: list[dict], left_out: list[dict] | None = None) -> str:
     metrics = table_columns(summary)
     lines = [
         f"# {recipe.name}",
@@ -90,6 +91,8 @@ def markdown(recipe: Recipe, summary: list[dict]) -> str:
     for s in summary:
         cells = [f"{s[m]['mean']:.4f} ± {s[m]['std']:.4f}" if m in s else "" for m in metrics]
         lines.append(f"| {s['model']} | {s['neurons']} | {s['nnz']} | " + " | ".join(cells) + " |")
+    for x in left_out or []:
+        lines.append(f"\nLeft out: {x['model']} (seed {x['seed']}): {x['reason']}.")
     return "\n".join(lines) + "\n"
 
 
@@ -99,22 +102,25 @@ def run_recipe(recipe: Recipe, out: Path, force: bool = False, inputs: list[Path
     `inputs`: files the caller read (the recipe), which `out` must not touch.
     """
     read = [Path(p) for p in (data_file(recipe.data), recipe.model.checkpoint) if p is not None]
-    check_outputs([out], [*read, *(inputs or [])], force)
+    resolved = json.dumps(recipe.to_dict(), sort_keys=True)
+    provenance = Provenance("run", lambda: digest([resolved, *read]))
+    check_outputs([out], [*read, *(inputs or [])], force, provenance=provenance)
     with atomic_dir(out) as stage:
-        mark_dir(stage, "run")
-        result = _run(recipe, stage, out)
+        mark_dir(stage, provenance)
+        result = _run(recipe, stage, out, provenance)
     console().print(
         f"wrote {out / 'results.json'}, {out / 'results.md'}" + (", bench.json, bench.png" if result["bench"] else "")
     )
     return result
 
 
-def _run(recipe: Recipe, stage: Path, out: Path) -> dict:
+def _run(recipe: Recipe, stage: Path, out: Path, provenance: Provenance) -> dict:
     """The protocol, writing into `stage`; results name paths as they will be once `stage` is `out`."""
     (stage / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     recipe_meta = recipe.to_dict()
     rest = recipe.epochs - recipe.warmup_epochs
     rows: list[dict] = []
+    left_out: list[dict] = []
     jobs = len(recipe.seeds) * (2 + 2 * len(recipe.conversions))
     with progress_bar() as bar:
         task = bar.add_task("run", total=jobs)
@@ -155,21 +161,25 @@ def _run(recipe: Recipe, stage: Path, out: Path) -> dict:
                     if c.calibrate
                     else None
                 )
-                report = convert(
-                    warm,
-                    conv,
-                    ConvertOptions(
-                        alpha=c.alpha,
-                        split=c.split,
-                        clauses=clauses,
-                        budget=Budget.parse(c.budget),
-                        seed=seed,
-                        activation=recipe.model.activation,
-                        outgoing=c.outgoing,
-                        overlap=c.overlap,
-                        calibration=calibration,
-                    ),
+                opts = ConvertOptions(
+                    alpha=c.alpha,
+                    split=c.split,
+                    clauses=clauses,
+                    budget=Budget.parse(c.budget),
+                    seed=seed,
+                    activation=recipe.model.activation,
+                    outgoing=c.outgoing,
+                    overlap=c.overlap,
+                    calibration=calibration,
                 )
+                try:
+                    report = convert(warm, conv, opts)
+                except EmptyLayerError as e:  # this conversion cannot exist; the others' work still counts
+                    left_out.append({"model": c.label, "seed": seed, "reason": str(e)})
+                    console().print(f"note: seed {seed}, {c.label}: left out: {e}")
+                    tick(f"seed {seed}: {c.label} left out")
+                    tick(f"seed {seed}: {c.label} left out")
+                    continue
                 tick(f"seed {seed}: convert {c.label}")
                 final = d / f"{name}_ft.safetensors"
                 trained = d / f"{name}_pre.safetensors" if c.prune_epochs else final
@@ -201,17 +211,17 @@ def _run(recipe: Recipe, stage: Path, out: Path) -> dict:
         r["path"] = str(out / Path(r["path"]).relative_to(stage))
     for b in bench_rows:
         b["path"] = str(out / Path(b["path"]).relative_to(stage))
-    result = {"recipe": recipe.to_dict(), "runs": rows, "summary": summary, "bench": bench_rows}
-    (stage / "results.json").write_text(json.dumps(json_document(result), indent=2) + "\n")
-    md = markdown(recipe, summary)
+    result = {"recipe": recipe.to_dict(), "runs": rows, "summary": summary, "bench": bench_rows, "left_out": left_out}
+    (stage / "results.json").write_text(json.dumps(json_document(result, provenance), indent=2) + "\n")
+    md = markdown(recipe, summary, left_out)
     if bench_rows:
-        write_bench(bench_rows, stage / "bench.json", None, stage / "bench.png")
+        write_bench(bench_rows, stage / "bench.json", None, stage / "bench.png", provenance)
         md += (
             f"\n## Bench (seed {recipe.seeds[0]})\n\n"
             + bench_markdown(bench_rows)
             + "\n![accuracy against bytes](bench.png)\n"
         )
-    (stage / "results.md").write_text(md + f"\n{MD_MARKER}\n")
+    (stage / "results.md").write_text(md + f"\n{markdown_marker(provenance)}\n")
     console().print(results_table(recipe.name, summary, table_columns(summary)))
     if bench_rows:
         console().print(bench_table(bench_rows))
@@ -249,39 +259,3 @@ def _row(label: str, path: Path, res: dict, seed: int, initial: dict) -> dict:
         "initial": {k: v for k, v in initial.items() if k != "epoch"},
         "final": res["final"],
     }
-
-
-SWEEP_ALPHAS = (1, 2, 4, 8)
-
-
-def sweep_recipe(source: Path, data: str | None, budget: str, epochs: int = 10) -> Recipe:
-    """ "Should I widen this model, and by how much?": α ∈ {1, 2, 4, 8} at one budget, from a recipe or checkpoint.
-
-    α=1 is magnitude pruning to the budget (with budget `same` it would be the dense baseline, which every run
-    has anyway, so it is left out).
-    """
-    from fpewiden.recipes import Conversion, ModelSpec, load_recipe
-
-    alphas = [a for a in SWEEP_ALPHAS if not (a == 1 and budget == "same")]
-    conversions = [Conversion(alpha=a, split="random", budget=budget) for a in alphas]
-    if source.suffix in (".yaml", ".yml") or not source.exists():
-        recipe = load_recipe(source)
-        if data:
-            recipe.data = data
-        recipe.conversions = conversions
-        recipe.description = (
-            f"α sweep at budget {budget} (α=1: magnitude pruning) on recipe {recipe.name}: {recipe.data}."
-        )
-        recipe.name = f"sweep-{recipe.name}"
-        return recipe
-    if not data:
-        raise FpewidenError("--sweep from a checkpoint needs --data")
-    return Recipe(
-        name=f"sweep-{source.stem}",
-        data=data,
-        model=ModelSpec(checkpoint=str(source)),
-        epochs=epochs,
-        warmup_epochs=0,
-        conversions=conversions,
-        seeds=[0],
-    )

@@ -197,9 +197,17 @@ CASES = {
         ["convert", "{ws}/mlp.safetensors", "--out", "{ws}/o.safetensors", "--budget", "lots"],
         "--budget 'lots'",
     ),
+    "convert-budget-one-is-ambiguous": (
+        ["convert", "{ws}/mlp.safetensors", "--out", "{ws}/o.safetensors", "--budget", "1"],
+        "write 1.0 or 100%",
+    ),
+    "convert-budget-percent-over": (
+        ["convert", "{ws}/mlp.safetensors", "--out", "{ws}/o.safetensors", "--budget", "150%"],
+        "must be in (0, 1]",
+    ),
     "convert-budget-too-small": (
-        ["convert", "{ws}/deep.safetensors", "--out", "{ws}/o.safetensors", "--budget", "1"],
-        "--budget 1 is too small",
+        ["convert", "{ws}/deep.safetensors", "--out", "{ws}/o.safetensors", "--budget", "3"],
+        "choose a larger --budget",
     ),
     "convert-bad-regex": (
         ["convert", "{ws}/mlp.safetensors", "--out", "{ws}/o.safetensors", "--targets", "("],
@@ -558,6 +566,14 @@ CASES = {
     ),
     "bench-plot-is-model": (
         ["bench", "{ws}/mlp.safetensors", "--data", "digits", "--plot", "{ws}/mlp.safetensors"],
+        "name a .png, .svg, .pdf or .jpg file",
+    ),
+    "bench-plot-unknown-format": (
+        ["bench", "{ws}/mlp.safetensors", "--data", "digits", "--plot", "{ws}/p.tiff"],
+        "name a .png, .svg, .pdf or .jpg file",
+    ),
+    "bench-plot-is-data": (
+        ["bench", "{ws}/mlp.safetensors", "--data", "{ws}/data.safetensors", "--json", "{ws}/data.safetensors"],
         "is the input",
     ),
     "bench-json-is-data": (

@@ -43,7 +43,7 @@ def test_encoder_folders_and_onnx_files_on_text_and_labels(tmp_path):
     )
     doc = json.loads((tmp_path / "b.json").read_text())
     rows = doc["benchmarks"]
-    assert [r["model"] for r in rows] == ["bert", "half", "half"]
+    assert [r["model"] for r in rows] == ["bert", "half", "half.onnx"]  # a folder and its export, told apart
     assert rows[0]["metrics"]["cosine"] == pytest.approx(1.0)
     assert rows[1]["metrics"]["cosine"] == pytest.approx(rows[2]["metrics"]["cosine"], abs=1e-4)  # torch = ORT
     assert rows[1]["nnz"] < rows[0]["nnz"]  # the pruned model moves fewer non-zeros

@@ -8,11 +8,13 @@ from pathlib import Path
 
 import torch
 
-from fpewiden.benchmark.outputs import table, write
-from fpewiden.console import console
+from fpewiden.benchmark.measure import AUTO_SECONDS
+from fpewiden.benchmark.outputs import check_plot_path, table, write
+from fpewiden.console import console, status_lines
 from fpewiden.data.specs import data_file
 from fpewiden.errors import FpewidenError
 from fpewiden.io.outputs import check_outputs
+from fpewiden.io.provenance import Provenance, digest
 from fpewiden.train.trainer import resolve_device
 
 ENGINES = ("torch", "ort")
@@ -79,9 +81,10 @@ def bench_command(
         raise FpewidenError(f"--engines: unknown engine {bad[0] if bad else ''!r}; choose from torch, ort")
     sizes = _ints("--batch-sizes", batch_sizes)
     lens = _ints("--seq-len", seq_lens)
-    if repeat < 1 or warmup < 0 or threads < 1:
-        raise FpewidenError("--repeat and --threads must be at least 1, and --warmup not negative")
+    if repeat < 0 or warmup < 0 or threads < 1:
+        raise FpewidenError("--threads must be at least 1, --repeat and --warmup not negative (--repeat 0: auto)")
     if plot is not None:
+        check_plot_path(plot)
         try:
             import matplotlib  # noqa: F401
         except ImportError:
@@ -93,57 +96,30 @@ def bench_command(
         raise FpewidenError("bench needs at least one model")
     outputs = [p for p in (json_out, markdown, plot) if p is not None]
     data_inputs = [p] if (p := data_file(data)) is not None else []
-    check_outputs(outputs, [*paths, *data_inputs, *([tokenizer] if tokenizer else [])], force, what="output path")
+    provenance = Provenance("bench", lambda: digest([*(data_inputs or [data]), *paths]))
+    read = [*paths, *data_inputs, *([tokenizer] if tokenizer else [])]
+    check_outputs(outputs, read, force, what="output path", provenance=provenance)
     kinds = {model_kind(p) for p in paths}
     if len(kinds) > 1:
         raise FpewidenError("bench compares MLPs with MLPs and language models with language models, not both")
     dev = resolve_device(device)
     torch.set_num_threads(threads)
     extra: dict = {"batch_sizes": sizes, "engines": engine_list, "repeat": repeat, "warmup": warmup, "threads": threads}
+    say = status_lines("bench")
+    if repeat == 0:
+        say(f"--repeat 0: runs chosen per workload for about {AUTO_SECONDS:g} s per model and engine")
     if kinds == {"mlp"}:
         from fpewiden.benchmark.mlp import bench
         from fpewiden.data.specs import load_data
 
         dataset = load_data(data, seed)
-        rows = bench(paths, dataset, sizes, engine_list, dev, repeat, warmup, threads)
+        rows = bench(paths, dataset, sizes, engine_list, dev, repeat, warmup, threads, say)
     else:
         from fpewiden.benchmark.hf import bench, load_eval
 
         dataset = load_eval(data, seed)
-        rows = bench(paths, dataset, sizes, lens, engine_list, dev, repeat, warmup, threads, tokenizer)
+        rows = bench(paths, dataset, sizes, lens, engine_list, dev, repeat, warmup, threads, tokenizer, say)
         extra["seq_lens"] = lens
     console().print(table(rows))
-    write(rows, json_out, markdown, plot, {"data": dataset.describe(), **extra})
+    write(rows, json_out, markdown, plot, provenance, {"data": dataset.describe(), **extra})
     return rows
-
-
-def sweep_command(
-    models: list[Path],
-    data: str | None,
-    budget: str,
-    out: Path,
-    calibration: Path | None,
-    epochs: int,
-    force: bool,
-    bench_options: dict,
-) -> None:
-    """`bench --sweep`: a recipe or checkpoint is trained for each α (run.sweep_recipe); a Hugging Face folder is
-    converted, optionally calibrated and distilled (benchmark/hf_sweep.py)."""
-    from fpewiden.data.specs import data_file
-    from fpewiden.recipes import recipe_path
-    from fpewiden.run import run_recipe, sweep_recipe
-
-    if len(models) != 1:
-        raise FpewidenError("--sweep takes one recipe, checkpoint or Hugging Face folder")
-    if models[0].is_dir():  # a Hugging Face folder: converted (and distilled), not trained from scratch
-        from fpewiden.benchmark.hf_sweep import hf_sweep
-
-        if data is None:
-            raise FpewidenError("--sweep of a Hugging Face folder needs --data (text, TSV or embed:...)")
-        hf_sweep(models[0], data, budget, out, calibration, epochs, force, bench_options)
-        return
-    if calibration is not None or epochs:
-        raise FpewidenError("--calibration and --epochs apply to --sweep of a Hugging Face folder")
-    source = models[0] if models[0].exists() else recipe_path(models[0])
-    inputs = [source, *([p] if data and (p := data_file(data)) else [])]
-    run_recipe(sweep_recipe(models[0], data, budget), out, force=force, inputs=inputs)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,15 @@ import numpy as np
 import torch
 
 from fpewiden.benchmark.formats import model_bytes, pair_layouts
-from fpewiden.benchmark.measure import MeasuredModel, Workload, ort_session, rss_mb, summarise, time_entries
+from fpewiden.benchmark.measure import (
+    MeasuredModel,
+    Workload,
+    model_labels,
+    ort_session,
+    rss_mb,
+    summarise,
+    time_entries,
+)
 from fpewiden.errors import FpewidenError
 from fpewiden.model.pooling import mean_pool
 
@@ -176,7 +185,7 @@ def _from_folder(path: Path, engines, device, tmp: Path, threads: int) -> tuple[
     from fpewiden.model.loaded import load_model
 
     loaded = load_model(path, head=True)
-    e = MeasuredModel(path.name, path)
+    e = MeasuredModel(path)
     tensors = {n: loaded.ck.get(n) for n in loaded.ck.shapes}
     mats = {n: t for n, t in tensors.items() if t.dim() == 2 and t.is_floating_point()}
     masks = {n: loaded.masks.get(n, t != 0) for n, t in mats.items()}
@@ -242,7 +251,7 @@ def _from_onnx(path: Path, engines, device, threads: int) -> tuple[MeasuredModel
     }
     vectors = sum(a.size for a in arrays.values() if a.ndim == 1 and a.dtype.kind == "f")
     b = grouped_bytes(masks, vectors, set())
-    e = MeasuredModel(path.stem, path)
+    e = MeasuredModel(path)
     e.info.update(
         kind="onnx",
         neurons=None,
@@ -292,13 +301,15 @@ def bench(
     warmup: int,
     threads: int,
     tokenizer: Path | None = None,
+    say: Callable[[str], None] = lambda _m: None,
 ) -> list[dict]:
-    """The first path is the reference."""
+    """The first path is the reference. `say` receives progress lines."""
     tok = tokenizer_for(paths, tokenizer)
     eval_batches = tokenize(tok, data.texts, max(seq_lens))
     entries, forwards = [], []
     with tempfile.TemporaryDirectory() as d:
-        for p in paths:
+        for i, (p, label) in enumerate(zip(paths, model_labels(paths), strict=True)):
+            say(f"loading {label} ({i + 1}/{len(paths)}; {', '.join(engines)})")
             before = rss_mb()
             e, fwd = (
                 _from_onnx(p, engines, device, threads)
@@ -318,9 +329,10 @@ def bench(
                 raise FpewidenError(f"{paths[0]} has no hidden states to probe (an ONNX export of a causal LM)")
             emb = torch.nn.functional.normalize(train.embeddings, dim=1).numpy()
             probe = LogisticRegression(max_iter=2000, C=10.0).fit(emb, data.train_labels)
-        for e, fwd in zip(entries, forwards, strict=True):
+        for e, fwd, label in zip(entries, forwards, model_labels(paths), strict=True):
+            say(f"scoring {label} on {data.spec}")
             out = ref if fwd is forwards[0] else evaluate(fwd, eval_batches)
             e.info["metrics"] = metrics(out, ref, probe, data.labels)
         vocab = min([len(tok), *((json_config(p) or {}).get("vocab_size", len(tok)) for p in paths if p.is_dir())])
-        time_entries(entries, workloads(batch_sizes, seq_lens, vocab), repeat, warmup)
+        time_entries(entries, workloads(batch_sizes, seq_lens, vocab), repeat, warmup, say)
     return summarise(entries, threads)

@@ -7,6 +7,8 @@ latency is taken round-robin over the models (every model's runs are spread over
 
 from __future__ import annotations
 
+import gc
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -20,6 +22,7 @@ from fpewiden.benchmark.formats import best_format
 from fpewiden.errors import FpewidenError
 
 ENGINES = ("torch", "ort")
+SPARSE_ENGINES = ("torch-2:4",)  # engines that run a sparse kernel
 
 
 def rss_mb() -> float:
@@ -29,7 +32,6 @@ def rss_mb() -> float:
 
 @dataclass
 class MeasuredModel:
-    label: str
     path: Path
     runners: dict[str, Callable[[Any], Any]] = field(default_factory=dict)  # engine -> run(workload inputs)
     info: dict = field(default_factory=dict)
@@ -64,38 +66,110 @@ def ort_session(path: Path, threads: int, device: torch.device | None = None):
         raise FpewidenError(f"ONNX Runtime cannot load {path}: {str(err).splitlines()[0]}") from None
 
 
+AUTO_SECONDS = 1.0  # --repeat 0 (auto): about this long per model, engine and workload, as timeit's autorange
+AUTO_MIN, AUTO_MAX = 15, 2000
+
+
+def median_ci(values: list[float], z: float = 1.96) -> tuple[float, float, float]:
+    """The median and a distribution-free ~95% confidence interval for it: the order statistics whose ranks are
+    n/2 ∓ z·√n/2 (the binomial sign-test interval), so no assumption about the shape of timing noise."""
+    xs = sorted(values)
+    n = len(xs)
+    k = max(0, math.floor(n / 2 - z * math.sqrt(n) / 2))
+    return statistics.median(xs), xs[k], xs[n - 1 - k]
+
+
+def quantile(xs: list[float], q: float) -> float:
+    """`q`-quantile of sorted `xs`, linear between ranks (numpy's default), so p10 ≤ median ≤ p90."""
+    pos = q * (len(xs) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def plan_runs(repeat: int, per_round_s: float, jobs: int) -> int:
+    """Timed runs per job: `repeat`, or (repeat 0) enough rounds for about AUTO_SECONDS per job."""
+    if repeat > 0:
+        return repeat
+    return int(min(AUTO_MAX, max(AUTO_MIN, math.ceil(AUTO_SECONDS * jobs / max(per_round_s, 1e-9)))))
+
+
 def time_entries(
-    entries: list[MeasuredModel], workloads: list[Workload], repeat: int, warmup: int, rounds: int = 5
+    entries: list[MeasuredModel],
+    workloads: list[Workload],
+    repeat: int,
+    warmup: int,
+    say: Callable[[str], None] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> None:
-    """Median and p90 latency per engine and workload over exactly `repeat` timed runs each, spread over
-    `rounds` round-robin passes through the models (so slow drifts of the machine hit every model alike)."""
-    rounds = max(1, min(rounds, repeat))
-    per_round = [repeat // rounds + (1 if r < repeat % rounds else 0) for r in range(rounds)]
-    for w in workloads:
-        jobs = [(e, eng, run) for e in entries for eng, run in e.runners.items()]
-        times: dict[tuple[int, str], list[float]] = {(id(e), eng): [] for e, eng, _ in jobs}
-        for _, _, run in jobs:
-            for _ in range(warmup):
-                run(w.inputs)
-        for n in per_round:
-            for e, eng, run in jobs:
-                for _ in range(n):
-                    t = time.perf_counter()
+    """Latency of every (model, engine) on every workload, interleaved call by call.
+
+    Each round runs every job once, in an order rotated by one each round (so no job always follows the same
+    one), so a slow phase of a noisy machine lands on every model alike instead of on one model's block of runs.
+    Per job: median, p10, p90. Against the reference (the first model, same engine): the median of the
+    per-round ratios and its 95% interval; a speed-up whose interval holds 1 is `within_noise`, and reports show
+    it as ≈1. `repeat` 0 chooses the runs from the time one round takes (AUTO_SECONDS per job). `say` receives
+    progress lines (model, engine, workload, time left).
+    """
+    say = say or (lambda _msg: None)
+    n_jobs = sum(len(e.runners) for e in entries)
+    left_workloads = len(workloads)
+    gc_was = gc.isenabled()
+    gc.disable()  # a collection inside one model's call would be charged to that model
+    try:
+        for wi, w in enumerate(workloads):
+            jobs = [(e, eng, run) for e in entries for eng, run in e.runners.items()]
+            if not jobs:
+                return
+            cost = [0.0] * len(jobs)
+            for j, (_, _, run) in enumerate(jobs):
+                for k in range(max(1, warmup)):
+                    t = clock()
                     run(w.inputs)
-                    times[(id(e), eng)].append(time.perf_counter() - t)
-        for e, eng, _ in jobs:
-            ts = sorted(times[(id(e), eng)])
-            med = statistics.median(ts)
-            entry = {
-                "median_ms": med * 1e3,
-                "p90_ms": ts[int(0.9 * (len(ts) - 1))] * 1e3,
-                "items_per_sec": w.batch / med,
-                "runs": len(ts),
-                "sparse_path": eng == "torch-2:4",
-            }
-            if w.seq_len is not None:
-                entry.update(batch=w.batch, seq_len=w.seq_len, tokens_per_sec=w.batch * w.seq_len / med)
-            e.info.setdefault("latency", {}).setdefault(eng, {})[w.key] = entry
+                    if k == max(1, warmup) - 1:
+                        cost[j] = clock() - t
+            per_round = sum(cost)
+            n = plan_runs(repeat, per_round, len(jobs))
+            left_workloads -= 1
+            estimate = n * per_round
+            later = left_workloads * (AUTO_SECONDS * n_jobs if repeat == 0 else estimate)
+            say(
+                f"timing {_shape(w)} ({wi + 1}/{len(workloads)}): {len(jobs)} model×engine runs × {n} rounds, "
+                f"~{estimate:.0f} s; ~{estimate + later:.0f} s left"
+            )
+            times: list[list[float]] = [[] for _ in jobs]
+            for r in range(n):
+                for j in [(r + i) % len(jobs) for i in range(len(jobs))]:
+                    run = jobs[j][2]
+                    t = clock()
+                    run(w.inputs)
+                    times[j].append(clock() - t)
+            ref = {eng: j for j, (e, eng, _) in enumerate(jobs) if e is entries[0]}
+            for j, (e, eng, _) in enumerate(jobs):
+                ts = sorted(times[j])
+                med = statistics.median(ts)
+                entry: dict[str, Any] = {
+                    "median_ms": med * 1e3,
+                    "p10_ms": quantile(ts, 0.1) * 1e3,
+                    "p90_ms": quantile(ts, 0.9) * 1e3,
+                    "items_per_sec": w.batch / med,
+                    "runs": len(ts),
+                    "sparse_path": eng in SPARSE_ENGINES,
+                }
+                if eng in ref:
+                    ratios = [a / b for a, b in zip(times[ref[eng]], times[j], strict=True)]
+                    sp, lo, hi = median_ci(ratios)
+                    entry["vs_reference"] = {"speedup": sp, "ci95": [lo, hi], "within_noise": lo <= 1.0 <= hi}
+                if w.seq_len is not None:
+                    entry.update(batch=w.batch, seq_len=w.seq_len, tokens_per_sec=w.batch * w.seq_len / med)
+                e.info.setdefault("latency", {}).setdefault(eng, {})[w.key] = entry
+    finally:
+        if gc_was:
+            gc.enable()
+
+
+def _shape(w: Workload) -> str:
+    return f"batch {w.batch}" + (f" × {w.seq_len} tokens" if w.seq_len is not None else "")
 
 
 def sparse_path_note(latency: dict) -> str:
@@ -106,15 +180,38 @@ def sparse_path_note(latency: dict) -> str:
     return "no sparse kernel ran: torch multiplies dense matrices and ONNX Runtime densifies sparse initializers"
 
 
+GENERIC_NAMES = {"model", "models", "checkpoint", "ckpt", "out", "output", "export", "student", "final", "onnx"}
+
+
+def model_labels(paths: list[Path]) -> list[str]:
+    """Names that tell every model apart, in full: the file or folder name (a file's suffix only where two would
+    otherwise clash, as a folder and its ONNX export), with as many parent folders as it takes to make them
+    unique, and at least one for a name that says nothing (a package's `model/` folder)."""
+    names = [p.name if p.is_dir() else p.stem for p in paths]
+    if len(set(names)) < len(names):
+        names = [p.name for p in paths]
+    parents = [p.resolve().parent.parts for p in paths]
+    depth = [1 if n.lower() in GENERIC_NAMES else 0 for n in names]
+    for _ in range(max((len(ps) for ps in parents), default=0) + 1):
+        labels = ["/".join([*parents[i][len(parents[i]) - depth[i] :], names[i]]) for i in range(len(paths))]
+        clash = {lb for lb in labels if labels.count(lb) > 1}
+        if not clash:
+            return labels
+        for i, lb in enumerate(labels):
+            if lb in clash and depth[i] < len(parents[i]) - 1:
+                depth[i] += 1
+    return [str(p) for p in paths]
+
+
 def summarise(entries: list[MeasuredModel], threads: int) -> list[dict]:
     """Rows: the first model is the reference for the bytes bound and the measured speed-up."""
     ref = entries[0].info
     rows = []
-    for e in entries:
+    for e, label in zip(entries, model_labels([e.path for e in entries]), strict=True):
         i = e.info
         best = best_format(i["bytes"])
         row = {
-            "model": e.label,
+            "model": label,
             "path": str(e.path),
             **{k: v for k, v in i.items() if k != "latency"},
             "best_format": best,
@@ -124,12 +221,8 @@ def summarise(entries: list[MeasuredModel], threads: int) -> list[dict]:
             "threads": threads,
             "sparse_path_note": sparse_path_note(i.get("latency", {})),
         }
-        row["speedup_vs_reference"] = {
-            eng: {
-                b: ref["latency"][eng][b]["median_ms"] / v["median_ms"]
-                for b, v in lat.items()
-                if eng in ref.get("latency", {}) and b in ref["latency"][eng]
-            }
+        row["speedup_vs_reference"] = {  # the median of paired per-round ratios (time_entries)
+            eng: {b: v["vs_reference"]["speedup"] for b, v in lat.items() if "vs_reference" in v}
             for eng, lat in i.get("latency", {}).items()
         }
         rows.append(row)

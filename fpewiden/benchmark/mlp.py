@@ -4,6 +4,7 @@ DATA spec's held-out split."""
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,15 @@ import torch
 
 from fpewiden.arch import find_pairs
 from fpewiden.benchmark.formats import model_bytes, pair_layouts
-from fpewiden.benchmark.measure import MeasuredModel, Workload, ort_session, rss_mb, summarise, time_entries
+from fpewiden.benchmark.measure import (
+    MeasuredModel,
+    Workload,
+    model_labels,
+    ort_session,
+    rss_mb,
+    summarise,
+    time_entries,
+)
 from fpewiden.data.labels import evaluate, metrics_from_logits
 from fpewiden.data.specs import Dataset
 from fpewiden.errors import FpewidenError
@@ -39,7 +48,7 @@ def _from_checkpoint(
     tr = load_model(path)
     if tr.ck.kind == "hf":
         raise FpewidenError(f"{path}: fpewiden bench measures MLP checkpoints and MLP ONNX files")
-    e = MeasuredModel(path.stem if path.suffix else path.name, path)
+    e = MeasuredModel(path)
     _check_width(e, tr.n_inputs, data)
     tensors = tr.tensors()
     weights = {n: t for n, t in tensors.items() if t.dim() == 2}
@@ -117,7 +126,7 @@ def _add_semi_structured(e: MeasuredModel, tr, masks: dict[str, torch.Tensor], d
 def _from_onnx(path: Path, data: Dataset, engines: list[str], threads: int) -> MeasuredModel:
     from onnx import numpy_helper
 
-    e = MeasuredModel(path.stem, path)
+    e = MeasuredModel(path)
     if "ort" not in engines:
         raise FpewidenError(f"{path} is an ONNX file: measure it with --engines ort")
     model = _load_onnx(path)
@@ -165,12 +174,19 @@ def _load_onnx(path: Path):
 
 
 def load_entries(
-    paths: list[Path], data: Dataset, engines: list[str], device: torch.device, tmp: Path, threads: int
+    paths: list[Path],
+    data: Dataset,
+    engines: list[str],
+    device: torch.device,
+    tmp: Path,
+    threads: int,
+    say: Callable[[str], None] = lambda _m: None,
 ) -> list[MeasuredModel]:
     entries = []
-    for p in paths:
+    for i, (p, label) in enumerate(zip(paths, model_labels(paths), strict=True)):
         if not p.exists():
             raise FpewidenError(f"no such model: {p}")
+        say(f"loading and scoring {label} ({i + 1}/{len(paths)}; {', '.join(engines)})")
         before = rss_mb()
         e = (
             _from_onnx(p, data, engines, threads)
@@ -201,8 +217,9 @@ def bench(
     repeat: int,
     warmup: int,
     threads: int,
+    say: Callable[[str], None] = lambda _m: None,
 ) -> list[dict]:
     with tempfile.TemporaryDirectory() as d:
-        entries = load_entries(paths, data, engines, device, Path(d), threads)
-        time_entries(entries, workloads(data, batch_sizes), repeat, warmup)
+        entries = load_entries(paths, data, engines, device, Path(d), threads, say)
+        time_entries(entries, workloads(data, batch_sizes), repeat, warmup, say)
     return summarise(entries, threads)

@@ -20,26 +20,41 @@ ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
 class Budget:
     """`same` (the pre-conversion non-zero count), an absolute count, a fraction of the original count, or `all`
     (no pruning: every expanded weight kept, so copied outgoing weights add non-zeros — for baselines and
-    inspection, not FPE)."""
+    inspection, not FPE).
+
+    The grammar keeps the two numbers apart: a fraction is written with a point or a percent sign (`0.5`,
+    `.5`, `50%`, `1.0`), a count is a plain integer (`300000`). A bare `1` is refused: read as a count it leaves
+    one weight in the whole model (a user who meant "everything" lost every FFN that way)."""
 
     kind: str
     value: float = 0.0
+
+    SPELLINGS = "'same', 'all', a fraction such as 0.5 or 50%, or a count of non-zeros such as 300000"
 
     @staticmethod
     def parse(text: str) -> Budget:
         t = str(text).strip().lower()
         if t in ("same", "all"):
             return Budget(t)
-        try:
-            if re.fullmatch(r"\d+", t):
-                if int(t) == 0:
-                    raise ValueError
-                return Budget("count", int(t))
-            v = float(t)
-        except ValueError:
-            v = -1.0
+        if t == "1":
+            raise FpewidenError(
+                "--budget 1 is ambiguous: write 1.0 or 100% (or 'same') for the original non-zero count, or a count "
+                "of non-zeros (an integer, at least one per layer), e.g. 300000"
+            )
+        if re.fullmatch(r"\d+", t):
+            if int(t) == 0:
+                raise FpewidenError("--budget 0 leaves no weights; write " + Budget.SPELLINGS)
+            return Budget("count", int(t))
+        percent = t.endswith("%")
+        number = t[:-1].strip() if percent else t
+        if not re.fullmatch(r"(\d+\.?\d*|\.\d+)(e-?\d+)?", number) or not (percent or "." in number or "e" in number):
+            raise FpewidenError(f"--budget {text!r}: expected " + Budget.SPELLINGS)
+        v = float(number) / (100.0 if percent else 1.0)
         if not 0.0 < v <= 1.0:
-            raise FpewidenError(f"--budget {text!r}: expected 'same', 'all', a non-zero count, or a fraction in (0, 1]")
+            raise FpewidenError(
+                f"--budget {text!r}: a fraction of the original non-zeros must be in (0, 1] (0% to 100%); "
+                "to widen and keep more weights than the original, use 'all' or a count"
+            )
         return Budget("fraction", v)
 
     def total(self, original: int) -> int:

@@ -21,12 +21,13 @@ from fpewiden.convert.options import ConvertOptions
 from fpewiden.convert.plan import Plan, make_plan, select_pairs
 from fpewiden.convert.sink import OutputSink
 from fpewiden.convert.transform import FpeTransform, PairTransform
-from fpewiden.errors import FpewidenError
+from fpewiden.errors import EmptyLayerError, FpewidenError
 from fpewiden.fpe.expand import Pair, count
 from fpewiden.io.atomic import atomic_dir, atomic_file
 from fpewiden.io.checkpoint import MASKS_FILE, Checkpoint, open_checkpoint
 from fpewiden.io.metadata import FpeMetadata
-from fpewiden.io.outputs import check_outputs, mark_dir
+from fpewiden.io.outputs import check_outputs
+from fpewiden.io.provenance import Provenance, mark_dir
 from fpewiden.io.safetensors_stream import nbytes
 from fpewiden.io.write import write_hf_extras
 
@@ -120,11 +121,12 @@ def _stream(
     meta: FpeMetadata,
     sink: OutputSink,
     on_pair: Callable[[str, int, int], None] | None,
+    provenance: Provenance,
 ) -> dict:
     """Convert every chosen pair into the sink, then close it with the final metadata; returns the report. On any
     failure the sink's partial files are dropped."""
     try:
-        return _stream_pairs(ck, plan, opts, transform, meta, sink, on_pair)
+        return _stream_pairs(ck, plan, opts, transform, meta, sink, on_pair, provenance)
     except BaseException:
         sink.abort()
         raise
@@ -135,7 +137,7 @@ def pair_bytes(ck: Checkpoint, spec: PairSpec) -> int:
     return sum(nbytes(ck.dtypes[n], ck.shapes[n]) for n in (*spec.in_weights, spec.out_weight))
 
 
-def _stream_pairs(ck, plan, opts, transform, meta, sink, on_pair) -> dict:
+def _stream_pairs(ck, plan, opts, transform, meta, sink, on_pair, provenance) -> dict:
     reader = _Reader(ck, sink)
     done, total = 0, sum(pair_bytes(ck, p) for p in plan.chosen)
     shorts: list[int] = []
@@ -146,12 +148,21 @@ def _stream_pairs(ck, plan, opts, transform, meta, sink, on_pair) -> dict:
             names = (*spec.in_weights, spec.out_weight)
             rows = [plan.neurons(spec, plan.shapes)] * len(spec.in_weights) + [pair.w_out.shape[0]]
             b_out = reader.sink.bias(spec.out_bias) if spec.out_bias else None
+            kept = [0] * len(names)
             try:
                 result = transform(k, spec, pair, budget, b_out)
                 for i, row, w, m in result.blocks:
                     sink.emit(k, names[i], row, w, m, rows[i], spec.transposed)
+                    kept[i] += count(m)
             except FpewidenError as e:
                 raise FpewidenError(f"layer {spec.name}: {e}") from None
+            had = [count(m) for m in (*pair.m_in, pair.m_out)]
+            for name, n_kept, n_had in zip(names, kept, had, strict=True):
+                if n_kept == 0 and n_had > 0:
+                    raise EmptyLayerError(
+                        f"--budget {opts.budget} leaves layer {spec.name} with no weights in {name}; choose a larger "
+                        "--budget"
+                    )
             for b, tensor in zip(spec.in_biases, result.in_biases, strict=True):
                 if b and tensor is not None:
                     sink.set_bias(b, tensor)
@@ -163,6 +174,8 @@ def _stream_pairs(ck, plan, opts, transform, meta, sink, on_pair) -> dict:
             if on_pair:
                 on_pair(spec.name, done, total)
         meta.source_sha256 = source.result()
+        provenance.known(meta.source_sha256)
+    meta.written_by = provenance.record()
     summary = getattr(transform, "summary", None)
     if summary is not None:
         meta.calibration = summary()
@@ -204,7 +217,8 @@ def convert(
     opts.validate()
     ck = open_checkpoint(src)
     calib = [Path(opts.calibration.data)] if opts.calibration and Path(opts.calibration.data).is_file() else []
-    check_outputs([dst], [src, *([clauses_path] if clauses_path else []), *calib], force)
+    provenance = Provenance("convert", ck.sha256)
+    check_outputs([dst], [src, *([clauses_path] if clauses_path else []), *calib], force, provenance=provenance)
     if ck.kind == "mlp" and dst.suffix != ".safetensors":
         raise FpewidenError(f"--out {dst}: MLP checkpoints are written as .safetensors; name the output *.safetensors")
     pairs = find_pairs(ck)
@@ -242,15 +256,15 @@ def convert(
     if ck.kind == "mlp":
         with atomic_file(dst) as tmp:
             sink = OutputSink(ck, plan, {ck.file_of[n]: tmp for n in ck.shapes}, None, base, tied)
-            report = _stream(ck, plan, opts, transform, meta, sink, on_pair)
+            report = _stream(ck, plan, opts, transform, meta, sink, on_pair, provenance)
     else:
         with atomic_dir(dst) as tmp:
             sink = OutputSink(ck, plan, {f: tmp / f for f in set(ck.file_of.values())}, tmp / MASKS_FILE, base, tied)
-            report = _stream(ck, plan, opts, transform, meta, sink, on_pair)
+            report = _stream(ck, plan, opts, transform, meta, sink, on_pair, provenance)
             config = json.loads(json.dumps(ck.config))
             for p in chosen:
                 if p.config_key:
                     set_config_width(config, p.config_key, plan.neurons(p, plan.shapes))
             write_hf_extras(ck, tmp, config)
-            mark_dir(tmp, "convert")
+            mark_dir(tmp, provenance)
     return {"src": str(src), "dst": str(dst), **report, "metadata": meta.public()}

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from fpewiden.arch import PairSpec
 from fpewiden.convert.options import Budget
-from fpewiden.errors import FpewidenError
+from fpewiden.errors import EmptyLayerError, FpewidenError
 from fpewiden.io.safetensors_stream import DTYPES
 
 
@@ -87,6 +87,12 @@ class Plan:
         if target <= 0:
             raise FpewidenError(f"--budget {budget} leaves no weights (the layers hold {before} non-zeros)")
         self.reductions = largest_remainder(before - target, owned)
+        for p, group, have, cut in zip(self.chosen, self.owned(), owned, self.reductions, strict=True):
+            if have - cut < len(group):  # every matrix must keep at least one weight
+                raise EmptyLayerError(
+                    f"--budget {budget} leaves layer {p.name} {have - cut} weight(s) for its {len(group)} matrices; "
+                    f"choose a larger --budget (the layers hold {before:,} non-zeros)"
+                )
 
     def pair_budget(self, k: int, budget: Budget, nnz_now: int) -> int | None:
         """Non-zeros pair k keeps, given what it holds when its turn comes (earlier pairs may have pruned its

@@ -16,7 +16,9 @@ from fpewiden.export.onnx_edit import Built, fp16_weights, model_stats, sparse_n
 from fpewiden.export.save import save
 from fpewiden.export.verify import check, compare, ort_session
 from fpewiden.io.atomic import staged
+from fpewiden.io.checkpoint import open_checkpoint
 from fpewiden.io.outputs import check_outputs
+from fpewiden.io.provenance import Provenance, onnx_doc
 from fpewiden.model.loaded import LoadedModel, load_model
 
 LAYOUTS = ("dense", "sparse", "fast")
@@ -33,7 +35,9 @@ def build(tr: LoadedModel, layout: str, opset: int | None) -> Built:
     return build_mlp(tr, layout, opset or 17)
 
 
-def write(built: Built, out: Path, layout: str, dtype: str, verify: bool, external: bool | None) -> dict:
+def write(
+    built: Built, out: Path, layout: str, dtype: str, verify: bool, external: bool | None, provenance: Provenance
+) -> dict:
     """Storage edits, then the file(s) staged, checked and verified before they are renamed into place."""
     model = built.model
     if layout == "sparse":
@@ -41,6 +45,7 @@ def write(built: Built, out: Path, layout: str, dtype: str, verify: bool, extern
     if dtype == "fp16":
         fp16_weights(model)
     model.producer_name = "fpewiden"
+    model.doc_string = onnx_doc(provenance)
     result: dict = {"output": built.output}
     data = out.with_name(out.name + ".data")
     with staged([data, out]) as stage:
@@ -82,7 +87,8 @@ def export(
         raise FpewidenError(f"--out {out}: name the output *.onnx")
     if not ckpt.exists():
         raise FpewidenError(f"no such file or directory: {ckpt}")
-    check_outputs([out, out.with_name(out.name + ".data")], [ckpt], force)
+    provenance = Provenance("export", lambda: open_checkpoint(ckpt).sha256())
+    check_outputs([out, out.with_name(out.name + ".data")], [ckpt], force, provenance=provenance)
     if ckpt.is_dir() and opset is not None and opset < 18:
         raise FpewidenError(
             f"--opset {opset}: Hugging Face models go through torch.onnx's dynamo exporter, which emits opset 18 "
@@ -90,7 +96,7 @@ def export(
         )
     tr = model if model is not None else load_model(ckpt, head=True)
     result = {"checkpoint": str(ckpt), "out": str(out), "layout": layout, "dtype": dtype}
-    result.update(write(build(tr, layout, opset), out, layout, dtype, verify, external))
+    result.update(write(build(tr, layout, opset), out, layout, dtype, verify, external, provenance))
     meta = tr.ck.meta
     result["fpewiden"] = {k: getattr(meta, k) for k in ("alpha", "split", "outgoing", "budget") if getattr(meta, k)}
     return result

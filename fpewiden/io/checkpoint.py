@@ -21,6 +21,7 @@ import torch
 
 from fpewiden.errors import FpewidenError
 from fpewiden.io.metadata import FpeMetadata
+from fpewiden.io.provenance import hash_file
 from fpewiden.io.safetensors_stream import DTYPE_NAMES, Header, read_header, read_tensor
 
 MASK_PREFIX = "fpewiden_mask."
@@ -81,14 +82,13 @@ class Checkpoint:
         return FpeMetadata.read(self.metadata)
 
     def sha256(self, stop: threading.Event | None = None) -> str:
-        """Over the weight files, sorted by name; `stop` ends the reading early (the result is then unused)."""
+        """Over the weight files' content, sorted by name; `stop` ends the reading early (the result is then
+        unused). A safetensors header counts by its parsed content (keys sorted): the safetensors library writes
+        metadata in hash-map order, so two identical saves differ in their header bytes."""
         h = hashlib.sha256()
         for p in sorted(self.files):
-            with open(p, "rb") as f:
-                while chunk := f.read(16 << 20):
-                    h.update(chunk)
-                    if stop is not None and stop.is_set():
-                        return ""
+            if not hash_file(h, p, stop):
+                return ""
         return h.hexdigest()
 
 

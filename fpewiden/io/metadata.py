@@ -17,7 +17,7 @@ PREFIX = "fpewiden."
 
 _INT = ("alpha", "seed", "budget", "nnz_before", "train_epochs")
 _FLOAT = ("overlap",)
-_JSON = ("layers", "pairs", "widths", "train_config", "train_final", "recipe", "calibration")
+_JSON = ("layers", "pairs", "widths", "train_config", "train_final", "recipe", "calibration", "written_by")
 
 
 def _parse(name: str, raw: str) -> Any:
@@ -53,6 +53,7 @@ class FpeMetadata:
     train_config: dict | None = None
     train_final: dict | None = None
     recipe: dict | None = None
+    written_by: dict | None = None  # io/provenance.py: the command that wrote this file, and from what
     extra: dict[str, str] = field(default_factory=dict)
 
     @property

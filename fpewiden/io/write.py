@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from fpewiden.errors import FpewidenError
 from fpewiden.io.atomic import atomic_dir, atomic_file
 from fpewiden.io.checkpoint import MASK_PREFIX, MASKS_FILE, Checkpoint, save_pt
-from fpewiden.io.outputs import MARKER, mark_dir
+from fpewiden.io.provenance import MARKER, Provenance, mark_dir
 from fpewiden.io.safetensors_stream import DTYPES
 
 
@@ -30,6 +30,7 @@ def write_like(
     tensors: dict[str, torch.Tensor],
     packed_masks: dict[str, torch.Tensor],
     metadata: dict[str, str],
+    provenance: Provenance,
     config: dict | None = None,
 ) -> None:
     """`tensors` replace the checkpoint's tensors of the same name (cast to the stored dtype); the rest are copied.
@@ -61,7 +62,7 @@ def write_like(
             _write(tmp / f, ts, metadata)
         _write(tmp / MASKS_FILE, masks, metadata)
         write_hf_extras(ck, tmp, config or ck.config or {})
-        mark_dir(tmp, "finetune")
+        mark_dir(tmp, provenance)
 
 
 def write_hf_extras(ck: Checkpoint, out: Path, config: dict) -> None:

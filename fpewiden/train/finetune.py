@@ -13,7 +13,9 @@ from fpewiden.data.specs import Dataset, data_file, load_data
 from fpewiden.errors import FpewidenError
 from fpewiden.fpe.expand import count
 from fpewiden.io.atomic import atomic_file
-from fpewiden.io.outputs import check_outputs, json_document
+from fpewiden.io.checkpoint import open_checkpoint
+from fpewiden.io.outputs import check_outputs
+from fpewiden.io.provenance import Provenance, json_document
 from fpewiden.io.write import write_like
 from fpewiden.model.loaded import LoadedModel, load_model
 from fpewiden.train.config import TrainConfig
@@ -66,7 +68,12 @@ def finetune(
     state = sidecar(dst, ".state.pt")
     log_path, clauses_path = sidecar(dst, ".log.json"), sidecar(dst, ".clauses.json")
     read = [ckpt, *(p for p in (teacher, data_file(data_spec), tokenizer) if p is not None), *(inputs or [])]
-    check_outputs([dst, log_path, clauses_path, state], read, force)
+    provenance = Provenance(
+        "finetune",
+        lambda: open_checkpoint(ckpt).sha256(),
+        "a distilled checkpoint" if teacher is not None else "a fine-tuned checkpoint",
+    )
+    check_outputs([dst, log_path, clauses_path, state], read, force, provenance=provenance)
     if resume and not state.is_file():
         raise FpewidenError(f"--resume: no state file {state} to resume from")
     torch.manual_seed(cfg.seed)
@@ -93,7 +100,9 @@ def finetune(
             data.clauses,
         )
     dc_params = list(tr.model.weights) if cfg.dropconnect else []
-    history = train(tr.model, task, cfg, tr.mask_map(), state, resume, on_step, on_epoch, dc_params, tr.ties())
+    history = train(
+        tr.model, task, cfg, tr.mask_map(), state, resume, on_step, on_epoch, dc_params, tr.ties(), provenance.record()
+    )
     for n, m in before.items():  # the zero pattern must be exactly what it was
         assert torch.equal(tr.masks[n], m) and not bool(tr.tensors()[n][~m].any()), n
     summary = {
@@ -118,12 +127,13 @@ def finetune(
     meta.train_final = summary["final"]
     if recipe is not None:
         meta.recipe = recipe
-    write_like(tr.ck, dst, tr.tensors(), tr.packed_masks(), meta.strings())
+    meta.written_by = provenance.record()
+    write_like(tr.ck, dst, tr.tensors(), tr.packed_masks(), meta.strings(), provenance)
     with atomic_file(log_path) as tmp:
-        tmp.write_text(json.dumps(json_document(summary), indent=2) + "\n")
+        tmp.write_text(json.dumps(json_document(summary, provenance), indent=2) + "\n")
     if clauses:
         with atomic_file(clauses_path) as tmp:
-            tmp.write_text(json.dumps(json_document({"clauses": clauses})) + "\n")
+            tmp.write_text(json.dumps(json_document({"clauses": clauses}, provenance)) + "\n")
     state.unlink(missing_ok=True)
     return summary
 

@@ -172,9 +172,11 @@ def train(
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     dropconnect_params: list[nn.Parameter] | None = None,
     ties: list[tuple[nn.Parameter, int, int]] | None = None,
+    state_provenance: dict | None = None,
 ) -> list[dict[str, float]]:
     """Train in place; returns the history: held-out metrics before training (epoch 0), then per epoch the train
     loss and held-out loss and metrics. `ties`: tied outgoing matrices (see `tie_grads`), kept tied.
+    `state_provenance`: recorded in the state file (io/provenance.py), so only the same run replaces it.
 
     `state_path` receives the model, optimizer state and history after every epoch (atomically); with `resume`
     an existing state file is continued from. With `cfg.dropconnect` > 0 the weights in `dropconnect_params` are
@@ -185,7 +187,19 @@ def train(
     dist, owns_group = setup_distributed(device)
     try:
         return _train(
-            model, task, cfg, masks, state_path, resume, on_step, on_epoch, dropconnect_params, device, dist, ties or []
+            model,
+            task,
+            cfg,
+            masks,
+            state_path,
+            resume,
+            on_step,
+            on_epoch,
+            dropconnect_params,
+            device,
+            dist,
+            ties or [],
+            state_provenance,
         )
     finally:
         model.to("cpu")
@@ -193,7 +207,9 @@ def train(
             teardown_distributed()
 
 
-def _train(model, task, cfg, masks, state_path, resume, on_step, on_epoch, dropconnect_params, device, dist, ties):
+def _train(
+    model, task, cfg, masks, state_path, resume, on_step, on_epoch, dropconnect_params, device, dist, ties, provenance
+):
     model.to(device)
     # masks as 0/1 in the parameter's dtype: multiplying by a float mask is >10x faster than by a bool one on CPU
     masks = {p: m.to(device=device, dtype=p.dtype) for p, m in (masks or {}).items()}
@@ -265,6 +281,7 @@ def _train(model, task, cfg, masks, state_path, resume, on_step, on_epoch, dropc
                         "epoch": epoch + 1,
                         "history": history,
                         "fpewiden_metadata": {"kind": "training state"},
+                        **({"fpewiden_provenance": provenance} if provenance else {}),
                     },
                     tmp,
                 )
