@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from fpewiden.errors import FpewidenError
 
@@ -43,17 +43,54 @@ class OneLineErrors(TyperGroup):
         return rv
 
 
+class PlainUsage(TyperCommand):
+    """Usage lines as users write them (`fpewiden convert [OPTIONS] SRC`), not typer's `{src}`."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for p in self.get_params(ctx):
+            if p.param_type_name == "argument":
+                name = (p.metavar or p.name or "").upper()
+                name += "..." if p.nargs != 1 else ""
+                pieces.append(name if p.required else f"[{name}]")
+        return pieces
+
+
+TOP_HELP = """Make a trained model smaller at a measured accuracy cost, or wider at the same non-zeros
+(Fixed Parameter Expansion, FPE: arXiv 2510.04500).
+
+\b
+Smaller, for a pretrained model: calibrated pruning
+  fpewiden convert MODEL --out small --alpha 1 --budget 0.5 --calibration text.txt
+  MiniLM at half its FFN non-zeros, no fine-tuning: cosine to the original 0.983 on
+  TREC questions, 0.952 on SST-5 reviews (magnitude pruning, no --calibration: 0.883 / 0.844).
+\b
+Wider at the same non-zeros (FPE), then train:
+  fpewiden convert MODEL --out wide --alpha 2 && fpewiden finetune wide --data DATA --out wide-ft
+  Pays on models trained from a warm start (the main job: 0.97 exact match against dense 0.40);
+  on a pretrained MiniLM it stays below calibrated pruning.
+\b
+Measure accuracy, bytes and latency side by side:
+  fpewiden bench MODEL small wide --data embed:trec6 --markdown r.md --plot r.png
+Faster: zeros are stored densely, so no output of fpewiden runs faster than the original yet.
+"""
+
 app = typer.Typer(
     name="fpewiden",
     cls=OneLineErrors,
-    help="Fixed Parameter Expansion: more neurons, the same non-zeros (arXiv 2510.04500).",
+    rich_markup_mode=None,  # plain help: `--verify / --no-verify` and real defaults, no boxes
+    help=TOP_HELP,
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
     add_completion=False,
 )
 
 F = TypeVar("F", bound=Callable[..., object])
-FORCE = typer.Option("--force", help="Replace an existing output that fpewiden did not write.")
+FORCE = typer.Option(
+    "--force",
+    help="Replace an existing output even when it is not what this command would write again from the same "
+    "input (a fine-tuned model, another command's output, a file fpewiden did not write).",
+)
 
 
 def _quiet_libraries() -> None:
@@ -93,7 +130,7 @@ def user_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-@app.command()
+@app.command(cls=PlainUsage, short_help="Prune or widen (FPE) a checkpoint to an exact non-zero budget.")
 @user_errors
 def convert(
     src: Annotated[Path, typer.Argument(help="MLP state dict (.safetensors/.pt/.bin) or Hugging Face model dir.")],
@@ -113,7 +150,10 @@ def convert(
     ] = None,
     budget: Annotated[
         str,
-        typer.Option(help="'same', a non-zero count, a fraction of the original, or 'all' (expand, no pruning)."),
+        typer.Option(
+            help="same | a fraction of the original non-zeros (0.5 or 50%) | a count (300000) | all (no pruning). "
+            "A bare 1 is refused as ambiguous."
+        ),
     ] = "same",
     seed: Annotated[int, typer.Option(help="Seed of the random partitions.")] = 0,
     targets: Annotated[
@@ -158,7 +198,17 @@ def convert(
     ] = None,
     force: Annotated[bool, FORCE] = False,
 ) -> None:
-    """Widen every hidden neuron into α children at exactly the same (or a given) non-zero count."""
+    """Prune (--alpha 1) or widen (FPE, --alpha 2+) a checkpoint to an exact non-zero budget.
+
+    FPE splits each hidden neuron into α children that share its incoming weights disjointly and copy its
+    outgoing weights, then prunes the pair back to the budget. --calibration fits what is kept to the model's
+    behaviour on sample data (for a pretrained model: use it).
+
+    \b
+    Examples:
+      fpewiden convert model/ --out small --alpha 1 --budget 0.5 --calibration text.txt
+      fpewiden convert mlp.safetensors --out wide.safetensors --alpha 2 --split random
+    """
     from fpewiden.console import bytes_bar, console, convert_table
     from fpewiden.convert import Budget, Calibration, ConvertOptions, load_clauses
     from fpewiden.convert import convert as run_convert
@@ -199,6 +249,8 @@ def convert(
 
         report = run_convert(src, out, opts, on_pair=step, force=force, clauses_path=clauses)
     console().print(convert_table(report))
+    for warning in report["warnings"]:
+        typer.echo(f"warning: {warning}", err=True)
     short = sum(r["short_neurons"] for r in report["layers"])
     if short:
         typer.echo(
@@ -214,13 +266,19 @@ def convert(
         )
 
 
-@app.command()
+@app.command(cls=PlainUsage, short_help="What a checkpoint is, and its layers' non-zeros and interference.")
 @user_errors
 def inspect(
     ckpt: Annotated[Path, typer.Argument(help="Checkpoint file or Hugging Face model directory.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """Per layer: shape, neurons, non-zeros, density, feature capacity, mean |cosine|; totals and FPE metadata."""
+    """What a checkpoint is (pruned or widened, calibrated, fine-tuned) and, per layer, its shape, neurons,
+    non-zeros, density, feature capacity and mean |cosine|.
+
+    \b
+    Example:
+      fpewiden inspect runs/small --json
+    """
     from fpewiden.console import console, inspect_table
     from fpewiden.inspect import inspect_checkpoint
 
@@ -231,7 +289,7 @@ def inspect(
         console().print(inspect_table(report))
 
 
-@app.command()
+@app.command(cls=PlainUsage, short_help="Train with the zero pattern fixed (or distil from a teacher).")
 @user_errors
 def finetune(
     ckpt: Annotated[Path, typer.Argument(help="Checkpoint: dense, pruned or converted (MLP file or HF dir).")],
@@ -266,7 +324,14 @@ def finetune(
     ] = None,
     force: Annotated[bool, FORCE] = False,
 ) -> None:
-    """Train with the zero pattern fixed: masks re-applied after every step, saved with the output."""
+    """Train with the zero pattern fixed (masks re-applied after every step); MLPs on DATA, Hugging Face models
+    by distillation from --teacher on a text file.
+
+    \b
+    Examples:
+      fpewiden finetune wide.safetensors --data digits --out wide-ft.safetensors --epochs 10
+      fpewiden finetune runs/small --teacher model/ --data text.txt --out runs/small-distilled
+    """
     from fpewiden.console import console, progress_bar
     from fpewiden.recipes import recipe_path, train_config
     from fpewiden.train.finetune import finetune as run_finetune
@@ -319,7 +384,7 @@ def finetune(
         )
 
 
-@app.command()
+@app.command(cls=PlainUsage, short_help="Run a recipe: dense baseline against each conversion, over seeds.")
 @user_errors
 def run(
     recipe: Annotated[Path, typer.Argument(help="YAML recipe (see recipes/).")],
@@ -333,7 +398,13 @@ def run(
     ] = None,
     force: Annotated[bool, FORCE] = False,
 ) -> None:
-    """Warm up dense, convert each configuration, fine-tune, train the dense baseline as long, compare."""
+    """Run a recipe: warm up dense, convert each configuration, fine-tune, train the dense baseline as long,
+    compare over seeds.
+
+    \b
+    Example:
+      fpewiden run polysemantic --out runs/polysemantic
+    """
     from fpewiden.recipes import load_recipe, recipe_path
     from fpewiden.run import run_recipe
 
@@ -349,7 +420,7 @@ def run(
     run_recipe(load_recipe(recipe, overrides), out, force=force, inputs=[recipe_path(recipe)])
 
 
-@app.command()
+@app.command(cls=PlainUsage, short_help="Verified ONNX export (dense, sparse or fast layout).")
 @user_errors
 def export(
     ckpt: Annotated[Path, typer.Argument(help="MLP checkpoint or Hugging Face model directory.")],
@@ -365,7 +436,12 @@ def export(
     verify: Annotated[bool, typer.Option(help="onnx.checker, then ONNX Runtime against PyTorch.")] = True,
     force: Annotated[bool, FORCE] = False,
 ) -> None:
-    """Export to ONNX with a dynamic batch axis; verify against PyTorch; report size, bytes, nodes and opset."""
+    """Export to ONNX with a dynamic batch axis, verified against PyTorch; report size, bytes, nodes and opset.
+
+    \b
+    Example:
+      fpewiden export runs/small --out small.onnx --layout dense
+    """
     from fpewiden.console import console, export_table
     from fpewiden.export.export import export as run_export
 
@@ -375,7 +451,7 @@ def export(
     console().print(export_table(result))
 
 
-@app.command()
+@app.command(cls=PlainUsage, short_help="Accuracy, bytes and measured latency of several models, side by side.")
 @user_errors
 def bench(
     models: Annotated[
@@ -409,16 +485,28 @@ def bench(
     tokenizer: Annotated[Path | None, typer.Option(help="HF models: tokenizer folder (default: a model's).")] = None,
     engines: Annotated[str, typer.Option(help="torch,ort")] = "torch,ort",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda (torch engine)")] = "auto",
-    repeat: Annotated[int, typer.Option(help="Timed runs per model, engine and batch size.")] = 100,
-    warmup: Annotated[int, typer.Option(help="Untimed runs first.")] = 10,
+    repeat: Annotated[
+        int,
+        typer.Option(help="Timed runs per model, engine and workload; 0 chooses them for about 1 s of each."),
+    ] = 0,
+    warmup: Annotated[int, typer.Option(help="Untimed runs first.")] = 5,
     threads: Annotated[int, typer.Option(help="Intra-op threads for both engines.")] = 2,
     seed: Annotated[int, typer.Option(help="Seed of the DATA split.")] = 0,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write JSON here.")] = None,
     markdown: Annotated[Path | None, typer.Option(help="Write a Markdown table here.")] = None,
-    plot: Annotated[Path | None, typer.Option(help="Write accuracy-against-bytes PNG here.")] = None,
+    plot: Annotated[
+        Path | None, typer.Option(help="Plot accuracy against bytes, and latency: .png, .svg, .pdf or .jpg.")
+    ] = None,
     force: Annotated[bool, FORCE] = False,
 ) -> None:
-    """Accuracy, bytes moved per storage format, and measured latency of several models, in one run."""
+    """Accuracy, bytes moved per storage format, and measured latency of several models, in one run; the first
+    model is the reference.
+
+    \b
+    Examples:
+      fpewiden bench model/ runs/small runs/wide --data embed:trec6 --markdown r.md --plot r.png
+      fpewiden bench base.safetensors wide-ft.safetensors --data digits --batch-sizes 1,32
+    """
     options = dict(
         batch_sizes=batch_sizes,
         engines=engines,

@@ -68,11 +68,7 @@ def convert_table(report: dict) -> Table:
 
 
 def inspect_table(report: dict) -> Table:
-    meta = report["fpewiden"]
-    title = str(report["path"])
-    if "alpha" in meta:
-        title += f"  (FPE α={meta.get('alpha')}, split={meta.get('split')}, budget={meta.get('budget_spec')})"
-    t = Table(title=title)
+    t = Table(title=f"{report['path']}: {report['what']}")
     cols = ("layer", "W_in shape", "neurons", "W_in non-zeros", "W_out non-zeros", "density", "capacity", "mean |cos|")
     for col in cols:
         t.add_column(col, justify="left" if col == "layer" else "right", no_wrap=col == "layer")

@@ -8,6 +8,42 @@ from fpewiden.arch import find_pairs
 from fpewiden.fpe.expand import count
 from fpewiden.interference import feature_capacity, mean_abs_cosine
 from fpewiden.io.checkpoint import open_checkpoint
+from fpewiden.io.metadata import FpeMetadata
+
+
+def describe(meta: FpeMetadata, has_zeros: bool) -> str:
+    """What a checkpoint is, in a line: pruned or widened and how, calibrated or not, fine-tuned or distilled,
+    from which source."""
+    if not meta.converted:
+        what = "a checkpoint fpewiden did not convert"
+        what += ", pruned (it holds exact zeros)" if has_zeros else ", dense"
+    elif meta.alpha == 1:
+        what = (
+            f"pruned (α=1) to budget {meta.budget_spec} of {meta.nnz_before:,} non-zeros"
+            if meta.nnz_before
+            else "pruned"
+        )
+    else:
+        what = f"widened by FPE: α={meta.alpha}, split {meta.split}, outgoing {meta.outgoing or 'copy'}"
+        what += f", budget {meta.budget_spec}" if meta.budget_spec else ""
+        if meta.overlap:
+            what += f", overlap {meta.overlap} (a control, not FPE)"
+    if meta.converted:
+        cal = meta.calibration
+        if cal:
+            how = "magnitude" if cal.get("importance") == "magnitude" else "activation saliency"
+            refit = ", least-squares refit" if cal.get("reconstruct") else ""
+            size = f"{cal['tokens']:,} tokens" if "tokens" in cal else f"{cal.get('samples')} samples"
+            what += f"; calibrated on {cal.get('data')} ({size}; {how}{refit})"
+        else:
+            what += "; by magnitude, not calibrated"
+        if meta.source:
+            what += f"; from {meta.source}"
+    if meta.train_data:
+        verb = "distilled" if meta.train_data.startswith("distill ") else "fine-tuned"
+        data = meta.train_data.removeprefix("distill ")
+        what += f"; then {verb} for {meta.train_epochs} epoch(s) on {data}"
+    return what
 
 
 def inspect_checkpoint(path: Path) -> dict:
@@ -57,6 +93,7 @@ def inspect_checkpoint(path: Path) -> dict:
     return {
         "path": str(path),
         "kind": ck.kind,
+        "what": describe(meta, nnz_total < params_total),
         "fpewiden": {k: v for k, v in meta.public().items() if k not in {"layers", "pairs"}},
         "layers": layers,
         "totals": {

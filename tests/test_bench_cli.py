@@ -130,7 +130,9 @@ def test_sweep_from_checkpoint(tmp_path):
     # on 16 inputs α=8 gives each child 2 incoming weights, all smaller than the copied outgoing ones: at half the
     # budget magnitude pruning would empty the incoming matrix, so the sweep says so and leaves α=8 out
     (gone,) = result["left_out"]
-    assert gone["model"] == "FPE α=8 random, budget 0.5" and "leaves layer 0 with no weights in 0.weight" in gone["reason"]
+    assert (
+        gone["model"] == "FPE α=8 random, budget 0.5" and "leaves layer 0 with no weights in 0.weight" in gone["reason"]
+    )
     assert "Left out: FPE α=8" in (tmp_path / "sweep" / "results.md").read_text()
     dense_nnz = result["summary"][0]["nnz"]
     assert all(s["nnz"] == round(0.5 * dense_nnz) for s in result["summary"][1:])

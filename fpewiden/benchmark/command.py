@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 
-from fpewiden.benchmark.measure import AUTO_SECONDS
 from fpewiden.benchmark.outputs import check_plot_path, table, write
 from fpewiden.console import console, status_lines
 from fpewiden.data.specs import data_file
@@ -106,8 +105,6 @@ def bench_command(
     torch.set_num_threads(threads)
     extra: dict = {"batch_sizes": sizes, "engines": engine_list, "repeat": repeat, "warmup": warmup, "threads": threads}
     say = status_lines("bench")
-    if repeat == 0:
-        say(f"--repeat 0: runs chosen per workload for about {AUTO_SECONDS:g} s per model and engine")
     if kinds == {"mlp"}:
         from fpewiden.benchmark.mlp import bench
         from fpewiden.data.specs import load_data

@@ -133,8 +133,9 @@ def time_entries(
             left_workloads -= 1
             estimate = n * per_round
             later = left_workloads * (AUTO_SECONDS * n_jobs if repeat == 0 else estimate)
+            auto = f" (--repeat 0: about {AUTO_SECONDS:g} s of runs each)" if repeat == 0 else ""
             say(
-                f"timing {_shape(w)} ({wi + 1}/{len(workloads)}): {len(jobs)} model×engine runs × {n} rounds, "
+                f"timing {_shape(w)} ({wi + 1}/{len(workloads)}): {len(jobs)} model×engine runs × {n} rounds{auto}, "
                 f"~{estimate:.0f} s; ~{estimate + later:.0f} s left"
             )
             times: list[list[float]] = [[] for _ in jobs]

@@ -88,8 +88,10 @@ class Calibration:
     reconstruct: bool = True
     select: str = "all"
     fraction: float = 0.05
-    ridge: float = 1e-3
+    ridge: float | None = None  # None: chosen per refit on held-out calibration tokens (fpe/calibrated.py)
     anchor: bool = True
+    refit_incoming: bool = True  # ablations (bench/calibration_domains.py); not flags
+    refit_outgoing: bool = True
 
     def expand_fraction(self, alpha: int) -> float:
         if alpha == 1:
@@ -105,7 +107,7 @@ class Calibration:
             raise FpewidenError(f"--expand-fraction {self.fraction}: a share of neurons between 0 and 1")
         if self.samples is not None and self.samples < 8:
             raise FpewidenError(f"--calibration-samples {self.samples}: at least 8")
-        if not self.ridge > 0:
+        if self.ridge is not None and not self.ridge > 0:
             raise FpewidenError(f"ridge {self.ridge}: must be positive")
 
 

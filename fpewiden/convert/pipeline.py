@@ -200,7 +200,8 @@ def _stream_pairs(ck, plan, opts, transform, meta, sink, on_pair, provenance) ->
             plan.shapes[plan.pairs[-1].out_weight][0],
         ]
     sink.close({"format": "pt", **meta.strings()})
-    return {"layers": meta.layers, "nnz_before": meta.nnz_before, "nnz_after": meta.budget}
+    warnings = list(getattr(transform, "warnings", []))
+    return {"layers": meta.layers, "nnz_before": meta.nnz_before, "nnz_after": meta.budget, "warnings": warnings}
 
 
 def convert(
@@ -246,6 +247,7 @@ def convert(
         overlap=opts.overlap,
         seed=opts.seed,
         budget_spec=str(opts.budget),
+        source=str(src),
     )
     if transform is None and opts.calibration is not None:
         from fpewiden.convert.calibration import CalibratedTransform

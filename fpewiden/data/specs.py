@@ -55,6 +55,8 @@ def _split(x: torch.Tensor, y: torch.Tensor, val: float, seed: int) -> tuple[tor
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if path.is_dir():
+        raise FpewidenError(f"{path} is a folder; DATA names one .safetensors, .npz or .pt file")
     if not path.is_file():
         raise FpewidenError(f"no such data file: {path}")
     if path.stat().st_size == 0:
@@ -156,6 +158,23 @@ def load_data(spec: str, seed: int = 0, val: float = 0.2) -> Dataset:
         )
     validate(data)
     return data
+
+
+def load_inputs(spec: str, seed: int = 0) -> torch.Tensor:
+    """The inputs x of a DATA spec, labels not needed: what calibration reads. A tensor file needs only `x`
+    (samples, features); a file with labels, or a built-in task, gives its training inputs."""
+    s = spec.strip()
+    if Path(s).suffix not in (".safetensors", ".npz", ".pt", ".pth"):
+        return load_data(s, seed).x
+    t = _read_tensors(Path(s))
+    if "x" not in t:
+        raise FpewidenError(f"{s} must hold a tensor named x (found: {', '.join(sorted(t)) or 'none'})")
+    x = t["x"]
+    if x.dim() != 2 or len(x) == 0:
+        raise FpewidenError(f"{s}: x must be (samples, features); it has shape {list(x.shape)}")
+    if not (x.is_floating_point() or x.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)):
+        raise FpewidenError(f"{s}: x has dtype {x.dtype}; expected numbers")
+    return x.to(torch.float32)
 
 
 def validate(data: Dataset) -> None:

@@ -9,6 +9,8 @@ from fpewiden.errors import FpewidenError
 
 def read_sentences(path: Path, minimum: int = 10, purpose: str = "distillation") -> list[str]:
     """Non-empty lines of a UTF-8 text file; binary files and files with too few lines are one-line errors."""
+    if path.is_dir():
+        raise FpewidenError(f"{path} is a folder; {purpose} reads one text file (one sample per line)")
     if not path.is_file():
         raise FpewidenError(f"no such text file: {path}")
     raw = path.read_bytes()

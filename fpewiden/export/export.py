@@ -94,6 +94,12 @@ def export(
             f"--opset {opset}: Hugging Face models go through torch.onnx's dynamo exporter, which emits opset 18 "
             "or newer"
         )
+    if layout == "fast" and model is None:  # decided from the header, before minutes of loading and tracing
+        from fpewiden.export.fast import fast_layout_refusal
+
+        refusal = fast_layout_refusal(open_checkpoint(ckpt).meta)
+        if refusal is not None:
+            raise FpewidenError(refusal)
     tr = model if model is not None else load_model(ckpt, head=True)
     result = {"checkpoint": str(ckpt), "out": str(out), "layout": layout, "dtype": dtype}
     result.update(write(build(tr, layout, opset), out, layout, dtype, verify, external, provenance))

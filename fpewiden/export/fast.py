@@ -242,20 +242,35 @@ def split_groups(split: str | None) -> int | None:
     return None
 
 
+def fast_layout_refusal(meta) -> str | None:
+    """Why the fast layout cannot run a checkpoint, from its metadata alone (None: it may; the tensors are checked
+    when the layout is built). Export asks this before loading anything."""
+    if meta.alpha is None:
+        return "the fast layout is for FPE conversions (this checkpoint has no fpewiden metadata); use --layout dense"
+    if meta.alpha == 1:
+        return (
+            "the fast layout runs the structures of a widened model; this checkpoint is pruned (α=1), whose zeros no "
+            "dense block can skip: use --layout dense, or --layout sparse for a smaller file"
+        )
+    if split_groups(meta.split) is None and (meta.outgoing or "copy") == "copy":
+        return (
+            "the fast layout needs a structure to exploit: a conversion with --split shared or grouped:G, or "
+            "--outgoing tied or grouped (this one split each neuron on its own and copied outgoing weights); "
+            "use --layout dense"
+        )
+    return None
+
+
 def structures(loaded) -> dict[str, Structure]:
     """Each converted pair's structure (by pair name), from the metadata, verified on the tensors."""
     from fpewiden.arch import find_pairs
 
     meta = loaded.ck.meta
-    if meta.alpha is None:
-        raise FpewidenError("the fast layout is for FPE conversions (this checkpoint has no fpewiden metadata)")
+    refusal = fast_layout_refusal(meta)
+    if refusal is not None:
+        raise FpewidenError(refusal)
     groups = split_groups(meta.split)
     outgoing = meta.outgoing or "copy"
-    if groups is None and outgoing == "copy":
-        raise FpewidenError(
-            "the fast layout needs a structure to exploit: a conversion with --split shared or grouped:G, or "
-            "--outgoing tied or grouped (this one split each neuron on its own and copied outgoing weights)"
-        )
     converted = {p["name"] for p in meta.pairs or []}
     t = loaded.tensors()
     out = {}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -200,14 +200,16 @@ def refit_rows(
 class CalibratedOptions:
     """`fraction`: share of each layer's neurons expanded (by Wasserstein distance; 1: all, as FPE; 0: none,
     which is calibrated pruning). `importance`: magnitude or activation (saliency). `reconstruct`: refit the kept
-    weights to the pair's original output. `ridge`: relative ridge of the refits."""
+    weights to the pair's original output. `ridge`: relative ridge of the refits (None: chosen on held-out tokens)."""
 
     alpha: int
     fraction: float = 1.0
     importance: str = "activation"
     reconstruct: bool = True
-    ridge: float = 1e-3
+    ridge: float | None = None  # None: chosen per refit on held-out calibration tokens (_refit)
     anchor: bool = True  # the refits' ridge pulls towards the converted weights (True) or towards zero
+    refit_incoming: bool = True  # children reproduce their unpruned pre-activations (ablations switch it off)
+    refit_outgoing: bool = True  # the outgoing matrix reproduces the pair's original output
 
 
 @dataclass
@@ -217,30 +219,108 @@ class CalibratedPair:
     expanded: int  # how many neurons were widened
     error_before: float  # relative output error of the expanded, pruned pair before the refit
     error_after: float  # after it (equal when there is no refit)
+    ridges: list[float | None] = field(default_factory=list)  # per refit made (incoming, then outgoing): the
+    # relative ridge used; None where keeping the weights beat every refit on held-out tokens
 
 
 def _relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
+RIDGES = (1e-3, 1e-2, 1e-1, 1.0)  # relative ridges tried by the held-out choice, weakest first
+HOLDOUT = 0.2  # share of calibration tokens (the last ones: whole sentences) that choose the ridge
+SELECT_ROWS = 32  # output rows the choice is scored on (evenly spaced over the rows that keep weights)
+
+
+@dataclass(frozen=True)
+class Refit:
+    """A refit's rows and bias, and the relative ridge used (None: no refit beat the prior on held-out tokens,
+    so the prior rows and bias were kept)."""
+
+    w: torch.Tensor
+    b: torch.Tensor | None
+    ridge: float | None
+
+
+def _moments(f: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Uncentered sufficient statistics of a block of tokens: FᵀF, TᵀF, ΣF, ΣT, count."""
+    return f.T @ f, t.T @ f, f.sum(0), t.sum(0), len(f)
+
+
+def _centered(parts: list[tuple], with_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gram and cross products over the tokens of `parts` (centered when a bias absorbs the means), and means."""
+    g = sum(p[0] for p in parts)
+    c = sum(p[1] for p in parts)
+    n = sum(p[4] for p in parts)
+    mf = sum(p[2] for p in parts) / n
+    mt = sum(p[3] for p in parts) / n
+    if with_bias:
+        g = g - n * torch.outer(mf, mf)
+        c = c - n * torch.outer(mt, mf)
+    return g, c, mf, mt
+
+
 def _refit(
     features: torch.Tensor,
     target: torch.Tensor,
     mask: torch.Tensor,
-    ridge: float,
+    ridge: float | None,
     with_bias: bool,
     prior: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    prior_bias: torch.Tensor | None = None,
+) -> Refit:
     """Rows of W (targets × features) on the kept features, and the bias, minimizing ‖target − features·Wᵀ − b‖²
-    + λ‖W − prior‖². With a bias, both sides are centered so the bias is not shrunk."""
-    if with_bias:
-        mf, mt = features.mean(0), target.mean(0)
-        f, t = features - mf, target - mt
+    + λ‖W − prior‖². With a bias, both sides are centered so the bias is not shrunk.
+
+    `ridge` None chooses λ on held-out tokens: each of RIDGES is fitted on the first (1 − HOLDOUT) of the tokens
+    for SELECT_ROWS sample rows and scored on the rest, against keeping the prior rows and `prior_bias` as they
+    are (no refit). The winner is refitted on all tokens; if no refit wins, nothing is solved at all. So a refit
+    is only made where it predicts tokens it did not see better than the weights it replaces.
+    """
+    n = len(features)
+    hold = round(HOLDOUT * n) if ridge is None else 0
+    if ridge is not None or hold < 2 or n - hold < 2:
+        parts = [_moments(features, target)]
+        chosen: float | None = ridge if ridge is not None else RIDGES[0]
     else:
-        f, t = features, target
-    gram = f.T @ f
-    w = refit_rows(gram, t.T @ f, mask, ridge, prior).to(features.dtype)
-    return w, (mt - w @ mf) if with_bias else None
+        parts = [_moments(features[: n - hold], target[: n - hold]), _moments(features[n - hold :], target[n - hold :])]
+        chosen = _choose_ridge(parts[0], features[n - hold :], target[n - hold :], mask, with_bias, prior, prior_bias)
+    if chosen is None:
+        assert prior is not None
+        return Refit(prior.to(features.dtype), prior_bias if with_bias else None, None)
+    gram, cross, mf, mt = _centered(parts, with_bias)
+    w = refit_rows(gram, cross, mask, chosen, prior).to(features.dtype)
+    return Refit(w, (mt - w @ mf) if with_bias else None, chosen)
+
+
+def _choose_ridge(
+    fit: tuple,
+    f_held: torch.Tensor,
+    t_held: torch.Tensor,
+    mask: torch.Tensor,
+    with_bias: bool,
+    prior: torch.Tensor | None,
+    prior_bias: torch.Tensor | None,
+) -> float | None:
+    """The relative ridge of RIDGES with the least held-out error on sample rows, or None when keeping the prior
+    (and `prior_bias`) does at least as well. Ties go to the stronger ridge."""
+    live = torch.nonzero(mask.any(1)).flatten()
+    if len(live) == 0:
+        return RIDGES[0]
+    pick = live[torch.linspace(0, len(live) - 1, min(SELECT_ROWS, len(live))).round().long().unique()]
+    gram, cross, mf, mt = _centered([fit], with_bias)
+    t_pick = t_held[:, pick]
+    errors: dict[float | None, float] = {}
+    for lam in RIDGES:
+        w = refit_rows(gram, cross[pick], mask[pick], lam, prior[pick] if prior is not None else None)
+        b = (mt[pick] - w @ mf) if with_bias else 0.0
+        errors[lam] = float(((t_pick - f_held @ w.T - b) ** 2).sum())
+    if prior is not None:
+        b0 = prior_bias[pick] if with_bias and prior_bias is not None else 0.0
+        errors[None] = float(((t_pick - f_held @ prior[pick].T - b0) ** 2).sum())
+    best = min(errors.values())
+    order = ([None] if None in errors else []) + list(reversed(RIDGES))  # strongest first
+    return next(k for k in order if errors[k] <= best)
 
 
 def calibrate_pair(
@@ -290,15 +370,19 @@ def calibrate_pair(
         return CalibratedPair(pruned, b_out, int(chosen.sum()), before, before)
     # incoming: each child that lost inputs reproduces its unpruned pre-activation
     new_in, new_b = [], []
+    ridges: list[float | None] = []
     for w_full, b, w_kept, m, m_full in zip(ex.w_in, ex.b_in, w_in, masks[:-1], full_masks[:-1], strict=True):
         lost = (m != m_full).any(1)
-        if not bool(lost.any()):
+        if not opts.refit_incoming or not bool(lost.any()):
             new_in.append(w_kept)
             new_b.append(b)
             continue
         goal = x @ w_full[lost].to(x.dtype).T
         prior = w_kept[lost].to(x.dtype) if opts.anchor else None
-        w_fit, shift = _refit(x, goal, m[lost], opts.ridge, b is not None, prior)
+        zero = torch.zeros(int(lost.sum()), dtype=x.dtype)  # no refit: the bias stays as it is
+        fit = _refit(x, goal, m[lost], opts.ridge, b is not None, prior, zero)
+        w_fit, shift = fit.w, fit.b
+        ridges.append(fit.ridge)
         w = w_kept.clone().to(x.dtype)
         w[lost] = w_fit
         new_in.append(w.to(w_kept.dtype))
@@ -310,8 +394,15 @@ def calibrate_pair(
             new_b.append(None)
     # outgoing (and its bias): the pair's original output from the refitted children's activations
     a = activations(pre_activations(Pair(new_in, masks[:-1], new_b, w_out, masks[-1]), x), fn)
-    w_fit, b_fit = _refit(a, target, masks[-1], opts.ridge, b_out is not None, w_out if opts.anchor else None)
+    if not opts.refit_outgoing:
+        refit = Pair(new_in, masks[:-1], new_b, w_out, masks[-1])
+        after = _relative_error(pair_output(refit, x, fn, b_out), target)
+        return CalibratedPair(refit, b_out, int(chosen.sum()), before, after, ridges)
+    prior_out = w_out.to(x.dtype) if opts.anchor else None
+    fit = _refit(a, target, masks[-1], opts.ridge, b_out is not None, prior_out, b_out)
+    w_fit, b_fit = fit.w, fit.b
+    ridges.append(fit.ridge)
     refit = Pair(new_in, masks[:-1], new_b, w_fit.to(w_out.dtype), masks[-1])
     b_new = b_fit.to(b_out.dtype) if b_out is not None and b_fit is not None else b_out
     after = _relative_error(pair_output(refit, x, fn, b_new), target)
-    return CalibratedPair(refit, b_new, int(chosen.sum()), before, after)
+    return CalibratedPair(refit, b_new, int(chosen.sum()), before, after, ridges)

@@ -43,6 +43,7 @@ class FpeMetadata:
     budget: int | None = None  # non-zeros of the converted matrices after conversion
     nnz_before: int | None = None
     source_sha256: str | None = None
+    source: str | None = None  # the converted checkpoint's path, as given
     layers: list[dict] | None = None  # per pair: neurons and non-zeros before and after
     pairs: list[dict] | None = None  # per pair: tensor names
     widths: list[int] | None = None  # MLP chains: every layer's width
