@@ -1,0 +1,103 @@
+"""A Hugging Face model's structure without its weights: which checkpoint tensors are Linear (or GPT-2 Conv1D)
+weights, and an instance whose parameters live on the meta device (no memory, no initialisation cost) for a
+loader to fill in. Buffers (rotary frequencies, position ids) are made for real, as transformers makes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fpewiden.errors import FpewidenError
+from fpewiden.io.checkpoint import Checkpoint
+from fpewiden.model.loaded import has_lm_head
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Every parameter registered inside the block moves to the meta device as it is registered, so modules'
+    own initialisation (kaiming, normal_) runs on meta tensors and costs nothing."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            p = module._parameters[name]
+            module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def empty_model(folder: Path, head: bool = True) -> nn.Module:
+    """The model a folder's config.json describes (with its LM head for causal LMs when `head`), parameters on
+    meta."""
+    try:
+        import transformers
+    except ImportError:
+        raise FpewidenError("Hugging Face checkpoints need transformers: pip install 'fpewiden[hf]'") from None
+    transformers.logging.set_verbosity_error()
+    try:
+        cfg = transformers.AutoConfig.from_pretrained(str(folder))
+    except (OSError, ValueError, KeyError) as e:
+        raise FpewidenError(f"transformers cannot read {folder / 'config.json'}: {str(e).splitlines()[0]}") from None
+    auto = transformers.AutoModelForCausalLM if head and has_lm_head(cfg.to_dict()) else transformers.AutoModel
+    with parameters_on_meta():
+        try:
+            model = auto.from_config(cfg)
+        except (ValueError, KeyError, TypeError) as e:
+            raise FpewidenError(f"transformers cannot build the model of {folder}: {str(e).splitlines()[0]}") from None
+    return model.float().eval()
+
+
+def checkpoint_key(model: nn.Module, ck_name: str, params: dict[str, object]) -> str | None:
+    """The model's name for a checkpoint tensor (checkpoints of a model with a head prefix its base model)."""
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+    if ck_name in params:
+        return ck_name
+    if ck_name.startswith(prefix) and ck_name[len(prefix) :] in params:
+        return ck_name[len(prefix) :]
+    if prefix + ck_name in params:
+        return prefix + ck_name
+    return None
+
+
+def linear_weights(ck: Checkpoint, model: nn.Module | None = None) -> dict[str, bool]:
+    """Checkpoint tensor name -> transposed, for every weight of a Linear (False) or a GPT-2 Conv1D (True)."""
+    model = model if model is not None else empty_model(ck.path)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    kinds: dict[str, bool] = {}
+    for path, mod in model.named_modules(remove_duplicate=False):
+        if isinstance(mod, nn.Linear):
+            kinds[f"{path}.weight"] = False
+        elif type(mod).__name__ == "Conv1D" and hasattr(mod, "nf"):
+            kinds[f"{path}.weight"] = True
+    out = {}
+    for name in ck.shapes:
+        key = checkpoint_key(model, name, params)
+        if key in kinds and len(ck.shapes[name]) == 2:
+            out[name] = kinds[key]
+    return out
+
+
+def meta_tensors(model: nn.Module) -> list[str]:
+    """Parameters and buffers still on the meta device (a loader that left one has lost a weight)."""
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    return [n for n, t in named if t is not None and t.device.type == "meta"]
+
+
+def assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    """Put `tensor` in the model at parameter or buffer `key` (replacing a meta tensor)."""
+    path, _, leaf = key.rpartition(".")
+    mod = model.get_submodule(path) if path else model
+    if leaf in mod._parameters:
+        mod._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        mod._buffers[leaf] = tensor

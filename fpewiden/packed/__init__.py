@@ -1,0 +1,25 @@
+"""Packed sparse weights that run at their non-zero bytes: the format (format.py), the CPU kernels (csrc/, built by
+build.py, chosen by kernels.py), the torch op and module (ops.py), packed checkpoints on disk (file.py) and the
+loader that turns one into a torch module (load.py).
+
+Import order: packed/ sits below convert, export and benchmark, which call it; it never calls them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from torch import nn
+
+
+def load(path: Path | str, kernel: str | None = None) -> nn.Module:
+    """A packed MLP file as its chain (`module(x)`, x of shape [batch, in]), or a packed Hugging Face folder as the
+    transformers model (e.g. LlamaForCausalLM, with `.generate`) whose packed Linear layers run the kernels."""
+    from pathlib import Path
+
+    from fpewiden.packed.loader import load_packed
+
+    return load_packed(Path(path), kernel)

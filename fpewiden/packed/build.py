@@ -1,0 +1,99 @@
+"""Build the packed kernels (csrc/) against the installed torch: `python -m fpewiden.packed.build`.
+
+scripts/setup.sh runs it after installing fpewiden, with the system C++ compiler (torch.utils.cpp_extension and
+ninja; nothing is downloaded). Every ISA variant is compiled into one library and chosen at run time from the
+CPU's features, so the library runs on any x86-64 machine. Where no compiler works, the build says so in one line
+and fpewiden runs packed models on its pure-torch fallback. The library is tied to the torch it was built
+against: a stamp records that torch's version, and a different torch makes fpewiden ask for a rebuild.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+from pathlib import Path
+
+CSRC = Path(__file__).with_name("csrc")
+BUILD = Path(__file__).with_name("_build")
+NAME = "fpewiden_kernels"
+FLAGS = ["-O3", "-Wall", "-Wno-unknown-pragmas", "-fno-strict-aliasing"]
+
+
+def sources() -> list[Path]:
+    return sorted(CSRC.glob("*.cc"))
+
+
+def source_hash() -> str:
+    h = hashlib.sha256()
+    for p in sorted([*CSRC.glob("*.cc"), *CSRC.glob("*.h")]):
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def library() -> Path:
+    return BUILD / f"{NAME}.so"
+
+
+def stamp() -> dict | None:
+    try:
+        return json.loads((BUILD / "stamp.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _compile(work: Path, verbose: bool) -> None:
+    """Compile into `work` (torch.utils.cpp_extension also loads the library into this process, so the build runs
+    in a child process and the caller stays free to load the finished library once)."""
+    from torch.utils import cpp_extension
+
+    cpp_extension.load(
+        name=NAME,
+        sources=[str(p) for p in sources()],
+        extra_cflags=FLAGS,
+        build_directory=str(work),
+        is_python_module=False,
+        verbose=verbose,
+    )
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile the library into _build/ (replacing an older one) and return its path; raises on failure."""
+    import subprocess
+
+    import torch
+
+    work = BUILD / "work"
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    cmd = [sys.executable, "-m", "fpewiden.packed.build", "--compile", str(work), *(["-v"] if verbose else [])]
+    res = subprocess.run(cmd, capture_output=not verbose, text=True)
+    if res.returncode:
+        tail = (res.stderr or res.stdout or "").strip().splitlines()
+        raise RuntimeError(tail[-1] if tail else f"the compiler failed (exit {res.returncode})")
+    shutil.copy2(work / f"{NAME}.so", library())
+    (BUILD / "stamp.json").write_text(json.dumps({"torch": torch.__version__, "sources": source_hash()}) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+    return library()
+
+
+def main() -> int:
+    if "--compile" in sys.argv:
+        _compile(Path(sys.argv[sys.argv.index("--compile") + 1]), "-v" in sys.argv)
+        return 0
+    try:
+        path = build(verbose="-v" in sys.argv)
+    except Exception as e:  # no compiler, no ninja, headers missing: the fallback runs, and we say so once
+        reason = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
+        print(f"setup: packed kernels not built ({reason}); packed models run on the pure-torch fallback")
+        return 0
+    from fpewiden.packed import kernels
+
+    print(f"setup: packed kernels built ({kernels.path()} on this CPU): {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

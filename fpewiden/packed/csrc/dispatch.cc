@@ -1,0 +1,55 @@
+// Which ISA variant runs (chosen once from the CPU's features, or forced by name), and the unpack to dense.
+#include <stdint.h>
+#include <string.h>
+
+#include "fpw_kernels.h"
+#include "half.h"
+
+extern "C" const FpwKernels* fpw_select(const char* isa) {
+  __builtin_cpu_init();
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+                    __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt");
+  if (isa == NULL || strcmp(isa, "best") == 0) {
+    if (avx512) return fpw_kernels_avx512();
+    if (avx2) return fpw_kernels_avx2();
+    return fpw_kernels_portable();
+  }
+  if (strcmp(isa, "avx512") == 0) return avx512 ? fpw_kernels_avx512() : NULL;
+  if (strcmp(isa, "avx2") == 0) return avx2 ? fpw_kernels_avx2() : NULL;
+  if (strcmp(isa, "portable") == 0) return fpw_kernels_portable();
+  return NULL;
+}
+
+static inline float value_at(const FpwMatrix* w, int64_t i) {
+  if (w->dtype == FPW_F32) return ((const float*)w->values)[i];
+  const uint16_t h = ((const uint16_t*)w->values)[i];
+  return w->dtype == FPW_F16 ? fpw_half_to_float(h) : fpw_bf16_to_float(h);
+}
+
+static inline int bit_at(const uint8_t* row, int64_t j) { return (row[j >> 3] >> (j & 7)) & 1; }
+
+extern "C" void fpw_unpack(const FpwMatrix* w, float* dense, int64_t u0, int64_t u1) {
+  const int64_t n = w->cols;
+  if (w->format == FPW_BITMASK) {
+    for (int64_t r = u0; r < u1; r++) {
+      const uint8_t* row = w->bits + r * w->stride;
+      int64_t p = w->row_ptr[r];
+      float* out = dense + r * n;
+      for (int64_t j = 0; j < n; j++) out[j] = bit_at(row, j) ? value_at(w, p++) : 0.0f;
+    }
+    return;
+  }
+  const int64_t parents = w->rows / w->alpha;
+  for (int64_t i = u0; i < u1; i++) {
+    const uint8_t* p0 = w->bits + i * w->stride;
+    const uint8_t* p1 = w->bits + (parents + i) * w->stride;
+    float* out = dense + i * w->alpha * n;
+    memset(out, 0, sizeof(float) * w->alpha * n);
+    for (int64_t j = 0; j < n; j++) {
+      const int c = bit_at(p0, j) | (w->planes > 1 ? bit_at(p1, j) << 1 : 0);
+      out[c * n + j] = value_at(w, i * n + j);
+    }
+  }
+}

@@ -1,0 +1,63 @@
+// fpewiden's packed sparse kernels: a C ABI shared by every ISA variant and every binding (torch, ONNX Runtime).
+//
+// A packed matrix W (rows x cols, y = W x) is one of two formats (fpewiden/packed/format.py writes them, the
+// README documents them bit by bit):
+//   bitmask: `bits` holds one bit per element, row r at byte r * stride (stride: a multiple of 8 bytes), bit j
+//            of the row is bit (j % 8) of byte j / 8 (little-endian, so 16 bits are one AVX-512 lane mask);
+//            `values` the non-zeros row by row (row r from values[row_ptr[r]]), then PAD zeros;
+//   parent:  an FPE-widened incoming matrix whose alpha children partition their parent's row: `values` the
+//            parents' dense rows (rows / alpha x cols, then PAD zeros), `bits` `planes` bit planes of the child
+//            id of every parent weight (plane k of parent i at byte (k * parents + i) * stride); child c of parent
+//            i is output row i * alpha + c.
+// Values are f32, bf16 or f16; arithmetic is f32.
+#pragma once
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum { FPW_BITMASK = 0, FPW_PARENT = 1 };
+enum { FPW_F32 = 0, FPW_BF16 = 1, FPW_F16 = 2 };
+#define FPW_PAD 16  // values are followed by this many zero elements: kernels load whole vectors
+
+typedef struct FpwMatrix {
+  int32_t format;
+  int32_t dtype;
+  int64_t rows;  // output features (for parent: parents * alpha)
+  int64_t cols;  // input features
+  const void* values;
+  const uint8_t* bits;
+  const int64_t* row_ptr;  // bitmask only: rows + 1 offsets into values
+  int64_t stride;          // bytes per row of bits, a multiple of 8
+  int32_t alpha;           // parent only: children per parent (2..4)
+  int32_t planes;          // parent only: bit planes of the child id
+} FpwMatrix;
+
+// Few inputs (decode): y[b * ldy + r] = sum_j W[r, j] x[b * ldx + j] + bias[r], b < batch, for the output rows
+// of units [u0, u1) (units: rows for bitmask, parents for parent). Weights are streamed once per 8 inputs.
+typedef void (*FpwGemv)(const FpwMatrix* w, const float* x, int64_t ldx, int64_t batch, const float* bias, float* y,
+                        int64_t ldy, int64_t u0, int64_t u1);
+// Token batches (prefill, encoders): the batch in SIMD lanes. xt is the inputs transposed (cols x ldxt), yt the
+// outputs transposed (rows x ldyt): yt[r * ldyt + b] for b < batch. Work is proportional to the non-zeros.
+typedef void (*FpwSpmm)(const FpwMatrix* w, const float* xt, int64_t ldxt, int64_t batch, const float* bias,
+                        float* yt, int64_t ldyt, int64_t u0, int64_t u1);
+
+typedef struct FpwKernels {
+  const char* isa;  // "avx512", "avx2" or "portable"
+  FpwGemv gemv;
+  FpwSpmm spmm;
+} FpwKernels;
+
+const FpwKernels* fpw_kernels_avx512(void);
+const FpwKernels* fpw_kernels_avx2(void);
+const FpwKernels* fpw_kernels_portable(void);
+// The kernels for an ISA name ("avx512", "avx2", "portable"), or NULL where this CPU lacks it; "best": the widest
+// this CPU runs.
+const FpwKernels* fpw_select(const char* isa);
+// Dense f32 copy of a packed matrix (rows x cols), for the unpack-and-GEMM path and tests; units [u0, u1).
+void fpw_unpack(const FpwMatrix* w, float* dense, int64_t u0, int64_t u1);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,168 @@
+"""The packed formats of a weight matrix: pure tensor transformations, no I/O (the kernels in csrc/ read exactly
+this layout; the README documents it bit by bit).
+
+A matrix W is packed as used in y = W x: (rows, cols) = (output features, input features). Two formats:
+
+- `bitmask`: one bit per element, row-major, each row padded to `stride` bytes (a multiple of 8); bit j of row r
+  is bit j % 8 (least significant first) of byte r·stride + j // 8. `values` holds the row's non-zeros in column
+  order, rows one after the other (row r starts at `row_ptr[r]`), then PAD zeros.
+- `parent`: an FPE-widened incoming matrix (rows = parents·α, child c of parent i is row i·α + c) whose children
+  partition their parent's row (no input feeds two children of one parent). `values` holds the parents' dense
+  rows ((rows/α) × cols, the weight of whichever child holds it, 0 where none does), then PAD zeros; `bits` holds
+  ⌈log₂α⌉ bit planes of each weight's child id (plane k of parent i: the row at byte (k·parents + i)·stride),
+  laid out like bitmask rows. 1 or 2 bits per parent weight instead of one per widened weight, and one
+  multiply-add per parent weight: the paper's per-neuron FPE at the original's cost. For 2 ≤ α ≤ 4.
+
+Values are stored as fp32, bf16 or fp16 and multiplied in fp32. Zeros are zeros by value; where a matrix stores
+-0.0 (multiplying a weight by a 0/1 mask leaves them), `negzero` records those positions in bitmask-row layout,
+so unpacking gives back every bit; the kernels never read it. The format of a matrix is chosen by its size
+(`best`); a matrix that neither format makes smaller stays dense.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+PAD = 16  # zeros after `values`: the kernels load whole vectors of up to 16 values
+FORMATS = ("bitmask", "parent")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # csrc/fpw_kernels.h
+
+
+@dataclass(frozen=True)
+class PackedMatrix:
+    """One packed matrix (see the module docstring). `nnz`: stored values, PAD excluded (bitmask: the matrix's
+    non-zeros; parent: the parents' positions, rows/α · cols)."""
+
+    format: str
+    rows: int
+    cols: int
+    values: torch.Tensor  # 1-D, fp32 / bf16 / fp16, nnz + PAD elements
+    bits: torch.Tensor  # 1-D uint8
+    stride: int
+    nnz: int
+    row_ptr: torch.Tensor | None = None  # bitmask: int64, rows + 1
+    alpha: int = 1  # parent: children per parent
+    planes: int = 0  # parent: bit planes of the child id
+    negzero: torch.Tensor | None = None  # uint8 rows × stride: where the matrix stored -0.0 (not moved at run time)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes moved per inference: the stored values (PAD excluded), the bits, the row offsets."""
+        rp = 0 if self.row_ptr is None else self.row_ptr.numel() * 8
+        return self.nnz * self.values.element_size() + self.bits.numel() + rp
+
+
+def bit_stride(cols: int) -> int:
+    """Bytes per row of bits: whole 64-bit words."""
+    return max(8, math.ceil(cols / 64) * 8)
+
+
+def negative_zeros(w: torch.Tensor) -> torch.Tensor | None:
+    """Where `w` holds -0.0, as bitmask rows (None: nowhere)."""
+    neg = (w == 0) & torch.signbit(w)
+    return _pack_bits(neg, bit_stride(w.shape[1])) if bool(neg.any()) else None
+
+
+def _pack_bits(flags: torch.Tensor, stride: int) -> torch.Tensor:
+    """(rows, cols) bool -> rows × stride bytes, little-endian bits, rows padded with zero bits."""
+    rows, cols = flags.shape
+    padded = np.zeros((rows, stride * 8), dtype=bool)
+    padded[:, :cols] = flags.numpy()
+    return torch.from_numpy(np.packbits(padded, axis=1, bitorder="little").reshape(-1).copy())
+
+
+def _unpack_bits(bits: torch.Tensor, rows: int, cols: int, stride: int) -> torch.Tensor:
+    b = bits[: rows * stride].numpy().reshape(rows, stride)
+    return torch.from_numpy(np.unpackbits(b, axis=1, bitorder="little")[:, :cols].astype(bool))
+
+
+def _with_pad(values: torch.Tensor) -> torch.Tensor:
+    return torch.cat([values.reshape(-1), torch.zeros(PAD, dtype=values.dtype)])
+
+
+def pack_bitmask(w: torch.Tensor, dtype: torch.dtype | None = None) -> PackedMatrix:
+    """`w` (rows, cols) in the bitmask format, values cast to `dtype` (default: w's own)."""
+    rows, cols = w.shape
+    keep = w != 0
+    stride = bit_stride(cols)
+    counts = keep.sum(1, dtype=torch.int64)
+    row_ptr = torch.zeros(rows + 1, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=row_ptr[1:])
+    values = w[keep].to(dtype or w.dtype)  # boolean indexing walks row-major: each row's values in column order
+    return PackedMatrix("bitmask", rows, cols, _with_pad(values), _pack_bits(keep, stride), stride, int(counts.sum()),
+                        row_ptr, negzero=negative_zeros(w))  # fmt: skip
+
+
+def planes_for(alpha: int) -> int:
+    return max(1, math.ceil(math.log2(alpha)))
+
+
+def pack_parent(w: torch.Tensor, alpha: int, dtype: torch.dtype | None = None) -> PackedMatrix | None:
+    """`w` (parents·α, cols), an FPE-widened incoming matrix, in the parent format; None when its children do not
+    partition their parent's row (some input feeds two children of one parent) or α is outside 2..4."""
+    rows, cols = w.shape
+    if not 2 <= alpha <= 4 or rows % alpha:
+        return None
+    parents = rows // alpha
+    held = (w != 0).view(parents, alpha, cols)
+    if bool((held.sum(1) > 1).any()):
+        return None
+    child = held.to(torch.int8).argmax(1)  # the child holding each weight (0 where none does)
+    parent = torch.gather(w.view(parents, alpha, cols), 1, child.unsqueeze(1).long()).squeeze(1)
+    parent = torch.where(held.any(1), parent, torch.zeros((), dtype=w.dtype))
+    stride = bit_stride(cols)
+    planes = planes_for(alpha)
+    bits = torch.cat([_pack_bits(((child >> k) & 1).bool(), stride) for k in range(planes)])
+    return PackedMatrix("parent", rows, cols, _with_pad(parent.to(dtype or w.dtype)), bits, stride, parents * cols,
+                        None, alpha, planes, negative_zeros(w))  # fmt: skip
+
+
+def unpack(pm: PackedMatrix) -> torch.Tensor:
+    """The dense (rows, cols) matrix in the values' dtype: bit for bit the packed one when no cast happened."""
+    out = _unpack_values(pm)
+    if pm.negzero is not None:
+        out[_unpack_bits(pm.negzero, pm.rows, pm.cols, pm.stride)] = -0.0
+    return out
+
+
+def _unpack_values(pm: PackedMatrix) -> torch.Tensor:
+    zero = torch.zeros((pm.rows, pm.cols), dtype=pm.dtype)
+    if pm.format == "bitmask":
+        keep = _unpack_bits(pm.bits, pm.rows, pm.cols, pm.stride)
+        zero[keep] = pm.values[: pm.nnz]
+        return zero
+    parents = pm.rows // pm.alpha
+    child = torch.zeros((parents, pm.cols), dtype=torch.int64)
+    for k in range(pm.planes):
+        plane = pm.bits[k * parents * pm.stride : (k + 1) * parents * pm.stride]
+        child |= _unpack_bits(plane, parents, pm.cols, pm.stride).long() << k
+    parent = pm.values[: pm.nnz].view(parents, pm.cols)
+    out = zero.view(parents, pm.alpha, pm.cols)
+    out.scatter_(1, child.unsqueeze(1), parent.unsqueeze(1))
+    return zero
+
+
+def dense_bytes(rows: int, cols: int, dtype: torch.dtype) -> int:
+    return rows * cols * torch.empty((), dtype=dtype).element_size()
+
+
+def best(w: torch.Tensor, dtype: torch.dtype | None = None, alpha: int | None = None) -> PackedMatrix | None:
+    """The smallest packed form of `w` (`alpha`: the matrix is an FPE-widened incoming one, so the parent format
+    is tried too), or None when no format is smaller than `w` stored densely in `dtype`."""
+    dtype = dtype or w.dtype
+    candidates = [pack_bitmask(w, dtype)]
+    if alpha is not None and alpha > 1:
+        parent = pack_parent(w, alpha, dtype)
+        if parent is not None:
+            candidates.append(parent)
+    smallest = min(candidates, key=lambda pm: (pm.nbytes, FORMATS.index(pm.format)))
+    return smallest if smallest.nbytes < dense_bytes(*w.shape, dtype) else None

@@ -1,0 +1,111 @@
+"""`fpewiden.packed.load`: a packed checkpoint as a torch module whose packed Linear layers run the kernels.
+
+MLP file: the chain (PackedChain: Linear layers in order, the recorded activation between them). Hugging Face
+folder: the transformers model (its LM head for causal LMs, so `.generate` works), built with its parameters on
+the meta device, every packed Linear (or GPT-2 Conv1D) swapped for a PackedLinear and every other tensor loaded
+as stored; no dense copy of a packed matrix ever exists (except on the pure-torch fallback, which runs densely).
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from fpewiden.errors import FpewidenError
+from fpewiden.packed.file import PackedCheckpoint, read_packed
+from fpewiden.packed.ops import PackedLinear
+
+
+class DenseLinear(nn.Module):
+    """A Linear layer left dense in a packed checkpoint (no zeros worth skipping)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("weight", weight.to(torch.float32).contiguous())
+        self.register_buffer("bias", bias.to(torch.float32).contiguous() if bias is not None else None)
+        self.out_features, self.in_features = self.weight.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(torch.float32), self.weight, self.bias).to(x.dtype)
+
+
+class PackedChain(nn.Module):
+    """An MLP chain of packed (or dense) Linear layers with one activation between them."""
+
+    def __init__(self, layers: list[nn.Module], activation: str):
+        super().__init__()
+        from fpewiden.model.chain_mlp import ACTIVATIONS
+
+        self.layers = nn.ModuleList(layers)
+        self.activation = activation
+        self.act = ACTIVATIONS[activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < last:
+                x = self.act(x)
+        return x
+
+
+def _layer(pc: PackedCheckpoint, weight: str, bias: str | None, kernel: str | None) -> nn.Module:
+    b = pc.get(bias) if bias else None
+    if weight in pc.entries:
+        return PackedLinear(pc.packed(weight), b, kernel)
+    w = pc.get(weight)
+    return DenseLinear(w, b)
+
+
+def _load_mlp(pc: PackedCheckpoint, kernel: str | None) -> PackedChain:
+    from fpewiden.arch.base import natural_key
+    from fpewiden.model.chain_mlp import ACTIVATIONS
+
+    names = pc.names()
+    modules = sorted({n[: -len(".weight")] for n in names if n.endswith(".weight")}, key=natural_key)
+    activation = pc.meta.activation or "relu"
+    if activation not in ACTIVATIONS:
+        raise FpewidenError(f"{pc.path}: unknown activation {activation!r} in metadata")
+    layers = [_layer(pc, f"{m}.weight", f"{m}.bias" if f"{m}.bias" in names else None, kernel) for m in modules]
+    for a, b in itertools.pairwise(layers):
+        if a.out_features != b.in_features:
+            raise FpewidenError(f"{pc.path}: layer widths do not chain ({a.out_features} into {b.in_features})")
+    return PackedChain(layers, activation).eval()
+
+
+def _load_hf(pc: PackedCheckpoint, kernel: str | None) -> nn.Module:
+    from fpewiden.model.skeleton import assign, checkpoint_key, empty_model, meta_tensors
+
+    model = empty_model(pc.path)
+    params = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
+    for name in pc.names():
+        key = checkpoint_key(model, name, params)
+        if key is None:
+            continue  # a tensor the model does not use (a head the base model lacks)
+        if name in pc.entries:
+            path = key[: -len(".weight")]
+            parent, _, leaf = path.rpartition(".")
+            old = model.get_submodule(path)
+            bias = getattr(old, "bias", None)
+            bias_name = name[: -len("weight")] + "bias"
+            b = pc.get(bias_name) if bias is not None and bias_name in pc.source_file else None
+            setattr(model.get_submodule(parent) if parent else model, leaf, PackedLinear(pc.packed(name), b, kernel))
+        elif not (name.endswith(".bias") and name[: -len("bias")] + "weight" in pc.entries):
+            t = pc.get(name)
+            assign(model, key, t.to(torch.float32) if t.is_floating_point() else t)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    missing = meta_tensors(model)
+    if missing:
+        raise FpewidenError(f"{pc.path} lacks tensors the model needs: {', '.join(missing[:4])}")
+    return model.eval()
+
+
+def load_packed(path: Path, kernel: str | None = None) -> nn.Module:
+    """See fpewiden.packed.load."""
+    pc = read_packed(path)
+    return _load_mlp(pc, kernel) if pc.kind == "mlp" else _load_hf(pc, kernel)

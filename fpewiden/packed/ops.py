@@ -1,0 +1,79 @@
+"""The torch side of packed matrices: `PackedLinear`, the module that replaces an nn.Linear, over the
+`fpewiden::packed_linear` op (csrc/torch_ops.cc; its fake kernel, registered by kernels.py, lets torch.compile
+trace it).
+
+Modes, chosen per call from the number of input rows (fpewiden/packed/crossover.py measures where each wins):
+`gemv` streams the packed bytes once per 8 inputs (decode), `spmm` puts the batch in SIMD lanes with work
+proportional to the non-zeros (prefill, encoders), `dense` unpacks to fp32 and calls torch's GEMM (large batches,
+where the GEMM's efficiency beats skipping zeros).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from fpewiden.packed import kernels
+from fpewiden.packed.format import DTYPE_CODES, PackedMatrix, unpack
+
+FORMAT_CODES = {"bitmask": 0, "parent": 1}
+MODES = ("gemv", "spmm", "dense")
+
+
+class PackedLinear(nn.Module):
+    """An nn.Linear whose weight is packed: y = x Wᵀ + b for x (…, in_features), in x's dtype (computed in fp32).
+
+    `kernel`: the path to run (fpewiden/packed/kernels.py; default: the widest this machine has). On the `torch`
+    fallback the weight is unpacked once, at construction, and run densely. `modes`: the largest input count
+    for `gemv` and for `spmm` (above both: `dense`), from the measured crossover.
+    """
+
+    def __init__(
+        self,
+        pm: PackedMatrix,
+        bias: torch.Tensor | None = None,
+        kernel: str | None = None,
+        modes: tuple[int, int] | None = None,
+    ):
+        super().__init__()
+        self.in_features, self.out_features = pm.cols, pm.rows
+        self.format, self.alpha, self.planes, self.stride, self.nnz = pm.format, pm.alpha, pm.planes, pm.stride, pm.nnz
+        self.kernel = kernel or kernels.path()
+        self.register_buffer("values", pm.values.contiguous())
+        self.register_buffer("bits", pm.bits.contiguous())
+        self.register_buffer("row_ptr", pm.row_ptr.contiguous() if pm.row_ptr is not None else None)
+        self.register_buffer("bias", bias.detach().to(torch.float32).contiguous() if bias is not None else None)
+        self.register_buffer("dense", unpack(pm).to(torch.float32) if self.kernel == "torch" else None)
+        self.modes = modes or (8, 1 << 30)
+        self._fmt, self._dtype = FORMAT_CODES[pm.format], DTYPE_CODES[pm.values.dtype]
+        self.nbytes = pm.nbytes
+
+    @property
+    def packed(self) -> PackedMatrix:
+        return PackedMatrix(
+            self.format, self.out_features, self.in_features, self.values, self.bits, self.stride, self.nnz,
+            self.row_ptr, self.alpha, self.planes,
+        )  # fmt: skip
+
+    def mode(self, n: int) -> str:
+        gemv, spmm = self.modes
+        return "gemv" if n <= gemv else "spmm" if n <= spmm else "dense"
+
+    def forward(self, x: torch.Tensor, mode: str | None = None) -> torch.Tensor:
+        flat = x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous()
+        x2 = x if flat else x.reshape(-1, self.in_features).to(torch.float32).contiguous()
+        if self.kernel == "torch":
+            y = F.linear(x2, self.dense, self.bias)
+        else:
+            y = torch.ops.fpewiden.packed_linear(
+                x2, self.values, self.bits, self.row_ptr, self.bias, self.out_features, self.in_features,
+                self._fmt, self._dtype, self.alpha, self.planes, self.stride, self.kernel, mode or self.mode(len(x2)),
+            )  # fmt: skip
+        return y if flat else y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, "
+            f"dtype={self.values.dtype}, nnz={self.nnz}, kernel={self.kernel}"
+        )
