@@ -196,6 +196,9 @@ def convert(
         float | None,
         typer.Option(help="With --select wasserstein: share of each layer's neurons widened.", show_default="0.05"),
     ] = None,
+    packed: Annotated[
+        bool, typer.Option("--packed", help="Write the packed checkpoint (see fpewiden pack) instead of the dense one.")
+    ] = False,
     force: Annotated[bool, FORCE] = False,
 ) -> None:
     """Prune (--alpha 1) or widen (FPE, --alpha 2+) a checkpoint to an exact non-zero budget.
@@ -209,7 +212,7 @@ def convert(
       fpewiden convert model/ --out small --alpha 1 --budget 0.5 --calibration text.txt
       fpewiden convert mlp.safetensors --out wide.safetensors --alpha 2 --split random
     """
-    from fpewiden.console import bytes_bar, console, convert_table
+    from fpewiden.console import bytes_bar, console, convert_table, pack_table
     from fpewiden.convert import Budget, Calibration, ConvertOptions, load_clauses
     from fpewiden.convert import convert as run_convert
 
@@ -247,8 +250,10 @@ def convert(
         def step(name: str, done: int, total: int) -> None:
             bar.update(task, completed=done, total=total, description=f"converted {name}")
 
-        report = run_convert(src, out, opts, on_pair=step, force=force, clauses_path=clauses)
+        report = run_convert(src, out, opts, on_pair=step, force=force, clauses_path=clauses, packed=packed)
     console().print(convert_table(report))
+    if packed:
+        console().print(pack_table(report["packed"]))
     for warning in report["warnings"]:
         typer.echo(f"warning: {warning}", err=True)
     short = sum(r["short_neurons"] for r in report["layers"])
@@ -279,12 +284,15 @@ def inspect(
     Example:
       fpewiden inspect runs/small --json
     """
-    from fpewiden.console import console, inspect_table
+    from fpewiden.console import console, inspect_table, pack_table
     from fpewiden.inspect import inspect_checkpoint
 
     report = inspect_checkpoint(ckpt)
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    elif "matrices" in report:  # a packed checkpoint
+        typer.echo(f"{report['path']}: {report['what']}")
+        console().print(pack_table(report))
     else:
         console().print(inspect_table(report))
 
@@ -418,6 +426,60 @@ def run(
         if val is not None:
             overrides[key] = val
     run_recipe(load_recipe(recipe, overrides), out, force=force, inputs=[recipe_path(recipe)])
+
+
+@app.command(cls=PlainUsage, short_help="Store a pruned or FPE checkpoint packed, to run at its non-zero bytes.")
+@user_errors
+def pack(
+    src: Annotated[Path, typer.Argument(help="A checkpoint with zeros: MLP .safetensors/.pt or Hugging Face folder.")],
+    out: Annotated[Path, typer.Option("--out", help="Output .safetensors file (MLP) or folder (Hugging Face).")],
+    dtype: Annotated[
+        str | None, typer.Option(help="Values as fp32 | bf16 | fp16.", show_default="each matrix's own")
+    ] = None,
+    force: Annotated[bool, FORCE] = False,
+) -> None:
+    """Store every Linear weight that has zeros in its smallest packed format (a bitmask and the non-zeros, or,
+    for an FPE-widened incoming matrix, its parent's values and a child id per weight), so it runs at its
+    non-zero bytes: fpewiden.packed.load(OUT) returns a torch module on fpewiden's kernels.
+
+    \b
+    Example:
+      fpewiden pack runs/small --out runs/small-packed
+    """
+    from fpewiden.console import console, pack_table, progress_bar
+    from fpewiden.packed import kernels
+    from fpewiden.packed.file import pack_checkpoint
+
+    with progress_bar() as bar:
+        task = bar.add_task("packing", total=None)
+
+        def step(name: str, done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total, description=f"packed {name}")
+
+        report = pack_checkpoint(src, out, dtype, force, on_matrix=step)
+    console().print(pack_table(report))
+    reason = kernels.native_reason()
+    typer.echo(f"kernels: {kernels.path()}" if reason is None else f"kernels: {reason}; the pure-torch fallback runs")
+
+
+@app.command(cls=PlainUsage, short_help="Restore the dense checkpoint of a packed one, bit for bit.")
+@user_errors
+def unpack(
+    packed: Annotated[Path, typer.Argument(help="A packed checkpoint (fpewiden pack or convert --packed).")],
+    out: Annotated[Path, typer.Option("--out", help="Output .safetensors file (MLP) or folder (Hugging Face).")],
+    force: Annotated[bool, FORCE] = False,
+) -> None:
+    """Write the dense checkpoint back (every tensor bit for bit, unless pack cast its values with --dtype); a
+    Hugging Face folder that transformers' from_pretrained loads.
+
+    \b
+    Example:
+      fpewiden unpack runs/small-packed --out runs/small-dense
+    """
+    from fpewiden.packed.file import unpack_checkpoint
+
+    report = unpack_checkpoint(packed, out, force)
+    typer.echo(f"wrote {report['dst']} ({report['matrices']} packed matrices unpacked)")
 
 
 @app.command(cls=PlainUsage, short_help="Verified ONNX export (dense, sparse or fast layout).")

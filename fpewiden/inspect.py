@@ -9,6 +9,7 @@ from fpewiden.fpe.expand import count
 from fpewiden.interference import feature_capacity, mean_abs_cosine
 from fpewiden.io.checkpoint import open_checkpoint
 from fpewiden.io.metadata import FpeMetadata
+from fpewiden.packed.file import is_packed, read_packed
 
 
 def describe(meta: FpeMetadata, has_zeros: bool) -> str:
@@ -46,11 +47,35 @@ def describe(meta: FpeMetadata, has_zeros: bool) -> str:
     return what
 
 
+def inspect_packed(path: Path) -> dict:
+    """A packed checkpoint: what it is, and per Linear weight its format and the bytes it moves per inference."""
+    from fpewiden.io.safetensors_stream import DTYPES
+    from fpewiden.packed.format import dense_bytes
+
+    pc = read_packed(path)
+    rows = []
+    for name, e in pc.entries.items():
+        arrays = e.arrays(name)
+        stored = sum(pc.headers[t].entries[t].end - pc.headers[t].entries[t].start for r, t in arrays.items()
+                     if r != "negzero")  # fmt: skip
+        pad = 16 * DTYPES[e.dtype].itemsize  # format.PAD values, never read as weights
+        rows.append({"name": name, "format": e.format, "shape": [e.rows, e.cols], "dtype": e.dtype, "nnz": e.nnz,
+                     "dense_bytes": dense_bytes(e.rows, e.cols, DTYPES[e.source_dtype]),
+                     "packed_bytes": stored - pad})  # fmt: skip
+    d, p = sum(r["dense_bytes"] for r in rows), sum(r["packed_bytes"] for r in rows)
+    what = "packed: " + describe(pc.meta, True)
+    return {"path": str(path), "dst": str(path), "kind": pc.kind, "what": what, "matrices": rows,
+            "dense_bytes": d, "packed_bytes": p, "fpewiden": {k: v for k, v in pc.meta.public().items()
+                                                                if k not in {"layers", "pairs"}}}  # fmt: skip
+
+
 def inspect_checkpoint(path: Path) -> dict:
     """A JSON-ready report. Per layer: the incoming matrices' non-zeros (gate and up together for gated MLPs)
     and the outgoing matrix's, as `convert` reports them; density over both. Totals count each matrix once (in a
     chain a hidden layer's outgoing matrix is the next one's incoming). Interference metrics are measured on the
     first incoming matrix (gated MLPs: the gate projection; both read the same inputs)."""
+    if is_packed(path):
+        return inspect_packed(path)
     ck = open_checkpoint(path)
     meta = ck.meta
     before = {r["name"]: r["neurons_before"] for r in meta.layers or []}

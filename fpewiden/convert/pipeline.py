@@ -212,9 +212,13 @@ def convert(
     force: bool = False,
     clauses_path: Path | None = None,
     transform: PairTransform | None = None,
+    packed: bool = False,
 ) -> dict:
     """Convert `src` into `dst`; returns a report (per layer neurons and non-zeros, totals, metadata).
-    `on_pair(name, bytes done, bytes in all)` is called after each pair."""
+    `on_pair(name, bytes done, bytes in all)` is called after each pair. `packed`: write the packed checkpoint
+    (fpewiden/packed/file.py) instead of the dense one."""
+    if packed:
+        return _convert_packed(src, dst, opts, on_pair, force, clauses_path, transform)
     opts.validate()
     ck = open_checkpoint(src)
     calib = [Path(opts.calibration.data)] if opts.calibration and Path(opts.calibration.data).is_file() else []
@@ -270,3 +274,24 @@ def convert(
             write_hf_extras(ck, tmp, config)
             mark_dir(tmp, provenance)
     return {"src": str(src), "dst": str(dst), **report, "metadata": meta.public()}
+
+
+def _convert_packed(src, dst, opts, on_pair, force, clauses_path, transform) -> dict:
+    """Convert into a stage beside `dst`, then pack the stage into `dst`: the dense α× output exists only for as
+    long as packing it takes (bench/results/convert_speed measures what that costs)."""
+    import tempfile
+
+    from fpewiden.packed.file import pack_checkpoint
+
+    opts.validate()
+    calib = [Path(opts.calibration.data)] if opts.calibration and Path(opts.calibration.data).is_file() else []
+    inputs = [src, *([clauses_path] if clauses_path else []), *calib]
+    provenance = Provenance("convert", lambda: open_checkpoint(src).sha256())
+    check_outputs([dst], inputs, force, provenance=provenance)
+    suffix = ".safetensors" if dst.suffix == ".safetensors" else ""
+    with tempfile.TemporaryDirectory(prefix=f".{dst.name}.dense.", dir=dst.parent) as stage:
+        dense = Path(stage) / f"converted{suffix}"
+        report = convert(src, dense, opts, on_pair, False, clauses_path, transform)
+        provenance.known(report["metadata"]["source_sha256"])
+        packing = pack_checkpoint(dense, dst, force=True, provenance=provenance, inputs=[*inputs, dense])
+    return {**report, "dst": str(dst), "packed": packing}

@@ -115,8 +115,18 @@ def _split_masks(ck: Checkpoint, tensors: dict[str, torch.Tensor] | None) -> Non
             d.pop(name, None)
 
 
+def _packed_error(path: Path) -> FpewidenError:
+    """A packed checkpoint (fpewiden/packed/file.py) where a dense one is read."""
+    return FpewidenError(
+        f"{path} is a packed checkpoint: run it with fpewiden.packed.load, or get the dense one back with "
+        f"fpewiden unpack {path} --out DENSE"
+    )
+
+
 def _open_safetensors_file(path: Path) -> Checkpoint:
     header = read_header(path)
+    if "fpewiden.packed" in header.metadata:
+        raise _packed_error(path)
     ck = Checkpoint(
         path=path,
         kind="mlp",
@@ -206,6 +216,8 @@ def _open_hf_dir(path: Path) -> Checkpoint:
         files = sorted(set(weight_map.values()))
     elif (path / "model.safetensors").is_file():
         files = ["model.safetensors"]
+    elif (path / "model.packed.safetensors").is_file() or (path / "model.packed.safetensors.index.json").is_file():
+        raise _packed_error(path)
     else:
         raise FpewidenError(
             f"{path} has no model.safetensors or model.safetensors.index.json "

@@ -1,4 +1,5 @@
-"""Build the packed kernels (csrc/) against the installed torch: `python -m fpewiden.packed.build`.
+"""Build the packed kernels (csrc/) against the installed torch: `python -m fpewiden.packed.build [-f] [-v]`
+(-f rebuilds an up-to-date library, -v shows the compiler).
 
 scripts/setup.sh runs it after installing fpewiden, with the system C++ compiler (torch.utils.cpp_extension and
 ninja; nothing is downloaded). Every ISA variant is compiled into one library and chosen at run time from the
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -69,7 +71,9 @@ def build(verbose: bool = False) -> Path:
         shutil.rmtree(work)
     work.mkdir(parents=True)
     cmd = [sys.executable, "-m", "fpewiden.packed.build", "--compile", str(work), *(["-v"] if verbose else [])]
-    res = subprocess.run(cmd, capture_output=not verbose, text=True)
+    env = dict(os.environ)  # the environment's own bin (pip's ninja) before the system's
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    res = subprocess.run(cmd, capture_output=not verbose, text=True, env=env)
     if res.returncode:
         tail = (res.stderr or res.stdout or "").strip().splitlines()
         raise RuntimeError(tail[-1] if tail else f"the compiler failed (exit {res.returncode})")
@@ -82,6 +86,12 @@ def build(verbose: bool = False) -> Path:
 def main() -> int:
     if "--compile" in sys.argv:
         _compile(Path(sys.argv[sys.argv.index("--compile") + 1]), "-v" in sys.argv)
+        return 0
+    import torch
+
+    built = stamp() or {}
+    if library().is_file() and built == {"torch": torch.__version__, "sources": source_hash()} and "-f" not in sys.argv:
+        print(f"setup: packed kernels up to date: {library()}")
         return 0
     try:
         path = build(verbose="-v" in sys.argv)

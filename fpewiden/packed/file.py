@@ -131,18 +131,21 @@ def pack_checkpoint(
     dtype: str | None = None,
     force: bool = False,
     on_matrix: Callable[[str, int, int], None] | None = None,
+    provenance: Provenance | None = None,
+    inputs: list[Path] | None = None,
 ) -> dict:
     """Write the packed form of `src` to `dst`; returns per-matrix formats and bytes. `dtype`: fp32, bf16 or fp16
-    values (None: each matrix keeps its own). `on_matrix(name, done, total)` after each candidate matrix."""
+    values (None: each matrix keeps its own). `on_matrix(name, done, total)` after each candidate matrix.
+    `provenance`: what the output records (default: pack, from `src`); `inputs`: what no output may touch."""
     if dtype is not None and dtype not in fmt.DTYPES:
         raise FpewidenError(f"--dtype {dtype!r}: choose fp32, bf16 or fp16")
-    ck = open_checkpoint(src)
     if is_packed(src):
         raise FpewidenError(f"{src} is packed already")
+    ck = open_checkpoint(src)
     if ck.kind == "mlp" and dst.suffix != ".safetensors":
         raise FpewidenError(f"--out {dst}: a packed MLP is one .safetensors file; name the output *.safetensors")
-    provenance = Provenance("pack", ck.sha256)
-    check_outputs([dst], [src], force, provenance=provenance)
+    provenance = provenance or Provenance("pack", ck.sha256)
+    check_outputs([dst], inputs or [src], force, provenance=provenance)
     value_dtype = fmt.DTYPES[dtype] if dtype else None
     kinds = candidates(ck)
     widened = _widened(ck)

@@ -1,0 +1,304 @@
+"""Packed weights: formats bit-exact both ways, every kernel path against the dense reference, the op under
+torch.compile, packed checkpoints on disk (MLP and Hugging Face), the loader, bad files, the fallback."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from fpewiden.cli import app
+from fpewiden.convert import Budget, ConvertOptions, convert
+from fpewiden.errors import FpewidenError
+from fpewiden.model.loaded import load_model
+from fpewiden.packed import format as fmt
+from fpewiden.packed import kernels
+from fpewiden.packed.file import pack_checkpoint, read_packed, unpack_checkpoint
+from fpewiden.packed.ops import PackedLinear
+from tests.helpers import tiny_bert, tiny_causal, write_mlp
+
+runner = CliRunner()
+PATHS = kernels.available()  # every compiled ISA this CPU runs, and the pure-torch fallback
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def sparse(rows: int, cols: int, density: float, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * (torch.rand(rows, cols, generator=g) < density)
+    if rows > 3:
+        w[1] = 0  # an empty row
+    return w
+
+
+def widened(parents: int, cols: int, alpha: int, keep: float = 0.8, seed: int = 0) -> torch.Tensor:
+    """An FPE incoming matrix: each parent weight in one child (or pruned), children parent-major."""
+    g = torch.Generator().manual_seed(seed)
+    child = torch.randint(alpha, (parents, cols), generator=g)
+    values = torch.randn(parents, cols, generator=g) * (torch.rand(parents, cols, generator=g) < keep)
+    w = torch.zeros(parents, alpha, cols)
+    w.scatter_(1, child.unsqueeze(1), values.unsqueeze(1))
+    return w.view(parents * alpha, cols)
+
+
+def bits_of(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.uint8)
+
+
+# ---------------------------------------------------------------- formats
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 70), st.integers(1, 150), st.floats(0.0, 1.0), st.sampled_from(DTYPES), st.integers(0, 99))
+def test_bitmask_round_trip_is_bit_exact(rows, cols, density, dtype, seed):
+    w = sparse(rows, cols, density, seed).to(dtype)
+    w[0, : cols // 2] = -0.0  # the sign of a zero survives
+    pm = fmt.pack_bitmask(w)
+    assert pm.nnz == int((w != 0).sum()) and pm.row_ptr[-1] == pm.nnz
+    assert pm.values.numel() == pm.nnz + fmt.PAD and pm.bits.numel() == rows * pm.stride and pm.stride % 8 == 0
+    assert torch.equal(bits_of(fmt.unpack(pm)), bits_of(w))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 20), st.integers(1, 140), st.integers(2, 4), st.floats(0.0, 1.0), st.sampled_from(DTYPES))
+def test_parent_round_trip_is_bit_exact(parents, cols, alpha, keep, dtype):
+    w = widened(parents, cols, alpha, keep).to(dtype)
+    pm = fmt.pack_parent(w, alpha)
+    assert pm is not None and pm.planes == (1 if alpha == 2 else 2) and pm.nnz == parents * cols
+    assert torch.equal(bits_of(fmt.unpack(pm)), bits_of(w))
+
+
+def test_parent_refuses_what_is_not_a_partition():
+    w = widened(4, 16, 2)
+    w[1, 3] = w[0, 3] = 1.0  # input 3 feeds both children of parent 0
+    assert fmt.pack_parent(w, 2) is None
+    assert fmt.pack_parent(widened(4, 16, 2), 5) is None  # α outside 2..4
+
+
+def test_the_smallest_format_wins_and_dense_stays_dense():
+    assert fmt.best(torch.randn(32, 64)) is None  # no zeros: nothing is smaller than dense
+    assert fmt.best(sparse(32, 64, 0.5)).format == "bitmask"
+    # a pure partition (budget same, tied outgoing): the parent's values + 1 bit beat a bit per widened weight
+    pm = fmt.best(widened(32, 64, 2, keep=1.0), alpha=2)
+    assert pm.format == "parent" and pm.nbytes < fmt.pack_bitmask(widened(32, 64, 2, keep=1.0)).nbytes
+    assert pm.nbytes == pytest.approx(32 * 64 * 4 * (1 + 1 / 32), rel=1e-9)  # 1.03× the parent's bytes
+
+
+# ---------------------------------------------------------------- kernels against the dense reference
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_kernel_path_matches_the_dense_reference(path, dtype):
+    g = torch.Generator().manual_seed(1)
+    cases = [fmt.pack_bitmask(sparse(r, c, d).to(dtype)) for r, c, d in ((37, 53, 0.5), (5, 300, 0.3), (1, 1, 1.0))]
+    cases += [fmt.pack_parent(widened(p, c, a).to(dtype), a) for p, c, a in ((7, 33, 2), (3, 70, 3), (4, 17, 4))]
+    for pm in cases:
+        bias = torch.randn(pm.rows, generator=g)
+        layer = PackedLinear(pm, bias, kernel=path)
+        ref_w = fmt.unpack(pm).double()
+        for batch in (1, 3, 9, 70):
+            x = torch.randn(batch, pm.cols, generator=g)
+            ref = x.double() @ ref_w.T + bias.double()
+            for mode in ("gemv", "spmm", "dense") if path != "torch" else (None,):
+                y = layer(x, mode=mode)
+                err = float((y.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+                assert err < 1e-5, (pm.format, pm.rows, pm.cols, batch, mode, err)
+
+
+def test_the_op_traces_under_torch_compile():
+    if "avx512" not in PATHS and "avx2" not in PATHS and "portable" not in PATHS:
+        pytest.skip("no compiled kernels on this machine")
+    layer = PackedLinear(fmt.pack_bitmask(sparse(24, 40, 0.5)), torch.randn(24), kernel="portable")
+    x = torch.randn(4, 40)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    assert torch.allclose(compiled(x), layer(x))
+
+
+def test_the_environment_forces_a_path(monkeypatch):
+    monkeypatch.setenv(kernels.ENV, "torch")
+    assert kernels.path() == "torch"
+    assert PackedLinear(fmt.pack_bitmask(sparse(8, 16, 0.5))).kernel == "torch"
+    monkeypatch.setenv(kernels.ENV, "sse9")
+    with pytest.raises(FpewidenError, match="choose one of"):
+        kernels.path()
+
+
+def test_without_the_library_the_fallback_runs_and_says_so_once(tmp_path):
+    """A machine without a compiler: no library, so one line on stderr and dense execution, never a crash."""
+    code = (
+        f"import torch, fpewiden.packed.build as b; from pathlib import Path; b.BUILD = Path({str(tmp_path)!r});"
+        "from fpewiden.packed import format as f, ops, kernels;"
+        "m = ops.PackedLinear(f.pack_bitmask(torch.eye(4))); m2 = ops.PackedLinear(f.pack_bitmask(torch.eye(4)));"
+        "print(m.kernel, float((m(torch.ones(1, 4)) - 1).abs().max()))"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["torch", "0.0"]
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "running the pure-torch fallback" in lines[0] and "not built" in lines[0]
+
+
+# ---------------------------------------------------------------- packed checkpoints
+
+
+def mlp_pair(tmp_path: Path) -> tuple[Path, Path]:
+    src = write_mlp(tmp_path / "m.safetensors", widths=(40, 24, 10))
+    fpe = tmp_path / "fpe.safetensors"
+    convert(src, fpe, ConvertOptions(alpha=2, outgoing="tied"))  # incoming: a pure partition (parent format)
+    return src, fpe
+
+
+def test_pack_and_unpack_an_mlp_bit_for_bit(tmp_path):
+    src, fpe = mlp_pair(tmp_path)
+    pruned = tmp_path / "half.safetensors"
+    convert(src, pruned, ConvertOptions(alpha=1, budget=Budget.parse("0.5")))
+    for ckpt, formats in ((pruned, {"bitmask"}), (fpe, {"parent", "dense"})):
+        out = tmp_path / f"{ckpt.stem}.packed.safetensors"
+        report = pack_checkpoint(ckpt, out)
+        assert {m["format"] for m in report["matrices"]} == formats
+        assert report["packed_bytes"] < report["dense_bytes"]
+        module = __import__("fpewiden.packed", fromlist=["load"]).load(out)
+        ref = load_model(ckpt).model.eval()
+        x = torch.randn(6, 40)
+        with torch.no_grad():
+            assert torch.allclose(module(x), ref(x), atol=1e-5, rtol=1e-5)
+        back = tmp_path / f"{ckpt.stem}.back.safetensors"
+        unpack_checkpoint(out, back)
+        a, b = load_file(ckpt), load_file(back)
+        assert a.keys() == b.keys() and all(torch.equal(bits_of(a[k]), bits_of(b[k])) for k in a)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama", "gpt2"])
+def test_pack_a_transformers_model_and_generate(tmp_path, family):
+    src = tiny_bert(tmp_path / "src", dropout=0.0) if family == "bert" else tiny_causal(tmp_path / "src", family)
+    half = tmp_path / "half"
+    convert(src, half, ConvertOptions(alpha=2, budget=Budget.parse("0.5")))
+    res = runner.invoke(app, ["pack", str(half), "--out", str(tmp_path / "packed")])
+    assert res.exit_code == 0, res.output
+    assert not (tmp_path / "packed" / "model.safetensors").exists()  # transformers cannot half-load it by mistake
+    from fpewiden import packed
+
+    model = packed.load(tmp_path / "packed")
+    ref = load_model(half, head=True).model.eval()
+    assert type(model) is type(ref)
+    n_packed = sum(type(m).__name__ == "PackedLinear" for m in model.modules())
+    assert n_packed == 3 * 2 if family == "llama" else n_packed == 2 * 2
+    ids = torch.randint(5, 90, (2, 7))
+    with torch.no_grad():
+        a, b = model(input_ids=ids), ref(input_ids=ids)
+    ka = a.logits if hasattr(a, "logits") else a.last_hidden_state
+    kb = b.logits if hasattr(b, "logits") else b.last_hidden_state
+    assert torch.allclose(ka, kb, atol=1e-5, rtol=1e-4)
+    if family != "bert":
+        gen = model.generate(ids[:1], max_new_tokens=4, do_sample=False)
+        assert torch.equal(gen, ref.generate(ids[:1], max_new_tokens=4, do_sample=False))
+    res = runner.invoke(app, ["unpack", str(tmp_path / "packed"), "--out", str(tmp_path / "back")])
+    assert res.exit_code == 0, res.output
+    a, b = load_file(half / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(bits_of(a[k]), bits_of(b[k])) for k in a)
+    import transformers
+
+    transformers.AutoModel.from_pretrained(str(tmp_path / "back"))  # an ordinary folder again
+
+
+def test_bf16_values_halve_the_bytes(tmp_path):
+    _, fpe = mlp_pair(tmp_path)
+    r32 = pack_checkpoint(fpe, tmp_path / "a.safetensors")
+    r16 = pack_checkpoint(fpe, tmp_path / "b.safetensors", dtype="bf16")
+    packed32 = sum(m["packed_bytes"] for m in r32["matrices"] if m["format"] != "dense")
+    packed16 = sum(m["packed_bytes"] for m in r16["matrices"] if m["format"] != "dense")
+    assert packed16 < 0.55 * packed32
+    assert read_packed(tmp_path / "b.safetensors").entries["0.weight"].dtype == "BF16"
+
+
+def test_cli_pack_inspect_and_convert_packed(tmp_path):
+    src, fpe = mlp_pair(tmp_path)
+    res = runner.invoke(app, ["pack", str(fpe), "--out", str(tmp_path / "p.safetensors")])
+    assert res.exit_code == 0 and "parent" in res.stdout and "kernels:" in res.stdout, res.output
+    res = runner.invoke(app, ["inspect", str(tmp_path / "p.safetensors"), "--json"])
+    report = json.loads(res.stdout)
+    assert report["what"].startswith("packed: widened by FPE") and report["packed_bytes"] < report["dense_bytes"]
+    res = runner.invoke(app, ["pack", str(tmp_path / "p.safetensors"), "--out", str(tmp_path / "q.safetensors")])
+    assert res.exit_code == 2 and "packed already" in res.stderr
+    res = runner.invoke(
+        app, ["finetune", str(tmp_path / "p.safetensors"), "--data", "digits", "--out", str(tmp_path / "f")]
+    )
+    assert res.exit_code == 2 and "is a packed checkpoint" in res.stderr and "fpewiden unpack" in res.stderr
+    out = tmp_path / "c.safetensors"
+    res = runner.invoke(app, ["convert", str(src), "--out", str(out), "--alpha", "1", "--budget", "0.5", "--packed"])
+    assert res.exit_code == 0, res.output
+    assert read_packed(out).meta.alpha == 1 and not [p for p in tmp_path.iterdir() if p.name.startswith(".c.")]
+    res = runner.invoke(app, ["convert", str(src), "--out", str(out), "--alpha", "2", "--packed"])  # same source
+    assert res.exit_code == 0, res.output
+
+
+# ---------------------------------------------------------------- bad packed files: one line, never a crash
+
+
+def corruptions(path: Path) -> list[tuple[str, bytes]]:
+    data = path.read_bytes()
+    (n,) = __import__("struct").unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    meta = header["__metadata__"]
+    entries = json.loads(meta["fpewiden.packed"])
+    name = next(iter(entries))
+    out = [("truncated", data[: len(data) // 2]), ("empty", b""), ("header only", data[: 8 + n])]
+
+    def with_entry(**change) -> bytes:
+        e = dict(entries)
+        e[name] = {**e[name], **change}
+        h = dict(header, __metadata__={**meta, "fpewiden.packed": json.dumps(e)})
+        blob = json.dumps(h).encode()
+        blob += b" " * (-len(blob) % 8)
+        return len(blob).to_bytes(8, "little") + blob + data[8 + n :]
+
+    out += [("rows", with_entry(rows=10**6)), ("nnz", with_entry(nnz=3)), ("stride", with_entry(stride=8 * 999))]
+    out += [("format", with_entry(format="csr")), ("alpha", with_entry(format="parent", alpha=9))]
+    bits_name = f"fpewiden_packed.bits.{name}"
+    start = 8 + n + header[bits_name]["data_offsets"][0]
+    flipped = bytearray(data)
+    flipped[start] ^= 0x01  # one bit more or less than the row offsets say
+    out.append(("flipped bit", bytes(flipped)))
+    return out
+
+
+def test_corrupt_packed_files_are_one_line(tmp_path):
+    src, _ = mlp_pair(tmp_path)
+    half = tmp_path / "half.safetensors"
+    convert(src, half, ConvertOptions(alpha=1, budget=Budget.parse("0.5")))
+    good = tmp_path / "good.safetensors"
+    pack_checkpoint(half, good)
+    for what, blob in corruptions(good):
+        bad = tmp_path / "bad.safetensors"
+        bad.write_bytes(blob)
+        res = runner.invoke(app, ["inspect", str(bad)])
+        assert res.exit_code == 2, (what, res.output)
+        lines = [line for line in res.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: "), (what, res.stderr)
+        with pytest.raises(FpewidenError):
+            __import__("fpewiden.packed", fromlist=["load"]).load(bad)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.integers(0, 10**6), st.integers(0, 255))
+def test_random_byte_flips_never_crash(tmp_path, where, value):
+    src = write_mlp(tmp_path / "m.safetensors", widths=(20, 12, 4))
+    half = tmp_path / "h.safetensors"
+    if not half.exists():
+        convert(src, half, ConvertOptions(alpha=1, budget=Budget.parse("0.5")))
+        pack_checkpoint(half, tmp_path / "g.safetensors")
+    data = bytearray((tmp_path / "g.safetensors").read_bytes())
+    data[where % len(data)] = value
+    (tmp_path / "x.safetensors").write_bytes(bytes(data))
+    try:
+        module = __import__("fpewiden.packed", fromlist=["load"]).load(tmp_path / "x.safetensors")
+    except FpewidenError:
+        return
+    module(torch.randn(2, 20))  # whatever survived the checks runs in bounds
