@@ -16,7 +16,7 @@ from fpewiden.io.outputs import check_outputs
 from fpewiden.io.provenance import Provenance, digest
 from fpewiden.train.trainer import resolve_device
 
-ENGINES = ("torch", "ort")
+ENGINES = ("torch", "ort", "packed")
 
 
 def _ints(flag: str, text: str) -> list[int]:
@@ -77,7 +77,7 @@ def bench_command(
     engine_list = [e.strip() for e in engines.split(",") if e.strip()]
     bad = [e for e in engine_list if e not in ENGINES]
     if bad or not engine_list:
-        raise FpewidenError(f"--engines: unknown engine {bad[0] if bad else ''!r}; choose from torch, ort")
+        raise FpewidenError(f"--engines: unknown engine {bad[0] if bad else ''!r}; choose from {', '.join(ENGINES)}")
     sizes = _ints("--batch-sizes", batch_sizes)
     lens = _ints("--seq-len", seq_lens)
     if repeat < 0 or warmup < 0 or threads < 1:

@@ -9,6 +9,9 @@ paper's deployment premise). Biases and other 1-D tensors are stored dense fp32 
   block: the fast export layout of converted pairs (export/fast.py): grouped incoming as dense blocks (their
     entries + int32 gather indices), tied outgoing as one column per parent, grouped outgoing as one child per
     (output, parent); other matrices dense fp32. Only where a conversion has such a structure;
+  packed: what `fpewiden pack` stores and its kernels read (fpewiden/packed/format.py): per matrix the smaller of
+    a padded bitmask with row offsets and, for FPE-widened incoming matrices, the parent layout; dense where
+    neither is smaller. The format bench's `packed` engine runs;
   parent: FPE-aware storage of converted pairs: each incoming matrix as its parent's dense values plus a child id
     per weight (⌈log2 α⌉ bits; the children of a parent partition its row), tied outgoing as one column per
     parent, other outgoing matrices in their smallest exact format; other matrices dense fp32. At α=2 a
@@ -26,7 +29,7 @@ import torch
 
 from fpewiden.export.fast import Structure
 
-FORMATS = ("dense_fp32", "dense_fp16", "dense_bf16", "csr_idx32", "csr_idx16", "bitmask", "block", "parent")
+FORMATS = ("dense_fp32", "dense_fp16", "dense_bf16", "csr_idx32", "csr_idx16", "bitmask", "block", "parent", "packed")
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,7 @@ def model_bytes(
     masks: dict[str, torch.Tensor],
     vectors: int,
     pairs: list[PairLayout] | None = None,
+    packed: int | None = None,
 ) -> dict[str, int | None]:
     """Total bytes per format. `masks`: every weight matrix's mask (tied ones at their deployed size); `vectors`:
     entries of 1-D tensors (biases, stored dense fp32); `pairs`: converted pairs, for the block and parent formats.
@@ -98,7 +102,7 @@ def model_bytes(
     per = {n: matrix_bytes(m) for n, m in masks.items()}
     totals: dict[str, int | None] = {}
     for f in FORMATS:
-        if f in ("block", "parent"):
+        if f in ("block", "parent", "packed"):
             continue
         totals[f] = sum(b[f] if b[f] is not None else min(v for v in b.values() if v is not None) for b in per.values())
         totals[f] += vectors * 4
@@ -108,7 +112,16 @@ def model_bytes(
     blocks = [_block_pair(p, masks) for p in pairs]
     totals["block"] = rest + sum(blocks) if pairs and all(b is not None for b in blocks) else None
     totals["parent"] = rest + sum(_parent_pair(p, masks, per) for p in pairs) if pairs else None
+    totals["packed"] = packed + vectors * 4 if packed is not None else None
     return totals
+
+
+def packed_weight_bytes(masks: dict[str, torch.Tensor], alphas: dict[str, int]) -> int:
+    """The weight bytes of `fpewiden pack`'s output for these (stored, uncollapsed) masks; `alphas`: the
+    FPE-widened incoming matrices, which may take the parent layout."""
+    from fpewiden.packed.format import packed_bytes
+
+    return sum(packed_bytes(m, 4, alphas.get(n)) for n, m in masks.items())
 
 
 def best_format(totals: dict[str, int | None]) -> str:

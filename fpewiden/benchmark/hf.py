@@ -33,6 +33,8 @@ from fpewiden.benchmark.measure import (
 )
 from fpewiden.errors import FpewidenError
 from fpewiden.model.pooling import mean_pool
+from fpewiden.packed.file import widened_alphas
+from fpewiden.packed.format import packed_bytes
 
 EVAL_BATCH = 32
 PROBE_TRAIN = 3000
@@ -165,24 +167,31 @@ def group_of(name: str, ffn: set[str]) -> str:
     return "other"
 
 
-def grouped_bytes(masks: dict[str, torch.Tensor], vectors: int, ffn: set[str], pairs=None) -> dict:
-    """Bytes per group and format; `total` is what one inference reads: every group but the embedding tables."""
+def grouped_bytes(
+    masks: dict[str, torch.Tensor], vectors: int, ffn: set[str], pairs=None, packed: dict[str, int] | None = None
+) -> dict:
+    """Bytes per group and format; `total` is what one inference reads: every group but the embedding tables.
+    `packed`: each matrix's bytes in fpewiden's packed format."""
     groups: dict[str, dict[str, torch.Tensor]] = {g: {} for g in GROUPS}
     for n, m in masks.items():
         groups[group_of(n, ffn)][n] = m
     by = {}
+
+    def packed_sum(names) -> int | None:
+        return sum(packed[n] for n in names) if packed is not None else None
+
     for g, ms in groups.items():
         if ms:
             gp = [p for p in (pairs or []) if p.ins[0] in ms]
-            by[g] = model_bytes(ms, 0, gp or None)
+            by[g] = model_bytes(ms, 0, gp or None, packed_sum(ms))
     moved = {n: m for g, ms in groups.items() if g != "embeddings" for n, m in ms.items()}
-    return {"total": model_bytes(moved, vectors, pairs), "groups": by}
+    return {"total": model_bytes(moved, vectors, pairs, packed_sum(moved)), "groups": by}
 
 
 def _from_folder(path: Path, engines, device, tmp: Path, threads: int) -> tuple[MeasuredModel, Forward]:
     from fpewiden.arch import find_pairs
     from fpewiden.export.export import export
-    from fpewiden.model.loaded import load_model
+    from fpewiden.model.loaded import has_lm_head, load_model
 
     loaded = load_model(path, head=True)
     e = MeasuredModel(path)
@@ -195,11 +204,14 @@ def _from_folder(path: Path, engines, device, tmp: Path, threads: int) -> tuple[
         if head not in masks:
             table = next(n for n in masks if "embed_tokens" in n or n.endswith("wte.weight"))
             masks[head] = masks[table]
+    alphas = widened_alphas(loaded.ck)
+    conv1d = (loaded.ck.config or {}).get("model_type") == "gpt2"  # Conv1D stores W transposed
+    packed = {n: packed_bytes(m.T if conv1d else m, 4, alphas.get(n)) for n, m in masks.items()}
     layouts, masks = pair_layouts(loaded, masks)
     fast = bool(layouts) and all(p.structure is not None for p in layouts)
     vectors = sum(t.numel() for t in tensors.values() if t.dim() == 1 and t.is_floating_point())
     meta = loaded.ck.meta
-    b = grouped_bytes(masks, vectors, ffn, layouts)
+    b = grouped_bytes(masks, vectors, ffn, layouts, packed)
     e.info.update(
         kind="hf",
         neurons=sum(loaded.ck.shapes[p.in_weights[0]][1 if p.transposed else 0] for p in find_pairs(loaded.ck)),
@@ -219,17 +231,40 @@ def _from_folder(path: Path, engines, device, tmp: Path, threads: int) -> tuple[
         sess = ort_session(onnx_path, threads, device)
         e.runners["ort"] = lambda feeds, s=sess: s.run(None, {i.name: feeds[i.name] for i in s.get_inputs()})
     model = loaded.model.eval().to(device)
+    causal = has_lm_head(loaded.ck.config or {})
+    if "packed" in engines:
+        from fpewiden.packed import kernels
+        from fpewiden.packed.swap import pack_linears
+
+        twin = copy.deepcopy(model).cpu()  # the packed kernels run on the CPU
+        pack_linears(twin, _twin_alphas(model, twin, loaded.param_of, alphas))
+        e.info["packed_kernel"] = kernels.path()
+        e.runners["packed"] = _torch_runner(twin, torch.device("cpu"))
+        if causal:
+            e.decoders["packed"] = twin
     if "torch" in engines:
-
-        def run(feeds: dict[str, np.ndarray], model=model):
-            with torch.inference_mode():
-                out = model(**{k: torch.from_numpy(v).to(device) for k, v in feeds.items()})
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                return out
-
-        e.runners["torch"] = run
+        e.runners["torch"] = _torch_runner(model, device)
+        if causal:
+            e.decoders["torch"] = model
     return e, Forward(torch_model=model)
+
+
+def _torch_runner(model, device: torch.device):
+    def run(feeds: dict[str, np.ndarray]):
+        with torch.inference_mode():
+            out = model(**{k: torch.from_numpy(v).to(device) for k, v in feeds.items()})
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return out
+
+    return run
+
+
+def _twin_alphas(model, twin, param_of: dict, alphas: dict[str, int]) -> dict[int, int]:
+    """α of the FPE-widened incoming matrices, keyed by the copy's parameters (pack_linears' key)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    params = dict(twin.named_parameters())
+    return {id(params[names[id(param_of[n])]]): a for n, a in alphas.items() if id(param_of.get(n)) in names}
 
 
 def _from_onnx(path: Path, engines, device, threads: int) -> tuple[MeasuredModel, Forward]:
@@ -335,4 +370,52 @@ def bench(
             e.info["metrics"] = metrics(out, ref, probe, data.labels)
         vocab = min([len(tok), *((json_config(p) or {}).get("vocab_size", len(tok)) for p in paths if p.is_dir())])
         time_entries(entries, workloads(batch_sizes, seq_lens, vocab), repeat, warmup, say)
-    return summarise(entries, threads)
+        time_decode(entries, vocab, say)
+    rows = summarise(entries, threads)
+    for row, e in zip(rows, entries, strict=True):
+        if "decode" in e.info:
+            row["decode"] = e.info["decode"]
+    return rows
+
+
+DECODE_TOKENS = 32  # greedy tokens generated after a 16-token prompt, batch 1, KV cache on
+DECODE_ROUNDS = 5
+
+
+def time_decode(entries: list[MeasuredModel], vocab: int, say: Callable[[str], None]) -> None:
+    """Decode speed of causal LMs: tokens per second of `generate`, batch 1, round-robin over models and engines,
+    median of DECODE_ROUNDS (after one untimed run each)."""
+    import statistics
+    import time
+
+    jobs = [(e, eng, m) for e in entries for eng, m in e.decoders.items()]
+    if not jobs:
+        return
+    say(f"timing decode: {len(jobs)} model×engine runs × {DECODE_ROUNDS} rounds of {DECODE_TOKENS} tokens")
+    prompt = torch.randint(vocab, (1, 16), generator=torch.Generator().manual_seed(0))
+
+    def generate(m) -> None:
+        with torch.inference_mode():
+            m.generate(
+                prompt.to(m.device),
+                max_new_tokens=DECODE_TOKENS, min_new_tokens=DECODE_TOKENS, do_sample=False,
+                pad_token_id=m.config.eos_token_id if m.config.eos_token_id is not None else 0,
+            )  # fmt: skip
+
+    for _, _, m in jobs:
+        generate(m)
+    times: dict[tuple[int, str], list[float]] = {(id(e), eng): [] for e, eng, _ in jobs}
+    for _ in range(DECODE_ROUNDS):
+        for e, eng, m in jobs:
+            t = time.perf_counter()
+            generate(m)
+            times[(id(e), eng)].append(time.perf_counter() - t)
+    for e, eng, _ in jobs:
+        med = statistics.median(times[(id(e), eng)])
+        e.info.setdefault("decode", {})[eng] = {
+            "tokens_per_sec": DECODE_TOKENS / med,
+            "median_s": med,
+            "new_tokens": DECODE_TOKENS,
+            "prompt_tokens": 16,
+            "batch": 1,
+        }

@@ -21,8 +21,7 @@ import torch
 from fpewiden.benchmark.formats import best_format
 from fpewiden.errors import FpewidenError
 
-ENGINES = ("torch", "ort")
-SPARSE_ENGINES = ("torch-2:4",)  # engines that run a sparse kernel
+SPARSE_ENGINES = ("torch-2:4", "packed")  # engines that run a sparse kernel
 
 
 def rss_mb() -> float:
@@ -35,6 +34,7 @@ class MeasuredModel:
     path: Path
     runners: dict[str, Callable[[Any], Any]] = field(default_factory=dict)  # engine -> run(workload inputs)
     info: dict = field(default_factory=dict)
+    decoders: dict[str, Any] = field(default_factory=dict)  # engine -> a model with .generate (causal LMs)
 
 
 @dataclass(frozen=True)
@@ -173,12 +173,26 @@ def _shape(w: Workload) -> str:
     return f"batch {w.batch}" + (f" × {w.seq_len} tokens" if w.seq_len is not None else "")
 
 
-def sparse_path_note(latency: dict) -> str:
-    """Whether any timed engine ran a sparse kernel (today only torch's 2:4 semi-structured path on CUDA)."""
+def sparse_path_note(latency: dict, kernel: str | None = None) -> str:
+    """Which timed engines ran sparse kernels: `packed` (fpewiden's, on `kernel`) and torch's 2:4 path on CUDA."""
     ran = sorted({eng for eng, by_batch in latency.items() for v in by_batch.values() if v.get("sparse_path")})
+    if kernel == "torch" and "packed" in ran:  # the pure-torch fallback multiplies the unpacked matrices
+        ran.remove("packed")
     if ran:
-        return f"{', '.join(ran)} ran sparse kernels; the other engines multiply dense matrices"
+        where = f" ({kernel} kernels)" if "packed" in ran and kernel else ""
+        return f"{', '.join(ran)}{where} ran sparse kernels; torch and ONNX Runtime multiply dense matrices"
     return "no sparse kernel ran: torch multiplies dense matrices and ONNX Runtime densifies sparse initializers"
+
+
+def weight_bytes(info: dict, engine: str) -> int | None:
+    """The weight bytes an engine reads per call: dense fp32 for torch, the fast layout's where ONNX Runtime runs
+    it, the packed ones for `packed`."""
+    b = info["bytes"]
+    if engine == "packed":
+        return b.get("packed")
+    if engine == "ort" and info.get("ort_layout") == "fast":
+        return b.get("block")
+    return b.get("dense_fp32")
 
 
 GENERIC_NAMES = {"model", "models", "checkpoint", "ckpt", "out", "output", "export", "student", "final", "onnx"}
@@ -220,8 +234,13 @@ def summarise(entries: list[MeasuredModel], threads: int) -> list[dict]:
             "bound_vs_reference": ref["bytes"]["dense_fp32"] / i["bytes"][best],
             "latency": i.get("latency", {}),
             "threads": threads,
-            "sparse_path_note": sparse_path_note(i.get("latency", {})),
+            "sparse_path_note": sparse_path_note(i.get("latency", {}), i.get("packed_kernel")),
         }
+        for eng, lat in i.get("latency", {}).items():  # achieved weight bandwidth
+            moved = weight_bytes(i, eng)
+            for v in lat.values():
+                if moved:
+                    v["weight_gb_per_s"] = moved / (v["median_ms"] * 1e6)
         row["speedup_vs_reference"] = {  # the median of paired per-round ratios (time_entries)
             eng: {b: v["vs_reference"]["speedup"] for b, v in lat.items() if "vs_reference" in v}
             for eng, lat in i.get("latency", {}).items()

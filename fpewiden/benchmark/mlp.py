@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from fpewiden.arch import find_pairs
-from fpewiden.benchmark.formats import model_bytes, pair_layouts
+from fpewiden.benchmark.formats import model_bytes, packed_weight_bytes, pair_layouts
 from fpewiden.benchmark.measure import (
     MeasuredModel,
     Workload,
@@ -24,6 +24,7 @@ from fpewiden.benchmark.measure import (
 from fpewiden.data.labels import evaluate, metrics_from_logits
 from fpewiden.data.specs import Dataset
 from fpewiden.errors import FpewidenError
+from fpewiden.packed.file import widened_alphas
 
 
 def _check_width(entry: MeasuredModel, n_in: int, data: Dataset) -> None:
@@ -55,6 +56,8 @@ def _from_checkpoint(
     masks = {n: tr.masks.get(n, t != 0) for n, t in weights.items()}
     meta = tr.ck.meta
     pairs = find_pairs(tr.ck)
+    alphas = widened_alphas(tr.ck)
+    packed = packed_weight_bytes(masks, alphas)  # counted on the stored (uncollapsed) matrices, as pack stores them
     layouts, masks = pair_layouts(tr, masks)
     fast = bool(layouts) and all(p.structure is not None for p in layouts)
     vectors = sum(t.numel() for t in tensors.values() if t.dim() == 1)
@@ -63,7 +66,7 @@ def _from_checkpoint(
         neurons=sum(tensors[p.in_weights[0]].shape[0] for p in pairs),
         nnz=sum(int(torch.count_nonzero(m)) for m in masks.values()),
         params=sum(t.numel() for t in tensors.values()),
-        bytes=model_bytes(masks, vectors, layouts),
+        bytes=model_bytes(masks, vectors, layouts, packed),
         fpewiden={k: getattr(meta, k) for k in ("alpha", "split", "outgoing", "budget_spec") if getattr(meta, k)},
     )
     if "ort" in engines:  # exported from the model already loaded, before it moves to the device
@@ -86,7 +89,31 @@ def _from_checkpoint(
         e.runners["torch"] = run_torch
     if "torch" in engines and device.type == "cuda":
         _add_semi_structured(e, tr, masks, device)
+    if "packed" in engines:
+        _add_packed(e, tr, alphas)
     return e
+
+
+def _add_packed(e: MeasuredModel, tr, alphas: dict[str, int]) -> None:
+    """fpewiden's packed kernels on the same weights (CPU): every matrix in the format `fpewiden pack` picks."""
+    from fpewiden.packed import kernels
+    from fpewiden.packed.swap import packed_chain
+
+    model = tr.model
+    names = list(model.named_weights())
+    biases = iter(model.biases)
+    layers = [
+        (w.detach(), next(biases).detach() if has else None, alphas.get(n))
+        for n, w, has in zip(names, model.weights, model.has_bias, strict=True)
+    ]
+    chain, _ = packed_chain(layers, tr.activation)
+    e.info["packed_kernel"] = kernels.path()
+
+    def run(x: np.ndarray, chain=chain) -> np.ndarray:
+        with torch.inference_mode():
+            return chain(torch.from_numpy(x)).numpy()
+
+    e.runners["packed"] = run
 
 
 def _add_semi_structured(e: MeasuredModel, tr, masks: dict[str, torch.Tensor], device: torch.device) -> None:

@@ -69,6 +69,8 @@ def grid(rows: list[dict], detail: bool = False) -> tuple[str, list[str], list[l
     head = ["model", metric, *others, "neurons", "non-zeros", "dense fp32 bytes", "best format", "best bytes", "bound"]
     unit = "median ms [p10–p90] (speed-up, 95% interval)" if detail else "median ms (speed-up)"
     head += [f"{eng} {_workload(b)}: {unit}" for eng, b in lat_keys]
+    decoders = sorted({eng for r in rows for eng in r.get("decode", {})})
+    head += [f"{eng} decode, batch 1: tokens/s" for eng in decoders]
     cells = []
     for i, r in enumerate(rows):
         row = [
@@ -95,6 +97,9 @@ def grid(rows: list[dict], detail: bool = False) -> tuple[str, list[str], list[l
                 row.append(f"{lat['median_ms']:.3f} {spread} ({sp}{ci})")
             else:
                 row.append(f"{lat['median_ms']:.3f} ({sp})")
+        for eng in decoders:
+            d = r.get("decode", {}).get(eng)
+            row.append(f"{d['tokens_per_sec']:.1f}" if d else "-")
         cells.append(row)
     return metric, head, cells, set(front(rows, metric))
 

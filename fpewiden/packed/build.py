@@ -75,8 +75,9 @@ def build(verbose: bool = False) -> Path:
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     res = subprocess.run(cmd, capture_output=not verbose, text=True, env=env)
     if res.returncode:
-        tail = (res.stderr or res.stdout or "").strip().splitlines()
-        raise RuntimeError(tail[-1] if tail else f"the compiler failed (exit {res.returncode})")
+        lines = f"{res.stdout or ''}\n{res.stderr or ''}".strip().splitlines()
+        errors = [line for line in lines if "error" in line.lower() and "ninja" not in line.lower()]
+        raise RuntimeError((errors or lines or [f"the compiler failed (exit {res.returncode})"])[0])
     shutil.copy2(work / f"{NAME}.so", library())
     (BUILD / "stamp.json").write_text(json.dumps({"torch": torch.__version__, "sources": source_hash()}) + "\n")
     shutil.rmtree(work, ignore_errors=True)

@@ -96,7 +96,7 @@ def dense(entry: Entry, pm: fmt.PackedMatrix) -> torch.Tensor:
     return (w.T if entry.transposed else w).contiguous().reshape(entry.shape)
 
 
-def _widened(ck: Checkpoint) -> dict[str, int]:
+def widened_alphas(ck: Checkpoint) -> dict[str, int]:
     """FPE-widened incoming matrices whose every neuron has α children (the parent format's precondition) -> α."""
     meta = ck.meta
     if not meta.alpha or meta.alpha < 2 or not meta.pairs:
@@ -148,7 +148,7 @@ def pack_checkpoint(
     check_outputs([dst], inputs or [src], force, provenance=provenance)
     value_dtype = fmt.DTYPES[dtype] if dtype else None
     kinds = candidates(ck)
-    widened = _widened(ck)
+    widened = widened_alphas(ck)
     rows: list[dict] = []
     done = [0]
 

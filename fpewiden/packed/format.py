@@ -166,3 +166,16 @@ def best(w: torch.Tensor, dtype: torch.dtype | None = None, alpha: int | None = 
             candidates.append(parent)
     smallest = min(candidates, key=lambda pm: (pm.nbytes, FORMATS.index(pm.format)))
     return smallest if smallest.nbytes < dense_bytes(*w.shape, dtype) else None
+
+
+def packed_bytes(mask: torch.Tensor, itemsize: int = 4, alpha: int | None = None) -> int:
+    """Bytes per inference of a matrix with this non-zero mask as `best` would store it (dense where no packed
+    format is smaller), from the mask alone: what bench reports for models it has not packed."""
+    rows, cols = mask.shape
+    stride = bit_stride(cols)
+    sizes = [rows * cols * itemsize, int(mask.sum()) * itemsize + rows * stride + (rows + 1) * 8]
+    if alpha is not None and 2 <= alpha <= 4 and rows % alpha == 0:
+        parents = rows // alpha
+        if not bool((mask.view(parents, alpha, cols).sum(1) > 1).any()):
+            sizes.append(parents * cols * itemsize + planes_for(alpha) * parents * stride)
+    return min(sizes)

@@ -39,7 +39,8 @@ typedef struct FpwMatrix {
 typedef void (*FpwGemv)(const FpwMatrix* w, const float* x, int64_t ldx, int64_t batch, const float* bias, float* y,
                         int64_t ldy, int64_t u0, int64_t u1);
 // Token batches (prefill, encoders): the batch in SIMD lanes. xt is the inputs transposed (cols x ldxt), yt the
-// outputs transposed (rows x ldyt): yt[r * ldyt + b] for b < batch. Work is proportional to the non-zeros.
+// outputs transposed (rows x ldyt): yt[r * ldyt + b] for b < batch. ldxt and ldyt are multiples of 16 and xt's
+// lanes past the batch are zero (the kernels load whole vectors). Work is proportional to the non-zeros.
 typedef void (*FpwSpmm)(const FpwMatrix* w, const float* xt, int64_t ldxt, int64_t batch, const float* bias,
                         float* yt, int64_t ldyt, int64_t u0, int64_t u1);
 

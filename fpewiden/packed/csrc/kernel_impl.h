@@ -187,83 +187,106 @@ void gemv(const FpwMatrix* w, const float* x, int64_t ldx, int64_t batch, const 
 
 // ---------------------------------------------------------------- token batches: the batch in SIMD lanes
 
-// One output row over one tile of the batch: for each non-zero (column j, value v), out += v * xt[j, tile].
-// `K` registers of W lanes; `n` lanes used (K * W for a full tile). `val(idx)` reads the idx-th value, `word(k)`
-// the k-th 64-bit mask word of the row.
-template <int K, class Word, class Val>
-inline void spmm_row(int64_t words, const Word& word, const Val& val, const float* xt, int64_t ldxt, int n, float b,
-                     float* out) {
+// The inputs transposed (xt: cols rows of ldxt lanes, ldxt a multiple of W, zero-padded), the outputs likewise.
+// Columns are taken in blocks of 64 (one mask word) so the block of xt a row reads stays in L1, and a row's
+// partial sums (K registers) are added to yt block by block. Per non-zero: one broadcast and K multiply-adds on
+// lanes of K·W inputs; two sets of accumulators alternate non-zeros so the multiply-adds' latency is hidden.
+
+constexpr int64_t SPMM_ROWS = 16;
+
+template <int K, class Val>
+inline void spmm_word(uint64_t m, const Val& val, const float* xb, int64_t ldxt, float* out) {
   using reg = typename V::reg;
-  reg acc[K];
-  for (int k = 0; k < K; k++) acc[k] = V::zero();
-  const bool full = n == K * V::W;
+  if (!m) return;
+  reg a[K], b[K];
+  for (int k = 0; k < K; k++) {
+    a[k] = V::load(out + k * V::W);
+    b[k] = V::zero();
+  }
+  while (m) {
+    int j = __builtin_ctzll(m);
+    m &= m - 1;
+    reg v = V::set1(val(j));
+    const float* xr = xb + j * ldxt;
+    for (int k = 0; k < K; k++) a[k] = V::fma(v, V::load(xr + k * V::W), a[k]);
+    // K >= 4 registers are chains enough to hide a multiply-add's latency; fewer alternate with a second set
+    if (K >= 4 || !m) continue;
+    j = __builtin_ctzll(m);
+    m &= m - 1;
+    v = V::set1(val(j));
+    xr = xb + j * ldxt;
+    for (int k = 0; k < K; k++) b[k] = V::fma(v, V::load(xr + k * V::W), b[k]);
+  }
+  for (int k = 0; k < K; k++) V::store(out + k * V::W, K >= 4 ? a[k] : V::fma(V::set1(1.0f), a[k], b[k]));
+}
+
+template <int K, int DT>
+inline void spmm_block(const FpwMatrix& w, const float* xt, int64_t ldxt, const float* bias, float* yt, int64_t ldyt,
+                       int64_t u0, int64_t u1) {
+  const int64_t n = w.cols, words = (n + 63) / 64;
+  const int64_t A = w.format == FPW_PARENT ? w.alpha : 1;
+  int64_t next[SPMM_ROWS];
+  for (int64_t r = u0 * A; r < u1 * A; r++) {  // every output row starts at its bias
+    const typename V::reg b = V::set1(bias ? bias[r] : 0.0f);
+    for (int k = 0; k < K; k++) V::store(yt + r * ldyt + k * V::W, b);
+  }
+  if (w.format == FPW_BITMASK) {
+    for (int64_t r = u0; r < u1; r++) next[r - u0] = w.row_ptr[r];
+  }
+  const uint64_t last = (n % 64) ? ((uint64_t)1 << (n % 64)) - 1 : ~(uint64_t)0;
   for (int64_t wi = 0; wi < words; wi++) {
-    uint64_t m = word(wi);
-    while (m) {
-      const int64_t j = wi * 64 + __builtin_ctzll(m);
-      m &= m - 1;
-      const reg v = V::set1(val(j));
-      const float* xr = xt + j * ldxt;
-      if (full) {
-        for (int k = 0; k < K; k++) acc[k] = V::fma(v, V::load(xr + k * V::W), acc[k]);
-      } else {
-        for (int k = 0; k < K; k++) {
-          const int left = n - k * V::W;
-          if (left <= 0) break;
-          acc[k] = V::fma(v, left >= V::W ? V::load(xr + k * V::W) : V::load_n(xr + k * V::W, left), acc[k]);
+    const float* xb = xt + wi * 64 * ldxt;
+    if (w.format == FPW_BITMASK) {
+      for (int64_t r = u0; r < u1; r++) {
+        const uint64_t m = word_at(w.bits + r * w.stride + wi * 8);
+        int64_t p = next[r - u0];
+        auto val = [&p, &w](int) { return V::template scalar<DT>(w.values, p++); };
+        spmm_word<K>(m, val, xb, ldxt, yt + r * ldyt);
+        next[r - u0] = p;
+      }
+    } else {
+      const int64_t parents = w.rows / w.alpha;
+      for (int64_t i = u0; i < u1; i++) {
+        const uint64_t a = word_at(w.bits + i * w.stride + wi * 8);
+        const uint64_t b = w.planes > 1 ? word_at(w.bits + (parents + i) * w.stride + wi * 8) : 0;
+        const int64_t base = i * n + wi * 64;
+        auto val = [base, &w](int j) { return V::template scalar<DT>(w.values, base + j); };
+        for (int c = 0; c < w.alpha; c++) {
+          uint64_t m = (c & 1) ? a : ~a;
+          if (w.planes > 1) m &= (c & 2) ? b : ~b;
+          if (wi == words - 1) m &= last;
+          spmm_word<K>(m, val, xb, ldxt, yt + (i * w.alpha + c) * ldyt);
         }
       }
     }
   }
-  const reg bv = V::set1(b);
-  for (int k = 0; k < K; k++) {
-    const int left = n - k * V::W;
-    if (left <= 0) break;
-    const reg r = V::fma(V::set1(1.0f), acc[k], bv);
-    if (left >= V::W)
-      V::store(out + k * V::W, r);
-    else
-      V::store_n(out + k * V::W, r, left);
-  }
+}
+
+// Rows in blocks of SPMM_ROWS units: a block's partial sums stay in L1 while the columns stream past, one 64-column
+// block of xt (also in L1) at a time.
+template <int K, int DT>
+inline void spmm_tile(const FpwMatrix& w, const float* xt, int64_t ldxt, const float* bias, float* yt, int64_t ldyt,
+                      int64_t u0, int64_t u1) {
+  for (int64_t r = u0; r < u1; r += SPMM_ROWS) spmm_block<K, DT>(w, xt, ldxt, bias, yt, ldyt, r, min64(r + SPMM_ROWS, u1));
 }
 
 template <int DT>
 inline void spmm_dt(const FpwMatrix& w, const float* xt, int64_t ldxt, int64_t batch, const float* bias, float* yt,
                     int64_t ldyt, int64_t u0, int64_t u1) {
-  constexpr int K = 4;
-  const int64_t words = w.stride / 8, n = w.cols;
-  for (int64_t t = 0; t < batch; t += K * V::W) {
-    const int lanes = (int)min64(K * V::W, batch - t);
-    if (w.format == FPW_BITMASK) {
-      for (int64_t r = u0; r < u1; r++) {
-        const uint8_t* row = w.bits + r * w.stride;
-        const int64_t p0 = w.row_ptr[r];
-        int64_t p = p0;
-        auto word = [row](int64_t wi) { return word_at(row + wi * 8); };
-        auto val = [&p, &w](int64_t) { return V::template scalar<DT>(w.values, p++); };
-        spmm_row<K>(words, word, val, xt + t, ldxt, lanes, bias ? bias[r] : 0.0f, yt + r * ldyt + t);
-      }
-    } else {
-      const int64_t parents = w.rows / w.alpha;
-      const uint64_t last = (n % 64) ? ((uint64_t)1 << (n % 64)) - 1 : ~(uint64_t)0;
-      const int64_t used = (n + 63) / 64;  // words holding columns
-      for (int64_t i = u0; i < u1; i++) {
-        const uint8_t* p0 = w.bits + i * w.stride;
-        const uint8_t* p1 = w.planes > 1 ? w.bits + (parents + i) * w.stride : p0;
-        const int64_t base = i * n;
-        auto val = [base, &w](int64_t j) { return V::template scalar<DT>(w.values, base + j); };
-        for (int c = 0; c < w.alpha; c++) {
-          const int planes = w.planes;
-          auto word = [=](int64_t wi) {
-            const uint64_t a = word_at(p0 + wi * 8), b = word_at(p1 + wi * 8);
-            uint64_t m = (c & 1) ? a : ~a;
-            if (planes > 1) m &= (c & 2) ? b : ~b;
-            return wi == used - 1 ? m & last : m;
-          };
-          const int64_t row = i * w.alpha + c;
-          spmm_row<K>(used, word, val, xt + t, ldxt, lanes, bias ? bias[row] : 0.0f, yt + row * ldyt + t);
-        }
-      }
+  constexpr int KMAX = 8;
+  for (int64_t t = 0; t < batch; t += KMAX * V::W) {
+    const int64_t regs = (min64(KMAX * V::W, batch - t) + V::W - 1) / V::W;
+    const float* x = xt + t;
+    float* y = yt + t;
+    switch (regs) {
+      case 1: spmm_tile<1, DT>(w, x, ldxt, bias, y, ldyt, u0, u1); break;
+      case 2: spmm_tile<2, DT>(w, x, ldxt, bias, y, ldyt, u0, u1); break;
+      case 3: spmm_tile<3, DT>(w, x, ldxt, bias, y, ldyt, u0, u1); break;
+      case 4: spmm_tile<4, DT>(w, x, ldxt, bias, y, ldyt, u0, u1); break;
+      case 5: spmm_tile<5, DT>(w, x, ldxt, bias, y, ldyt, u0, u1); break;
+      case 6: spmm_tile<6, DT>(w, x, ldxt, bias, y, ldyt, u0, u1); break;
+      case 7: spmm_tile<7, DT>(w, x, ldxt, bias, y, ldyt, u0, u1); break;
+      default: spmm_tile<8, DT>(w, x, ldxt, bias, y, ldyt, u0, u1); break;
     }
   }
 }

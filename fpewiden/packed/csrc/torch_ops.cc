@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/linear.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <string>
@@ -85,14 +86,16 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& values, const at::Tenso
     return y;
   }
   TORCH_CHECK(mode == "spmm", "fpewiden: mode is gemv, spmm or dense");
-  const at::Tensor xt = x.t().contiguous();
-  at::Tensor yt = at::empty({rows, n}, x.options());
+  const int64_t ld = (n + 15) / 16 * 16;  // whole vectors of lanes, the padding zero
+  at::Tensor xt = at::zeros({cols, ld}, x.options());
+  xt.narrow(1, 0, n).copy_(x.t());
+  at::Tensor yt = at::empty({rows, ld}, x.options());
   const float* xp = xt.data_ptr<float>();
   float* yp = yt.data_ptr<float>();
   at::parallel_for(0, units(w), grain(w, n), [&](int64_t u0, int64_t u1) {
-    k->spmm(&w, xp, n, n, b, yp, n, u0, u1);
+    k->spmm(&w, xp, ld, n, b, yp, ld, u0, u1);
   });
-  return yt.t().contiguous();
+  return yt.narrow(1, 0, n).t().contiguous();
 }
 
 at::Tensor unpack(const at::Tensor& values, const at::Tensor& bits, const std::optional<at::Tensor>& row_ptr,
