@@ -302,3 +302,24 @@ def test_random_byte_flips_never_crash(tmp_path, where, value):
     except FpewidenError:
         return
     module(torch.randn(2, 20))  # whatever survived the checks runs in bounds
+
+
+def test_crossover_is_measured_once_per_shape_and_cached(monkeypatch):
+    from fpewiden.packed import crossover
+
+    if PATHS == ["torch"]:
+        pytest.skip("no compiled kernels on this machine")
+    layer = PackedLinear(fmt.pack_bitmask(sparse(48, 80, 0.5)), kernel=PATHS[0])
+    crossover.tune([layer])
+    assert [n for n, _ in layer.table] == list(crossover.BATCHES)
+    assert {m for _, m in layer.table} <= set(crossover.MODES)
+    assert layer.mode(3) == dict(layer.table)[4] and layer.mode(10**6) == layer.table[-1][1]
+    assert crossover.key(layer) in json.loads(crossover.cache_file().read_text())
+
+    def no_measuring(_layer, *a):
+        raise AssertionError("measured a shape the cache holds")
+
+    monkeypatch.setattr(crossover, "measure", no_measuring)
+    twin = PackedLinear(fmt.pack_bitmask(sparse(48, 80, 0.5, seed=3)), kernel=PATHS[0])
+    crossover.tune([twin])
+    assert twin.table == layer.table

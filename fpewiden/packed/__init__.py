@@ -15,11 +15,13 @@ if TYPE_CHECKING:
     from torch import nn
 
 
-def load(path: Path | str, kernel: str | None = None) -> nn.Module:
+def load(path: Path | str, kernel: str | None = None, tune: bool = True) -> nn.Module:
     """A packed MLP file as its chain (`module(x)`, x of shape [batch, in]), or a packed Hugging Face folder as the
-    transformers model (e.g. LlamaForCausalLM, with `.generate`) whose packed Linear layers run the kernels."""
+    transformers model (e.g. LlamaForCausalLM, with `.generate`) whose packed Linear layers run the kernels.
+    `kernel` forces a path (see fpewiden/packed/kernels.py); `tune` measures, once per shape and machine, where
+    each kernel mode wins (fpewiden/packed/crossover.py)."""
     from pathlib import Path
 
     from fpewiden.packed.loader import load_packed
 
-    return load_packed(Path(path), kernel)
+    return load_packed(Path(path), kernel, tune)

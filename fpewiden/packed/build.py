@@ -76,7 +76,7 @@ def build(verbose: bool = False) -> Path:
     res = subprocess.run(cmd, capture_output=not verbose, text=True, env=env)
     if res.returncode:
         lines = f"{res.stdout or ''}\n{res.stderr or ''}".strip().splitlines()
-        errors = [line for line in lines if "error" in line.lower() and "ninja" not in line.lower()]
+        errors = [line for line in lines if ": error" in line or ": fatal error" in line]
         raise RuntimeError((errors or lines or [f"the compiler failed (exit {res.returncode})"])[0])
     shutil.copy2(work / f"{NAME}.so", library())
     (BUILD / "stamp.json").write_text(json.dumps({"torch": torch.__version__, "sources": source_hash()}) + "\n")

@@ -31,6 +31,7 @@ PAD = 16  # zeros after `values`: the kernels load whole vectors of up to 16 val
 FORMATS = ("bitmask", "parent")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # csrc/fpw_kernels.h
+DTYPE_SIZE = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 
 
 @dataclass(frozen=True)

@@ -105,7 +105,12 @@ def _load_hf(pc: PackedCheckpoint, kernel: str | None) -> nn.Module:
     return model.eval()
 
 
-def load_packed(path: Path, kernel: str | None = None) -> nn.Module:
+def load_packed(path: Path, kernel: str | None = None, tune: bool = True) -> nn.Module:
     """See fpewiden.packed.load."""
     pc = read_packed(path)
-    return _load_mlp(pc, kernel) if pc.kind == "mlp" else _load_hf(pc, kernel)
+    model = _load_mlp(pc, kernel) if pc.kind == "mlp" else _load_hf(pc, kernel)
+    if tune:
+        from fpewiden.packed.crossover import tune as measure
+
+        measure([m for m in model.modules() if isinstance(m, PackedLinear)])
+    return model

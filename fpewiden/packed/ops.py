@@ -21,12 +21,23 @@ FORMAT_CODES = {"bitmask": 0, "parent": 1}
 MODES = ("gemv", "spmm", "dense")
 
 
+HUGE = 1 << 20  # tensors from this size on go to huge pages
+
+
+def _resident(t: torch.Tensor, kernel: str) -> torch.Tensor:
+    """Where the kernels read a large packed array from: memory backed by 2 MiB pages where the system allows."""
+    if kernel == "torch" or t.numel() * t.element_size() < HUGE:
+        return t.contiguous()
+    return torch.ops.fpewiden.hugepage_copy(t)
+
+
 class PackedLinear(nn.Module):
     """An nn.Linear whose weight is packed: y = x Wᵀ + b for x (…, in_features), in x's dtype (computed in fp32).
 
     `kernel`: the path to run (fpewiden/packed/kernels.py; default: the widest this machine has). On the `torch`
-    fallback the weight is unpacked once, at construction, and run densely. `modes`: the largest input count
-    for `gemv` and for `spmm` (above both: `dense`), from the measured crossover.
+    fallback the weight is unpacked once, at construction, and run densely. `table`: (batch, mode) pairs measured
+    by crossover.py; n inputs run the mode of the smallest measured batch ≥ n. Until measured: `gemv` up to 8
+    inputs, `spmm` above.
     """
 
     def __init__(
@@ -34,18 +45,18 @@ class PackedLinear(nn.Module):
         pm: PackedMatrix,
         bias: torch.Tensor | None = None,
         kernel: str | None = None,
-        modes: tuple[int, int] | None = None,
+        table: list[tuple[int, str]] | None = None,
     ):
         super().__init__()
         self.in_features, self.out_features = pm.cols, pm.rows
         self.format, self.alpha, self.planes, self.stride, self.nnz = pm.format, pm.alpha, pm.planes, pm.stride, pm.nnz
         self.kernel = kernel or kernels.path()
-        self.register_buffer("values", pm.values.contiguous())
-        self.register_buffer("bits", pm.bits.contiguous())
+        self.register_buffer("values", _resident(pm.values, self.kernel))
+        self.register_buffer("bits", _resident(pm.bits, self.kernel))
         self.register_buffer("row_ptr", pm.row_ptr.contiguous() if pm.row_ptr is not None else None)
         self.register_buffer("bias", bias.detach().to(torch.float32).contiguous() if bias is not None else None)
         self.register_buffer("dense", unpack(pm).to(torch.float32) if self.kernel == "torch" else None)
-        self.modes = modes or (8, 1 << 30)
+        self.table = table
         self._fmt, self._dtype = FORMAT_CODES[pm.format], DTYPE_CODES[pm.values.dtype]
         self.nbytes = pm.nbytes
 
@@ -57,8 +68,12 @@ class PackedLinear(nn.Module):
         )  # fmt: skip
 
     def mode(self, n: int) -> str:
-        gemv, spmm = self.modes
-        return "gemv" if n <= gemv else "spmm" if n <= spmm else "dense"
+        if self.table is None:
+            return "gemv" if n <= 8 else "spmm"
+        for batch, mode in self.table:
+            if n <= batch:
+                return mode
+        return self.table[-1][1]
 
     def forward(self, x: torch.Tensor, mode: str | None = None) -> torch.Tensor:
         flat = x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous()

@@ -34,6 +34,9 @@ def pack_linears(
         parent, _, leaf = path.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, leaf, PackedLinear(pm, mod.bias, kernel))
         done[path] = pm
+    from fpewiden.packed.crossover import tune
+
+    tune([m for m in model.modules() if isinstance(m, PackedLinear)])
     return done
 
 
@@ -51,4 +54,7 @@ def packed_chain(
         packed.append(pm)
     for a, b in itertools.pairwise(modules):
         assert a.out_features == b.in_features
+    from fpewiden.packed.crossover import tune
+
+    tune([m for m in modules if isinstance(m, PackedLinear)])
     return PackedChain(modules, activation).eval(), packed

@@ -43,6 +43,9 @@ inline void bitmask_rows(const FpwMatrix& w, const float* x, int64_t ldx, const 
     for (int b = 0; b < B; b++) xv[b] = V::load(x + b * ldx + j);
     for (int i = 0; i < R; i++) {
       const mask m = V::bits(row[i], j);
+      // R value streams at once outrun the hardware prefetcher: ask 128 values ahead (measured: 7.6 -> 7.1 ms at
+      // 11008x4096, 50%, one thread; 64 to 128 ahead were best, 512 worse)
+      __builtin_prefetch((const char*)w.values + (p[i] + 128) * (DT == FPW_F32 ? 4 : 2));
       const reg wv = V::expand(m, V::template values<DT>(w.values, p[i]));
       p[i] += V::count(m);
       for (int b = 0; b < B; b++) acc[i][b] = V::fma(wv, xv[b], acc[i][b]);

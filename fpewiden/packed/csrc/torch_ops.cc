@@ -4,10 +4,15 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/linear.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <sys/mman.h>
+
+#include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "fpw_kernels.h"
@@ -108,6 +113,19 @@ at::Tensor unpack(const at::Tensor& values, const at::Tensor& bits, const std::o
   return dense;
 }
 
+// A copy of `t` in memory the kernel may back with 2 MiB pages (madvise; this machine's THP mode is "madvise"):
+// one TLB entry per 2 MiB instead of per 4 KiB. Measured at 11008x4096, 50%, one thread: 7.1 -> 6.1-6.5 ms.
+at::Tensor hugepage_copy(const at::Tensor& t) {
+  const at::Tensor src = t.contiguous();
+  const size_t huge = size_t(2) << 20, bytes = src.numel() * src.element_size();
+  const size_t size = (bytes + huge - 1) / huge * huge;
+  void* p = std::aligned_alloc(huge, size > 0 ? size : huge);
+  TORCH_CHECK(p != nullptr, "fpewiden: out of memory for ", bytes, " bytes");
+  madvise(p, size, MADV_HUGEPAGE);  // a hint: where it is refused the copy is simply in ordinary pages
+  std::memcpy(p, src.data_ptr(), bytes);
+  return at::from_blob(p, src.sizes(), [](void* q) { std::free(q); }, src.options());
+}
+
 std::string best_isa() { return fpw_select("best")->isa; }
 
 bool has_isa(std::string isa) { return fpw_select(isa.c_str()) != nullptr; }
@@ -121,6 +139,7 @@ TORCH_LIBRARY(fpewiden, m) {
   m.def(
       "packed_unpack(Tensor values, Tensor bits, Tensor? row_ptr, int rows, int cols, int format, int dtype, int alpha, "
       "int planes, int stride) -> Tensor");
+  m.def("hugepage_copy(Tensor t) -> Tensor");
   m.def("best_isa() -> str", &best_isa);
   m.def("has_isa(str isa) -> bool", &has_isa);
 }
@@ -128,4 +147,5 @@ TORCH_LIBRARY(fpewiden, m) {
 TORCH_LIBRARY_IMPL(fpewiden, CPU, m) {
   m.impl("packed_linear", &linear);
   m.impl("packed_unpack", &unpack);
+  m.impl("hugepage_copy", &hugepage_copy);
 }
