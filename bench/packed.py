@@ -76,11 +76,13 @@ def matrix_rows(args, threads: int) -> list[dict]:
             layer = PackedLinear(fmt.pack_bitmask(w, dt))
             crossover.tune([layer])
             wd = dense_w.to(dt)
+            wh = torch.ops.fpewiden.hugepage_copy(wd)  # the same advantage fpewiden's loader gives packed values
             for b in args.batches:
                 x = torch.randn(b, c)
                 xd = x.to(dt)
                 fns = {
                     "torch dense": lambda xd=xd, wd=wd: F.linear(xd, wd),
+                    "torch dense, huge pages": lambda xd=xd, wh=wh: F.linear(xd, wh),
                     "packed": lambda x=x, layer=layer: layer(x),
                 }
                 fns |= {f"mode {m}": (lambda x=x, m=m, layer=layer: layer(x, mode=m)) for m in MODES}
@@ -122,11 +124,13 @@ def pair_rows(args, threads: int, work: Path) -> list[dict]:
         layers = [PackedLinear(dataclasses.replace(pm, values=pm.values.to(dt))) for pm in packed]
         crossover.tune(layers)
         dw = [w.to(dt) for w in dense]
+        dh = [torch.ops.fpewiden.hugepage_copy(w) for w in dw]
         for b in args.batches:
             x = torch.randn(b, 4096)
             xd = x.to(dt)
             fns = {
                 "torch dense pair": lambda xd=xd, dw=dw: F.linear(F.relu(F.linear(xd, dw[0])), dw[1]),
+                "torch dense pair, huge pages": lambda xd=xd, dh=dh: F.linear(F.relu(F.linear(xd, dh[0])), dh[1]),
                 "packed pair": lambda x=x, layers=layers: layers[1](F.relu(layers[0](x))),
             }
             res = timed(fns, args.budget)
@@ -153,9 +157,9 @@ def markdown(rows: list[dict], command: str) -> str:
         "dense F.linear at the same dtype, batch and thread count, interleaved round by round (medians). Bytes: "
         "weights moved per call. `packed` runs the mode the crossover measurement chose for that batch.",
         "",
-        "| matrix | format | dtype | threads | batch | bytes (packed / dense) | torch dense ms | packed (mode) | "
-        "gemv | spmm | unpack+GEMM |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| matrix | format | dtype | threads | batch | bytes (packed / dense) | torch dense ms | torch dense, huge "
+        "pages | packed (mode) | gemv | spmm | unpack+GEMM |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         t = r["timings"]
@@ -163,9 +167,10 @@ def markdown(rows: list[dict], command: str) -> str:
         packed_key = "packed" if "packed" in t else "packed pair"
         mode = r.get("mode") or "+".join(r.get("modes", []))
         modes = [f"{t[f'mode {m}']['median_ms'] / base:.2f}×" if f"mode {m}" in t else "-" for m in MODES]
+        huge = t.get("torch dense, huge pages", t.get("torch dense pair, huge pages"))
         lines.append(
             f"| {r['matrix']} | {r['format']} | {r['dtype']} | {r['threads']} | {r['batch']} | "
-            f"{r['bytes_packed'] / r['bytes_dense']:.3f} | {base:.3f} | "
+            f"{r['bytes_packed'] / r['bytes_dense']:.3f} | {base:.3f} | {huge['median_ms'] / base:.2f}× | "
             f"**{t[packed_key]['median_ms'] / base:.2f}×** ({mode}) | " + " | ".join(modes) + " |"
         )
     return "\n".join(lines) + f"\n\n{MD_MARKER}\n"
