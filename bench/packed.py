@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import random
 import shlex
 import statistics
 import sys
@@ -37,7 +38,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def timed(fns: dict, budget_s: float, min_rounds: int = 7, max_rounds: int = 200) -> dict[str, dict]:
-    """Median, p10 and p90 per function over interleaved rounds (each round calls every function once)."""
+    """Median, p10 and p90 per function over interleaved rounds (each round calls every function once, in a
+    fresh random order)."""
     for f in fns.values():
         f()
     t0 = time.perf_counter()
@@ -47,8 +49,9 @@ def timed(fns: dict, budget_s: float, min_rounds: int = 7, max_rounds: int = 200
     rounds = int(min(max_rounds, max(min_rounds, budget_s / max(per_round, 1e-9))))
     times: dict[str, list[float]] = {k: [] for k in fns}
     keys = list(fns)
-    for r in range(rounds):
-        for k in keys[r % len(keys) :] + keys[: r % len(keys)]:
+    order = random.Random(0)
+    for _ in range(rounds):
+        for k in order.sample(keys, len(keys)):  # no function always follows the same one (caches)
             t = time.perf_counter()
             fns[k]()
             times[k].append(time.perf_counter() - t)

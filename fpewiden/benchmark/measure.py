@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import math
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -104,8 +105,9 @@ def time_entries(
 ) -> None:
     """Latency of every (model, engine) on every workload, interleaved call by call.
 
-    Each round runs every job once, in an order rotated by one each round (so no job always follows the same
-    one), so a slow phase of a noisy machine lands on every model alike instead of on one model's block of runs.
+    Each round runs every job once, in a fresh (seeded) random order, so a slow phase of a noisy machine lands on
+    every model alike instead of on one model's block of runs, and no job always follows the same one (a job
+    run right after a large model finds the caches full of that model's weights).
     Per job: median, p10, p90. Against the reference (the first model, same engine): the median of the
     per-round ratios and its 95% interval; a speed-up whose interval holds 1 is `within_noise`, and reports show
     it as ≈1. `repeat` 0 chooses the runs from the time one round takes (AUTO_SECONDS per job). `say` receives
@@ -139,8 +141,9 @@ def time_entries(
                 f"~{estimate:.0f} s; ~{estimate + later:.0f} s left"
             )
             times: list[list[float]] = [[] for _ in jobs]
-            for r in range(n):
-                for j in [(r + i) % len(jobs) for i in range(len(jobs))]:
+            order = random.Random(wi)
+            for _ in range(n):
+                for j in order.sample(range(len(jobs)), len(jobs)):
                     run = jobs[j][2]
                     t = clock()
                     run(w.inputs)

@@ -196,81 +196,102 @@ void gemv(const FpwMatrix* w, const float* x, int64_t ldx, int64_t batch, const 
 // lanes of K·W inputs; two sets of accumulators alternate non-zeros so the multiply-adds' latency is hidden.
 
 constexpr int64_t SPMM_ROWS = 16;
+constexpr int64_t SPMM_COLS = 1024;
 
-template <int K, class Val>
-inline void spmm_word(uint64_t m, const Val& val, const float* xb, int64_t ldxt, float* out) {
+// One output row's partial sums over one 64-column block. PARENT: the value of column j is values[base + j] (the
+// parent's dense row); otherwise the set bits' values follow one another from values[base]. Everything is a
+// local, so the value index and the sums stay in registers (a lambda capturing the index by reference kept it in
+// memory: a store-to-load chain per non-zero). Not inlined: inlined into the block loops, gcc spilled the value
+// index and the input stride to the stack inside this loop (a read-modify-write per non-zero); and the two loops
+// are written apart, since with one loop gcc stored all K sums to the stack at every non-zero.
+template <int K, int DT, bool PARENT>
+__attribute__((noinline)) int64_t spmm_word(uint64_t m, const void* values, int64_t base, const float* xb, int64_t ldxt, float* out) {
   using reg = typename V::reg;
-  if (!m) return;
-  reg a[K], b[K];
-  for (int k = 0; k < K; k++) {
-    a[k] = V::load(out + k * V::W);
-    b[k] = V::zero();
+  if (!m) return base;
+  int64_t q = base;
+  reg a[K];
+  for (int k = 0; k < K; k++) a[k] = V::load(out + k * V::W);
+  if constexpr (K >= 4) {  // K registers are chains enough to hide a multiply-add's latency
+    while (m) {
+      const int j = __builtin_ctzll(m);
+      m &= m - 1;
+      const reg v = V::set1(V::template scalar<DT>(values, PARENT ? base + j : q++));
+      const float* xr = xb + j * ldxt;
+      for (int k = 0; k < K; k++) a[k] = V::fma(v, V::load(xr + k * V::W), a[k]);
+    }
+    for (int k = 0; k < K; k++) V::store(out + k * V::W, a[k]);
+  } else {  // fewer: alternate non-zeros between two sets of sums
+    reg b[K];
+    for (int k = 0; k < K; k++) b[k] = V::zero();
+    while (m) {
+      int j = __builtin_ctzll(m);
+      m &= m - 1;
+      reg v = V::set1(V::template scalar<DT>(values, PARENT ? base + j : q++));
+      const float* xr = xb + j * ldxt;
+      for (int k = 0; k < K; k++) a[k] = V::fma(v, V::load(xr + k * V::W), a[k]);
+      if (!m) break;
+      j = __builtin_ctzll(m);
+      m &= m - 1;
+      v = V::set1(V::template scalar<DT>(values, PARENT ? base + j : q++));
+      xr = xb + j * ldxt;
+      for (int k = 0; k < K; k++) b[k] = V::fma(v, V::load(xr + k * V::W), b[k]);
+    }
+    for (int k = 0; k < K; k++) V::store(out + k * V::W, V::fma(V::set1(1.0f), a[k], b[k]));
   }
-  while (m) {
-    int j = __builtin_ctzll(m);
-    m &= m - 1;
-    reg v = V::set1(val(j));
-    const float* xr = xb + j * ldxt;
-    for (int k = 0; k < K; k++) a[k] = V::fma(v, V::load(xr + k * V::W), a[k]);
-    // K >= 4 registers are chains enough to hide a multiply-add's latency; fewer alternate with a second set
-    if (K >= 4 || !m) continue;
-    j = __builtin_ctzll(m);
-    m &= m - 1;
-    v = V::set1(val(j));
-    xr = xb + j * ldxt;
-    for (int k = 0; k < K; k++) b[k] = V::fma(v, V::load(xr + k * V::W), b[k]);
-  }
-  for (int k = 0; k < K; k++) V::store(out + k * V::W, K >= 4 ? a[k] : V::fma(V::set1(1.0f), a[k], b[k]));
+  return q;
 }
 
+// Rows [u0, u1) over the column words [w0, w1): partial sums added into yt, `next` the value index each bitmask row
+// has reached.
 template <int K, int DT>
-inline void spmm_block(const FpwMatrix& w, const float* xt, int64_t ldxt, const float* bias, float* yt, int64_t ldyt,
-                       int64_t u0, int64_t u1) {
+inline void spmm_block(const FpwMatrix& w, const float* xt, int64_t ldxt, float* yt, int64_t ldyt, int64_t u0,
+                       int64_t u1, int64_t w0, int64_t w1, int64_t* next) {
   const int64_t n = w.cols, words = (n + 63) / 64;
-  const int64_t A = w.format == FPW_PARENT ? w.alpha : 1;
-  int64_t next[SPMM_ROWS];
-  for (int64_t r = u0 * A; r < u1 * A; r++) {  // every output row starts at its bias
-    const typename V::reg b = V::set1(bias ? bias[r] : 0.0f);
-    for (int k = 0; k < K; k++) V::store(yt + r * ldyt + k * V::W, b);
-  }
-  if (w.format == FPW_BITMASK) {
-    for (int64_t r = u0; r < u1; r++) next[r - u0] = w.row_ptr[r];
-  }
   const uint64_t last = (n % 64) ? ((uint64_t)1 << (n % 64)) - 1 : ~(uint64_t)0;
-  for (int64_t wi = 0; wi < words; wi++) {
+  for (int64_t wi = w0; wi < w1; wi++) {
     const float* xb = xt + wi * 64 * ldxt;
     if (w.format == FPW_BITMASK) {
       for (int64_t r = u0; r < u1; r++) {
         const uint64_t m = word_at(w.bits + r * w.stride + wi * 8);
-        int64_t p = next[r - u0];
-        auto val = [&p, &w](int) { return V::template scalar<DT>(w.values, p++); };
-        spmm_word<K>(m, val, xb, ldxt, yt + r * ldyt);
-        next[r - u0] = p;
+        next[r] = spmm_word<K, DT, false>(m, w.values, next[r], xb, ldxt, yt + r * ldyt);
       }
     } else {
       const int64_t parents = w.rows / w.alpha;
       for (int64_t i = u0; i < u1; i++) {
         const uint64_t a = word_at(w.bits + i * w.stride + wi * 8);
         const uint64_t b = w.planes > 1 ? word_at(w.bits + (parents + i) * w.stride + wi * 8) : 0;
-        const int64_t base = i * n + wi * 64;
-        auto val = [base, &w](int j) { return V::template scalar<DT>(w.values, base + j); };
         for (int c = 0; c < w.alpha; c++) {
           uint64_t m = (c & 1) ? a : ~a;
           if (w.planes > 1) m &= (c & 2) ? b : ~b;
           if (wi == words - 1) m &= last;
-          spmm_word<K>(m, val, xb, ldxt, yt + (i * w.alpha + c) * ldyt);
+          spmm_word<K, DT, true>(m, w.values, i * n + wi * 64, xb, ldxt, yt + (i * w.alpha + c) * ldyt);
         }
       }
     }
   }
 }
 
-// Rows in blocks of SPMM_ROWS units: a block's partial sums stay in L1 while the columns stream past, one 64-column
-// block of xt (also in L1) at a time.
+// Blocked three ways so every operand stays in cache: SPMM_COLS columns of xt (K·W lanes each) stay in L2 while
+// all rows pass; within them, SPMM_ROWS rows' sums stay in L1 while 64 columns (one mask word) of xt, also in
+// L1, stream past. Measured at 11008x4096, 50%, 128 lanes: without the column blocks xt (2 MiB) spilled from L2.
 template <int K, int DT>
 inline void spmm_tile(const FpwMatrix& w, const float* xt, int64_t ldxt, const float* bias, float* yt, int64_t ldyt,
                       int64_t u0, int64_t u1) {
-  for (int64_t r = u0; r < u1; r += SPMM_ROWS) spmm_block<K, DT>(w, xt, ldxt, bias, yt, ldyt, r, min64(r + SPMM_ROWS, u1));
+  const int64_t A = w.format == FPW_PARENT ? w.alpha : 1;
+  const int64_t words = (w.cols + 63) / 64;
+  for (int64_t r = u0 * A; r < u1 * A; r++) {  // every output row starts at its bias
+    const typename V::reg b = V::set1(bias ? bias[r] : 0.0f);
+    for (int k = 0; k < K; k++) V::store(yt + r * ldyt + k * V::W, b);
+  }
+  int64_t* next = new int64_t[w.format == FPW_BITMASK ? w.rows : 1];
+  if (w.format == FPW_BITMASK)
+    for (int64_t r = u0; r < u1; r++) next[r] = w.row_ptr[r];
+  for (int64_t w0 = 0; w0 < words; w0 += SPMM_COLS / 64) {
+    const int64_t w1 = min64(w0 + SPMM_COLS / 64, words);
+    for (int64_t r = u0; r < u1; r += SPMM_ROWS)
+      spmm_block<K, DT>(w, xt, ldxt, yt, ldyt, r, min64(r + SPMM_ROWS, u1), w0, w1, next);
+  }
+  delete[] next;
 }
 
 template <int DT>
