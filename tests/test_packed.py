@@ -112,6 +112,18 @@ def test_every_kernel_path_matches_the_dense_reference(path, dtype):
                 assert err < 1e-5, (pm.format, pm.rows, pm.cols, batch, mode, err)
 
 
+@pytest.mark.parametrize("path", [p for p in PATHS if p != "torch"])
+def test_every_unpack_matches_the_reference(path):
+    cases = [fmt.pack_bitmask(sparse(37, 70, 0.5).to(dt)) for dt in DTYPES]
+    cases += [fmt.pack_parent(widened(5, 70, a), a) for a in (2, 3, 4)]
+    for pm in cases:
+        args = (pm.values, pm.bits, pm.row_ptr, pm.rows, pm.cols, 0 if pm.format == "bitmask" else 1,
+                fmt.DTYPE_CODES[pm.dtype], pm.alpha, pm.planes, pm.stride)  # fmt: skip
+        fast = torch.ops.fpewiden.packed_unpack(*args, path)
+        assert torch.equal(fast, torch.ops.fpewiden.packed_unpack(*args, "reference"))
+        assert torch.equal(fast, fmt.unpack(pm).float())
+
+
 def test_the_op_traces_under_torch_compile():
     if "avx512" not in PATHS and "avx2" not in PATHS and "portable" not in PATHS:
         pytest.skip("no compiled kernels on this machine")

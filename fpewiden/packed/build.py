@@ -82,7 +82,9 @@ def build(verbose: bool = False) -> Path:
         lines = f"{res.stdout or ''}\n{res.stderr or ''}".strip().splitlines()
         errors = [line for line in lines if ": error" in line or ": fatal error" in line]
         raise RuntimeError((errors or lines or [f"the compiler failed (exit {res.returncode})"])[0])
-    shutil.copy2(work / f"{NAME}.so", library())
+    tmp = library().with_suffix(f".so.{os.getpid()}.tmp")
+    shutil.copy2(work / f"{NAME}.so", tmp)
+    os.replace(tmp, library())  # a new file: processes that have the old one loaded keep running on it
     (BUILD / "stamp.json").write_text(json.dumps({"torch": torch.__version__, "sources": source_hash()}) + "\n")
     shutil.rmtree(work, ignore_errors=True)
     return library()

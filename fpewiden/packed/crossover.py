@@ -19,7 +19,7 @@ import torch
 
 from fpewiden.packed.ops import MODES, PackedLinear
 
-BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 CALLS = 3  # timed calls per mode and batch (after one untimed)
 
 
@@ -29,9 +29,12 @@ def cache_file() -> Path:
 
 
 def key(layer: PackedLinear) -> str:
+    """What the measurement depends on; the kernels' source hash too, so rebuilt kernels are measured anew."""
+    from fpewiden.packed.build import source_hash
+
     density = round(layer.nnz / max(1, layer.out_features * layer.in_features), 1)
     return (
-        f"{layer.kernel}|threads={torch.get_num_threads()}|{layer.format}|{layer.values.dtype}|"
+        f"{layer.kernel}|{source_hash()}|threads={torch.get_num_threads()}|{layer.format}|{layer.values.dtype}|"
         f"{layer.out_features}x{layer.in_features}|density={density}"
     )
 

@@ -44,10 +44,14 @@ typedef void (*FpwGemv)(const FpwMatrix* w, const float* x, int64_t ldx, int64_t
 typedef void (*FpwSpmm)(const FpwMatrix* w, const float* xt, int64_t ldxt, int64_t batch, const float* bias,
                         float* yt, int64_t ldyt, int64_t u0, int64_t u1);
 
+// Dense f32 copy of a packed matrix (rows x cols, row-major) for units [u0, u1).
+typedef void (*FpwUnpack)(const FpwMatrix* w, float* dense, int64_t u0, int64_t u1);
+
 typedef struct FpwKernels {
   const char* isa;  // "avx512", "avx2" or "portable"
   FpwGemv gemv;
   FpwSpmm spmm;
+  FpwUnpack unpack;
 } FpwKernels;
 
 const FpwKernels* fpw_kernels_avx512(void);
@@ -56,7 +60,7 @@ const FpwKernels* fpw_kernels_portable(void);
 // The kernels for an ISA name ("avx512", "avx2", "portable"), or NULL where this CPU lacks it; "best": the widest
 // this CPU runs.
 const FpwKernels* fpw_select(const char* isa);
-// Dense f32 copy of a packed matrix (rows x cols), for the unpack-and-GEMM path and tests; units [u0, u1).
+// The same, one element at a time: the reference the ISA variants' unpack is tested against.
 void fpw_unpack(const FpwMatrix* w, float* dense, int64_t u0, int64_t u1);
 
 #ifdef __cplusplus

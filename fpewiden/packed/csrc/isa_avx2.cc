@@ -79,6 +79,6 @@ struct V {
 #pragma GCC pop_options
 
 extern "C" const FpwKernels* fpw_kernels_avx2(void) {
-  static const FpwKernels k = {"avx2", fpw_avx2::gemv, fpw_avx2::spmm};
+  static const FpwKernels k = {"avx2", fpw_avx2::gemv, fpw_avx2::spmm, fpw_avx2::unpack};
   return &k;
 }

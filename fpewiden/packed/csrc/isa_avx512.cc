@@ -64,6 +64,6 @@ struct V {
 #pragma GCC pop_options
 
 extern "C" const FpwKernels* fpw_kernels_avx512(void) {
-  static const FpwKernels k = {"avx512", fpw_avx512::gemv, fpw_avx512::spmm};
+  static const FpwKernels k = {"avx512", fpw_avx512::gemv, fpw_avx512::spmm, fpw_avx512::unpack};
   return &k;
 }

@@ -44,6 +44,6 @@ struct V {
 }  // namespace fpw_portable
 
 extern "C" const FpwKernels* fpw_kernels_portable(void) {
-  static const FpwKernels k = {"portable", fpw_portable::gemv, fpw_portable::spmm};
+  static const FpwKernels k = {"portable", fpw_portable::gemv, fpw_portable::spmm, fpw_portable::unpack};
   return &k;
 }

@@ -315,6 +315,55 @@ inline void spmm_dt(const FpwMatrix& w, const float* xt, int64_t ldxt, int64_t b
   }
 }
 
+// ---------------------------------------------------------------- unpack to dense f32 (the unpack-and-GEMM mode)
+
+template <int DT>
+inline void unpack_dt(const FpwMatrix& w, float* dense, int64_t u0, int64_t u1) {
+  const int64_t n = w.cols;
+  if (w.format == FPW_BITMASK) {
+    for (int64_t r = u0; r < u1; r++) {
+      const uint8_t* row = w.bits + r * w.stride;
+      int64_t p = w.row_ptr[r];
+      float* out = dense + r * n;
+      int64_t j = 0;
+      for (; j + V::W <= n; j += V::W) {
+        const typename V::mask m = V::bits(row, j);
+        V::store(out + j, V::expand(m, V::template values<DT>(w.values, p)));
+        p += V::count(m);
+      }
+      if (j < n) V::store_n(out + j, V::expand(V::bits(row, j), V::template values<DT>(w.values, p)), (int)(n - j));
+    }
+    return;
+  }
+  const int64_t parents = w.rows / w.alpha;
+  const typename V::reg one = V::set1(1.0f), zero = V::zero();
+  for (int64_t i = u0; i < u1; i++) {
+    const uint8_t* p0 = w.bits + i * w.stride;
+    const uint8_t* p1 = w.bits + (parents + i) * w.stride;
+    for (int64_t j = 0; j < n; j += V::W) {
+      const typename V::reg pv = V::template values<DT>(w.values, i * n + j);
+      typename V::mask pb[2] = {V::bits(p0, j), w.planes > 1 ? V::bits(p1, j) : (typename V::mask)0};
+      for (int c = 0; c < w.alpha; c++) {
+        typename V::mask mc = w.planes > 1 ? child_mask<4>(pb, c) : child_mask<2>(pb, c);
+        const typename V::reg v = V::mfma(mc, pv, one, zero);
+        float* out = dense + (i * w.alpha + c) * n + j;
+        if (j + V::W <= n)
+          V::store(out, v);
+        else
+          V::store_n(out, v, (int)(n - j));
+      }
+    }
+  }
+}
+
+void unpack(const FpwMatrix* w, float* dense, int64_t u0, int64_t u1) {
+  switch (w->dtype) {
+    case FPW_BF16: return unpack_dt<FPW_BF16>(*w, dense, u0, u1);
+    case FPW_F16: return unpack_dt<FPW_F16>(*w, dense, u0, u1);
+    default: return unpack_dt<FPW_F32>(*w, dense, u0, u1);
+  }
+}
+
 void spmm(const FpwMatrix* w, const float* xt, int64_t ldxt, int64_t batch, const float* bias, float* yt,
           int64_t ldyt, int64_t u0, int64_t u1) {
   switch (w->dtype) {

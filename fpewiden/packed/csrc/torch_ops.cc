@@ -78,7 +78,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& values, const at::Tenso
   if (mode == "dense") {  // unpack and GEMM: the large batches where the GEMM's efficiency wins
     at::Tensor dense = at::empty({rows, cols}, x.options());
     float* d = dense.data_ptr<float>();
-    at::parallel_for(0, units(w), grain(w, 1), [&](int64_t u0, int64_t u1) { fpw_unpack(&w, d, u0, u1); });
+    at::parallel_for(0, units(w), grain(w, 1), [&](int64_t u0, int64_t u1) { k->unpack(&w, d, u0, u1); });
     return at::linear(x, dense, bias.has_value() ? *bias : at::Tensor());
   }
   if (mode == "gemv") {
@@ -105,11 +105,16 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& values, const at::Tenso
 
 at::Tensor unpack(const at::Tensor& values, const at::Tensor& bits, const std::optional<at::Tensor>& row_ptr,
                   int64_t rows, int64_t cols, int64_t format, int64_t dtype, int64_t alpha, int64_t planes,
-                  int64_t stride) {
+                  int64_t stride, std::string isa) {
   const FpwMatrix w = view(values, bits, row_ptr, rows, cols, format, dtype, alpha, planes, stride);
   at::Tensor dense = at::empty({rows, cols}, values.options().dtype(at::kFloat));
   float* d = dense.data_ptr<float>();
-  at::parallel_for(0, units(w), grain(w, 1), [&](int64_t u0, int64_t u1) { fpw_unpack(&w, d, u0, u1); });
+  if (isa == "reference") {
+    at::parallel_for(0, units(w), grain(w, 1), [&](int64_t u0, int64_t u1) { fpw_unpack(&w, d, u0, u1); });
+  } else {
+    const FpwKernels* k = kernels(isa);
+    at::parallel_for(0, units(w), grain(w, 1), [&](int64_t u0, int64_t u1) { k->unpack(&w, d, u0, u1); });
+  }
   return dense;
 }
 
@@ -138,7 +143,7 @@ TORCH_LIBRARY(fpewiden, m) {
       "int dtype, int alpha, int planes, int stride, str isa, str mode) -> Tensor");
   m.def(
       "packed_unpack(Tensor values, Tensor bits, Tensor? row_ptr, int rows, int cols, int format, int dtype, int alpha, "
-      "int planes, int stride) -> Tensor");
+      "int planes, int stride, str isa) -> Tensor");
   m.def("hugepage_copy(Tensor t) -> Tensor");
   m.def("best_isa() -> str", &best_isa);
   m.def("has_isa(str isa) -> bool", &has_isa);
