@@ -56,6 +56,9 @@ def ort_session(path: Path, threads: int, device: torch.device | None = None):
         raise FpewidenError("engine ort needs onnxruntime (pip install onnxruntime, or onnxruntime-gpu)") from None
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
+    # ONNX Runtime's idle threads spin-wait after each run, taking the cores from whatever bench times next
+    # (two copies of MiniLM timed in turn with torch differed by 25% before this)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = ["CPUExecutionProvider"]
     if device is not None and device.type == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():

@@ -117,7 +117,7 @@ def table(rows: list[dict]) -> Table:
         if c == "model":
             t.add_column(c, justify="left", no_wrap=True, min_width=width)
         else:
-            t.add_column(c, justify="right")
+            t.add_column(c, justify="right", overflow="fold")  # wrap a number, never cut it
     for i, row in enumerate(cells):
         t.add_row(("* " if i in on_front else "  ") + row[0], *row[1:])
     return t
@@ -239,7 +239,7 @@ def plot(rows: list[dict], path: Path, title: str = "", provenance: Provenance |
         lat_ax.invert_yaxis()
         lat_ax.set_xlabel("median latency, ms (bars: p10–p90)")
         lat_ax.grid(alpha=0.3, axis="x")
-        lat_ax.legend(loc="best", fontsize=8)
+        lat_ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=len(engines), fontsize=8, frameon=False)
     fig.suptitle(title or f"{metric} against weight bytes", fontsize=10)
     fig.tight_layout()
     fig.canvas.draw()  # final layout and limits, so label boxes are measured where they will be drawn
