@@ -5,7 +5,9 @@ Builds a synthetic Llama-shaped sharded checkpoint (random bf16 gate/up/down), t
   floor_output_sized: the same, but writing α copies of every tensor: the bytes a conversion must write,
   plain copy: `shutil.copytree` of the folder plus a file of the extra bytes an α output holds, synced (what
     the disk and page cache allow without any tensor work),
-  convert: `fpewiden convert --alpha 2` (budget same).
+  convert: `fpewiden convert --alpha 2` (budget same); with `--packed`, `convert --packed` (the dense α× output
+    is staged, then packed), and the plain copy then writes no extra bytes (the packed output is about the
+    input's size).
 Reports seconds, parameters per second and each process's peak RSS (and net of the import baseline), plus the
 ratios to every floor. Runs alternate `--rounds` times; medians are reported.
 
@@ -54,7 +56,8 @@ import sys, json, time
 from pathlib import Path
 from fpewiden.convert import convert, ConvertOptions
 t = time.perf_counter()
-convert(Path(sys.argv[1]), Path(sys.argv[2]), ConvertOptions(alpha=int(sys.argv[3]), split=sys.argv[4]))
+opts = ConvertOptions(alpha=int(sys.argv[3]), split=sys.argv[4])
+convert(Path(sys.argv[1]), Path(sys.argv[2]), opts, packed=sys.argv[5] == "packed")
 print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_mb": HWM}))
 """.replace("HWM", HWM)
 
@@ -144,6 +147,7 @@ def main() -> None:
     ap.add_argument("--alpha", type=int, default=2)
     ap.add_argument("--split", default="random")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--packed", action="store_true")
     ap.add_argument("--out", type=Path, default=Path("bench/results/convert_speed.json"))
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fpewiden-bench-"))
@@ -172,10 +176,12 @@ def main() -> None:
             shutil.rmtree(work / "floor")
             runs["floor_output_sized"].append(run(FLOOR, str(work / "src"), str(work / "floor"), str(args.alpha)))
             shutil.rmtree(work / "floor")
-            extra = params * 2 * (args.alpha - 1)
+            extra = 0 if args.packed else params * 2 * (args.alpha - 1)
             runs["plain_copy"].append({"seconds": plain_copy(work / "src", work / "copy", extra)})
             shutil.rmtree(work / "copy")
-            runs["convert"].append(run(CONVERT, str(work / "src"), str(work / "dst"), str(args.alpha), args.split))
+            mode = "packed" if args.packed else "dense"
+            dst = str(work / "dst")
+            runs["convert"].append(run(CONVERT, str(work / "src"), dst, str(args.alpha), args.split, mode))
             shutil.rmtree(work / "dst")
 
         def median(key: str, field: str) -> float:
@@ -185,6 +191,7 @@ def main() -> None:
         result = {
             "command": "python " + " ".join(sys.argv),
             "shape": f"{args.layers} layers x gate/up {args.intermediate}x{args.hidden} + down, bf16",
+            "packed": args.packed,
             "params": params,
             "input_gb": params * 2 / 1e9,
             "rounds": args.rounds,
