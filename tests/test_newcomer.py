@@ -364,7 +364,7 @@ def test_inspect_says_what_the_model_is(tmp_path):
 def test_help_is_plain_and_every_command_has_an_example():
     top = cli("--help").stdout
     assert "smaller" in top and "--alpha 1" in top and "--calibration" in top
-    for cmd in ("convert", "inspect", "finetune", "run", "export", "bench"):
+    for cmd in ("convert", "pack", "unpack", "inspect", "finetune", "run", "export", "bench"):
         out = cli(cmd, "--help").stdout
         assert "Example" in out, cmd
         assert "<bool>" not in out and "{" not in out.splitlines()[0], cmd
