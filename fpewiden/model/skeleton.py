@@ -94,9 +94,12 @@ def meta_tensors(model: nn.Module) -> list[str]:
 
 
 def assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
-    """Put `tensor` in the model at parameter or buffer `key` (replacing a meta tensor)."""
+    """Put `tensor` in the model at parameter or buffer `key` (replacing a meta tensor of the same shape)."""
     path, _, leaf = key.rpartition(".")
     mod = model.get_submodule(path) if path else model
+    old = mod._parameters.get(leaf, mod._buffers.get(leaf))
+    if old is not None and tuple(old.shape) != tuple(tensor.shape):
+        raise FpewidenError(f"tensor {key} has shape {list(tensor.shape)}; the model expects {list(old.shape)}")
     if leaf in mod._parameters:
         mod._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
     else:

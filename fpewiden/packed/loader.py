@@ -55,10 +55,15 @@ class PackedChain(nn.Module):
 
 def _layer(pc: PackedCheckpoint, weight: str, bias: str | None, kernel: str | None) -> nn.Module:
     b = pc.get(bias) if bias else None
-    if weight in pc.entries:
-        return PackedLinear(pc.packed(weight), b, kernel)
-    w = pc.get(weight)
-    return DenseLinear(w, b)
+    rows = pc.entries[weight].rows if weight in pc.entries else None
+    w = None if weight in pc.entries else pc.get(weight)
+    if w is not None:
+        if w.dim() != 2 or not w.is_floating_point():
+            raise FpewidenError(f"{pc.path}: {weight} is not a weight matrix ({w.dtype}, shape {list(w.shape)})")
+        rows = w.shape[0]
+    if b is not None and (b.dim() != 1 or not b.is_floating_point() or b.shape[0] != rows):
+        raise FpewidenError(f"{pc.path}: {bias} does not fit {weight} ({b.dtype}, shape {list(b.shape)})")
+    return PackedLinear(pc.packed(weight), b, kernel) if w is None else DenseLinear(w, b)
 
 
 def _load_mlp(pc: PackedCheckpoint, kernel: str | None) -> PackedChain:
@@ -66,6 +71,9 @@ def _load_mlp(pc: PackedCheckpoint, kernel: str | None) -> PackedChain:
     from fpewiden.model.chain_mlp import ACTIVATIONS
 
     names = pc.names()
+    stray = [n for n in names if not n.endswith((".weight", ".bias"))]
+    if stray:
+        raise FpewidenError(f"{pc.path} is not a packed MLP chain: tensor {stray[0]} is neither a weight nor a bias")
     modules = sorted({n[: -len(".weight")] for n in names if n.endswith(".weight")}, key=natural_key)
     activation = pc.meta.activation or "relu"
     if activation not in ACTIVATIONS:
