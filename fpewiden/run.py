@@ -215,7 +215,7 @@ def _run(recipe: Recipe, stage: Path, out: Path, provenance: Provenance) -> dict
     (stage / "results.json").write_text(json.dumps(json_document(result, provenance), indent=2) + "\n")
     md = markdown(recipe, summary, left_out)
     if bench_rows:
-        write_bench(bench_rows, stage / "bench.json", None, stage / "bench.png", provenance)
+        write_bench(bench_rows, stage / "bench.json", None, stage / "bench.png", provenance, {"data": recipe.data})
         md += (
             f"\n## Bench (seed {recipe.seeds[0]})\n\n"
             + bench_markdown(bench_rows)

@@ -203,7 +203,9 @@ def plot(rows: list[dict], path: Path, title: str = "", provenance: Provenance |
     fmt = check_plot_path(path)
     metric = main_metric(rows)
     labels = [model_label(r, i == 0) for i, r in enumerate(rows)]
-    xs = [r["best_bytes"] / 1e6 for r in rows]
+    top = max(r["best_bytes"] for r in rows)
+    unit, scale = next((u, s) for u, s in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3), ("bytes", 1.0)) if top >= s)
+    xs = [r["best_bytes"] / scale for r in rows]
     ys = [r["metrics"][metric] for r in rows]
     idx = front(rows, metric)
     keys = _latency_keys(rows)
@@ -215,9 +217,10 @@ def plot(rows: list[dict], path: Path, title: str = "", provenance: Provenance |
     ax.plot([xs[i] for i in idx], [ys[i] for i in idx], color="tab:red", lw=1.5, zorder=2, label="Pareto front")
     if max(xs) / max(min(xs), 1e-12) > 20:
         ax.set_xscale("log")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(6))
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.margins(x=0.15, y=0.12)
-    ax.set_xlabel("weight bytes moved per inference, MB (best exact format)")
+    ax.set_xlabel(f"weight bytes moved per inference, {unit} (best exact format)")
     ax.set_ylabel(metric + (" (lower is better)" if metric in LOWER_IS_BETTER else ""))
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
