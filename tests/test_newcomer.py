@@ -1,8 +1,8 @@
 """Issue 22, finding by finding: what a new user tripped over, each pinned by a test."""
 
 import ast
-import re
 import json
+import re
 import shutil
 import struct
 from pathlib import Path
