@@ -335,3 +335,29 @@ def test_crossover_is_measured_once_per_shape_and_cached(monkeypatch):
     twin = PackedLinear(fmt.pack_bitmask(sparse(48, 80, 0.5, seed=3)), kernel=PATHS[0])
     crossover.tune([twin])
     assert twin.table == layer.table
+
+
+def test_a_sharded_model_packs_unpacks_and_loads(tmp_path):
+    import transformers
+
+    src = tiny_causal(tmp_path / "src", "llama")
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(src))
+    model.save_pretrained(str(tmp_path / "sharded"), max_shard_size="8KB")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "sharded" / f).write_bytes((src / f).read_bytes())
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    half = tmp_path / "half"
+    convert(tmp_path / "sharded", half, ConvertOptions(alpha=1, budget=Budget.parse("0.5")), packed=True)
+    assert (half / "model.packed.safetensors.index.json").is_file()
+    from fpewiden import packed
+
+    ids = torch.randint(5, 90, (1, 6))
+    with torch.no_grad():
+        got = packed.load(half)(input_ids=ids).logits
+    unpack_checkpoint(half, tmp_path / "back")
+    back = json.loads((tmp_path / "back" / "model.safetensors.index.json").read_text())
+    assert back["weight_map"] == index["weight_map"]
+    ref = load_model(tmp_path / "back", head=True).model.eval()
+    with torch.no_grad():
+        assert torch.allclose(got, ref(input_ids=ids).logits, atol=1e-5, rtol=1e-4)

@@ -65,16 +65,17 @@ def write_like(
         mark_dir(tmp, provenance)
 
 
-def write_hf_extras(ck: Checkpoint, out: Path, config: dict) -> None:
-    """Everything of a model directory besides the weights: config (given), shard index, tokenizer and the rest."""
+def write_hf_extras(ck: Checkpoint, out: Path, config: dict, index: bool = True) -> None:
+    """Everything of a model directory besides the weights: config (given), shard index (unless `index` is False:
+    a writer that renames the weight files writes its own), tokenizer and the rest."""
     files = set(ck.file_of.values())
     skip = {"config.json", "model.safetensors.index.json", MASKS_FILE, MARKER, *files}
     for item in ck.path.iterdir():
         if item.name not in skip:
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, out / item.name)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    index = ck.path / "model.safetensors.index.json"
-    if index.is_file():
-        data = json.loads(index.read_text())
+    source_index = ck.path / "model.safetensors.index.json"
+    if index and source_index.is_file():
+        data = json.loads(source_index.read_text())
         data.setdefault("metadata", {})["total_size"] = sum((out / f).stat().st_size for f in files)
-        (out / index.name).write_text(json.dumps(data, indent=2) + "\n")
+        (out / source_index.name).write_text(json.dumps(data, indent=2) + "\n")

@@ -178,7 +178,7 @@ def pack_checkpoint(
             files = sorted(set(ck.file_of.values()))
             for f in files:
                 pack_file(f, tmp / packed_name(f))
-            write_hf_extras(ck, tmp, ck.config or {})
+            write_hf_extras(ck, tmp, ck.config or {}, index=False)
             _packed_index(ck, tmp)
             if (ck.path / MASKS_FILE).is_file():
                 shutil.copy2(ck.path / MASKS_FILE, tmp / MASKS_FILE)
@@ -255,7 +255,6 @@ def _write(
 def _packed_index(ck: Checkpoint, folder: Path) -> None:
     """A sharded model's index, with each shard's packed arrays named where they now live."""
     index = ck.path / "model.safetensors.index.json"
-    (folder / "model.safetensors.index.json").unlink(missing_ok=True)  # write_hf_extras copied the dense one
     if not index.is_file():
         return
     weight_map = {}
@@ -439,7 +438,7 @@ def unpack_checkpoint(src: Path, dst: Path, force: bool = False) -> dict:
                 skip = item.name in (INDEX, MARKER, "model.safetensors.index.json") or item.name.endswith(SUFFIX)
                 if not skip:
                     (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
-            if len(by_file) > 1:
+            if (src / INDEX).is_file():  # the unpacked folder was sharded (an index, one shard or more)
                 index = json.loads((src / INDEX).read_text())
                 index["weight_map"] = {n: f for f, names in by_file.items() for n in names}
                 index.setdefault("metadata", {})["total_size"] = sum((tmp / f).stat().st_size for f in by_file)
