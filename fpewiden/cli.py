@@ -200,6 +200,14 @@ def convert(
         float | None,
         typer.Option(help="With --select wasserstein: share of each layer's neurons widened.", show_default="0.05"),
     ] = None,
+    solver: Annotated[
+        str | None,
+        typer.Option(
+            help="The refits: exact (a least-squares solve per row) | obs (SparseGPT's update, one inverse per "
+            "matrix: for LLM widths) | auto (exact where cheap).",
+            show_default="auto",
+        ),
+    ] = None,
     packed: Annotated[
         bool, typer.Option("--packed", help="Write the packed checkpoint (see fpewiden pack) instead of the dense one.")
     ] = False,
@@ -226,6 +234,7 @@ def convert(
         "--reconstruct": ("reconstruct", reconstruct),
         "--select": ("select", select),
         "--expand-fraction": ("fraction", expand_fraction),
+        "--solver": ("solver", solver),
     }
     given = {flag: kv for flag, kv in flags.items() if kv[1] is not None}
     if given and calibration is None:

@@ -101,6 +101,65 @@ def test_refit_rows_solves_each_masked_problem(rows, n, seed, density):
             torch.testing.assert_close(got[r, s].double(), ref, rtol=1e-3, atol=1e-3)
 
 
+@given(st.integers(1, 6), st.integers(2, 12), st.integers(0, 999), st.floats(0.2, 1.0))
+def test_conjugate_gradients_reach_the_exact_refit(rows, n, seed, density):
+    from fpewiden.fpe.calibrated import refit_cg
+
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randn(80, n, generator=g)
+    t = torch.randn(80, rows, generator=g)
+    mask = torch.rand(rows, n, generator=g) < density
+    prior = torch.randn(rows, n, generator=g)
+    exact = refit_rows(f.T @ f, t.T @ f, mask, 1e-2, prior)
+    got, iterations = refit_cg(f.T @ f, t.T @ f, mask, 1e-2, prior, torch.zeros(rows, n), tol=1e-6, iters=200)
+    assert not bool(got[~mask].any()) and iterations <= 200
+    torch.testing.assert_close(got, exact, rtol=1e-3, atol=1e-3)
+
+
+def test_obs_prunes_to_the_mask_and_compensates():
+    from fpewiden.fpe.calibrated import obs_prune
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 40, generator=g) @ torch.randn(40, 40, generator=g) * 0.3 + torch.randn(600, 40, generator=g)
+    w = torch.randn(16, 40, generator=g)
+    mask = torch.rand(16, 40, generator=g) < 0.5
+    got = obs_prune(w, mask, x.T @ x)
+    assert not bool(got[~mask].any())
+    err = lambda v: float(((x @ (w - v).T) ** 2).sum())  # noqa: E731
+    exact = refit_rows(x.T @ x, (x @ w.T).T @ x, mask, 1e-6)
+    assert err(exact) <= err(got) < err(w * mask)  # between the exact refit and no refit
+    torch.testing.assert_close(obs_prune(w, torch.ones_like(mask), x.T @ x), w)
+
+
+@pytest.mark.parametrize("solver", ["obs", "cg"])
+def test_the_scalable_solvers_keep_the_budget_and_approach_the_exact_one(solver):
+    pair, x = pair_and_inputs(h=8, d=12, o=5, tokens=400)
+    fn = PairFunction(torch.relu)
+    budget = pair.nnz() // 2
+    runs = {
+        s: calibrate_pair(pair, x, fn, None, CalibratedOptions(alpha=2, solver=s), random_split, budget)
+        for s in ("exact", solver)
+    }
+    exact, got = runs["exact"], runs[solver]
+    assert got.pair.nnz() == budget and set(got.solvers) == {solver} and set(exact.solvers) == {"exact"}
+    for a, b in zip([*exact.pair.m_in, exact.pair.m_out], [*got.pair.m_in, got.pair.m_out]):
+        assert torch.equal(a, b)  # the same exact-budget mask: only the refit differs
+    assert got.error_after < got.error_before
+    assert got.error_after <= exact.error_after * (1.02 if solver == "cg" else 1.5)
+
+
+def test_auto_takes_the_exact_solver_only_where_it_is_cheap(monkeypatch):
+    from fpewiden.fpe import calibrated
+
+    pair, x = pair_and_inputs(h=8, d=12, o=5, tokens=400)
+    fn = PairFunction(torch.relu)
+    res = calibrate_pair(pair, x, fn, None, CalibratedOptions(alpha=2), random_split, pair.nnz() // 2)
+    assert set(res.solvers) == {"exact"}
+    monkeypatch.setattr(calibrated, "EXACT_MAX", 0.0)
+    res = calibrate_pair(pair, x, fn, None, CalibratedOptions(alpha=2), random_split, pair.nnz() // 2)
+    assert set(res.solvers) == {calibrated.SCALABLE}
+
+
 @given(st.lists(st.tuples(st.integers(1, 5), st.integers(1, 5)), min_size=1, max_size=3), st.integers(0, 999))
 def test_keep_largest_matches_the_reference_sort(shapes, seed):
     g = torch.Generator().manual_seed(seed)

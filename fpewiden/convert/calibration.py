@@ -62,6 +62,7 @@ class CalibratedTransform:
             c.anchor,
             c.refit_incoming,
             c.refit_outgoing,
+            c.solver,
         )
         self.chosen = chosen
         self.stats: list[dict] = []
@@ -206,7 +207,8 @@ class CalibratedTransform:
             "reconstruct": c.reconstruct,
             "select": c.select,
             "expand_fraction": self.copts.fraction,
-            "ridge": c.ridge if c.ridge is not None else "chosen on held-out tokens",
+            "ridge": c.ridge if c.ridge is not None else "chosen on held-out tokens (exact solver)",
+            "solver": c.solver,
             "layers": self.stats,
         }
 
@@ -257,6 +259,7 @@ class CalibratedTransform:
                 "output_error_before_refit": res.error_before,
                 "output_error": res.error_after,
                 "ridges": res.ridges,
+                "solvers": res.solvers,
             }
         )
         blocks = [

@@ -92,6 +92,7 @@ class Calibration:
     anchor: bool = True
     refit_incoming: bool = True  # ablations (bench/calibration_domains.py); not flags
     refit_outgoing: bool = True
+    solver: str = "auto"  # the refits: exact per-row least squares, OBS (SparseGPT's update), auto by cost
 
     def expand_fraction(self, alpha: int) -> float:
         if alpha == 1:
@@ -107,6 +108,10 @@ class Calibration:
             raise FpewidenError(f"--expand-fraction {self.fraction}: a share of neurons between 0 and 1")
         if self.samples is not None and self.samples < 8:
             raise FpewidenError(f"--calibration-samples {self.samples}: at least 8")
+        from fpewiden.fpe.calibrated import SOLVERS
+
+        if self.solver not in SOLVERS:
+            raise FpewidenError(f"--solver {self.solver!r}: choose one of {', '.join(SOLVERS)}")
         if self.ridge is not None and not self.ridge > 0:
             raise FpewidenError(f"ridge {self.ridge}: must be positive")
 

@@ -9,7 +9,10 @@ as it was, applied to those inputs, as SparseGPT does: each pair corrects the er
 - `activation_split`: a data-aware partition of an expanded neuron's inputs.
 - `expand_selected`: FPE with a children count per neuron (1 = not expanded).
 - `saliency`: what removing each weight costs, measured in the same unit for both matrices of the pair.
-- `refit_rows`: masked ridge least squares, row by row, from Gram matrices.
+- `refit_rows`: masked ridge least squares, row by row, from Gram matrices (exact for the mask; one Cholesky per
+  row, O(rows · kept³)).
+- `obs_prune`: SparseGPT's optimal-brain-surgeon update for a given mask: one inverse Hessian per matrix, columns
+  eliminated in blocks, O(cols³ + rows · cols²): what makes calibration scale to LLM widths.
 """
 
 from __future__ import annotations
@@ -196,6 +199,112 @@ def refit_rows(
     return out
 
 
+OBS_DAMP = 0.01  # SparseGPT's dampening: 1% of the Hessian's mean diagonal
+OBS_BLOCK = 128  # columns eliminated together before the rest of the matrix is updated
+
+
+def obs_prune(w: torch.Tensor, mask: torch.Tensor, gram: torch.Tensor, damp: float = OBS_DAMP,
+              block: int = OBS_BLOCK) -> torch.Tensor:  # fmt: skip
+    """Zero `w` where `mask` is False, compensating in the weights not yet processed, so that ‖(w − ŵ) Xᵀ‖² stays
+    small for the inputs whose Gram is `gram` (SparseGPT, Frantar & Alistarh 2023, with the mask given instead
+    of chosen: fpewiden's exact budget and tie rule pick it). Column i's error e = (w_i − ŵ_i) / U_ii moves the
+    later columns by −e·U_i,· with U the upper Cholesky factor of H⁻¹, H = gram + damp·mean(diag)·I; columns are
+    taken in blocks, the block's errors then applied to the rest at once. Inputs that never vary (a zero
+    diagonal) get zero weights. One inverse per matrix: O(cols³ + rows·cols²), against one Cholesky per row for
+    the exact refit (refit_rows)."""
+    cols = w.shape[1]
+    W = w.to(torch.float32).clone()
+    H = gram.to(torch.float32).clone()
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    keep = mask.to(torch.bool)
+    for attempt in range(4):  # a factorisation that fails gets 10x the damping
+        Hd = H.clone()
+        Hd.diagonal().add_(damp * (10**attempt) * float(H.diagonal().mean()))
+        L, info = torch.linalg.cholesky_ex(Hd.double() if attempt else Hd)
+        if not int(info):
+            break
+    else:
+        raise RuntimeError("the calibration Gram matrix could not be factorised")
+    U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).to(torch.float32)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        W1 = W[:, i1:i2].clone()
+        E1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        K1 = keep[:, i1:i2]
+        for i in range(i2 - i1):
+            w_i = W1[:, i]
+            q = torch.where(K1[:, i], w_i, torch.zeros((), dtype=w_i.dtype))
+            e = (w_i - q) / U1[i, i]
+            W1[:, i:] -= e[:, None] * U1[i, i:][None, :]
+            W1[:, i] = q
+            E1[:, i] = e
+        W[:, i1:i2] = W1
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+    return W * keep
+
+
+CG_TOL = 1e-4  # relative residual at which the masked conjugate gradients stop
+CG_ITERS = 60
+
+
+def refit_cg(
+    gram: torch.Tensor,
+    cross: torch.Tensor,
+    mask: torch.Tensor,
+    ridge: float,
+    prior: torch.Tensor | None,
+    start: torch.Tensor,
+    tol: float = CG_TOL,
+    iters: int = CG_ITERS,
+) -> tuple[torch.Tensor, int]:
+    """The exact refit (refit_rows' solution) by conjugate gradients, every row at once: each row solves
+    (G_SS + λI) w_S = c_S + λ p_S on its kept features S, with the products G·p for all rows in one matrix
+    multiply per iteration (O(rows · cols²)) and no factorisation at all; Jacobi-preconditioned, started from
+    `start`, stopped when every row's residual is below `tol` of its right-hand side. Returns the rows and the
+    iterations run."""
+    m = mask.to(torch.float32)
+    lam = ridge * float(gram.diagonal().mean().clamp_min(1e-30))
+    G = gram.to(torch.float32).clone()
+    G.diagonal().add_(lam)
+    b = (cross.to(torch.float32) + (lam * prior.to(torch.float32) if prior is not None else 0.0)) * m
+    W = start.to(torch.float32) * m
+    R = b - (W @ G) * m
+    dinv = 1.0 / G.diagonal().clamp_min(1e-30)
+    Z = R * dinv
+    P = Z.clone()
+    rz = (R * Z).sum(1, keepdim=True)
+    scale = b.norm(dim=1).clamp_min(1e-30)
+    done = 0
+    while done < iters:
+        done += 1
+        AP = (P @ G) * m
+        step = rz / (P * AP).sum(1, keepdim=True).clamp_min(1e-30)
+        W += step * P
+        R -= step * AP
+        if bool((R.norm(dim=1) <= tol * scale).all()):
+            break
+        Z = R * dinv
+        rz_next = (R * Z).sum(1, keepdim=True)
+        P = Z + (rz_next / rz.clamp_min(1e-30)) * P
+        rz = rz_next
+    return W * m, done
+
+
+def refit_cost(mask: torch.Tensor) -> tuple[float, float]:
+    """Multiply-adds of the exact refit (a Cholesky per row of its kept features) and of the OBS update."""
+    kept = mask.sum(1).to(torch.float64)
+    rows, cols = mask.shape
+    return float((kept**3).sum() / 3), float(cols**3 + rows * cols**2)
+
+
+SOLVERS = ("auto", "exact", "obs", "cg")
+EXACT_MAX = 2e10  # auto: the exact refit up to about this many multiply-adds (a few seconds on one core)
+SCALABLE = "cg"  # auto, above that: bench/results/calibration_solver
+
+
 @dataclass(frozen=True)
 class CalibratedOptions:
     """`fraction`: share of each layer's neurons expanded (by Wasserstein distance; 1: all, as FPE; 0: none,
@@ -210,6 +319,7 @@ class CalibratedOptions:
     anchor: bool = True  # the refits' ridge pulls towards the converted weights (True) or towards zero
     refit_incoming: bool = True  # children reproduce their unpruned pre-activations (ablations switch it off)
     refit_outgoing: bool = True  # the outgoing matrix reproduces the pair's original output
+    solver: str = "auto"  # exact (refit_rows) | obs (obs_prune) | auto: exact where it costs under EXACT_MAX
 
 
 @dataclass
@@ -221,6 +331,7 @@ class CalibratedPair:
     error_after: float  # after it (equal when there is no refit)
     ridges: list[float | None] = field(default_factory=list)  # per refit made (incoming, then outgoing): the
     # relative ridge used; None where keeping the weights beat every refit on held-out tokens
+    solvers: list[str] = field(default_factory=list)  # per refit made: exact or obs
 
 
 def _relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -240,6 +351,7 @@ class Refit:
     w: torch.Tensor
     b: torch.Tensor | None
     ridge: float | None
+    solver: str = "exact"
 
 
 def _moments(f: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -268,6 +380,7 @@ def _refit(
     with_bias: bool,
     prior: torch.Tensor | None = None,
     prior_bias: torch.Tensor | None = None,
+    solver: str = "exact",
 ) -> Refit:
     """Rows of W (targets × features) on the kept features, and the bias, minimizing ‖target − features·Wᵀ − b‖²
     + λ‖W − prior‖². With a bias, both sides are centered so the bias is not shrunk.
@@ -276,7 +389,17 @@ def _refit(
     for SELECT_ROWS sample rows and scored on the rest, against keeping the prior rows and `prior_bias` as they
     are (no refit). The winner is refitted on all tokens; if no refit wins, nothing is solved at all. So a refit
     is only made where it predicts tokens it did not see better than the weights it replaces.
+
+    `solver` "obs": the dense ridge solution W* (one solve with the shared Gram), then `obs_prune` to the mask.
+    Since ‖T − W·F‖² = ‖T − W*·F‖² + ‖(W* − W)·F‖² for the least-squares W*, pruning W* with OBS minimises the
+    same objective the exact refit does, approximately (kept weights of columns already eliminated are not
+    revisited); the ridge is then `ridge` or, when None, OBS_DAMP.
     """
+    if solver == "auto":
+        solver = "exact" if refit_cost(mask)[0] <= EXACT_MAX else SCALABLE
+    if solver in ("obs", "cg"):
+        lam = ridge if ridge is not None else OBS_DAMP
+        return _refit_scalable(features, target, mask, lam, with_bias, prior, solver)
     n = len(features)
     hold = round(HOLDOUT * n) if ridge is None else 0
     if ridge is not None or hold < 2 or n - hold < 2:
@@ -291,6 +414,32 @@ def _refit(
     gram, cross, mf, mt = _centered(parts, with_bias)
     w = refit_rows(gram, cross, mask, chosen, prior).to(features.dtype)
     return Refit(w, (mt - w @ mf) if with_bias else None, chosen)
+
+
+def _refit_scalable(
+    features: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    ridge: float,
+    with_bias: bool,
+    prior: torch.Tensor | None,
+    solver: str,
+) -> Refit:
+    """The refits that scale: `obs`, SparseGPT's update of the dense ridge solution; `cg`, conjugate gradients
+    to the exact masked solution from the prior (or from zero)."""
+    gram, cross, mf, mt = _centered([_moments(features, target)], with_bias)
+    if solver == "cg":
+        start = prior if prior is not None else torch.zeros_like(cross)
+        w, _ = refit_cg(gram, cross, mask, ridge, prior, start)
+    else:
+        lam = ridge * float(gram.diagonal().mean().clamp_min(1e-30))
+        g = gram.to(torch.float64).clone()
+        g.diagonal().add_(lam)
+        rhs = cross.to(torch.float64) + (lam * prior.to(torch.float64) if prior is not None else 0.0)
+        dense = torch.linalg.solve(g, rhs.T).T.to(torch.float32)  # W* = (C + λP)(G + λI)⁻¹, G symmetric
+        w = obs_prune(dense, mask, gram)
+    w = w.to(features.dtype)
+    return Refit(w, (mt - w @ mf) if with_bias else None, ridge, solver)
 
 
 def _choose_ridge(
@@ -371,6 +520,7 @@ def calibrate_pair(
     # incoming: each child that lost inputs reproduces its unpruned pre-activation
     new_in, new_b = [], []
     ridges: list[float | None] = []
+    solvers: list[str] = []
     for w_full, b, w_kept, m, m_full in zip(ex.w_in, ex.b_in, w_in, masks[:-1], full_masks[:-1], strict=True):
         lost = (m != m_full).any(1)
         if not opts.refit_incoming or not bool(lost.any()):
@@ -380,9 +530,10 @@ def calibrate_pair(
         goal = x @ w_full[lost].to(x.dtype).T
         prior = w_kept[lost].to(x.dtype) if opts.anchor else None
         zero = torch.zeros(int(lost.sum()), dtype=x.dtype)  # no refit: the bias stays as it is
-        fit = _refit(x, goal, m[lost], opts.ridge, b is not None, prior, zero)
+        fit = _refit(x, goal, m[lost], opts.ridge, b is not None, prior, zero, opts.solver)
         w_fit, shift = fit.w, fit.b
         ridges.append(fit.ridge)
+        solvers.append(fit.solver)
         w = w_kept.clone().to(x.dtype)
         w[lost] = w_fit
         new_in.append(w.to(w_kept.dtype))
@@ -397,12 +548,13 @@ def calibrate_pair(
     if not opts.refit_outgoing:
         refit = Pair(new_in, masks[:-1], new_b, w_out, masks[-1])
         after = _relative_error(pair_output(refit, x, fn, b_out), target)
-        return CalibratedPair(refit, b_out, int(chosen.sum()), before, after, ridges)
+        return CalibratedPair(refit, b_out, int(chosen.sum()), before, after, ridges, solvers)
     prior_out = w_out.to(x.dtype) if opts.anchor else None
-    fit = _refit(a, target, masks[-1], opts.ridge, b_out is not None, prior_out, b_out)
+    fit = _refit(a, target, masks[-1], opts.ridge, b_out is not None, prior_out, b_out, opts.solver)
     w_fit, b_fit = fit.w, fit.b
     ridges.append(fit.ridge)
+    solvers.append(fit.solver)
     refit = Pair(new_in, masks[:-1], new_b, w_fit.to(w_out.dtype), masks[-1])
     b_new = b_fit.to(b_out.dtype) if b_out is not None and b_fit is not None else b_out
     after = _relative_error(pair_output(refit, x, fn, b_new), target)
-    return CalibratedPair(refit, b_new, int(chosen.sum()), before, after, ridges)
+    return CalibratedPair(refit, b_new, int(chosen.sum()), before, after, ridges, solvers)
