@@ -68,7 +68,7 @@ Smaller, for a pretrained model: calibrated pruning
 Faster: store it packed and run it on fpewiden's kernels
   fpewiden pack small --out small-packed     (Python: fpewiden.packed.load("small-packed"))
   Decode at batch 1: 1.20x the tokens/s of a Llama-shaped model with FFNs at 50%; a
-  Llama-7B FFN matrix at 0.56x torch's latency; token batches are not faster.
+  Llama-7B FFN matrix at 0.55x torch's latency; token batches are not faster.
 \b
 Wider at the same non-zeros (FPE), then train:
   fpewiden convert MODEL --out wide --alpha 2 && fpewiden finetune wide --data DATA --out wide-ft
