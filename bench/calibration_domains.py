@@ -14,7 +14,9 @@ paper's FPE) need no calibration and are scored once. Variants (`--variants`, co
   fpe-cal-no-out   incoming refit only
   fpe-cal-none     no refit at all (saliency-chosen weights as they are)
   fpe-cal-64k      ridge 1e-3 on 64k calibration tokens instead of 16k
-  fpe-cal-auto / cal-prune-auto       ridge chosen per refit on held-out calibration tokens (the default now)
+  fpe-cal-auto / cal-prune-auto       ridge chosen per refit on held-out calibration tokens (exact solver)
+  fpe-cal-cg / cal-prune-cg           conjugate gradients to the exact refit (ridge chosen the same way)
+  fpe-cal-obs / cal-prune-obs         SparseGPT's update for the given mask (ridge chosen the same way)
 
   python bench/calibration_domains.py [--budget 0.5 --variants ... --out bench/results/calibration_domains]
 """
@@ -51,8 +53,12 @@ VARIANTS: dict[str, tuple[int, dict | None]] = {  # name -> (α, Calibration fie
     "fpe-cal-no-out": (2, {"ridge": FIXED, "refit_outgoing": False}),
     "fpe-cal-none": (2, {"reconstruct": False}),
     "fpe-cal-64k": (2, {"ridge": FIXED, "samples": {"TREC": 5452, "SST-5": 2600}}),  # sentences: ~55k / ~64k tokens
-    "fpe-cal-auto": (2, {}),
-    "cal-prune-auto": (1, {}),
+    "fpe-cal-auto": (2, {"solver": "exact"}),  # ridge chosen on held-out tokens (exact solver)
+    "cal-prune-auto": (1, {"solver": "exact"}),
+    "fpe-cal-cg": (2, {"solver": "cg"}),  # the scalable refits (bench/calibration_solver.py)
+    "cal-prune-cg": (1, {"solver": "cg"}),
+    "fpe-cal-obs": (2, {"solver": "obs"}),
+    "cal-prune-obs": (1, {"solver": "obs"}),
 }
 
 

@@ -283,3 +283,52 @@ def test_hf_calibrated_convert_loads_with_the_planned_width(tmp_path, family):
     assert cfg.get("intermediate_size", cfg.get("n_inner")) == 32 + 8
     _, info = transformers.AutoModel.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["mismatched_keys"]
+
+
+@pytest.mark.parametrize("family", ["bert", "llama", "gpt2"])
+def test_block_by_block_calibration_equals_running_the_whole_model(tmp_path, family, monkeypatch):
+    """The onloaded path (one block in memory, hidden states carried) gives the whole-model path's conversion."""
+    from safetensors.torch import load_file
+
+    from fpewiden.convert import onload
+
+    src = tiny_bert(tmp_path / "m") if family == "bert" else tiny_causal(tmp_path / "m", family)
+    text = str(sentences(tmp_path / "cal.txt", 40))
+    seen: list[int] = []
+    seek = onload.OnloadedModel.seek
+    monkeypatch.setattr(onload.OnloadedModel, "seek", lambda self, i: (seen.append(i), seek(self, i))[1])
+    outs = {}
+    for whole in (False, True):
+        out = tmp_path / f"o{whole}"
+        cal = Calibration(text, whole_model=whole)
+        convert(src, out, ConvertOptions(alpha=2, budget=Budget.parse("0.6"), calibration=cal))
+        outs[whole] = {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert seen and sorted(set(seen)) == list(range(max(seen) + 1))  # the onloaded path ran, block by block
+    assert outs[False].keys() == outs[True].keys()
+    for k, v in outs[True].items():
+        torch.testing.assert_close(outs[False][k], v, rtol=2e-4, atol=2e-5, msg=k)
+
+
+def test_onloading_frees_each_block_once_passed(tmp_path):
+    """Blocks behind the calibrated one and the embeddings hold no memory (their parameters are on meta)."""
+    from fpewiden.convert.onload import OnloadedModel
+    from fpewiden.io.checkpoint import open_checkpoint
+    from fpewiden.model.skeleton import empty_model
+
+    src = tiny_causal(tmp_path / "m", "llama")
+    ck = open_checkpoint(src)
+    model = empty_model(ck.path, head=False)
+    batch = {"input_ids": torch.randint(0, 50, (2, 5)), "attention_mask": torch.ones(2, 5, dtype=torch.long)}
+    om = OnloadedModel.open(ck, model, [batch], [n for n in ck.shapes if ".mlp." in n])
+    assert om is not None and om.blocks.count >= 2
+
+    def live(mod: torch.nn.Module) -> int:
+        return sum(p.device.type != "meta" for p in mod.parameters())
+
+    assert live(model) == 0  # the embeddings ran once and were freed
+    x0 = om.inputs(next(n for n in ck.shapes if n.endswith("0.mlp.up_proj.weight")), [batch["attention_mask"].bool()])
+    assert x0.shape == (10, ck.config["hidden_size"]) and live(om.block(0)) > 0
+    om.seek(1)
+    assert live(om.block(0)) == 0 and live(om.block(1)) > 0
+    with pytest.raises(AssertionError):
+        om.seek(0)

@@ -6,8 +6,10 @@ projection, the forward stopped right there; for MLP chains the previous pair's 
 inputs). The pair's own output on those inputs is the target (fpe/calibrated.py does the math). The converted
 pair then replaces the original in the model, so the next pair sees its effect, as SparseGPT does.
 
-Memory: the model, one pair's inputs over the calibration tokens, the widened pair's activations and one Gram
-matrix at a time.
+Hugging Face models whose pairs lie in a list of blocks (every transformer here) are onloaded one block at a time
+(convert/onload.py): the calibration tokens' hidden states are carried from block to block, so memory is one
+block, those hidden states, one pair's inputs, the widened pair's activations and one Gram matrix at a time, and
+each block runs once per pair in it instead of the whole prefix of the model. Others run whole, in memory.
 """
 
 from __future__ import annotations
@@ -114,16 +116,15 @@ class CalibratedTransform:
     # ---- Hugging Face models: the model runs in memory, pairs are swapped in as they are converted
     def _init_hf(self) -> None:
         from fpewiden.arch.hf import family_of
+        from fpewiden.convert.onload import OnloadedModel
         from fpewiden.data.text import load_tokenizer, read_sentences
         from fpewiden.model.loaded import load_model
+        from fpewiden.model.skeleton import empty_model
 
         path = Path(self.settings.data)
         sentences = read_sentences(path, MIN_SAMPLES, "calibration")
         self.family = family_of(self.ck.config or {})
-        self.loaded = load_model(self.ck.path)
-        self.model = self.loaded.model.eval()
         tok = load_tokenizer([self.ck.path])
-        keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in _forward_args(self.model)]
         chosen, tokens = [], 0
         for s in sentences:
             if self.settings.samples is not None and len(chosen) >= self.settings.samples:
@@ -134,10 +135,13 @@ class CalibratedTransform:
             tokens += len(tok(s, truncation=True, max_length=MAX_TOKENS)["input_ids"])
         if len(chosen) < MIN_SAMPLES:
             raise FpewidenError(f"--calibration {path}: {len(chosen)} samples; at least {MIN_SAMPLES}")
-        self.batches = []
+        skeleton = empty_model(self.ck.path, head=False)
+        keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in _forward_args(skeleton)]
+        self.batches, self.real = [], []  # model inputs per batch; which of their tokens are not padding
         for i in range(0, len(chosen), 32):
             enc = tok(chosen[i : i + 32], padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
             self.batches.append({k: enc[k] for k in keys if k in enc})
+            self.real.append(enc["attention_mask"].bool())
         self.samples, self.tokens = len(chosen), tokens
         if tokens < HF_TOKENS:
             self.warnings.append(
@@ -145,10 +149,21 @@ class CalibratedTransform:
                 "refits (half budget: cosine 0.978 / 0.940 on TREC / SST-5 against 0.983 / 0.954 from ~22k tokens, "
                 f"bench/results/calibration); give at least {HF_TOKENS:,} tokens"
             )
+        weights = [name for spec in self.chosen for name in (*spec.in_weights, spec.out_weight)]
+        self.onloaded = (
+            None if self.settings.whole_model else OnloadedModel.open(self.ck, skeleton, self.batches, weights)
+        )
+        if self.onloaded is not None:
+            self.model = self.onloaded.model
+            return
+        self.loaded = load_model(self.ck.path)
+        self.model = self.loaded.model.eval()
         self.names = {id(p): n for n, p in self.model.named_parameters()}
 
     def _module(self, ckpt_name: str) -> tuple[str, nn.Module]:
         """The module holding a checkpoint tensor, and its path in the model."""
+        if self.onloaded is not None:
+            return self.onloaded.module(ckpt_name)
         param = self.loaded.param_of.get(ckpt_name)
         if param is None:
             raise FpewidenError(f"calibration: the model loaded by transformers has no tensor {ckpt_name}")
@@ -163,6 +178,8 @@ class CalibratedTransform:
 
     @torch.no_grad()
     def _hf_inputs(self, spec: PairSpec) -> torch.Tensor:
+        if self.onloaded is not None:
+            return self.onloaded.inputs(spec.in_weights[0], self.real)
         _, module = self._module(spec.in_weights[0])
         captured: list[torch.Tensor] = []
 
@@ -182,8 +199,7 @@ class CalibratedTransform:
                 if not captured:
                     raise FpewidenError(f"calibration: layer {spec.name} did not run on the calibration samples")
                 x = captured[0]
-                keep = batch["attention_mask"].bool()
-                rows.append(x[keep].to(torch.float32))
+                rows.append(x[self.real[len(rows)]].to(torch.float32))
         finally:
             handle.remove()
         return torch.cat(rows)
@@ -207,7 +223,7 @@ class CalibratedTransform:
             "reconstruct": c.reconstruct,
             "select": c.select,
             "expand_fraction": self.copts.fraction,
-            "ridge": c.ridge if c.ridge is not None else "chosen on held-out tokens (exact solver)",
+            "ridge": c.ridge if c.ridge is not None else "chosen per refit on held-out tokens",
             "solver": c.solver,
             "layers": self.stats,
         }

@@ -92,7 +92,8 @@ class Calibration:
     anchor: bool = True
     refit_incoming: bool = True  # ablations (bench/calibration_domains.py); not flags
     refit_outgoing: bool = True
-    solver: str = "auto"  # the refits: exact per-row least squares, OBS (SparseGPT's update), auto by cost
+    solver: str = "auto"  # the refits: exact per-row least squares, cg, obs (SparseGPT's update), auto by cost
+    whole_model: bool = False  # HF: the whole model in memory (the reference the block-by-block path is tested on)
 
     def expand_fraction(self, alpha: int) -> float:
         if alpha == 1:

@@ -386,20 +386,13 @@ def _refit(
     + λ‖W − prior‖². With a bias, both sides are centered so the bias is not shrunk.
 
     `ridge` None chooses λ on held-out tokens: each of RIDGES is fitted on the first (1 − HOLDOUT) of the tokens
-    for SELECT_ROWS sample rows and scored on the rest, against keeping the prior rows and `prior_bias` as they
-    are (no refit). The winner is refitted on all tokens; if no refit wins, nothing is solved at all. So a refit
-    is only made where it predicts tokens it did not see better than the weights it replaces.
-
-    `solver` "obs": the dense ridge solution W* (one solve with the shared Gram), then `obs_prune` to the mask.
-    Since ‖T − W·F‖² = ‖T − W*·F‖² + ‖(W* − W)·F‖² for the least-squares W*, pruning W* with OBS minimises the
-    same objective the exact refit does, approximately (kept weights of columns already eliminated are not
-    revisited); the ridge is then `ridge` or, when None, OBS_DAMP.
+    for SELECT_ROWS sample rows, by the same solver, and scored on the rest, against keeping the prior rows and
+    `prior_bias` as they are (no refit). The winner is refitted on all tokens; if no refit wins, nothing is
+    solved at all. So a refit is only made where it predicts tokens it did not see better than the weights it
+    replaces. `solver`: see `solve_rows`; "auto" takes the exact one where it costs under EXACT_MAX.
     """
     if solver == "auto":
         solver = "exact" if refit_cost(mask)[0] <= EXACT_MAX else SCALABLE
-    if solver in ("obs", "cg"):
-        lam = ridge if ridge is not None else OBS_DAMP
-        return _refit_scalable(features, target, mask, lam, with_bias, prior, solver)
     n = len(features)
     hold = round(HOLDOUT * n) if ridge is None else 0
     if ridge is not None or hold < 2 or n - hold < 2:
@@ -407,39 +400,44 @@ def _refit(
         chosen: float | None = ridge if ridge is not None else RIDGES[0]
     else:
         parts = [_moments(features[: n - hold], target[: n - hold]), _moments(features[n - hold :], target[n - hold :])]
-        chosen = _choose_ridge(parts[0], features[n - hold :], target[n - hold :], mask, with_bias, prior, prior_bias)
+        chosen = _choose_ridge(
+            parts[0], features[n - hold :], target[n - hold :], mask, with_bias, prior, prior_bias, solver
+        )
     if chosen is None:
         assert prior is not None
-        return Refit(prior.to(features.dtype), prior_bias if with_bias else None, None)
+        return Refit(prior.to(features.dtype), prior_bias if with_bias else None, None, solver)
     gram, cross, mf, mt = _centered(parts, with_bias)
-    w = refit_rows(gram, cross, mask, chosen, prior).to(features.dtype)
-    return Refit(w, (mt - w @ mf) if with_bias else None, chosen)
+    w = solve_rows(solver, gram, cross, mask, chosen, prior).to(features.dtype)
+    return Refit(w, (mt - w @ mf) if with_bias else None, chosen, solver)
 
 
-def _refit_scalable(
-    features: torch.Tensor,
-    target: torch.Tensor,
+def solve_rows(
+    solver: str,
+    gram: torch.Tensor,
+    cross: torch.Tensor,
     mask: torch.Tensor,
     ridge: float,
-    with_bias: bool,
     prior: torch.Tensor | None,
-    solver: str,
-) -> Refit:
-    """The refits that scale: `obs`, SparseGPT's update of the dense ridge solution; `cg`, conjugate gradients
-    to the exact masked solution from the prior (or from zero)."""
-    gram, cross, mf, mt = _centered([_moments(features, target)], with_bias)
+) -> torch.Tensor:
+    """The masked ridge refit of every row by one solver: "exact", one Cholesky per row (refit_rows); "cg",
+    conjugate gradients to the same solution from the prior (refit_cg: one matrix multiply per iteration, no
+    factorisation); "obs", the dense ridge solution W* = (C + λP)(G + λI)⁻¹ pruned to the mask by SparseGPT's
+    update (obs_prune: one inverse per matrix). Since ‖T − W·F‖² = ‖T − W*·F‖² + ‖(W* − W)·F‖² for the
+    least-squares W*, pruning W* by OBS minimises the exact refit's objective approximately (kept weights of
+    columns already eliminated are not revisited)."""
+    if solver == "exact":
+        return refit_rows(gram, cross, mask, ridge, prior)
     if solver == "cg":
         start = prior if prior is not None else torch.zeros_like(cross)
-        w, _ = refit_cg(gram, cross, mask, ridge, prior, start)
-    else:
-        lam = ridge * float(gram.diagonal().mean().clamp_min(1e-30))
-        g = gram.to(torch.float64).clone()
-        g.diagonal().add_(lam)
-        rhs = cross.to(torch.float64) + (lam * prior.to(torch.float64) if prior is not None else 0.0)
-        dense = torch.linalg.solve(g, rhs.T).T.to(torch.float32)  # W* = (C + λP)(G + λI)⁻¹, G symmetric
-        w = obs_prune(dense, mask, gram)
-    w = w.to(features.dtype)
-    return Refit(w, (mt - w @ mf) if with_bias else None, ridge, solver)
+        return refit_cg(gram, cross, mask, ridge, prior, start)[0]
+    if solver != "obs":
+        raise ValueError(f"unknown solver {solver!r}")
+    lam = ridge * float(gram.diagonal().mean().clamp_min(1e-30))
+    g = gram.to(torch.float64).clone()
+    g.diagonal().add_(lam)
+    rhs = cross.to(torch.float64) + (lam * prior.to(torch.float64) if prior is not None else 0.0)
+    dense = torch.linalg.solve(g, rhs.T).T.to(torch.float32)  # G symmetric
+    return obs_prune(dense, mask, gram)
 
 
 def _choose_ridge(
@@ -450,6 +448,7 @@ def _choose_ridge(
     with_bias: bool,
     prior: torch.Tensor | None,
     prior_bias: torch.Tensor | None,
+    solver: str = "exact",
 ) -> float | None:
     """The relative ridge of RIDGES with the least held-out error on sample rows, or None when keeping the prior
     (and `prior_bias`) does at least as well. Ties go to the stronger ridge."""
@@ -461,7 +460,7 @@ def _choose_ridge(
     t_pick = t_held[:, pick]
     errors: dict[float | None, float] = {}
     for lam in RIDGES:
-        w = refit_rows(gram, cross[pick], mask[pick], lam, prior[pick] if prior is not None else None)
+        w = solve_rows(solver, gram, cross[pick], mask[pick], lam, prior[pick] if prior is not None else None)
         b = (mt[pick] - w @ mf) if with_bias else 0.0
         errors[lam] = float(((t_pick - f_held @ w.T - b) ** 2).sum())
     if prior is not None:

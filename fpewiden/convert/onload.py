@@ -1,0 +1,225 @@
+"""A Hugging Face model for calibration, onloaded one block at a time.
+
+Calibrated conversion needs each pair's inputs on the calibration tokens, from the model as converted so far.
+Running the whole model for every pair holds all of it in memory and costs one forward per pair up to that pair
+(quadratic in depth). Here, as llm-compressor's sequential pipeline does, the model is a skeleton on the meta
+device: the embeddings run once to give the first block's inputs (its hidden states and every keyword argument
+the model passes it: attention mask, rotary embeddings, position ids), then are freed; each block is read from the
+checkpoint when its first pair is calibrated, run on the stored hidden states (stopped at the pair being
+calibrated), and, once its pairs are converted, run whole to give the next block's inputs and freed. Peak memory:
+one block, the embeddings at the start, and the calibration tokens' hidden states.
+
+`find_blocks` says whether a model can be run this way (every calibrated pair inside one ModuleList of blocks);
+where not, convert runs the whole model as before.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fpewiden.errors import FpewidenError
+from fpewiden.io.checkpoint import Checkpoint
+
+
+class _Stop(Exception):
+    """Raised by a capture hook: nothing after the captured module needs to run."""
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Where the blocks are: the ModuleList's path in the model and its length."""
+
+    path: str
+    count: int
+
+    def index(self, module_path: str) -> int | None:
+        """The block a module lies in, or None outside the blocks."""
+        prefix = f"{self.path}." if self.path else ""
+        if not module_path.startswith(prefix):
+            return None
+        head = module_path[len(prefix) :].split(".", 1)[0]
+        return int(head) if head.isdigit() and int(head) < self.count else None
+
+
+def find_blocks(model: nn.Module, module_paths: list[str]) -> Blocks | None:
+    """The outermost ModuleList whose items hold every one of `module_paths`, or None."""
+    found: Blocks | None = None
+    for path in module_paths:
+        parts = path.split(".")
+        here = None
+        for i in range(len(parts) - 1):
+            if not parts[i + 1].isdigit():
+                continue
+            parent = ".".join(parts[: i + 1])
+            mod = model.get_submodule(parent)
+            if isinstance(mod, nn.ModuleList):
+                here = Blocks(parent, len(mod))
+                break
+        if here is None or (found is not None and here != found):
+            return None
+        found = here
+    return found
+
+
+def _to_meta(module: nn.Module) -> None:
+    """Free a module's parameters (the skeleton keeps their shapes)."""
+    for mod in module.modules():
+        for leaf, p in list(mod._parameters.items()):
+            if p is not None and p.device.type != "meta":
+                mod._parameters[leaf] = nn.Parameter(p.to("meta"), requires_grad=False)
+
+
+def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(args: tuple, kwargs: dict, h: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (h, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": h}
+
+
+class OnloadedModel:
+    """The model skeleton, the hidden states entering the current block for every calibration batch, and that
+    block's weights (see the module docstring)."""
+
+    def __init__(self, ck: Checkpoint, model: nn.Module, blocks: Blocks, batches: list[dict], key_of: dict[str, str]):
+        self.ck, self.model, self.blocks, self.batches = ck, model, blocks, batches
+        self.key_of = key_of  # checkpoint tensor name -> the model's parameter or buffer key
+        self.current = -1  # the block whose weights are loaded
+        self.states: list[tuple[tuple, dict]] = []
+        self._capture_first()
+
+    @classmethod
+    def open(
+        cls, ck: Checkpoint, model: nn.Module, batches: list[dict], pair_weights: list[str]
+    ) -> OnloadedModel | None:
+        """The onloaded model from its skeleton (model/skeleton.py `empty_model`), or None where the calibrated
+        pairs are not all inside one list of blocks."""
+        from fpewiden.model.skeleton import checkpoint_key
+
+        params = dict(model.named_parameters(remove_duplicate=False))
+        params |= dict(model.named_buffers(remove_duplicate=False))
+        key_of = {}
+        for name in ck.shapes:
+            key = checkpoint_key(model, name, params)
+            if key is not None:
+                key_of[name] = key
+        paths = []
+        for name in pair_weights:
+            if name not in key_of:
+                return None
+            paths.append(key_of[name].rsplit(".", 1)[0])
+        blocks = find_blocks(model, paths)
+        return None if blocks is None else cls(ck, model, blocks, batches, key_of)
+
+    def block(self, i: int) -> nn.Module:
+        return self.model.get_submodule(f"{self.blocks.path}.{i}" if self.blocks.path else str(i))
+
+    def _load(self, outside: bool, block: int | None = None) -> None:
+        """Read tensors from the checkpoint into the skeleton: those outside the blocks, or one block's."""
+        from fpewiden.model.skeleton import assign
+
+        for name, key in self.key_of.items():
+            i = self.blocks.index(key)
+            if (outside and i is None) or (not outside and i == block):
+                t = self.ck.get(name)
+                assign(self.model, key, t.to(torch.float32) if t.is_floating_point() else t)
+
+    @torch.no_grad()
+    def _capture_first(self) -> None:
+        """Run the embeddings (everything before block 0) once per batch and keep what block 0 receives."""
+        self._load(outside=True)
+        first = self.block(0)
+
+        def hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            self.states.append((args, dict(kwargs)))
+            raise _Stop
+
+        handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+        extra = {"use_cache": False} if "use_cache" in _forward_args(self.model) else {}
+        try:
+            for batch in self.batches:
+                try:
+                    self.model(**batch, **extra)
+                except _Stop:
+                    pass
+                else:
+                    raise FpewidenError("calibration: the model's first block did not run on the calibration samples")
+        finally:
+            handle.remove()
+        _to_meta(self.model)  # the embeddings are not needed again; block weights are read as they are reached
+
+    @torch.no_grad()
+    def _advance(self) -> None:
+        """Run the current block whole on every batch: its outputs are the next block's inputs."""
+        block = self.block(self.current)
+        states = []
+        for args, kwargs in self.states:
+            out = block(*args, **kwargs)
+            h = out[0] if isinstance(out, tuple) else out
+            states.append(_with_hidden(args, kwargs, h))
+        self.states = states
+        _to_meta(block)
+
+    def seek(self, i: int) -> None:
+        """Make block `i` the loaded one, running every block before it (the converted ones as converted)."""
+        if i < self.current:
+            raise AssertionError(f"pairs are calibrated in forward order (block {i} after {self.current})")
+        while self.current < i:
+            if self.current >= 0:
+                self._advance()
+            self.current += 1
+            self._load(outside=False, block=self.current)
+
+    def module(self, ck_name: str) -> tuple[str, nn.Module]:
+        """The module holding a checkpoint tensor, and its path in the model; its block becomes the loaded one."""
+        key = self.key_of.get(ck_name)
+        if key is None:
+            raise FpewidenError(f"calibration: the model built by transformers has no tensor {ck_name}")
+        i = self.blocks.index(key)
+        if i is None:
+            raise AssertionError(f"{ck_name} is outside the model's blocks")
+        self.seek(i)
+        path = key.rsplit(".", 1)[0]
+        return path, self.model.get_submodule(path)
+
+    @torch.no_grad()
+    def inputs(self, ck_name: str, keep: list[torch.Tensor]) -> torch.Tensor:
+        """What the module holding `ck_name` receives on every calibration batch, at the tokens `keep` marks
+        (per batch: batch × tokens, False at padding)."""
+        _, module = self.module(ck_name)
+        block = self.block(self.current)
+        captured: list[torch.Tensor] = []
+
+        def hook(_mod: nn.Module, args: tuple) -> None:
+            captured.append(args[0])
+            raise _Stop
+
+        handle = module.register_forward_pre_hook(hook)
+        rows = []
+        try:
+            for b, (args, kwargs) in enumerate(self.states):
+                captured.clear()
+                try:
+                    block(*args, **kwargs)
+                except _Stop:
+                    pass
+                if not captured:
+                    raise FpewidenError(f"calibration: {ck_name} did not run on the calibration samples")
+                rows.append(captured[0][keep[b]].to(torch.float32))
+        finally:
+            handle.remove()
+        return torch.cat(rows)
+
+    def hidden_bytes(self) -> int:
+        return sum(_hidden(a, k).numel() * _hidden(a, k).element_size() for a, k in self.states)
+
+
+def _forward_args(model: nn.Module) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(model.forward).parameters)
