@@ -343,6 +343,13 @@ def finetune(
         float | None,
         typer.Option(help="Drop each weight with this probability at every step (MLPs; a baseline).", show_default="0"),
     ] = None,
+    fsdp: Annotated[
+        bool,
+        typer.Option(
+            "--fsdp/--no-fsdp",
+            help="Shard parameters, gradients and optimizer state across torchrun's processes (FSDP2), not DDP.",
+        ),
+    ] = False,
     force: Annotated[bool, FORCE] = False,
 ) -> None:
     """Train with the zero pattern fixed (masks re-applied after every step); MLPs on DATA, Hugging Face models
@@ -352,6 +359,7 @@ def finetune(
     Examples:
       fpewiden finetune wide.safetensors --data digits --out wide-ft.safetensors --epochs 10
       fpewiden finetune runs/small --teacher model/ --data text.txt --out runs/small-distilled
+      torchrun --nproc-per-node 8 -m fpewiden finetune runs/big --teacher model/ --data t.txt --out o --fsdp
     """
     from fpewiden.console import console, progress_bar
     from fpewiden.recipes import recipe_path, train_config
@@ -368,6 +376,7 @@ def finetune(
         seed=seed,
         dropconnect=dropconnect,
         threads=threads,
+        fsdp=fsdp or None,
     )
     cfg = train_config(recipe, {k: v for k, v in flags.items() if v is not None}, distill=teacher is not None)
     show = Distributed.from_env().main

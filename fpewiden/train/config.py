@@ -48,6 +48,7 @@ class TrainConfig(TrainingSettings):
     epochs: Annotated[int, Field(ge=1)] = 10
     seed: int = 0
     dropconnect: Probability = 0.0  # per-step probability of dropping each weight of the chain (0 = off)
+    fsdp: bool = False  # shard parameters, gradients and optimizer state across torchrun's processes (FSDP2)
 
     @staticmethod
     def of(values: dict) -> TrainConfig:

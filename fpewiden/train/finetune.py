@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from fpewiden import __version__
 from fpewiden.data.specs import Dataset, data_file, load_data
@@ -20,7 +22,14 @@ from fpewiden.io.write import write_like
 from fpewiden.model.loaded import LoadedModel, load_model
 from fpewiden.train.config import TrainConfig
 from fpewiden.train.supervised import SupervisedTask
-from fpewiden.train.trainer import Distributed, auto_threads, available_cores, train
+from fpewiden.train.trainer import (
+    auto_threads,
+    available_cores,
+    resolve_device,
+    setup_distributed,
+    teardown_distributed,
+    train,
+)
 
 
 def sidecar(dst: Path, suffix: str) -> Path:
@@ -65,7 +74,7 @@ def finetune(
     `inputs`: further files the caller read (a recipe), which no output may touch. `recipe`: the resolved recipe
     this run belongs to, recorded in the output's metadata.
     """
-    state = sidecar(dst, ".state.pt")
+    state = sidecar(dst, ".state" if cfg.fsdp else ".state.pt")  # FSDP: a torch.distributed.checkpoint folder
     log_path, clauses_path = sidecar(dst, ".log.json"), sidecar(dst, ".clauses.json")
     read = [ckpt, *(p for p in (teacher, data_file(data_spec), tokenizer) if p is not None), *(inputs or [])]
     provenance = Provenance(
@@ -74,7 +83,7 @@ def finetune(
         "a distilled checkpoint" if teacher is not None else "a fine-tuned checkpoint",
     )
     check_outputs([dst, log_path, clauses_path, state], read, force, provenance=provenance)
-    if resume and not state.is_file():
+    if resume and not (state.is_dir() if cfg.fsdp else state.is_file()):
         raise FpewidenError(f"--resume: no state file {state} to resume from")
     torch.manual_seed(cfg.seed)
     tr = load_model(ckpt)
@@ -100,9 +109,25 @@ def finetune(
             data.clauses,
         )
     dc_params = list(tr.model.weights) if cfg.dropconnect else []
-    history = train(
-        tr.model, task, cfg, tr.mask_map(), state, resume, on_step, on_epoch, dc_params, tr.ties(), provenance.record()
-    )
+    module_name = {id(p): n for n, p in tr.model.named_parameters(remove_duplicate=False)}
+    module_of = {ck: module_name[id(p)] for ck, p in tr.param_of.items()}
+    dist, owns_group = setup_distributed(resolve_device(cfg.device))
+    try:
+        history = train(
+            tr.model, task, cfg, tr.mask_map(), state, resume, on_step, on_epoch, dc_params, tr.ties(),
+            provenance.record(),
+        )  # fmt: skip
+        held = sum(getattr(p, "to_local", lambda p=p: p)().numel() for p in tr.model.parameters())  # this rank's
+        if cfg.fsdp:  # the trained parameters live in the shards: gather them onto rank 0, one at a time
+            from fpewiden.train.fsdp import gather
+
+            full = gather(tr.model, dist.main)
+            tr.param_of = {ck: nn.Parameter(full[m], requires_grad=False) for ck, m in module_of.items() if full}
+    finally:
+        if owns_group:
+            teardown_distributed()
+    if not dist.main:
+        return {"history": history, "final": history[-1] if history else {}}
     for n, m in before.items():  # the zero pattern must be exactly what it was
         assert torch.equal(tr.masks[n], m) and not bool(tr.tensors()[n][~m].any()), n
     summary = {
@@ -112,13 +137,12 @@ def finetune(
         "teacher": str(teacher) if teacher else None,
         "config": cfg.model_dump(),
         "threads": torch.get_num_threads(),
+        "parameters_per_rank": held,  # what rank 0 held while training (under FSDP its shard)
         "nnz": sum(count(tr.tensors()[n] != 0) for n in tr.masks) if tr.masks else None,
         "history": history,
         "before": history[0] if history and history[0]["epoch"] == 0 else {},
         "final": history[-1] if history else {},
     }
-    if not Distributed.from_env().main:
-        return summary
     meta = tr.ck.meta
     meta.version, meta.kind = __version__, tr.ck.kind
     if tr.ck.kind == "mlp":
@@ -134,6 +158,8 @@ def finetune(
     if clauses:
         with atomic_file(clauses_path) as tmp:
             tmp.write_text(json.dumps(json_document({"clauses": clauses}, provenance)) + "\n")
+    if state.is_dir():
+        shutil.rmtree(state)
     state.unlink(missing_ok=True)
     return summary
 

@@ -3,8 +3,9 @@
 A masked weight's gradient is zeroed before the optimizer step (so Adam's moments never accumulate there) and
 the mask is re-applied after it (so weight decay or momentum cannot revive a pruned position): the zero pattern
 is identical, bit for bit, before and after training. Distributed: DistributedDataParallel (NCCL on GPU, gloo on
-CPU), every rank takes a disjoint shard of each epoch's shuffled order, masks are identical on every rank
-because they come from the same checkpoint, and only rank 0 writes. Each epoch's order depends only on
+CPU), or with `fsdp` fully sharded (train/fsdp.py); every rank takes a disjoint shard of each epoch's shuffled
+order, masks are identical on every rank because they come from the same checkpoint, and only rank 0 writes
+(under FSDP every rank writes its shards of the resume state). Each epoch's order depends only on
 (seed, epoch), so a run resumed from its per-epoch state file ends with the same weights as one never stopped.
 """
 
@@ -161,6 +162,15 @@ def epoch_order(n: int, seed: int, epoch: int, dist: Distributed) -> torch.Tenso
     return order[: per_rank * dist.world][dist.rank :: dist.world]
 
 
+def check_fsdp(cfg: TrainConfig, dist: Distributed, tied: bool) -> None:
+    if cfg.fsdp and dist.world == 1:
+        raise FpewidenError("--fsdp shards the model across processes: launch with torchrun --nproc-per-node N")
+    if cfg.fsdp and tied:
+        raise FpewidenError("--fsdp: tied outgoing weights (--outgoing tied) train with DDP; drop --fsdp")
+    if cfg.fsdp and cfg.dropconnect:
+        raise FpewidenError("--fsdp: --dropconnect (an MLP baseline) trains with DDP; drop --fsdp")
+
+
 def train(
     model: nn.Module,
     task: Task,
@@ -186,6 +196,7 @@ def train(
     device = resolve_device(cfg.device)
     dist, owns_group = setup_distributed(device)
     try:
+        check_fsdp(cfg, dist, bool(ties))
         return _train(
             model,
             task,
@@ -202,7 +213,8 @@ def train(
             state_provenance,
         )
     finally:
-        model.to("cpu")
+        if not cfg.fsdp:
+            model.to("cpu")
         if owns_group:
             teardown_distributed()
 
@@ -215,7 +227,11 @@ def _train(
     masks = {p: m.to(device=device, dtype=p.dtype) for p, m in (masks or {}).items()}
     apply_masks(masks)
     wrapped: nn.Module = model
-    if dist.world > 1:
+    if cfg.fsdp:
+        from fpewiden.train import fsdp
+
+        masks = fsdp.shard(model, masks, device)
+    elif dist.world > 1:
         wrapped = nn.parallel.DistributedDataParallel(
             model, device_ids=[dist.local_rank] if device.type == "cuda" else None
         )
@@ -223,7 +239,9 @@ def _train(
     dc = DropConnect(list(dropconnect_params or []), cfg.dropconnect)
     history: list[dict[str, float]] = []
     start = 0
-    if resume and state_path is not None and state_path.is_file():
+    if cfg.fsdp and resume and state_path is not None and state_path.is_dir():
+        start, history = fsdp.load_state(state_path, model, opt)
+    elif resume and state_path is not None and state_path.is_file():
         try:
             state = torch.load(state_path, map_location=device, weights_only=True)
             model.load_state_dict(state["model"])
@@ -238,7 +256,8 @@ def _train(
         history.append(before)
         if on_epoch:
             on_epoch(before)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    # bf16 on GPU; under FSDP its mixed-precision policy casts the gathered parameters instead
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and not cfg.fsdp)
     n_steps = math.ceil((task.n_train // dist.world) / cfg.batch_size)
     for epoch in range(start, cfg.epochs):
         torch.manual_seed(epoch_seed(cfg.seed, epoch))  # dropout and other global-RNG draws of this epoch
@@ -272,7 +291,9 @@ def _train(
         history.append(metrics)
         if on_epoch:
             on_epoch(metrics)
-        if state_path is not None and dist.main:
+        if state_path is not None and cfg.fsdp:
+            fsdp.save_state(state_path, model, opt, epoch + 1, history, provenance)
+        elif state_path is not None and dist.main:
             with atomic_file(state_path) as tmp:
                 save_pt(
                     {

@@ -1,0 +1,108 @@
+"""Peak memory of a calibrated conversion of a whole checkpoint: block by block (the default) against the whole
+model in memory (`Calibration.whole_model`, the reference path).
+
+An 8-layer Llama-shaped model (hidden 2048, FFN 5632, 32 heads, 4 KV heads; random weights, bf16 on disk, see
+llama_shaped.py) is converted with `--alpha 1 --budget 0.5 --calibration` on TREC training questions (the
+default calibration set: sentences up to 16k tokens). Each conversion runs in its own process; peak RSS is the
+process's VmHWM, shown net of a process that imported the same libraries and read the tokenizer. The target is
+a peak of at most 3× one decoder block (fp32, as converted) plus the calibration activations (the hidden states
+of every token at the model's width and at the FFN's, fp32).
+
+  python bench/calibration_memory.py [--layers 8 --hidden 2048 --ffn 5632 --out bench/results/calibration_memory]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+CHILD = r"""
+import json, sys, time
+import torch
+torch.set_num_threads(int(sys.argv[5]))
+from fpewiden.convert import Budget, Calibration, ConvertOptions, convert
+import transformers
+src, dst, data, mode = sys.argv[1:5]
+def hwm():
+    return int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) * 1024
+transformers.AutoTokenizer.from_pretrained(src)
+if mode == "baseline":
+    print(json.dumps({"mode": mode, "peak_bytes": hwm()}))
+    raise SystemExit
+t = time.perf_counter()
+cal = Calibration(data=data, solver="auto", whole_model=mode == "whole-model")
+report = convert(__import__("pathlib").Path(src), __import__("pathlib").Path(dst),
+                 ConvertOptions(alpha=1, budget=Budget.parse("0.5"), calibration=cal))
+seconds = time.perf_counter() - t
+meta = report["metadata"].get("calibration")
+meta = json.loads(meta) if isinstance(meta, str) else meta
+print(json.dumps({"mode": mode, "seconds": seconds, "peak_bytes": hwm(), "tokens": meta["tokens"]}))
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--ffn", type=int, default=5632)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=Path("bench/results/calibration_memory"))
+    args = ap.parse_args()
+    from llama_shaped import build
+
+    from fpewiden.data.embeddings import task_sentences
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = build(Path(tmp) / "llama", args.hidden, args.ffn, args.layers)
+        data = Path(tmp) / "trec.txt"
+        data.write_text("\n".join(task_sentences("trec6", "train")[0]) + "\n")
+        rows = []
+        for mode in ("baseline", "block-by-block", "whole-model"):
+            cmd = [sys.executable, "-c", CHILD, str(src), str(Path(tmp) / mode), str(data), mode, str(args.threads)]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode:
+                raise SystemExit(res.stderr[-3000:])
+            rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+            print(json.dumps(rows[-1]), flush=True)
+    kv = args.hidden // 32 * 4
+    block = 4 * (2 * args.hidden * args.hidden + 2 * args.hidden * kv + 3 * args.hidden * args.ffn + 2 * args.hidden)
+    tokens = rows[1]["tokens"] or 0
+    acts = 4 * tokens * (args.hidden + args.ffn)
+    base = rows[0]["peak_bytes"]
+    mb = 1 / 2**20
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    lines = [
+        "# Peak memory of a calibrated conversion: block by block against the whole model",
+        "",
+        f"`{command}`",
+        "",
+        f"Llama-shaped, {args.layers} layers, hidden {args.hidden}, FFN {args.ffn}, 32 heads / 4 KV heads, random "
+        f"weights stored in bf16; `--alpha 1 --budget 0.5 --calibration` on TREC training questions ({tokens:,} "
+        f"tokens), solver auto, {args.threads} threads, each run its own process. One block in fp32: "
+        f"{block * mb:.0f} MB; the calibration activations (fp32 at width {args.hidden} and {args.ffn}): "
+        f"{acts * mb:.0f} MB; target 3 × block + activations = {(3 * block + acts) * mb:.0f} MB. Peak RSS "
+        f"(VmHWM) is net of a process that imported the same libraries ({base * mb:.0f} MB).",
+        "",
+        "| path | seconds | peak RSS, net MB | × one block | within target |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows[1:]:
+        net = r["peak_bytes"] - base
+        ok = "yes" if net <= 3 * block + acts else "no"
+        lines.append(f"| {r['mode']} | {r['seconds']:.0f} | {net * mb:.0f} | {net / block:.1f} | {ok} |")
+    (args.out / "results.md").write_text("\n".join(lines) + "\n")
+    payload = {"command": command, "block_bytes": block, "activation_bytes": acts, "rows": rows}
+    (args.out / "results.json").write_text(json.dumps(payload, indent=1) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""Fully sharded training (FSDP2, `torch.distributed.fsdp.fully_shard`): each rank holds 1/world of the
+parameters, gradients and optimizer state, so a widened model that does not fit one device still trains.
+
+What is sharded: every transformer block of a Hugging Face model (the classes transformers itself never splits
+across devices, `_no_split_modules`) is one unit, the rest (embeddings, final norm) the root unit; an MLP chain is
+one unit (its layers are parameters of one module, and MLPs that fit fpewiden's data files are small). A unit's
+parameters are gathered for its forward and backward and freed after, as in FSDP's paper.
+
+Masks are sharded like their parameters (a DTensor with the parameter's placement), so the trainer's
+`mask_grads`/`apply_masks` run unchanged on each rank's shard and the zero pattern stays bit-identical. The
+state for `--resume` is a `torch.distributed.checkpoint` folder (each rank writes its own shards); its metadata
+file is a pickle, read here with an unpickler that admits only the checkpoint's own metadata classes. The final
+model is gathered one tensor at a time onto rank 0 (its full copy plus its shard: never the model twice).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fpewiden.errors import FpewidenError
+
+STATE_FILE = "fpewiden-state.json"  # epoch and history beside the checkpoint's shards
+
+
+def units(model: nn.Module) -> list[nn.Module]:
+    """The modules sharded as their own unit, innermost first (the root is added by `shard`)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    found = [m for m in model.modules() if type(m).__name__ in names and m is not model]
+    if found:
+        return [m for m in found if not any(p.numel() == 0 for p in m.parameters())]
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    return list(max(lists, key=lambda m: len(m))) if lists else []
+
+
+def shard(
+    model: nn.Module, masks: dict[nn.Parameter, torch.Tensor], device: torch.device
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Shard `model` in place; returns the masks keyed by the sharded parameters, sharded like them.
+
+    The unsharded originals are released: FSDP copies each rank's shard out of them and keeps no reference, so
+    holding them would keep the whole model on every rank.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor import distribute_tensor
+
+    name_of = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    by_name = {name_of[id(p)]: m for p, m in masks.items()}
+    old = list(model.parameters())
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else None
+    kw = {"mp_policy": mp} if mp is not None else {}
+    for unit in units(model):
+        fully_shard(unit, **kw)
+    fully_shard(model, **kw)
+    with torch.no_grad():
+        for p in old:
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    return {
+        params[n]: distribute_tensor(m.to(device), params[n].device_mesh, params[n].placements, src_data_rank=None)
+        for n, m in by_name.items()
+    }
+
+
+def gather(model: nn.Module, main: bool) -> dict[str, torch.Tensor]:
+    """The full parameters by module name on rank 0 (empty on the others), gathered one at a time: every rank
+    takes part in each gather, only rank 0 keeps a CPU copy."""
+    out: dict[str, torch.Tensor] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p
+        if main:
+            out[n] = full.detach().to("cpu", torch.float32).clone()
+        del full
+    return out
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """torch.distributed.checkpoint's metadata (dataclasses of shapes, dtypes and offsets), nothing else."""
+
+    def find_class(self, module: str, name: str):
+        if module.startswith("torch.distributed.checkpoint."):
+            obj = getattr(__import__(module, fromlist=[name]), name)
+            if isinstance(obj, type):
+                return obj
+        if module == "torch" and name == "Size":
+            return torch.Size
+        if module == "torch.serialization" and name == "_get_layout":  # a layout by its name (torch.strided)
+            return torch.serialization._get_layout
+        if module == "pathlib" and name in ("PosixPath", "WindowsPath", "PurePosixPath"):  # the writer's path
+            import pathlib
+
+            return getattr(pathlib, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.memory_format)):
+            return getattr(torch, name)
+        if module == "collections" and name == "OrderedDict":
+            import collections
+
+            return collections.OrderedDict
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+
+
+def _reader(path: Path):
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            with open(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
+                metadata = _MetadataUnpickler(io.BytesIO(f.read())).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(str(path))
+
+
+def _broadcast_path(path: Path | None, main: bool) -> Path:
+    """Rank 0's stage folder, told to every rank (as bytes in a tensor: nothing pickled)."""
+    import torch.distributed as dist
+
+    raw = torch.zeros(4096, dtype=torch.uint8)
+    if main:
+        b = str(path).encode()
+        raw[: len(b)] = torch.frombuffer(bytearray(b), dtype=torch.uint8)
+    dist.broadcast(raw, 0)
+    return Path(bytes(raw[raw != 0].tolist()).decode())
+
+
+def save_state(
+    path: Path, model: nn.Module, opt: torch.optim.Optimizer, epoch: int, history: list, record: dict | None
+) -> None:
+    """Write the resume state to the folder `path`, atomically: every rank writes its shards into rank 0's
+    stage folder, which replaces `path` only when all of them are done."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from fpewiden import __version__
+    from fpewiden.io.atomic import atomic_dir
+    from fpewiden.io.provenance import MARKER
+
+    main = dist.get_rank() == 0
+    msd, osd = get_state_dict(model, opt)
+    if not main:
+        stage = _broadcast_path(None, False)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(stage))
+        dist.barrier()
+        dist.barrier()
+        return
+    with atomic_dir(path) as stage:
+        _broadcast_path(stage, True)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(stage))
+        dist.barrier()
+        (stage / STATE_FILE).write_text(json.dumps({"epoch": epoch, "history": history}) + "\n")
+        if record:
+            rec = {"version": __version__, "command": record["command"], "written_by": record}
+            (stage / MARKER).write_text(json.dumps(rec) + "\n")
+    dist.barrier()
+
+
+def load_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer) -> tuple[int, list]:
+    """Load the state `save_state` wrote into the sharded model and optimizer; returns (epoch, history)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    try:
+        info = json.loads((path / STATE_FILE).read_text())
+        msd, osd = get_state_dict(model, opt)
+        state = {"model": msd, "optim": osd}
+        dcp.load(state, storage_reader=_reader(path))
+        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        return int(info["epoch"]), list(info["history"])
+    except (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError, EOFError, CheckpointException) as e:
+        if isinstance(e, CheckpointException) and e.failures:  # one per rank: say the first rank's reason
+            first = next(iter(e.failures.values()))
+            e = getattr(first, "exc", first)
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise FpewidenError(
+            f"--resume: {path} does not belong to this model and configuration (or is corrupt): {why}"
+        ) from None

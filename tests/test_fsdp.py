@@ -1,0 +1,123 @@
+"""Distributed fine-tuning on two gloo processes (CPU): DDP, and `--fsdp` against it on the same global batch;
+resume after a kill; bad states."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from fpewiden.cli import app
+from fpewiden.convert import ConvertOptions, convert
+from fpewiden.io.checkpoint import open_checkpoint
+from tests.helpers import sentences, tiny_causal
+from tests.test_finetune import DNF, dnf_mlp
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "fpewiden"]
+
+
+def torchrun(*args: str) -> None:
+    res = subprocess.run([*TORCHRUN, *args], capture_output=True, text=True, env=ENV, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-6000:]
+
+
+def assert_same_training(a_path: Path, b_path: Path, names: list[str], rtol: float = 1e-5) -> None:
+    a, b = open_checkpoint(a_path), open_checkpoint(b_path)
+    for n in names:
+        assert torch.equal(a.mask(n), b.mask(n)), n
+        assert torch.equal(b.get(n) != 0, b.mask(n)), n  # the zero pattern is the mask, bit for bit
+    assert a.shapes.keys() == b.shapes.keys()
+    for k in a.shapes:
+        t, u = a.get(k), b.get(k)
+        assert float((t.float() - u.float()).norm()) <= rtol * float(t.float().norm()) + 1e-12, k
+
+
+@pytest.fixture(scope="module")
+def mlp_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fsdp")
+    conv = tmp / "fpe.safetensors"
+    convert(dnf_mlp(tmp / "m.safetensors"), conv, ConvertOptions(alpha=2))
+    common = [str(conv), "--data", DNF, "--epochs", "3", "--lr", "0.01", "--device", "cpu"]
+    torchrun("finetune", *common, "--out", str(tmp / "ddp.safetensors"))
+    torchrun("finetune", *common, "--fsdp", "--out", str(tmp / "fsdp.safetensors"))
+    return tmp, conv, common
+
+
+def test_fsdp_trains_like_ddp_with_the_same_masks(mlp_runs):
+    tmp, conv, _ = mlp_runs
+    assert_same_training(tmp / "ddp.safetensors", tmp / "fsdp.safetensors", ["0.weight", "2.weight"])
+    before = open_checkpoint(conv)
+    after = open_checkpoint(tmp / "fsdp.safetensors")
+    assert torch.equal(before.mask("0.weight"), after.mask("0.weight"))
+    assert not torch.equal(before.get("0.weight"), after.get("0.weight"))  # it did train
+    assert not (tmp / "fsdp.safetensors.state").exists()  # the resume state goes once the model is written
+    losses = [h["loss"] for h in json.loads((tmp / "fsdp.safetensors.log.json").read_text())["history"]]
+    assert losses[-1] < losses[0]
+
+
+def test_fsdp_resume_after_a_kill_is_exact(mlp_runs):
+    tmp, _, common = mlp_runs
+    part = tmp / "part.safetensors"
+    state = tmp / "part.safetensors.state"
+    args = [*TORCHRUN, "finetune", *common, "--fsdp", "--out", str(part)]
+    proc = subprocess.Popen(args, env=ENV, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 120
+    while not state.is_dir() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    subprocess.run(["pkill", "-9", "-f", str(part)])  # torchrun's workers run in sessions of their own
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert state.is_dir() and not part.exists(), "the run must be killed after its first epoch's state"
+    torchrun("finetune", *common, "--fsdp", "--out", str(part), "--resume")
+    a, b = load_file(tmp / "fsdp.safetensors"), load_file(part)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fsdp_refuses_a_corrupt_state_in_one_line(mlp_runs, tmp_path):
+    _, _, common = mlp_runs
+    out = tmp_path / "o.safetensors"
+    state = tmp_path / "o.safetensors.state"
+    state.mkdir()
+    (state / ".metadata").write_bytes(b"\x80\x04cos\nsystem\n.")  # a pickle that would run a command
+    (state / "fpewiden-state.json").write_text('{"epoch": 1, "history": []}')
+    res = subprocess.run([*TORCHRUN, "finetune", *common, "--fsdp", "--out", str(out), "--resume", "--force"],
+                         capture_output=True, text=True, env=ENV, timeout=300, cwd=ROOT)  # fmt: skip
+    assert res.returncode != 0
+    errors = [line for line in res.stdout.splitlines() + res.stderr.splitlines() if line.startswith("error:")]
+    assert errors and "does not belong to this model" in errors[0] and "os.system" in errors[0]
+    assert "Traceback" not in res.stdout and not out.exists()
+
+
+def test_fsdp_needs_torchrun_and_refuses_tied_weights(tmp_path):
+    src = dnf_mlp(tmp_path / "m.safetensors")
+    args = ["finetune", str(src), "--data", DNF, "--epochs", "1", "--device", "cpu", "--fsdp"]
+    res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "o.safetensors")])
+    assert res.exit_code == 2 and "launch with torchrun" in res.output
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_fsdp_distils_a_causal_lm_like_ddp(tmp_path):
+    src = tiny_causal(tmp_path / "llama")
+    conv = tmp_path / "fpe"
+    convert(src, conv, ConvertOptions(alpha=2))
+    text = sentences(tmp_path / "text.txt", n=24)
+    common = ["finetune", str(conv), "--teacher", str(src), "--data", str(text), "--epochs", "1", "--device", "cpu",
+              "--batch-size", "4"]  # fmt: skip
+    torchrun(*common, "--out", str(tmp_path / "ddp"))
+    torchrun(*common, "--fsdp", "--out", str(tmp_path / "fsdp"))
+    ck = open_checkpoint(conv)
+    masked = [n for n in ck.shapes if ck.mask(n) is not None]
+    assert len(masked) == 6  # gate, up, down of both blocks
+    assert_same_training(tmp_path / "ddp", tmp_path / "fsdp", masked)
