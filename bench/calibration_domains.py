@@ -17,6 +17,7 @@ paper's FPE) need no calibration and are scored once. Variants (`--variants`, co
   fpe-cal-auto / cal-prune-auto       ridge chosen per refit on held-out calibration tokens (exact solver)
   fpe-cal-cg / cal-prune-cg           conjugate gradients to the exact refit (ridge chosen the same way)
   fpe-cal-obs / cal-prune-obs         SparseGPT's update for the given mask (ridge chosen the same way)
+  fpe-cal-default / cal-prune-default convert's default (solver auto: exact where affordable, else cg)
 
   python bench/calibration_domains.py [--budget 0.5 --variants ... --out bench/results/calibration_domains]
 """
@@ -59,6 +60,8 @@ VARIANTS: dict[str, tuple[int, dict | None]] = {  # name -> (α, Calibration fie
     "cal-prune-cg": (1, {"solver": "cg"}),
     "fpe-cal-obs": (2, {"solver": "obs"}),
     "cal-prune-obs": (1, {"solver": "obs"}),
+    "fpe-cal-default": (2, {}),
+    "cal-prune-default": (1, {}),
 }
 
 

@@ -12,7 +12,10 @@ lent GPU machine (bench/gpu_check.sh) and prints one line per check, `ok` or `FA
      FPE α=2, shared+tied and shared+grouped (2:4-compatible), latency at batch 1/32/1024 (the structures on
      cuBLAS) and whether torch's 2:4 kernels ran;
   6. the same through ONNX Runtime's CUDA provider (the fast layout where the structure allows; skipped with a
-     note where onnxruntime-gpu is not installed).
+     note where onnxruntime-gpu is not installed);
+  7. calibrated conversion's refits on the device: one Llama-7B-shaped gated pair 4096→11008→4096 (256→704→256
+     dry), 4,096 calibration rows, α=1 and α=2 at half the non-zeros, solver auto (conjugate gradients at this
+     width): seconds, exact budget, held-out output error.
 
   bash bench/gpu_check.sh            # on a GPU machine
   python bench/gpu_check.py --dry-run  # the CPU twin
@@ -200,6 +203,41 @@ def check_bench(device: str, work: Path, dry: bool, engine: str = "torch") -> st
     return _latencies(out, engine)
 
 
+def check_calibrate(device: str, dry: bool) -> str:
+    import torch
+
+    from fpewiden.convert.options import ConvertOptions
+    from fpewiden.convert.transform import assignment, pair_seed
+    from fpewiden.fpe.calibrated import CalibratedOptions, PairFunction, calibrate_pair, pair_output
+    from fpewiden.fpe.expand import Pair
+
+    hidden, ffn = (256, 704) if dry else (4096, 11008)
+    torch.manual_seed(0)
+    gate, up = (torch.randn(ffn, hidden) / hidden**0.5 for _ in range(2))
+    down = torch.randn(hidden, ffn) / ffn**0.5
+    a = torch.randn(hidden, hidden) / hidden**0.5
+    x_all = torch.randn(4096 + 1024, hidden) @ a
+    x, held = x_all[:4096], x_all[4096:]
+    pair = Pair([gate, up], [gate != 0, up != 0], [None, None], down, down != 0)
+    fn = PairFunction(torch.nn.functional.silu, gated=True)
+    notes = []
+    for alpha in (1, 2):
+        opts = ConvertOptions(alpha=alpha)
+        split = lambda p, support, chosen, opts=opts: assignment(  # noqa: E731
+            opts, p, support, torch.Generator().manual_seed(pair_seed(0, "pair"))
+        )
+        budget = pair.nnz() // 2
+        copts = CalibratedOptions(alpha, 1.0 if alpha > 1 else 0.0, device=device)
+        t = time.perf_counter()
+        res = calibrate_pair(pair, x, fn, None, copts, split, budget)
+        seconds = time.perf_counter() - t
+        assert res.pair.nnz() == budget, f"α={alpha}: {res.pair.nnz()} non-zeros, budget {budget}"
+        ref = pair_output(pair, held, fn, None)
+        err = float((pair_output(res.pair, held, fn, None) - ref).norm() / ref.norm())
+        notes.append(f"α={alpha} {seconds:.1f} s ({'/'.join(sorted(set(res.solvers)))}), held-out error {err:.4f}")
+    return f"{hidden}→{ffn}→{hidden}: " + "; ".join(notes)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dry-run", action="store_true", help="the CPU twin: same checks, device cpu, smaller bench")
@@ -220,6 +258,7 @@ def main() -> None:
         "hf": lambda w: check_hf(device, w),
         "bench": lambda w: check_bench(device, w, args.dry_run),
         "bench_ort": lambda w: check_bench(device, w, args.dry_run, engine="ort"),
+        "calibrate": lambda w: check_calibrate(device, args.dry_run),
     }
     only = [c for c in args.only.split(",") if c]
     results, failed = {}, 0

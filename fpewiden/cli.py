@@ -203,10 +203,14 @@ def convert(
     solver: Annotated[
         str | None,
         typer.Option(
-            help="The refits: exact (a least-squares solve per row) | obs (SparseGPT's update, one inverse per "
-            "matrix: for LLM widths) | auto (exact where cheap).",
+            help="The refits: exact (a least-squares solve per row) | cg (conjugate gradients to the same "
+            "solution: for LLM widths) | obs (SparseGPT's update) | auto (exact where affordable, else cg).",
             show_default="auto",
         ),
+    ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(help="Where the calibrated refits run: auto | cpu | cuda.", show_default="auto"),
     ] = None,
     packed: Annotated[
         bool, typer.Option("--packed", help="Write the packed checkpoint (see fpewiden pack) instead of the dense one.")
@@ -235,6 +239,7 @@ def convert(
         "--select": ("select", select),
         "--expand-fraction": ("fraction", expand_fraction),
         "--solver": ("solver", solver),
+        "--device": ("device", device),
     }
     given = {flag: kv for flag, kv in flags.items() if kv[1] is not None}
     if given and calibration is None:

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -158,6 +159,38 @@ def test_auto_takes_the_exact_solver_only_where_it_is_cheap(monkeypatch):
     monkeypatch.setattr(calibrated, "EXACT_MAX", 0.0)
     res = calibrate_pair(pair, x, fn, None, CalibratedOptions(alpha=2), random_split, pair.nnz() // 2)
     assert set(res.solvers) == {calibrated.SCALABLE}
+
+
+@pytest.mark.parametrize("solver", ["exact", "cg", "obs"])
+def test_refits_on_another_device_come_back_equal(solver):
+    """The refits move to `device` and back (CUDA on a GPU machine); "cpu:0" is another device name here, so the
+    moving path runs on CPU and must give the same pair."""
+    pair, x = pair_and_inputs(h=8, d=12, o=5, tokens=400)
+    fn = PairFunction(torch.relu)
+    here, moved = (
+        calibrate_pair(pair, x, fn, None, CalibratedOptions(alpha=2, solver=solver, device=d), random_split, 60)
+        for d in ("cpu", "cpu:0")
+    )
+    for a, b in zip([*here.pair.w_in, here.pair.w_out], [*moved.pair.w_in, moved.pair.w_out], strict=True):
+        assert torch.equal(a, b) and a.device.type == "cpu"
+    assert here.ridges == moved.ridges
+
+
+def test_convert_device_cuda_without_a_gpu_is_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from fpewiden.cli import app
+    from tests.helpers import write_mlp
+
+    src = write_mlp(tmp_path / "m.safetensors")
+    data = tmp_path / "x.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((64, 12)).astype("float32"))
+    args = ["convert", str(src), "--out", str(tmp_path / "o.safetensors"), "--calibration", str(data)]
+    res = CliRunner().invoke(app, [*args, "--device", "cuda"])
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    assert res.exit_code == 2 and "no CUDA device is available" in res.output
+    assert not (tmp_path / "o.safetensors").exists()
 
 
 @given(st.lists(st.tuples(st.integers(1, 5), st.integers(1, 5)), min_size=1, max_size=3), st.integers(0, 999))

@@ -11,10 +11,10 @@ import torch
 from fpewiden.benchmark.outputs import check_plot_path, table, write
 from fpewiden.console import console, status_lines
 from fpewiden.data.specs import data_file
+from fpewiden.devices import resolve_device
 from fpewiden.errors import FpewidenError
 from fpewiden.io.outputs import check_outputs
 from fpewiden.io.provenance import Provenance, digest
-from fpewiden.train.trainer import resolve_device
 
 ENGINES = ("torch", "ort", "packed")
 

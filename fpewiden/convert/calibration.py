@@ -24,6 +24,7 @@ from torch import nn
 from fpewiden.arch import PairSpec
 from fpewiden.convert.options import ConvertOptions
 from fpewiden.convert.transform import Converted, assignment, pair_seed
+from fpewiden.devices import resolve_device
 from fpewiden.errors import FpewidenError
 from fpewiden.fpe.calibrated import CalibratedOptions, PairFunction, activation_split, calibrate_pair
 from fpewiden.fpe.expand import Pair
@@ -65,6 +66,7 @@ class CalibratedTransform:
             c.refit_incoming,
             c.refit_outgoing,
             c.solver,
+            str(resolve_device(c.device)),
         )
         self.chosen = chosen
         self.stats: list[dict] = []
@@ -225,6 +227,7 @@ class CalibratedTransform:
             "expand_fraction": self.copts.fraction,
             "ridge": c.ridge if c.ridge is not None else "chosen per refit on held-out tokens",
             "solver": c.solver,
+            "device": self.copts.device,
             "layers": self.stats,
         }
 

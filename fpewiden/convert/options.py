@@ -93,6 +93,7 @@ class Calibration:
     refit_incoming: bool = True  # ablations (bench/calibration_domains.py); not flags
     refit_outgoing: bool = True
     solver: str = "auto"  # the refits: exact per-row least squares, cg, obs (SparseGPT's update), auto by cost
+    device: str = "auto"  # where the refits run: auto (CUDA when present) | cpu | cuda
     whole_model: bool = False  # HF: the whole model in memory (the reference the block-by-block path is tested on)
 
     def expand_fraction(self, alpha: int) -> float:

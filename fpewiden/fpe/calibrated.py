@@ -171,30 +171,31 @@ def refit_rows(
     """
     rows, n = mask.shape
     lam = ridge * float(gram.diagonal().mean().clamp_min(1e-30))
-    g = torch.zeros(n + 1, n + 1, dtype=torch.float32)
+    dev = gram.device
+    g = torch.zeros(n + 1, n + 1, dtype=torch.float32, device=dev)
     g[:n, :n] = gram.to(torch.float32)
     rhs_rows = cross.to(torch.float32) + (lam * prior.to(torch.float32) if prior is not None else 0.0)
-    c = torch.cat([rhs_rows, torch.zeros(rows, 1)], dim=1)
+    c = torch.cat([rhs_rows, torch.zeros(rows, 1, device=dev)], dim=1)
     width = int(mask.sum(1).max()) if rows else 0
-    out = torch.zeros(rows, n, dtype=torch.float32)
+    out = torch.zeros(rows, n, dtype=torch.float32, device=dev)
     if width == 0:
         return out
     # each row's kept features first (in order), then the padding feature n
-    idx = torch.where(mask, torch.arange(n).expand(rows, n), n).sort(dim=1).values[:, :width]
+    idx = torch.where(mask, torch.arange(n, device=dev).expand(rows, n), n).sort(dim=1).values[:, :width]
     chunk = max(1, budget_bytes // (4 * width * width * 3))
     for s in range(0, rows, chunk):
         ix = idx[s : s + chunk]
         pad = ix == n
         sub = g[ix[:, :, None], ix[:, None, :]]
         sub.diagonal(dim1=1, dim2=2).add_(torch.where(pad, 1.0, lam))  # identity for padding, λ for real features
-        rhs = c[torch.arange(s, s + len(ix))[:, None], ix].unsqueeze(-1)
+        rhs = c[torch.arange(s, s + len(ix), device=dev)[:, None], ix].unsqueeze(-1)
         factor, info = torch.linalg.cholesky_ex(sub)
         if bool(info.any()):
             sol = torch.cholesky_solve(rhs.double(), torch.linalg.cholesky(sub.double())).float()
         else:
             sol = torch.cholesky_solve(rhs, factor)
         sol = sol.squeeze(-1)
-        rr = torch.arange(s, s + len(ix))[:, None].expand_as(ix)
+        rr = torch.arange(s, s + len(ix), device=dev)[:, None].expand_as(ix)
         out[rr[~pad], ix[~pad]] = sol[~pad]
     return out
 
@@ -236,7 +237,7 @@ def obs_prune(w: torch.Tensor, mask: torch.Tensor, gram: torch.Tensor, damp: flo
         K1 = keep[:, i1:i2]
         for i in range(i2 - i1):
             w_i = W1[:, i]
-            q = torch.where(K1[:, i], w_i, torch.zeros((), dtype=w_i.dtype))
+            q = torch.where(K1[:, i], w_i, torch.zeros((), dtype=w_i.dtype, device=w_i.device))
             e = (w_i - q) / U1[i, i]
             W1[:, i:] -= e[:, None] * U1[i, i:][None, :]
             W1[:, i] = q
@@ -301,7 +302,10 @@ def refit_cost(mask: torch.Tensor) -> tuple[float, float]:
 
 
 SOLVERS = ("auto", "exact", "obs", "cg")
-EXACT_MAX = 2e10  # auto: the exact refit up to about this many multiply-adds (a few seconds on one core)
+# auto: the exact refit up to about this many multiply-adds (~20 s per matrix on one core). Conjugate gradients
+# reach its error on random Llama-shaped pairs, but on MiniLM's real activations they stopped a little short
+# (calibrated FPE 0.909 against 0.912 on TREC, bench/results/calibration_domains): exact where it is affordable.
+EXACT_MAX = 1e12
 SCALABLE = "cg"  # auto, above that: bench/results/calibration_solver
 
 
@@ -320,6 +324,7 @@ class CalibratedOptions:
     refit_incoming: bool = True  # children reproduce their unpruned pre-activations (ablations switch it off)
     refit_outgoing: bool = True  # the outgoing matrix reproduces the pair's original output
     solver: str = "auto"  # exact (refit_rows) | obs (obs_prune) | auto: exact where it costs under EXACT_MAX
+    device: str = "cpu"  # where the refits (Gram matrices and solves, the cost that grows with width) run
 
 
 @dataclass
@@ -381,6 +386,7 @@ def _refit(
     prior: torch.Tensor | None = None,
     prior_bias: torch.Tensor | None = None,
     solver: str = "exact",
+    device: str = "cpu",
 ) -> Refit:
     """Rows of W (targets × features) on the kept features, and the bias, minimizing ‖target − features·Wᵀ − b‖²
     + λ‖W − prior‖². With a bias, both sides are centered so the bias is not shrunk.
@@ -389,10 +395,19 @@ def _refit(
     for SELECT_ROWS sample rows, by the same solver, and scored on the rest, against keeping the prior rows and
     `prior_bias` as they are (no refit). The winner is refitted on all tokens; if no refit wins, nothing is
     solved at all. So a refit is only made where it predicts tokens it did not see better than the weights it
-    replaces. `solver`: see `solve_rows`; "auto" takes the exact one where it costs under EXACT_MAX.
+    replaces. `solver`: see `solve_rows`; "auto" takes the exact one where it costs under EXACT_MAX. `device`:
+    where the statistics and solves run (fp32 there too); the result comes back to the features' device.
     """
     if solver == "auto":
         solver = "exact" if refit_cost(mask)[0] <= EXACT_MAX else SCALABLE
+    home = features.device
+    if torch.device(device) != home:
+        f = features.to(device)
+        moved = _refit(
+            f, target.to(device), mask.to(device), ridge, with_bias,
+            *(t.to(device) if t is not None else None for t in (prior, prior_bias)), solver, str(f.device),
+        )  # fmt: skip
+        return Refit(moved.w.to(home), moved.b.to(home) if moved.b is not None else None, moved.ridge, moved.solver)
     n = len(features)
     hold = round(HOLDOUT * n) if ridge is None else 0
     if ridge is not None or hold < 2 or n - hold < 2:
@@ -455,7 +470,8 @@ def _choose_ridge(
     live = torch.nonzero(mask.any(1)).flatten()
     if len(live) == 0:
         return RIDGES[0]
-    pick = live[torch.linspace(0, len(live) - 1, min(SELECT_ROWS, len(live))).round().long().unique()]
+    spots = torch.linspace(0, len(live) - 1, min(SELECT_ROWS, len(live)), device=live.device)
+    pick = live[spots.round().long().unique()]
     gram, cross, mf, mt = _centered([fit], with_bias)
     t_pick = t_held[:, pick]
     errors: dict[float | None, float] = {}
@@ -529,7 +545,7 @@ def calibrate_pair(
         goal = x @ w_full[lost].to(x.dtype).T
         prior = w_kept[lost].to(x.dtype) if opts.anchor else None
         zero = torch.zeros(int(lost.sum()), dtype=x.dtype)  # no refit: the bias stays as it is
-        fit = _refit(x, goal, m[lost], opts.ridge, b is not None, prior, zero, opts.solver)
+        fit = _refit(x, goal, m[lost], opts.ridge, b is not None, prior, zero, opts.solver, opts.device)
         w_fit, shift = fit.w, fit.b
         ridges.append(fit.ridge)
         solvers.append(fit.solver)
@@ -549,7 +565,7 @@ def calibrate_pair(
         after = _relative_error(pair_output(refit, x, fn, b_out), target)
         return CalibratedPair(refit, b_out, int(chosen.sum()), before, after, ridges, solvers)
     prior_out = w_out.to(x.dtype) if opts.anchor else None
-    fit = _refit(a, target, masks[-1], opts.ridge, b_out is not None, prior_out, b_out, opts.solver)
+    fit = _refit(a, target, masks[-1], opts.ridge, b_out is not None, prior_out, b_out, opts.solver, opts.device)
     w_fit, b_fit = fit.w, fit.b
     ridges.append(fit.ridge)
     solvers.append(fit.solver)

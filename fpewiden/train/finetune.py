@@ -12,6 +12,7 @@ from torch import nn
 
 from fpewiden import __version__
 from fpewiden.data.specs import Dataset, data_file, load_data
+from fpewiden.devices import resolve_device
 from fpewiden.errors import FpewidenError
 from fpewiden.fpe.expand import count
 from fpewiden.io.atomic import atomic_file
@@ -25,7 +26,6 @@ from fpewiden.train.supervised import SupervisedTask
 from fpewiden.train.trainer import (
     auto_threads,
     available_cores,
-    resolve_device,
     setup_distributed,
     teardown_distributed,
     train,

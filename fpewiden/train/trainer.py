@@ -22,6 +22,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from fpewiden.devices import resolve_device
 from fpewiden.errors import FpewidenError
 from fpewiden.io.atomic import atomic_file
 from fpewiden.io.checkpoint import save_pt
@@ -60,16 +61,6 @@ class Task(Protocol):
     def loss(self, model: nn.Module, idx: torch.Tensor, device: torch.device) -> torch.Tensor: ...
 
     def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]: ...
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise FpewidenError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    if name not in ("cpu", "cuda"):
-        raise FpewidenError(f"--device {name!r}: choose auto, cpu or cuda")
-    return torch.device(name)
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
