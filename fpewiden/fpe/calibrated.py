@@ -139,15 +139,16 @@ def saliency(pair: Pair, x: torch.Tensor, fn: PairFunction) -> list[torch.Tensor
     a = activations(pre, fn)
     col = pair.w_out.to(x.dtype).norm(dim=0)  # ‖W_out[:, i]‖
     out_score = pair.w_out.abs().to(x.dtype) * a.norm(dim=0)[None, :]
-    if fn.gated:
-        slopes = [_derivative(fn.act, pre[0]) * pre[1], fn.act(pre[0])]
-    else:
-        slopes = [_derivative(fn.act, pre[0])]
+    del a  # tokens × neurons each: one slope at a time keeps the peak at four such tensors
+    slopes = [lambda: _derivative(fn.act, pre[0]) * pre[1], lambda: fn.act(pre[0])] if fn.gated else [
+        lambda: _derivative(fn.act, pre[0])
+    ]  # fmt: skip
     x2 = x * x
-    in_scores = [
-        w.abs().to(x.dtype) * ((s * s).T @ x2).clamp_min(0).sqrt() * col[:, None]
-        for w, s in zip(pair.w_in, slopes, strict=True)
-    ]
+    in_scores = []
+    for w, slope in zip(pair.w_in, slopes, strict=True):
+        s = slope()
+        in_scores.append(w.abs().to(x.dtype) * ((s * s).T @ x2).clamp_min(0).sqrt() * col[:, None])
+        del s
     return [*in_scores, out_score]
 
 
@@ -511,6 +512,7 @@ def calibrate_pair(
             chosen = select_neurons(wasserstein_to_gaussian(pre[0]), opts.fraction)
     else:
         chosen = torch.zeros(h, dtype=torch.bool)
+    del pre  # tokens × neurons per input matrix, not needed again (the calibration's largest tensors)
     counts = torch.where(chosen, opts.alpha, 1)
     support = pair.support()
     assignment = torch.where(chosen[:, None], split(pair, support, chosen).to(torch.int8), 0)
@@ -546,6 +548,7 @@ def calibrate_pair(
         prior = w_kept[lost].to(x.dtype) if opts.anchor else None
         zero = torch.zeros(int(lost.sum()), dtype=x.dtype)  # no refit: the bias stays as it is
         fit = _refit(x, goal, m[lost], opts.ridge, b is not None, prior, zero, opts.solver, opts.device)
+        del goal
         w_fit, shift = fit.w, fit.b
         ridges.append(fit.ridge)
         solvers.append(fit.solver)
@@ -566,6 +569,7 @@ def calibrate_pair(
         return CalibratedPair(refit, b_out, int(chosen.sum()), before, after, ridges, solvers)
     prior_out = w_out.to(x.dtype) if opts.anchor else None
     fit = _refit(a, target, masks[-1], opts.ridge, b_out is not None, prior_out, b_out, opts.solver, opts.device)
+    del a
     w_fit, b_fit = fit.w, fit.b
     ridges.append(fit.ridge)
     solvers.append(fit.solver)
