@@ -37,6 +37,11 @@ def sidecar(dst: Path, suffix: str) -> Path:
     return dst.parent / f"{dst.name}{suffix}"
 
 
+def local_numel(p: torch.Tensor) -> int:
+    """Elements this process holds: a sharded (DTensor) parameter's local shard, else the whole tensor."""
+    return (p.to_local() if hasattr(p, "to_local") else p).numel()
+
+
 def check_fit(tr: LoadedModel, data: Dataset) -> None:
     """The data's widths must match the model's first and last layers."""
     if tr.n_inputs is not None and tr.n_inputs != data.n_inputs:
@@ -117,7 +122,7 @@ def finetune(
             tr.model, task, cfg, tr.mask_map(), state, resume, on_step, on_epoch, dc_params, tr.ties(),
             provenance.record(),
         )  # fmt: skip
-        held = sum(getattr(p, "to_local", lambda p=p: p)().numel() for p in tr.model.parameters())  # this rank's
+        held = sum(local_numel(p) for p in tr.model.parameters())  # this rank's share
         if cfg.fsdp:  # the trained parameters live in the shards: gather them onto rank 0, one at a time
             from fpewiden.train.fsdp import gather
 
