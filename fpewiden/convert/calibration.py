@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from fpewiden.arch import PairSpec
+from fpewiden.convert.onload import OnloadedModel, capture_inputs
 from fpewiden.convert.options import ConvertOptions
 from fpewiden.convert.transform import Converted, assignment, pair_seed
 from fpewiden.devices import resolve_device
@@ -37,10 +38,6 @@ MLP_SAMPLES = 8192
 HF_TOKENS = 16384  # sentences until this many tokens
 MIN_SAMPLES = 8
 MAX_TOKENS = 128
-
-
-class _Stop(Exception):
-    """Raised by the capture hook: nothing after the captured pair needs to run."""
 
 
 def _activation_of(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -118,7 +115,6 @@ class CalibratedTransform:
     # ---- Hugging Face models: the model runs in memory, pairs are swapped in as they are converted
     def _init_hf(self) -> None:
         from fpewiden.arch.hf import family_of
-        from fpewiden.convert.onload import OnloadedModel
         from fpewiden.data.text import load_tokenizer, read_sentences
         from fpewiden.model.loaded import load_model
         from fpewiden.model.skeleton import empty_model
@@ -178,33 +174,12 @@ class CalibratedTransform:
         act = functools.reduce(getattr, self.family.act.split("."), self.model.get_submodule(layer))
         return PairFunction(act, self.family.gated)
 
-    @torch.no_grad()
     def _hf_inputs(self, spec: PairSpec) -> torch.Tensor:
         if self.onloaded is not None:
             return self.onloaded.inputs(spec.in_weights[0], self.real)
         _, module = self._module(spec.in_weights[0])
-        captured: list[torch.Tensor] = []
-
-        def hook(_mod: nn.Module, args: tuple) -> None:
-            captured.append(args[0])
-            raise _Stop
-
-        handle = module.register_forward_pre_hook(hook)
-        rows = []
-        try:
-            for batch in self.batches:
-                captured.clear()
-                try:
-                    self.model(**batch)
-                except _Stop:
-                    pass
-                if not captured:
-                    raise FpewidenError(f"calibration: layer {spec.name} did not run on the calibration samples")
-                x = captured[0]
-                rows.append(x[self.real[len(rows)]].to(torch.float32))
-        finally:
-            handle.remove()
-        return torch.cat(rows)
+        runs = [lambda b=b: self.model(**b) for b in self.batches]
+        return capture_inputs(module, runs, self.real, f"layer {spec.name}")
 
     def _hf_update(self, spec: PairSpec, pair: Pair, b_out: torch.Tensor | None) -> None:
         """Put the converted pair into the in-memory model (weights in the module's own orientation)."""

@@ -15,6 +15,7 @@ where not, convert runs the whole model as before.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -187,36 +188,45 @@ class OnloadedModel:
         path = key.rsplit(".", 1)[0]
         return path, self.model.get_submodule(path)
 
-    @torch.no_grad()
     def inputs(self, ck_name: str, keep: list[torch.Tensor]) -> torch.Tensor:
         """What the module holding `ck_name` receives on every calibration batch, at the tokens `keep` marks
         (per batch: batch × tokens, False at padding)."""
         _, module = self.module(ck_name)
         block = self.block(self.current)
-        captured: list[torch.Tensor] = []
-
-        def hook(_mod: nn.Module, args: tuple) -> None:
-            captured.append(args[0])
-            raise _Stop
-
-        handle = module.register_forward_pre_hook(hook)
-        rows = []
-        try:
-            for b, (args, kwargs) in enumerate(self.states):
-                captured.clear()
-                try:
-                    block(*args, **kwargs)
-                except _Stop:
-                    pass
-                if not captured:
-                    raise FpewidenError(f"calibration: {ck_name} did not run on the calibration samples")
-                rows.append(captured[0][keep[b]].to(torch.float32))
-        finally:
-            handle.remove()
-        return torch.cat(rows)
+        runs = [lambda a=a, k=k: block(*a, **k) for a, k in self.states]
+        return capture_inputs(module, runs, keep, ck_name)
 
     def hidden_bytes(self) -> int:
         return sum(_hidden(a, k).numel() * _hidden(a, k).element_size() for a, k in self.states)
+
+
+@torch.no_grad()
+def capture_inputs(
+    module: nn.Module, runs: list[Callable[[], object]], keep: list[torch.Tensor], what: str
+) -> torch.Tensor:
+    """The first input `module` receives in each of `runs` (forwards stopped right there), at the tokens `keep[i]`
+    marks for run i, concatenated in fp32."""
+    captured: list[torch.Tensor] = []
+
+    def hook(_mod: nn.Module, args: tuple) -> None:
+        captured.append(args[0])
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(hook)
+    rows = []
+    try:
+        for i, run in enumerate(runs):
+            captured.clear()
+            try:
+                run()
+            except _Stop:
+                pass
+            if not captured:
+                raise FpewidenError(f"calibration: {what} did not run on the calibration samples")
+            rows.append(captured[0][keep[i]].to(torch.float32))
+    finally:
+        handle.remove()
+    return torch.cat(rows)
 
 
 def _forward_args(model: nn.Module) -> set[str]:
