@@ -85,6 +85,7 @@ def test_fsdp_resume_after_a_kill_is_exact(mlp_runs):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # loaded in one process, on purpose
 def test_a_resume_state_whose_metadata_would_run_code_is_refused(tmp_path):
     """DCP's metadata file is a pickle: fpewiden reads it with an unpickler that admits only DCP's own classes."""
     from fpewiden.errors import FpewidenError

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 from collections.abc import Callable
@@ -128,6 +129,10 @@ def finetune(
 
             full = gather(tr.model, dist.main)
             tr.param_of = {ck: nn.Parameter(full[m], requires_grad=False) for ck, m in module_of.items() if full}
+            # the shards hold the device mesh and through it the process group: free them while every rank is
+            # still in the group, not at interpreter exit (where a gloo group's teardown aborted a rank in CI)
+            tr.model = nn.Module()
+            gc.collect()
     finally:
         if owns_group:
             teardown_distributed()
