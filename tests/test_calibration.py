@@ -87,12 +87,18 @@ def test_saliency_is_the_exact_output_change_for_a_linear_pair():
         torch.testing.assert_close(got, (changed - base).norm(), rtol=1e-4, atol=1e-4)
 
 
+def masked_problem(rows: int, n: int, seed: int, density: float, tokens: int):
+    """Features, targets, a mask and a prior for `rows` masked least-squares problems over `n` features."""
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randn(tokens, n, generator=g)
+    t = torch.randn(tokens, rows, generator=g)
+    mask = torch.rand(rows, n, generator=g) < density
+    return f, t, mask, torch.randn(rows, n, generator=g)
+
+
 @given(st.integers(1, 6), st.integers(2, 12), st.integers(0, 999), st.floats(0.2, 1.0))
 def test_refit_rows_solves_each_masked_problem(rows, n, seed, density):
-    g = torch.Generator().manual_seed(seed)
-    f = torch.randn(50, n, generator=g)
-    t = torch.randn(50, rows, generator=g)
-    mask = torch.rand(rows, n, generator=g) < density
+    f, t, mask, _ = masked_problem(rows, n, seed, density, tokens=50)
     got = refit_rows(f.T @ f, t.T @ f, mask, ridge=1e-6)
     assert not bool(got[~mask].any())
     for r in range(rows):
@@ -106,11 +112,7 @@ def test_refit_rows_solves_each_masked_problem(rows, n, seed, density):
 def test_conjugate_gradients_reach_the_exact_refit(rows, n, seed, density):
     from fpewiden.fpe.calibrated import refit_cg
 
-    g = torch.Generator().manual_seed(seed)
-    f = torch.randn(80, n, generator=g)
-    t = torch.randn(80, rows, generator=g)
-    mask = torch.rand(rows, n, generator=g) < density
-    prior = torch.randn(rows, n, generator=g)
+    f, t, mask, prior = masked_problem(rows, n, seed, density, tokens=80)
     exact = refit_rows(f.T @ f, t.T @ f, mask, 1e-2, prior)
     got, iterations = refit_cg(f.T @ f, t.T @ f, mask, 1e-2, prior, torch.zeros(rows, n), tol=1e-6, iters=200)
     assert not bool(got[~mask].any()) and iterations <= 200
@@ -186,9 +188,9 @@ def test_convert_device_cuda_without_a_gpu_is_one_line(tmp_path):
     data = tmp_path / "x.npz"
     np.savez(data, x=np.random.default_rng(0).standard_normal((64, 12)).astype("float32"))
     args = ["convert", str(src), "--out", str(tmp_path / "o.safetensors"), "--calibration", str(data)]
-    res = CliRunner().invoke(app, [*args, "--device", "cuda"])
     if torch.cuda.is_available():
         pytest.skip("this machine has a CUDA device")
+    res = CliRunner().invoke(app, [*args, "--device", "cuda"])
     assert res.exit_code == 2 and "no CUDA device is available" in res.output
     assert not (tmp_path / "o.safetensors").exists()
 

@@ -102,12 +102,22 @@ def test_a_resume_state_whose_metadata_would_run_code_is_refused(tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
-def test_fsdp_needs_torchrun_and_refuses_tied_weights(tmp_path):
+def test_fsdp_needs_torchrun_and_refuses_what_it_cannot_shard(tmp_path):
+    from fpewiden.errors import FpewidenError
+    from fpewiden.train.config import TrainConfig
+    from fpewiden.train.trainer import Distributed, check_fsdp
+
     src = dnf_mlp(tmp_path / "m.safetensors")
     args = ["finetune", str(src), "--data", DNF, "--epochs", "1", "--device", "cpu", "--fsdp"]
     res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "o.safetensors")])
     assert res.exit_code == 2 and "launch with torchrun" in res.output
     assert not (tmp_path / "o.safetensors").exists()
+    two = Distributed(rank=0, world=2)
+    with pytest.raises(FpewidenError, match="tied outgoing weights"):
+        check_fsdp(TrainConfig(fsdp=True), two, tied=True)
+    with pytest.raises(FpewidenError, match="--dropconnect"):
+        check_fsdp(TrainConfig(fsdp=True, dropconnect=0.1), two, tied=False)
+    check_fsdp(TrainConfig(fsdp=True), two, tied=False)  # what it can shard passes
 
 
 def test_fsdp_distils_a_causal_lm_like_ddp(tmp_path):

@@ -73,10 +73,6 @@ def _to_meta(module: nn.Module) -> None:
                 mod._parameters[leaf] = nn.Parameter(p.to("meta"), requires_grad=False)
 
 
-def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
 def _with_hidden(args: tuple, kwargs: dict, h: torch.Tensor) -> tuple[tuple, dict]:
     if args:
         return (h, *args[1:]), kwargs
@@ -195,9 +191,6 @@ class OnloadedModel:
         block = self.block(self.current)
         runs = [lambda a=a, k=k: block(*a, **k) for a, k in self.states]
         return capture_inputs(module, runs, keep, ck_name)
-
-    def hidden_bytes(self) -> int:
-        return sum(_hidden(a, k).numel() * _hidden(a, k).element_size() for a, k in self.states)
 
 
 @torch.no_grad()

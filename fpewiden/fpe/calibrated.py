@@ -295,11 +295,10 @@ def refit_cg(
     return W * m, done
 
 
-def refit_cost(mask: torch.Tensor) -> tuple[float, float]:
-    """Multiply-adds of the exact refit (a Cholesky per row of its kept features) and of the OBS update."""
+def refit_cost(mask: torch.Tensor) -> float:
+    """Multiply-adds of the exact refit: a Cholesky per row of its kept features."""
     kept = mask.sum(1).to(torch.float64)
-    rows, cols = mask.shape
-    return float((kept**3).sum() / 3), float(cols**3 + rows * cols**2)
+    return float((kept**3).sum() / 3)
 
 
 SOLVERS = ("auto", "exact", "obs", "cg")
@@ -401,7 +400,7 @@ def _refit(
     where the statistics and solves run (fp32 there too); the result comes back to the features' device.
     """
     if solver == "auto":
-        solver = "exact" if refit_cost(mask)[0] <= EXACT_MAX else SCALABLE
+        solver = "exact" if refit_cost(mask) <= EXACT_MAX else SCALABLE
     home = features.device
     if torch.device(device) != home:
         f = features.to(device)

@@ -115,8 +115,10 @@ def finetune(
             data.clauses,
         )
     dc_params = list(tr.model.weights) if cfg.dropconnect else []
-    module_name = {id(p): n for n, p in tr.model.named_parameters(remove_duplicate=False)}
-    module_of = {ck: module_name[id(p)] for ck, p in tr.param_of.items()}
+    module_of = {}  # checkpoint name -> module parameter name: how FSDP's gathered tensors map back
+    if cfg.fsdp:
+        module_name = {id(p): n for n, p in tr.model.named_parameters(remove_duplicate=False)}
+        module_of = {ck: module_name[id(p)] for ck, p in tr.param_of.items()}
     dist, owns_group = setup_distributed(resolve_device(cfg.device))
     try:
         history = train(

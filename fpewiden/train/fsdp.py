@@ -29,11 +29,12 @@ STATE_FILE = "fpewiden-state.json"  # epoch and history beside the checkpoint's 
 
 
 def units(model: nn.Module) -> list[nn.Module]:
-    """The modules sharded as their own unit, innermost first (the root is added by `shard`)."""
+    """The modules sharded as their own unit, innermost first as fully_shard needs (the root is added by
+    `shard`)."""
     names = set(getattr(model, "_no_split_modules", None) or [])
     found = [m for m in model.modules() if type(m).__name__ in names and m is not model]
     if found:
-        return [m for m in found if not any(p.numel() == 0 for p in m.parameters())]
+        return found[::-1]  # modules() lists parents before their children
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
     return list(max(lists, key=lambda m: len(m))) if lists else []
 
