@@ -509,13 +509,19 @@ def unpack(
     typer.echo(f"wrote {report['dst']} ({report['matrices']} packed matrices unpacked)")
 
 
-@app.command(cls=PlainUsage, short_help="Verified ONNX export (dense, sparse or fast layout).")
+@app.command(cls=PlainUsage, short_help="Verified ONNX export (dense, sparse, fast or packed layout).")
 @user_errors
 def export(
-    ckpt: Annotated[Path, typer.Argument(help="MLP checkpoint or Hugging Face model directory.")],
+    ckpt: Annotated[
+        Path, typer.Argument(help="MLP checkpoint or Hugging Face model directory (packed: from fpewiden pack).")
+    ],
     out: Annotated[Path, typer.Option("--out", help="Output .onnx file.")],
     layout: Annotated[
-        str, typer.Option(help="dense | sparse (sparse initializers) | fast (alias block: dense blocks, see README)")
+        str,
+        typer.Option(
+            help="dense | sparse (sparse initializers) | fast (alias block: dense blocks, see README) | packed "
+            "(a packed checkpoint's matrices as fpewiden's ONNX Runtime op, run at their non-zero bytes)"
+        ),
     ] = "dense",
     dtype: Annotated[str, typer.Option(help="fp32 | fp16 (fp16 storage, fp32 arithmetic)")] = "fp32",
     opset: Annotated[
@@ -528,8 +534,11 @@ def export(
     """Export to ONNX with a dynamic batch axis, verified against PyTorch; report size, bytes, nodes and opset.
 
     \b
-    Example:
+    Examples:
       fpewiden export runs/small --out small.onnx --layout dense
+      fpewiden export runs/small-packed --out small-packed.onnx --layout packed
+    A packed export runs in ONNX Runtime with fpewiden's op registered:
+      opts.register_custom_ops_library(str(fpewiden.packed.ort_library()))
     """
     from fpewiden.console import console, export_table
     from fpewiden.export.export import export as run_export

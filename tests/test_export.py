@@ -112,7 +112,7 @@ def test_fast_layout_refuses_other_conversions(tmp_path):
 @pytest.mark.parametrize(
     "args,fragment",
     [
-        (["--layout", "weird"], "choose dense, sparse or fast"),
+        (["--layout", "weird"], "choose dense, sparse, fast (alias: block) or packed"),
         (["--dtype", "int4"], "choose fp32 or fp16"),
         (["--opset", "7"], "opsets 13 to 21"),
     ],

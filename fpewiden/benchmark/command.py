@@ -16,7 +16,7 @@ from fpewiden.errors import FpewidenError
 from fpewiden.io.outputs import check_outputs
 from fpewiden.io.provenance import Provenance, digest
 
-ENGINES = ("torch", "ort", "packed")
+ENGINES = ("torch", "ort", "packed", "ort-packed")
 
 
 def _ints(flag: str, text: str) -> list[int]:

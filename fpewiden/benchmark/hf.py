@@ -27,6 +27,8 @@ from fpewiden.benchmark.measure import (
     Workload,
     model_labels,
     ort_session,
+    packed_onnx,
+    refuse_packed_onnx,
     rss_mb,
     summarise,
     time_entries,
@@ -232,16 +234,21 @@ def _from_folder(path: Path, engines, device, tmp: Path, threads: int) -> tuple[
         e.runners["ort"] = lambda feeds, s=sess: s.run(None, {i.name: feeds[i.name] for i in s.get_inputs()})
     model = loaded.model.eval().to(device)
     causal = has_lm_head(loaded.ck.config or {})
-    if "packed" in engines:
+    if "packed" in engines or "ort-packed" in engines:
         from fpewiden.packed import kernels
         from fpewiden.packed.swap import pack_linears
 
         twin = copy.deepcopy(model).cpu()  # the packed kernels run on the CPU
         pack_linears(twin, _twin_alphas(model, twin, loaded.param_of, alphas))
         e.info["packed_kernel"] = kernels.path()
-        e.runners["packed"] = _torch_runner(twin, torch.device("cpu"))
-        if causal:
-            e.decoders["packed"] = twin
+        if "packed" in engines:
+            e.runners["packed"] = _torch_runner(twin, torch.device("cpu"))
+            if causal:
+                e.decoders["packed"] = twin
+        if "ort-packed" in engines:
+            vocab = int((loaded.ck.config or {}).get("vocab_size", 1000))
+            sess = ort_session(packed_onnx(twin, "hf", vocab, tmp), threads)
+            e.runners["ort-packed"] = lambda feeds, s=sess: s.run(None, {i.name: feeds[i.name] for i in s.get_inputs()})
     if "torch" in engines:
         e.runners["torch"] = _torch_runner(model, device)
         if causal:
@@ -274,6 +281,7 @@ def _from_onnx(path: Path, engines, device, threads: int) -> tuple[MeasuredModel
     if "ort" not in engines:
         raise FpewidenError(f"{path} is an ONNX file: measure it with --engines ort")
     proto = onnx.load(str(path))
+    refuse_packed_onnx(path, proto)
     arrays = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
     for sp in proto.graph.sparse_initializer:
         dense = np.zeros(int(np.prod(sp.dims)), dtype=np.float32)

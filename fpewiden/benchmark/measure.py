@@ -22,7 +22,7 @@ import torch
 from fpewiden.benchmark.formats import best_format
 from fpewiden.errors import FpewidenError
 
-SPARSE_ENGINES = ("torch-2:4", "packed")  # engines that run a sparse kernel
+SPARSE_ENGINES = ("torch-2:4", "packed", "ort-packed")  # engines that run a sparse kernel
 
 
 def rss_mb() -> float:
@@ -54,7 +54,10 @@ def ort_session(path: Path, threads: int, device: torch.device | None = None):
         import onnxruntime as ort
     except ImportError:
         raise FpewidenError("engine ort needs onnxruntime (pip install onnxruntime, or onnxruntime-gpu)") from None
-    opts = ort.SessionOptions()
+    from fpewiden.packed.ort import ort_reason, session_options
+
+    packed_op = ort_reason() is None  # registered wherever it can run: a packed export needs it, others ignore it
+    opts = session_options() if packed_op else ort.SessionOptions()
     opts.intra_op_num_threads = threads
     # ONNX Runtime's idle threads spin-wait after each run, taking the cores from whatever bench times next
     # (two copies of MiniLM timed in turn with torch differed by 25% before this)
@@ -67,7 +70,35 @@ def ort_session(path: Path, threads: int, device: torch.device | None = None):
     try:
         return ort.InferenceSession(str(path), opts, providers=providers)
     except Exception as err:  # onnxruntime raises its own exception types
-        raise FpewidenError(f"ONNX Runtime cannot load {path}: {str(err).splitlines()[0]}") from None
+        why = str(err).splitlines()[0]
+        if "PackedMatMul" in why and not packed_op:
+            why = f"it holds fpewiden's packed op, which is {ort_reason()}"
+        raise FpewidenError(f"ONNX Runtime cannot load {path}: {why}") from None
+
+
+def packed_onnx(model, kind: str, vocab: int, tmp: Path) -> Path:
+    """The packed module exported for ONNX Runtime with fpewiden's op (needs the compiled kernels and the op)."""
+    from fpewiden.export.packed import write_packed_onnx
+    from fpewiden.packed import kernels
+    from fpewiden.packed.ort import ort_reason
+
+    reason = ort_reason() or (kernels.native_reason() if kernels.path() == "torch" else None)
+    if reason is not None:
+        raise FpewidenError(f"engine ort-packed: the packed kernels or their ONNX Runtime op are {reason}")
+    return write_packed_onnx(model, kind, vocab, tmp / f"{len(list(tmp.iterdir()))}.packed.onnx")
+
+
+
+def refuse_packed_onnx(path: Path, model) -> None:
+    """bench counts an ONNX file's bytes from its dense or sparse weight matrices; a packed export has none, so
+    its numbers come from the packed checkpoint it was exported from."""
+    from fpewiden.packed.ort import uses_packed_op
+
+    if uses_packed_op(model):
+        raise FpewidenError(
+            f"{path} is a packed export: bench the checkpoint it was packed from with --engines ort-packed (bench "
+            "packs and exports it itself and counts its bytes)"
+        )
 
 
 AUTO_SECONDS = 1.0  # --repeat 0 (auto): about this long per model, engine and workload, as timeit's autorange
@@ -185,7 +216,7 @@ def sparse_path_note(latency: dict, kernel: str | None = None) -> str:
     if kernel == "torch" and "packed" in ran:  # the pure-torch fallback multiplies the unpacked matrices
         ran.remove("packed")
     if ran:
-        where = f" ({kernel} kernels)" if "packed" in ran and kernel else ""
+        where = f" ({kernel} kernels)" if {"packed", "ort-packed"} & set(ran) and kernel else ""
         return f"{', '.join(ran)}{where} ran sparse kernels; torch and ONNX Runtime multiply dense matrices"
     return "no sparse kernel ran: torch multiplies dense matrices and ONNX Runtime densifies sparse initializers"
 
@@ -194,7 +225,7 @@ def weight_bytes(info: dict, engine: str) -> int | None:
     """The weight bytes an engine reads per call: dense fp32 for torch, the fast layout's where ONNX Runtime runs
     it, the packed ones for `packed`."""
     b = info["bytes"]
-    if engine == "packed":
+    if engine in ("packed", "ort-packed"):
         return b.get("packed")
     if engine == "ort" and info.get("ort_layout") == "fast":
         return b.get("block")

@@ -17,6 +17,8 @@ from fpewiden.benchmark.measure import (
     Workload,
     model_labels,
     ort_session,
+    packed_onnx,
+    refuse_packed_onnx,
     rss_mb,
     summarise,
     time_entries,
@@ -27,9 +29,12 @@ from fpewiden.errors import FpewidenError
 from fpewiden.packed.file import widened_alphas
 
 
-def _check_width(entry: MeasuredModel, n_in: int, data: Dataset) -> None:
+def _check_width(entry: MeasuredModel, n_in: int, data: Dataset, n_out: int | None = None) -> None:
     if n_in != data.n_inputs:
         raise FpewidenError(f"{entry.path} reads {n_in} input features but {data.spec} has {data.n_inputs}")
+    # a classifier may have more outputs than the split shows classes; other targets must match exactly
+    if n_out is not None and (n_out < data.n_outputs if data.kind == "classes" else n_out != data.n_outputs):
+        raise FpewidenError(f"{entry.path} has {n_out} outputs but {data.spec} has {data.n_outputs} targets")
 
 
 def _ort_runner(path: Path, threads: int, device: torch.device | None = None):
@@ -50,7 +55,7 @@ def _from_checkpoint(
     if tr.ck.kind == "hf":
         raise FpewidenError(f"{path}: fpewiden bench measures MLP checkpoints and MLP ONNX files")
     e = MeasuredModel(path)
-    _check_width(e, tr.n_inputs, data)
+    _check_width(e, tr.n_inputs, data, tr.n_outputs)
     tensors = tr.tensors()
     weights = {n: t for n, t in tensors.items() if t.dim() == 2}
     masks = {n: tr.masks.get(n, t != 0) for n, t in weights.items()}
@@ -89,12 +94,12 @@ def _from_checkpoint(
         e.runners["torch"] = run_torch
     if "torch" in engines and device.type == "cuda":
         _add_semi_structured(e, tr, masks, device)
-    if "packed" in engines:
-        _add_packed(e, tr, alphas)
+    if "packed" in engines or "ort-packed" in engines:
+        _add_packed(e, tr, alphas, engines, tmp, threads)
     return e
 
 
-def _add_packed(e: MeasuredModel, tr, alphas: dict[str, int]) -> None:
+def _add_packed(e: MeasuredModel, tr, alphas: dict[str, int], engines: list[str], tmp: Path, threads: int) -> None:
     """fpewiden's packed kernels on the same weights (CPU): every matrix in the format `fpewiden pack` picks."""
     from fpewiden.packed import kernels
     from fpewiden.packed.swap import packed_chain
@@ -113,7 +118,10 @@ def _add_packed(e: MeasuredModel, tr, alphas: dict[str, int]) -> None:
         with torch.inference_mode():
             return chain(torch.from_numpy(x)).numpy()
 
-    e.runners["packed"] = run
+    if "packed" in engines:
+        e.runners["packed"] = run
+    if "ort-packed" in engines:
+        e.runners["ort-packed"] = _ort_runner(packed_onnx(chain, "mlp", 0, tmp), threads)
 
 
 def _add_semi_structured(e: MeasuredModel, tr, masks: dict[str, torch.Tensor], device: torch.device) -> None:
@@ -157,6 +165,7 @@ def _from_onnx(path: Path, data: Dataset, engines: list[str], threads: int) -> M
     if "ort" not in engines:
         raise FpewidenError(f"{path} is an ONNX file: measure it with --engines ort")
     model = _load_onnx(path)
+    refuse_packed_onnx(path, model)
     arrays = [numpy_helper.to_array(t) for t in model.graph.initializer]
     for sp in model.graph.sparse_initializer:
         dense = np.zeros(int(np.prod(sp.dims)), dtype=np.float32)

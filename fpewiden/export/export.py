@@ -21,7 +21,7 @@ from fpewiden.io.outputs import check_outputs
 from fpewiden.io.provenance import Provenance, onnx_doc
 from fpewiden.model.loaded import LoadedModel, load_model
 
-LAYOUTS = ("dense", "sparse", "fast")
+LAYOUTS = ("dense", "sparse", "fast", "packed")
 
 
 def build(tr: LoadedModel, layout: str, opset: int | None) -> Built:
@@ -53,11 +53,38 @@ def write(
         result["external_data"] = save(model, tmp, external)
         result["checker"] = check(tmp)
         if verify:
-            got = ort_session(tmp).run(None, built.feeds)[0]
+            got = ort_session(tmp, packed=layout == "packed").run(None, built.feeds)[0]
             result["verify"] = compare(got, built.reference, dtype)
         result.update(model_stats(onnx.load(str(tmp), load_external_data=False), tmp))
     if layout == "sparse":
         result["note"] = sparse_note(result)
+    return result
+
+
+def export_packed(
+    ckpt: Path, out: Path, dtype: str, opset: int | None, verify: bool, external: bool | None, force: bool
+) -> dict:
+    """`--layout packed`: the packed checkpoint's matrices as PackedMatMul nodes (packed.py)."""
+    from fpewiden.export.packed import build_packed
+    from fpewiden.io.provenance import digest
+    from fpewiden.packed.file import is_packed, read_packed
+    from fpewiden.packed.ort import ort_reason
+
+    if dtype != "fp32":
+        raise FpewidenError("--dtype applies to dense layouts; a packed file keeps its values' dtype (pack --dtype)")
+    if opset is not None and opset < 18:
+        raise FpewidenError(f"--opset {opset}: the packed layout goes through torch.onnx's dynamo exporter (opset 18+)")
+    if not is_packed(ckpt):
+        raise FpewidenError(f"--layout packed exports a packed checkpoint; pack it first: fpewiden pack {ckpt} --out …")
+    reason = ort_reason()
+    if verify and reason is not None:
+        raise FpewidenError(f"cannot verify a packed export: the ONNX Runtime packed op is {reason}")
+    provenance = Provenance("export", lambda: digest([ckpt]))
+    check_outputs([out, out.with_name(out.name + ".data")], [ckpt], force, provenance=provenance)
+    result = {"checkpoint": str(ckpt), "out": str(out), "layout": "packed", "dtype": "as packed"}
+    result.update(write(build_packed(ckpt, opset or 18), out, "packed", "fp32", verify, external, provenance))
+    meta = read_packed(ckpt).meta
+    result["fpewiden"] = {k: getattr(meta, k) for k in ("alpha", "split", "outgoing", "budget") if getattr(meta, k)}
     return result
 
 
@@ -78,7 +105,7 @@ def export(
     if layout == "block":
         layout = "fast"
     if layout not in LAYOUTS:
-        raise FpewidenError(f"--layout {layout!r}: choose dense, sparse or fast (alias: block)")
+        raise FpewidenError(f"--layout {layout!r}: choose dense, sparse, fast (alias: block) or packed")
     if dtype not in ("fp32", "fp16"):
         raise FpewidenError(f"--dtype {dtype!r}: choose fp32 or fp16")
     if opset is not None and not 13 <= opset <= 21:
@@ -87,6 +114,8 @@ def export(
         raise FpewidenError(f"--out {out}: name the output *.onnx")
     if not ckpt.exists():
         raise FpewidenError(f"no such file or directory: {ckpt}")
+    if layout == "packed":
+        return export_packed(ckpt, out, dtype, opset, verify, external, force)
     provenance = Provenance("export", lambda: open_checkpoint(ckpt).sha256())
     check_outputs([out, out.with_name(out.name + ".data")], [ckpt], force, provenance=provenance)
     if ckpt.is_dir() and opset is not None and opset < 18:

@@ -29,8 +29,10 @@ def to_onnx(
     dynamic: tuple[dict[int, str], ...],
     opset: int,
     what: str,
+    translations: dict | None = None,
 ) -> onnx.ModelProto:
-    """`dynamic`: per input, its dynamic axes by name (e.g. {0: "batch", 1: "sequence"})."""
+    """`dynamic`: per input, its dynamic axes by name (e.g. {0: "batch", 1: "sequence"}); `translations`: torch
+    op -> onnxscript function, for custom ops (torch.onnx's custom_translation_table)."""
     dims: dict[str, torch.export.Dim] = {}
     shapes = tuple({axis: dims.setdefault(n, torch.export.Dim(n)) for axis, n in d.items()} for d in dynamic)
     with tempfile.TemporaryDirectory() as d:
@@ -52,6 +54,7 @@ def to_onnx(
                     opset_version=opset,
                     dynamo=True,
                     external_data=True,
+                    custom_translation_table=translations,
                     verbose=False,
                 )
             except Exception as e:  # the exporter's failures are many and varied; name it in one line

@@ -12,14 +12,20 @@ from fpewiden.errors import FpewidenError
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}  # max |error| / max |reference|; fp16 rounds weights to 11 bits
 
 
-def ort_session(path: Path, threads: int | None = None):
+def ort_session(path: Path, threads: int | None = None, packed: bool = False):
+    """A CPU session; `packed`: with fpewiden's PackedMatMul op registered (fpewiden/packed/ort.py)."""
     try:
         import onnxruntime as ort
     except ImportError:
         raise FpewidenError("verification needs onnxruntime (pip install onnxruntime)") from None
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
+    if packed:
+        from fpewiden.packed.ort import session_options
+
+        opts = session_options(threads)
+    else:
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 

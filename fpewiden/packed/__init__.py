@@ -1,6 +1,6 @@
 """Packed sparse weights that run at their non-zero bytes: the format (format.py), the CPU kernels (csrc/, built by
-build.py, chosen by kernels.py), the torch op and module (ops.py), packed checkpoints on disk (file.py) and the
-loader that turns one into a torch module (load.py).
+build.py, chosen by kernels.py), the torch op and module (ops.py), packed checkpoints on disk (file.py), the
+loader that turns one into a torch module (loader.py) and the ONNX Runtime op (ort.py, csrc/ort/).
 
 Import order: packed/ sits below convert, export and benchmark, which call it; it never calls them.
 """
@@ -25,3 +25,11 @@ def load(path: Path | str, kernel: str | None = None, tune: bool = True) -> nn.M
     from fpewiden.packed.loader import load_packed
 
     return load_packed(Path(path), kernel, tune)
+
+
+def ort_library() -> Path:
+    """The ONNX Runtime custom-op library that runs packed ONNX exports (`export --layout packed`): register it with
+    `SessionOptions.register_custom_ops_library(str(ort_library()))`. Raises FpewidenError saying why there is none."""
+    from fpewiden.packed.ort import ort_library as find
+
+    return find()

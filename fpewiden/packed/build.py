@@ -1,5 +1,6 @@
 """Build the packed kernels (csrc/) against the installed torch: `python -m fpewiden.packed.build [-f] [-v]`
-(-f rebuilds an up-to-date library, -v shows the compiler).
+(-f rebuilds an up-to-date library, -v shows the compiler). It also builds the ONNX Runtime custom-op library
+(csrc/ort/, the same kernels without torch) where ONNX Runtime's headers can be had (ort_headers.py).
 
 scripts/setup.sh runs it after installing fpewiden, with the system C++ compiler (torch.utils.cpp_extension and
 ninja; nothing is downloaded). Every ISA variant is compiled into one library and chosen at run time from the
@@ -90,6 +91,87 @@ def build(verbose: bool = False) -> Path:
     return library()
 
 
+ORT_NAME = "fpewiden_ort"
+ORT_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wno-maybe-uninitialized"]
+
+
+def ort_sources() -> list[Path]:
+    return [CSRC / "ort" / "packed_matmul.cc", CSRC / "dispatch.cc", *sorted(CSRC.glob("isa_*.cc"))]
+
+
+def ort_library() -> Path:
+    return BUILD / f"lib{ORT_NAME}.so"
+
+
+def ort_source_hash() -> str:
+    h = hashlib.sha256(" ".join(ORT_FLAGS).encode())
+    for p in [*ort_sources(), *sorted(CSRC.glob("*.h"))]:
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def ort_stamp() -> dict | None:
+    try:
+        return json.loads((BUILD / "ort-stamp.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def build_ort(verbose: bool = False) -> tuple[Path, dict]:
+    """Compile the ONNX Runtime custom-op library with the system C++ compiler (one object per source, two at a
+    time, then the link); raises RuntimeError saying why not."""
+    import subprocess
+
+    from fpewiden.packed import ort_headers
+
+    include, source = ort_headers.find(BUILD / "ort-include")
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        raise RuntimeError("no C++ compiler")
+    work = BUILD / "ort-work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    objs, jobs = [], []
+    for i, src in enumerate(ort_sources()):
+        obj = work / f"{i}-{src.stem}.o"
+        objs.append(obj)
+        jobs.append([cxx, *ORT_FLAGS, "-I", str(include), "-c", str(src), "-o", str(obj)])
+    for k in range(0, len(jobs), 2):
+        pair = jobs[k : k + 2]
+        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for cmd in pair]
+        for cmd, proc in zip(pair, procs, strict=True):
+            out = proc.communicate()[0]
+            if verbose:
+                print(" ".join(cmd), out, sep="\n")
+            if proc.returncode:
+                errors = [line for line in out.splitlines() if "error" in line]
+                raise RuntimeError((errors or [f"{cxx} failed on {Path(cmd[-3]).name}"])[0][:200])
+    tmp = ort_library().with_suffix(f".so.{os.getpid()}.tmp")
+    res = subprocess.run([cxx, "-shared", "-o", str(tmp), *map(str, objs)], capture_output=True, text=True)
+    if res.returncode:
+        raise RuntimeError((res.stderr.strip().splitlines() or ["the link failed"])[0][:200])
+    os.replace(tmp, ort_library())
+    stamp = {"sources": ort_source_hash(), "api": ort_headers.api_version(include), "headers": source}
+    (BUILD / "ort-stamp.json").write_text(json.dumps(stamp) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+    return ort_library(), stamp
+
+
+def main_ort(force: bool, verbose: bool) -> None:
+    """Set-up's second step: the ONNX Runtime library, or one line saying why `export --layout packed` is off."""
+    built = ort_stamp() or {}
+    if ort_library().is_file() and built.get("sources") == ort_source_hash() and not force:
+        print(f"setup: ONNX Runtime packed op up to date: {ort_library()}")
+        return
+    try:
+        path, stamp = build_ort(verbose)
+    except Exception as e:  # no headers, no network, no compiler: everything else still runs
+        reason = str(e).strip().splitlines()[-1][:240] if str(e).strip() else type(e).__name__
+        print(f"setup: ONNX Runtime packed op not built ({reason}); export --layout packed is unavailable")
+        return
+    print(f"setup: ONNX Runtime packed op built (API {stamp['api']}, headers: {stamp['headers']}): {path}")
+
+
 def main() -> int:
     if "--compile" in sys.argv:
         _compile(Path(sys.argv[sys.argv.index("--compile") + 1]), "-v" in sys.argv)
@@ -97,18 +179,20 @@ def main() -> int:
     import torch
 
     built = stamp() or {}
-    if library().is_file() and built == {"torch": torch.__version__, "sources": source_hash()} and "-f" not in sys.argv:
+    force, verbose = "-f" in sys.argv, "-v" in sys.argv
+    if library().is_file() and built == {"torch": torch.__version__, "sources": source_hash()} and not force:
         print(f"setup: packed kernels up to date: {library()}")
-        return 0
-    try:
-        path = build(verbose="-v" in sys.argv)
-    except Exception as e:  # no compiler, no ninja, headers missing: the fallback runs, and we say so once
-        reason = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
-        print(f"setup: packed kernels not built ({reason}); packed models run on the pure-torch fallback")
-        return 0
-    from fpewiden.packed import kernels
+    else:
+        try:
+            path = build(verbose=verbose)
+        except Exception as e:  # no compiler, no ninja, headers missing: the fallback runs, and we say so once
+            reason = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
+            print(f"setup: packed kernels not built ({reason}); packed models run on the pure-torch fallback")
+        else:
+            from fpewiden.packed import kernels
 
-    print(f"setup: packed kernels built ({kernels.path()} on this CPU): {path}")
+            print(f"setup: packed kernels built ({kernels.path()} on this CPU): {path}")
+    main_ort(force, verbose)
     return 0
 
 

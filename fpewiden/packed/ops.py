@@ -75,6 +75,10 @@ class PackedLinear(nn.Module):
                 return mode
         return self.table[-1][1]
 
+    def _mode(self, x2: torch.Tensor) -> str:
+        # an export must not branch on the batch (it would fix the batch axis); the ONNX op picks its own mode
+        return "gemv" if torch.compiler.is_exporting() else self.mode(len(x2))
+
     def forward(self, x: torch.Tensor, mode: str | None = None) -> torch.Tensor:
         flat = x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous()
         x2 = x if flat else x.reshape(-1, self.in_features).to(torch.float32).contiguous()
@@ -83,7 +87,7 @@ class PackedLinear(nn.Module):
         else:
             y = torch.ops.fpewiden.packed_linear(
                 x2, self.values, self.bits, self.row_ptr, self.bias, self.out_features, self.in_features,
-                self._fmt, self._dtype, self.alpha, self.planes, self.stride, self.kernel, mode or self.mode(len(x2)),
+                self._fmt, self._dtype, self.alpha, self.planes, self.stride, self.kernel, mode or self._mode(x2),
             )  # fmt: skip
         return y if flat else y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 

@@ -1,0 +1,273 @@
+"""Packed models in ONNX Runtime: the PackedMatMul op on every kernel path, `export --layout packed` (MLP chains,
+BERT-style and gated FFNs), bench's `ort-packed` engine, and how the ONNX Runtime headers are obtained."""
+
+import hashlib
+import io
+import json
+import lzma
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from typer.testing import CliRunner
+
+from fpewiden.cli import app
+from fpewiden.convert import Budget, ConvertOptions, convert
+from fpewiden.errors import FpewidenError
+from fpewiden.packed import format as fmt
+from fpewiden.packed import kernels, ort, ort_headers
+from fpewiden.packed.file import pack_checkpoint, read_packed
+from tests.helpers import tiny_bert, tiny_causal, write_mlp
+
+runner = CliRunner()
+pytestmark = pytest.mark.skipif(ort.ort_reason() is not None, reason=f"ONNX Runtime op: {ort.ort_reason()}")
+ISAS = [p for p in kernels.available() if p != "torch"]
+
+
+def initializer(t: torch.Tensor, name: str) -> onnx.TensorProto:
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: the raw bytes, typed
+        proto = helper.make_tensor(name, TensorProto.BFLOAT16, [t.numel()], t.view(torch.int16).numpy().tobytes(), True)
+        return proto
+    return numpy_helper.from_array(t.numpy(), name)
+
+
+def op_model(pm: fmt.PackedMatrix, bias: torch.Tensor | None) -> bytes:
+    """One PackedMatMul node over `pm` with X of shape (batch, 2, cols): more than one leading axis."""
+    inits = [initializer(pm.values, "values"), initializer(pm.bits, "bits")]
+    ins = ["x", "values", "bits", "", ""]
+    if pm.row_ptr is not None:
+        inits.append(initializer(pm.row_ptr, "row_ptr"))
+        ins[3] = "row_ptr"
+    if bias is not None:
+        inits.append(initializer(bias, "bias"))
+        ins[4] = "bias"
+    while not ins[-1]:
+        ins.pop()
+    attrs = dict(format=pm.format, rows=pm.rows, cols=pm.cols, stride=pm.stride, alpha=pm.alpha, planes=pm.planes)
+    node = helper.make_node(ort.OP, ins, ["y"], domain=ort.DOMAIN, **attrs)
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 2, "cols"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 2, pm.rows])],
+        inits,
+    )
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid(ort.DOMAIN, 1)]
+    return helper.make_model(graph, opset_imports=opsets).SerializeToString()
+
+
+def ragged(fmt_name: str, dtype: torch.dtype) -> tuple[fmt.PackedMatrix, torch.Tensor]:
+    """Odd sizes, empty rows (bitmask) or a parent with no weights (parent), values rounded to `dtype`."""
+    g = torch.Generator().manual_seed(1)
+    if fmt_name == "bitmask":
+        w = torch.randn(37, 45, generator=g) * (torch.rand(37, 45, generator=g) < 0.4)
+        w[[0, 5, 36]] = 0
+        return fmt.pack_bitmask(w.to(dtype).float(), dtype), w
+    alpha = 3
+    parent = torch.randn(13, 45, generator=g)
+    parent[4] = 0
+    child = torch.randint(alpha, (13, 45), generator=g)
+    w = torch.zeros(13, alpha, 45)
+    w.scatter_(1, child.unsqueeze(1), parent.unsqueeze(1))
+    w = w.view(13 * alpha, 45)
+    return fmt.pack_parent(w.to(dtype).float(), alpha, dtype), w
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fmt_name", ["bitmask", "parent"])
+def test_the_ort_op_matches_the_dense_reference_on_every_path(monkeypatch, isa, dtype, fmt_name):
+    import onnxruntime
+
+    monkeypatch.setenv(kernels.ENV, isa)  # read when the session creates the kernel
+    pm, _ = ragged(fmt_name, dtype)
+    assert pm is not None
+    bias = torch.randn(pm.rows)
+    sess = onnxruntime.InferenceSession(op_model(pm, bias), ort.session_options(1), providers=["CPUExecutionProvider"])
+    dense = fmt.unpack(pm).double()
+    for batch in (1, 4, 9):  # 2 and 8 inputs: the decode kernel; 18: the token-batch kernel
+        x = torch.randn(batch, 2, pm.cols)
+        got = sess.run(None, {"x": x.numpy()})[0]
+        want = (x.double() @ dense.T + bias.double()).numpy()
+        assert got.shape == (batch, 2, pm.rows)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_op_refuses_inputs_that_do_not_fit():
+    import onnxruntime
+
+    pm, _ = ragged("bitmask", torch.float32)
+    sess = onnxruntime.InferenceSession(op_model(pm, None), ort.session_options(1), providers=["CPUExecutionProvider"])
+    with pytest.raises(Exception, match="X's last axis must be cols = 45"):
+        sess.run(None, {"x": np.zeros((1, 2, 44), np.float32)})
+
+
+def export(args: list) -> dict:
+    res = runner.invoke(app, ["export", *map(str, args)])
+    assert res.exit_code == 0, res.output
+    return res
+
+
+def onnx_bytes(path: Path) -> int:
+    return path.stat().st_size + (p.stat().st_size if (p := path.with_name(path.name + ".data")).exists() else 0)
+
+
+def test_export_packed_mlps_verify_and_shrink(tmp_path):
+    """50% pruning and FPE α=2 (same non-zeros) of a 256-512-256 MLP, packed and exported: the file holds the
+    packed bytes and nothing densified (the ratios at Llama-7B shapes are bench/ort_packed.py's), and runs in a
+    user's own ONNX Runtime session as the README shows."""
+    import onnxruntime
+
+    from fpewiden import packed
+    from fpewiden.model.loaded import load_model
+
+    src = write_mlp(tmp_path / "src.safetensors", widths=(256, 512, 256))
+    half, wide = tmp_path / "half.safetensors", tmp_path / "wide.safetensors"
+    convert(src, half, ConvertOptions(alpha=1, budget=Budget.parse("0.5")))
+    convert(src, wide, ConvertOptions(alpha=2))
+    export([src, "--out", tmp_path / "src.onnx"])
+    dense = onnx_bytes(tmp_path / "src.onnx")
+    for ckpt, limit in ((half, 0.56), (wide, 1.09)):
+        pk = tmp_path / f"{ckpt.stem}.packed.safetensors"
+        report = pack_checkpoint(ckpt, pk)
+        out = tmp_path / f"{ckpt.stem}.onnx"
+        export([pk, "--out", out, "--layout", "packed"])
+        biases = sum(e.rows for e in read_packed(pk).entries.values()) * 4
+        stored = report["packed_bytes"] + biases + 2 * fmt.PAD * 4
+        assert stored <= onnx_bytes(out) <= stored + 16384  # the packed arrays, then graph, names, metadata
+        assert onnx_bytes(out) <= limit * dense, (ckpt.stem, onnx_bytes(out) / dense)
+        model = onnx.load(str(out))
+        assert [n.op_type for n in model.graph.node].count("PackedMatMul") == 2
+        assert not any(n.op_type in ("MatMul", "Gemm") for n in model.graph.node)
+        opts = onnxruntime.SessionOptions()
+        opts.register_custom_ops_library(str(packed.ort_library()))
+        sess = onnxruntime.InferenceSession(str(out), opts, providers=["CPUExecutionProvider"])
+        x = torch.randn(11, 256)
+        with torch.no_grad():
+            want = load_model(ckpt).model.eval()(x).numpy()
+        got = sess.run(None, {"x": x.numpy()})[0]
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()  # fp32 sums in another order
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_export_packed_transformers_models(tmp_path, family):
+    src = tiny_bert(tmp_path / "src", dropout=0.0) if family == "bert" else tiny_causal(tmp_path / "src", family)
+    wide = tmp_path / "wide"
+    convert(src, wide, ConvertOptions(alpha=2, budget=Budget.parse("0.5")))
+    assert runner.invoke(app, ["pack", str(wide), "--out", str(tmp_path / "pk")]).exit_code == 0
+    out = tmp_path / "m.onnx"
+    export([tmp_path / "pk", "--out", out, "--layout", "packed"])
+    nodes = [n.op_type for n in onnx.load(str(out), load_external_data=False).graph.node]
+    assert nodes.count("PackedMatMul") == (3 if family == "llama" else 2) * 2  # every FFN matrix of 2 layers
+
+
+def test_export_packed_refusals(tmp_path, monkeypatch):
+    src = write_mlp(tmp_path / "src.safetensors", widths=(16, 8, 4))
+    res = runner.invoke(app, ["export", str(src), "--out", str(tmp_path / "a.onnx"), "--layout", "packed"])
+    assert res.exit_code == 2 and "pack it first: fpewiden pack" in res.stderr
+    pk = tmp_path / "pk.safetensors"
+    half = tmp_path / "half.safetensors"
+    convert(src, half, ConvertOptions(alpha=1, budget=Budget.parse("0.5")))
+    assert runner.invoke(app, ["pack", str(half), "--out", str(pk)]).exit_code == 0
+    res = runner.invoke(
+        app, ["export", str(pk), "--out", str(tmp_path / "a.onnx"), "--layout", "packed", "--dtype", "fp16"]
+    )
+    assert res.exit_code == 2 and "keeps its values' dtype" in res.stderr
+    monkeypatch.setattr(ort, "ort_reason", lambda: "not built (test)")
+    res = runner.invoke(app, ["export", str(pk), "--out", str(tmp_path / "a.onnx"), "--layout", "packed"])
+    assert res.exit_code == 2 and "the ONNX Runtime packed op is not built (test)" in res.stderr
+    assert not (tmp_path / "a.onnx").exists()
+    with pytest.raises(FpewidenError, match="packed op is not built"):
+        ort.ort_library()
+
+
+def test_bench_ort_packed_engine(tmp_path):
+    src = write_mlp(tmp_path / "src.safetensors", widths=(16, 32, 6))
+    half = tmp_path / "half.safetensors"
+    convert(src, half, ConvertOptions(alpha=1, budget=Budget.parse("0.5")))
+    args = ["bench", str(src), str(half), "--data", "dnf:inputs=16,clauses=6,n=300", "--batch-sizes", "1,16"]
+    res = runner.invoke(
+        app, [*args, "--engines", "ort,ort-packed", "--repeat", "3", "--json", str(tmp_path / "b.json")]
+    )
+    assert res.exit_code == 0, res.output
+    rows = json.loads((tmp_path / "b.json").read_text())["benchmarks"]
+    lat = rows[1]["latency"]["ort-packed"]
+    assert lat["1"]["sparse_path"] and lat["16"]["runs"] == 3 and not rows[1]["latency"]["ort"]["1"]["sparse_path"]
+    assert "ort-packed" in rows[1]["sparse_path_note"]
+    pk = tmp_path / "pk.safetensors"
+    assert runner.invoke(app, ["pack", str(half), "--out", str(pk)]).exit_code == 0
+    export([pk, "--out", tmp_path / "p.onnx", "--layout", "packed"])
+    res = runner.invoke(
+        app, ["bench", str(tmp_path / "p.onnx"), "--data", "dnf:inputs=16,clauses=6", "--engines", "ort"]
+    )
+    assert res.exit_code == 2 and "is a packed export: bench the checkpoint it was packed from" in res.stderr
+
+
+# ---------------------------------------------------------------- where the headers come from
+
+
+def fake_deb(files: dict[str, bytes]) -> bytes:
+    """A .deb (an ar archive) whose data.tar.xz holds `files`."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(f"./usr/include/onnxruntime/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    members = [
+        ("debian-binary", b"2.0\n"),
+        ("control.tar.xz", lzma.compress(b"")),
+        ("data.tar.xz", lzma.compress(raw.getvalue())),
+    ]
+    out = b"!<arch>\n"
+    for name, data in members:
+        out += (
+            f"{name:<16}{0:<12}{0:<6}{0:<6}{'100644':<8}{len(data):<10}`\n".encode()
+            + data
+            + (b"\n" if len(data) % 2 else b"")
+        )
+    return out
+
+
+def test_headers_come_only_through_the_verified_chain(tmp_path, monkeypatch):
+    headers = {"onnxruntime_c_api.h": b"#define ORT_API_VERSION 21\n", "onnxruntime_cxx_api.h": b"// api\n"}
+    deb = fake_deb(headers)
+    record = f"Version: 1.21.0\nFilename: pool/x.deb\nSHA256: {hashlib.sha256(deb).hexdigest()}\n"
+    index = f"Package: other\nVersion: 1\n\nPackage: {ort_headers.PACKAGE}\n{record}"
+    packed = lzma.compress(index.encode())
+    release = f"SHA256:\n {hashlib.sha256(packed).hexdigest()} {len(packed)} main/binary-amd64/Packages.xz\n"
+    served = {"Packages.xz": packed, "x.deb": deb}
+    monkeypatch.setattr(ort_headers, "_verified_release", lambda suite, tmp: release)
+    monkeypatch.setattr(ort_headers, "_get", lambda url: served[url.rsplit("/", 1)[1]])
+    monkeypatch.setattr(ort_headers.os, "uname", lambda: type("U", (), {"machine": "x86_64"})())
+    dest = tmp_path / "inc"
+    assert "libonnxruntime-dev 1.21.0" in ort_headers.fetch_debian(dest)
+    assert (dest / "onnxruntime_cxx_api.h").read_bytes() == headers["onnxruntime_cxx_api.h"]
+    assert ort_headers.api_version(dest) == 21
+    served["x.deb"] = deb[:-1] + b"X"  # a package that is not the one the signed index names
+    with pytest.raises(RuntimeError, match="does not match"):
+        ort_headers.fetch_debian(tmp_path / "inc2")
+    served["x.deb"], served["Packages.xz"] = deb, lzma.compress(index.replace("1.21.0", "6.6.6").encode())
+    with pytest.raises(RuntimeError, match="index does not match its InRelease"):
+        ort_headers.fetch_debian(tmp_path / "inc3")
+    assert not (tmp_path / "inc2").exists() and not (tmp_path / "inc3").exists()
+
+
+def test_setup_says_in_one_line_when_the_op_cannot_be_built(monkeypatch, capsys):
+    from fpewiden.packed import build
+
+    def no_headers(*a, **k):
+        raise RuntimeError("no ONNX Runtime headers: trixie: offline")
+
+    monkeypatch.setattr(ort_headers, "find", no_headers)
+    monkeypatch.setattr(build, "ort_stamp", lambda: None)
+    build.main_ort(force=True, verbose=False)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == [
+        "setup: ONNX Runtime packed op not built (no ONNX Runtime headers: trixie: offline); "
+        "export --layout packed is unavailable"
+    ]
