@@ -88,7 +88,6 @@ def packed_onnx(model, kind: str, vocab: int, tmp: Path) -> Path:
     return write_packed_onnx(model, kind, vocab, tmp / f"{len(list(tmp.iterdir()))}.packed.onnx")
 
 
-
 def refuse_packed_onnx(path: Path, model) -> None:
     """bench counts an ONNX file's bytes from its dense or sparse weight matrices; a packed export has none, so
     its numbers come from the packed checkpoint it was exported from."""
