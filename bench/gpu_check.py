@@ -15,7 +15,12 @@ lent GPU machine (bench/gpu_check.sh) and prints one line per check, `ok` or `FA
      note where onnxruntime-gpu is not installed);
   7. calibrated conversion's refits on the device: one Llama-7B-shaped gated pair 4096→11008→4096 (256→704→256
      dry), 4,096 calibration rows, α=1 and α=2 at half the non-zeros, solver auto (conjugate gradients at this
-     width): seconds, exact budget, held-out output error.
+     width): seconds, exact budget, held-out output error;
+  8. the packed formats' Triton kernels (fpewiden/packed/triton_kernels.py) against cuBLAS on Llama-7B FFN shapes
+     (11008×4096 and 4096×11008 at 50%, bitmask; FPE α=2's widened 22016×4096 incoming matrix, parent format,
+     against the original 11008×4096), fp16 values, batch 1/4/16/32: exact against the dense product, latency
+     ratios (CUDA events, interleaved, medians); ORT's CUDA provider on the dense matrix where onnxruntime-gpu is
+     installed. Dry: 176×64 shapes under TRITON_INTERPRET=1 (exactness only).
 
   bash bench/gpu_check.sh            # on a GPU machine
   python bench/gpu_check.py --dry-run  # the CPU twin
@@ -238,6 +243,97 @@ def check_calibrate(device: str, dry: bool) -> str:
     return f"{hidden}→{ffn}→{hidden}: " + "; ".join(notes)
 
 
+def check_packed(device: str, dry: bool) -> str:
+    if dry:
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton decorates the kernels
+    import statistics
+
+    import torch
+    from torch.nn import functional as F
+
+    from fpewiden.packed import format as fmt
+    from fpewiden.packed import triton_kernels as tk
+    from fpewiden.packed.ops import FORMAT_CODES
+
+    hidden, ffn = (64, 176) if dry else (4096, 11008)
+    g = torch.Generator().manual_seed(0)
+    dt = torch.float16
+    cases = []
+    for name, (r, c) in (("up 50%", (ffn, hidden)), ("down 50%", (hidden, ffn))):
+        w = (torch.randn(r, c, generator=g) / c**0.5) * (torch.rand(r, c, generator=g) < 0.5)
+        cases.append((name, fmt.pack_bitmask(w.to(dt).float(), dt), w.to(dt)))
+    original = torch.randn(ffn, hidden, generator=g) / hidden**0.5
+    child = torch.randint(2, (ffn, hidden), generator=g)
+    wide = torch.zeros(ffn, 2, hidden).scatter_(1, child.unsqueeze(1), original.unsqueeze(1)).view(-1, hidden)
+    cases.append(("FPE α=2 up (parent)", fmt.pack_parent(wide.to(dt).float(), 2, dt), original.to(dt)))
+    notes = []
+    for name, pm, dense in cases:
+        arrays = [t.to(device) if t is not None else None for t in (pm.values, pm.bits, pm.row_ptr)]
+        dense = dense.to(device)
+        ref_w = fmt.unpack(pm).to(device, torch.float32)
+        ratios = []
+        for n in (1, 17) if dry else (1, 4, 16, 32):
+            x = torch.randn(n, pm.cols, generator=g).to(device)
+            args = (*arrays, None, pm.rows, pm.cols, FORMAT_CODES[pm.format], 2, pm.alpha, pm.planes, pm.stride)
+            y = tk.linear(x, *args)
+            want = x.double() @ ref_w.double().T
+            err = float((y.double() - want).abs().max() / want.abs().max())
+            assert err < 1e-5, f"{name} batch {n}: relative error {err:.2e}"
+            if dry:
+                continue
+            xh = x.to(dt)
+            fns = {
+                "packed": lambda x=x, args=args: tk.linear(x, *args),
+                "cublas": lambda xh=xh, d=dense: F.linear(xh, d),
+            }
+            times: dict[str, list[float]] = {k: [] for k in fns}
+            for _ in range(10):
+                for f in fns.values():
+                    f()
+            for _ in range(100):
+                for k, f in fns.items():
+                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    a.record()
+                    f()
+                    b.record()
+                    torch.cuda.synchronize()
+                    times[k].append(a.elapsed_time(b))
+            med = {k: statistics.median(v) for k, v in times.items()}
+            ratios.append(f"b{n} {med['packed'] / med['cublas']:.2f}× ({med['cublas'] * 1e3:.0f} µs)")
+        notes.append(f"{name}: " + (", ".join(ratios) if ratios else "exact"))
+    return f"packed/cuBLAS fp16, {hidden}/{ffn}: " + "; ".join(notes) + _ort_cuda_note(device, dry, ffn, hidden)
+
+
+def _ort_cuda_note(device: str, dry: bool, rows: int, cols: int) -> str:
+    """ORT's CUDA provider on the dense matrix (fp16 MatMul), where onnxruntime-gpu is installed."""
+    if dry:
+        return ""
+    try:
+        import numpy as np
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError:
+        return "; ORT CUDA: onnxruntime not installed"
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return f"; ORT CUDA: skipped (onnxruntime {ort.__version__} has no CUDA provider)"
+    w = numpy_helper.from_array((np.random.randn(cols, rows) / cols**0.5).astype(np.float16), "w")
+    x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["b", cols])
+    y_info = helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["b", rows])
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x_info], [y_info], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CUDAExecutionProvider"])
+    out = []
+    for n in (1, 32):
+        x = np.random.randn(n, cols).astype(np.float16)
+        for _ in range(10):
+            sess.run(None, {"x": x})
+        t = time.perf_counter()
+        for _ in range(100):
+            sess.run(None, {"x": x})
+        out.append(f"b{n} {(time.perf_counter() - t) * 1e4:.0f} µs")
+    return f"; ORT CUDA dense {rows}×{cols} (host round trip included): " + ", ".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dry-run", action="store_true", help="the CPU twin: same checks, device cpu, smaller bench")
@@ -259,6 +355,7 @@ def main() -> None:
         "bench": lambda w: check_bench(device, w, args.dry_run),
         "bench_ort": lambda w: check_bench(device, w, args.dry_run, engine="ort"),
         "calibrate": lambda w: check_calibrate(device, args.dry_run),
+        "packed": lambda w: check_packed(device, args.dry_run),
     }
     only = [c for c in args.only.split(",") if c]
     results, failed = {}, 0

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_gpu_check_cpu_twin_runs_and_reports(tmp_path):
     res = subprocess.run(
-        ["bash", "bench/gpu_check.sh", "--dry-run", "--only", "finetune"],
+        ["bash", "bench/gpu_check.sh", "--dry-run", "--only", "finetune,packed"],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -21,8 +21,9 @@ def test_gpu_check_cpu_twin_runs_and_reports(tmp_path):
     )
     assert res.returncode == 0, res.stdout + res.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert report["device"] == "cpu" and list(report["checks"]) == ["finetune"]
+    assert report["device"] == "cpu" and list(report["checks"]) == ["finetune", "packed"]
     assert report["checks"]["finetune"]["ok"] and "masks kept" in report["checks"]["finetune"]["note"]
+    assert report["checks"]["packed"]["ok"], report["checks"]["packed"]["note"]  # Triton, interpreted: exact
     assert "ok   finetune" in (tmp_path / "gpu_check.log").read_text()
 
 

@@ -42,7 +42,23 @@ def _native() -> str | None:
     def _(x, values, bits, row_ptr, bias, rows, cols, fmt, dtype, alpha, planes, stride, isa, mode):
         return x.new_empty((x.shape[0], rows))
 
+    _register_cuda()
     return None
+
+
+def _register_cuda() -> None:
+    """On a GPU, the op's CUDA dispatch runs the Triton kernels (triton_kernels.py); CUDA builds of torch ship
+    triton. Nothing to do (and nothing imported) without a GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    try:
+        from fpewiden.packed.triton_kernels import linear
+    except ImportError:
+        print("fpewiden: triton is not installed; packed layers on CUDA tensors cannot run", file=sys.stderr)
+        return
+    torch.library.register_kernel("fpewiden::packed_linear", "cuda", linear)
 
 
 def native_reason() -> str | None:

@@ -1,0 +1,186 @@
+"""GPU kernels for the packed formats (format.py), in Triton: what `fpewiden::packed_linear` runs on CUDA tensors
+(kernels.py registers `linear` for the op's CUDA dispatch when a GPU is present).
+
+- `gemv` (decode, up to 8 inputs): one program per block of rows and input; each row's bitmask bytes are expanded
+  to bits, an exclusive prefix sum of the bits gives each non-zero's place in `values`, so the stored values are
+  read once per input and nothing else is fetched for a zero. The parent format reads each parent's dense row
+  once and adds each product to the child its id names (one multiply-add per parent weight).
+- `spmm` (token batches): the same decode into a zero-filled register tile, then `tl.dot` with a tile of inputs
+  (fp32 accumulation, IEEE fp32 products so results match the CPU kernels); the parent format runs one program
+  per child, each keeping the weights its child holds.
+
+Values fp32, bf16 or fp16, widened to fp32 in registers; x and y fp32. CI runs every kernel on CPU tensors under
+`TRITON_INTERPRET=1` (tests/test_triton.py) against the dense reference; speed is measured on a GPU by
+bench/gpu_check.sh, never assumed.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+GEMV_MAX = 8  # inputs up to which `gemv` runs (as ops.py's default before tuning)
+
+
+@triton.jit
+def _bits(bits_ptr, row, stride, j, mask):
+    """Bit j of bitmask row `row` (rows × stride bytes, little-endian), as int32 0/1, for a [R, K] tile."""
+    byte = tl.load(bits_ptr + row[:, None] * stride + (j // 8)[None, :], mask=mask, other=0).to(tl.int32)
+    return (byte >> (j % 8)[None, :]) & 1
+
+
+@triton.jit
+def _bitmask_tile(values_ptr, bits_ptr, start, running, r, stride, j, mask):
+    """The dense [R, K] tile of a bitmask matrix at columns j, and how many non-zeros it held per row."""
+    bit = _bits(bits_ptr, r, stride, j, mask)
+    place = start[:, None] + running[:, None] + tl.cumsum(bit, axis=1) - bit
+    v = tl.load(values_ptr + place, mask=mask & (bit != 0), other=0.0).to(tl.float32)
+    return v, tl.sum(bit, axis=1)
+
+
+@triton.jit
+def _child_ids(bits_ptr, i, parents, stride, j, mask, PLANES: tl.constexpr):
+    child = _bits(bits_ptr, i, stride, j, mask)
+    if PLANES > 1:
+        child |= _bits(bits_ptr, parents + i, stride, j, mask) << 1
+    return child
+
+
+@triton.jit
+def _bitmask_gemv(x_ptr, values_ptr, bits_ptr, row_ptr, bias_ptr, y_ptr, rows, cols, stride,
+                  HAS_BIAS: tl.constexpr, R: tl.constexpr, K: tl.constexpr):  # fmt: skip
+    b = tl.program_id(1).to(tl.int64)
+    r = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
+    rmask = r < rows
+    start = tl.load(row_ptr + r, mask=rmask, other=0)
+    running = tl.zeros([R], dtype=tl.int64)
+    acc = tl.zeros([R], dtype=tl.float32)
+    for k0 in range(0, cols, K):
+        j = k0 + tl.arange(0, K)
+        jmask = j < cols
+        v, n = _bitmask_tile(values_ptr, bits_ptr, start, running, r, stride, j, rmask[:, None] & jmask[None, :])
+        xv = tl.load(x_ptr + b * cols + j, mask=jmask, other=0.0)
+        acc += tl.sum(v * xv[None, :], axis=1)
+        running += n
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + r, mask=rmask, other=0.0)
+    tl.store(y_ptr + b * rows + r, acc, mask=rmask)
+
+
+@triton.jit
+def _parent_gemv(x_ptr, values_ptr, bits_ptr, bias_ptr, y_ptr, parents, cols, stride,
+                 ALPHA: tl.constexpr, PLANES: tl.constexpr, HAS_BIAS: tl.constexpr, P: tl.constexpr,
+                 K: tl.constexpr, A2: tl.constexpr):  # fmt: skip
+    b = tl.program_id(1).to(tl.int64)
+    i = tl.program_id(0).to(tl.int64) * P + tl.arange(0, P)
+    imask = i < parents
+    c = tl.arange(0, A2)
+    acc = tl.zeros([P, A2], dtype=tl.float32)
+    for k0 in range(0, cols, K):
+        j = k0 + tl.arange(0, K)
+        jmask = j < cols
+        mask = imask[:, None] & jmask[None, :]
+        v = tl.load(values_ptr + i[:, None] * cols + j[None, :], mask=mask, other=0.0).to(tl.float32)
+        child = _child_ids(bits_ptr, i, parents, stride, j, mask, PLANES)
+        prod = v * tl.load(x_ptr + b * cols + j, mask=jmask, other=0.0)[None, :]
+        acc += tl.sum(tl.where(child[:, None, :] == c[None, :, None], prod[:, None, :], 0.0), axis=2)
+    out = i[:, None] * ALPHA + c[None, :]
+    omask = imask[:, None] & (c < ALPHA)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + out, mask=omask, other=0.0)
+    tl.store(y_ptr + b * parents * ALPHA + out, acc, mask=omask)
+
+
+@triton.jit
+def _bitmask_spmm(x_ptr, values_ptr, bits_ptr, row_ptr, bias_ptr, y_ptr, n, rows, cols, stride,
+                  HAS_BIAS: tl.constexpr, R: tl.constexpr, K: tl.constexpr, N: tl.constexpr):  # fmt: skip
+    r = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
+    t = tl.program_id(1).to(tl.int64) * N + tl.arange(0, N)
+    rmask, tmask = r < rows, t < n
+    start = tl.load(row_ptr + r, mask=rmask, other=0)
+    running = tl.zeros([R], dtype=tl.int64)
+    acc = tl.zeros([R, N], dtype=tl.float32)
+    for k0 in range(0, cols, K):
+        j = k0 + tl.arange(0, K)
+        jmask = j < cols
+        v, cnt = _bitmask_tile(values_ptr, bits_ptr, start, running, r, stride, j, rmask[:, None] & jmask[None, :])
+        xt = tl.load(x_ptr + t[None, :] * cols + j[:, None], mask=jmask[:, None] & tmask[None, :], other=0.0)
+        acc += tl.dot(v, xt, input_precision="ieee")
+        running += cnt
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + r, mask=rmask, other=0.0)[:, None]
+    tl.store(y_ptr + t[None, :] * rows + r[:, None], acc, mask=rmask[:, None] & tmask[None, :])
+
+
+@triton.jit
+def _parent_spmm(x_ptr, values_ptr, bits_ptr, bias_ptr, y_ptr, n, parents, cols, stride,
+                 ALPHA: tl.constexpr, PLANES: tl.constexpr, HAS_BIAS: tl.constexpr, P: tl.constexpr,
+                 K: tl.constexpr, N: tl.constexpr):  # fmt: skip
+    i = tl.program_id(0).to(tl.int64) * P + tl.arange(0, P)
+    t = tl.program_id(1).to(tl.int64) * N + tl.arange(0, N)
+    c = tl.program_id(2)
+    imask, tmask = i < parents, t < n
+    acc = tl.zeros([P, N], dtype=tl.float32)
+    for k0 in range(0, cols, K):
+        j = k0 + tl.arange(0, K)
+        jmask = j < cols
+        mask = imask[:, None] & jmask[None, :]
+        v = tl.load(values_ptr + i[:, None] * cols + j[None, :], mask=mask, other=0.0).to(tl.float32)
+        v = tl.where(_child_ids(bits_ptr, i, parents, stride, j, mask, PLANES) == c, v, 0.0)
+        xt = tl.load(x_ptr + t[None, :] * cols + j[:, None], mask=jmask[:, None] & tmask[None, :], other=0.0)
+        acc += tl.dot(v, xt, input_precision="ieee")
+    out = i * ALPHA + c
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + out, mask=imask, other=0.0)[:, None]
+    tl.store(y_ptr + t[None, :] * parents * ALPHA + out[:, None], acc, mask=imask[:, None] & tmask[None, :])
+
+
+def linear(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    bits: torch.Tensor,
+    row_ptr: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    rows: int,
+    cols: int,
+    format: int,  # the op schema's name: the dispatcher may pass it by name
+    dtype: int,
+    alpha: int,
+    planes: int,
+    stride: int,
+    isa: str = "triton",
+    mode: str = "",
+) -> torch.Tensor:
+    """y = x Wᵀ + bias for x (n, cols) fp32 on the tensors' device: the signature of `fpewiden::packed_linear`
+    (`format` 0 bitmask, 1 parent; `dtype` and `isa` are implied by the tensors here; `mode` "gemv" or "spmm",
+    anything else, such as the CPU's "dense", chosen by n)."""
+    if x.dim() != 2 or x.shape[1] != cols or x.dtype != torch.float32:
+        raise ValueError(f"fpewiden: x must be a float32 (batch, {cols}) tensor")
+    x = x.contiguous()
+    n = x.shape[0]
+    y = torch.empty((n, rows), dtype=torch.float32, device=x.device)
+    if n == 0:
+        return y
+    if mode not in ("gemv", "spmm"):
+        mode = "gemv" if n <= GEMV_MAX else "spmm"
+    has_bias = bias is not None
+    b = bias if has_bias else y  # any pointer: not read without HAS_BIAS
+    if format == 0:
+        if row_ptr is None:
+            raise ValueError("fpewiden: the bitmask format needs its row offsets")
+        if mode == "gemv":
+            _bitmask_gemv[(triton.cdiv(rows, 16), n)](x, values, bits, row_ptr, b, y, rows, cols, stride,
+                                                      has_bias, R=16, K=64)  # fmt: skip
+        else:
+            grid = (triton.cdiv(rows, 32), triton.cdiv(n, 16))
+            _bitmask_spmm[grid](x, values, bits, row_ptr, b, y, n, rows, cols, stride, has_bias, R=32, K=32, N=16)
+        return y
+    parents = rows // alpha
+    if mode == "gemv":
+        _parent_gemv[(triton.cdiv(parents, 16), n)](x, values, bits, b, y, parents, cols, stride, alpha, planes,
+                                                    has_bias, P=16, K=64, A2=4 if alpha > 2 else 2)  # fmt: skip
+    else:
+        grid = (triton.cdiv(parents, 32), triton.cdiv(n, 16), alpha)
+        _parent_spmm[grid](x, values, bits, b, y, n, parents, cols, stride, alpha, planes, has_bias, P=32, K=32, N=16)
+    return y

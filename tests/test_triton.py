@@ -1,0 +1,105 @@
+"""The Triton kernels (fpewiden/packed/triton_kernels.py) on CPU tensors under TRITON_INTERPRET=1: every format,
+value dtype and mode against the dense reference, on ragged shapes with empty rows. Speed is measured on a GPU
+(bench/gpu_check.sh), never here."""
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fpewiden.packed import format as fmt
+from fpewiden.packed.ops import FORMAT_CODES, PackedLinear
+
+pytest.importorskip("triton")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(scope="module")
+def tk():
+    """The kernels, interpreted on CPU tensors (conftest.py sets TRITON_INTERPRET before triton is imported)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("a GPU is present: bench/gpu_check.sh checks the Triton kernels on it")
+    import fpewiden.packed.triton_kernels as module
+
+    return module
+
+
+def bitmask(rows: int, cols: int, density: float, dtype: torch.dtype, seed: int = 0) -> fmt.PackedMatrix:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * (torch.rand(rows, cols, generator=g) < density)
+    w[:: max(1, rows // 3)] = 0  # empty rows
+    return fmt.pack_bitmask(w.to(dtype).float(), dtype)
+
+
+def parent(parents: int, cols: int, alpha: int, dtype: torch.dtype, seed: int = 0) -> fmt.PackedMatrix:
+    g = torch.Generator().manual_seed(seed)
+    p = torch.randn(parents, cols, generator=g)
+    p[parents // 2] = 0  # a parent with no weights
+    child = torch.randint(alpha, (parents, cols), generator=g)
+    w = torch.zeros(parents, alpha, cols).scatter_(1, child.unsqueeze(1), p.unsqueeze(1)).view(-1, cols)
+    pm = fmt.pack_parent(w.to(dtype).float(), alpha, dtype)
+    assert pm is not None
+    return pm
+
+
+def run(tk, pm: fmt.PackedMatrix, n: int, mode: str, bias: bool, seed: int = 0) -> None:
+    """The kernel through the op's own argument list (as PackedLinear passes it) against float64 dense."""
+    g = torch.Generator().manual_seed(seed)
+    b = torch.randn(pm.rows, generator=g) if bias else None
+    layer = PackedLinear(pm, b, kernel="portable")
+    x = torch.randn(n, pm.cols, generator=g)
+    args = (layer.values, layer.bits, layer.row_ptr, layer.bias, pm.rows, pm.cols, FORMAT_CODES[pm.format])
+    y = tk.linear(x, *args, layer._dtype, pm.alpha, pm.planes, pm.stride, "triton", mode)
+    want = x.double() @ fmt.unpack(pm).double().T + (b.double() if bias else 0)
+    assert y.shape == (n, pm.rows) and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode,n", [("gemv", 3), ("spmm", 19)])
+def test_bitmask_kernels_match_dense(tk, dtype, mode, n):
+    run(tk, bitmask(37, 45, 0.4, dtype), n, mode, bias=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("alpha", [2, 3, 4])
+@pytest.mark.parametrize("mode,n", [("gemv", 2), ("spmm", 17)])
+def test_parent_kernels_match_dense(tk, dtype, alpha, mode, n):
+    run(tk, parent(13, 45, alpha, dtype), n, mode, bias=alpha != 3)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    rows=st.integers(1, 40),
+    cols=st.integers(1, 70),
+    density=st.sampled_from([0.0, 0.1, 0.5, 1.0]),
+    n=st.integers(1, 20),
+    seed=st.integers(0, 1000),
+)
+def test_bitmask_any_shape_either_mode(tk, rows, cols, density, n, seed):
+    run(tk, bitmask(rows, cols, density, torch.float32, seed), n, "gemv" if n <= 8 else "spmm", bias=seed % 2 == 0)
+
+
+def test_an_empty_batch_and_the_mode_by_batch(tk):
+    pm = bitmask(9, 20, 0.5, torch.float32)
+    layer = PackedLinear(pm, kernel="portable")
+    args = (layer.values, layer.bits, layer.row_ptr, None, 9, 20, 0, 0, 1, 0, pm.stride)
+    assert tk.linear(torch.zeros(0, 20), *args).shape == (0, 9)
+    run(tk, pm, 12, "dense", bias=False)  # the CPU's unpack-and-GEMM mode runs the token-batch kernel here
+    with pytest.raises(ValueError, match="float32"):
+        tk.linear(torch.zeros(2, 20, dtype=torch.float64), *args)
+
+
+def test_the_cuda_dispatch_is_registered_only_with_a_gpu(monkeypatch):
+    from fpewiden.packed import kernels
+
+    seen = []
+    monkeypatch.setattr(torch.library, "register_kernel", lambda op, key, fn: seen.append((op, key, fn.__name__)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    kernels._register_cuda()
+    assert seen == []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    kernels._register_cuda()
+    assert seen == [("fpewiden::packed_linear", "cuda", "linear")]
