@@ -92,7 +92,7 @@ def test_an_empty_batch_and_the_mode_by_batch(tk):
         tk.linear(torch.zeros(2, 20, dtype=torch.float64), *args)
 
 
-def test_the_cuda_dispatch_is_registered_only_with_a_gpu(monkeypatch):
+def test_the_cuda_dispatch_is_registered_only_with_a_gpu(tk, monkeypatch):
     from fpewiden.packed import kernels
 
     seen = []
@@ -103,3 +103,7 @@ def test_the_cuda_dispatch_is_registered_only_with_a_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     kernels._register_cuda()
     assert seen == [("fpewiden::packed_linear", "cuda", "linear")]
+    monkeypatch.undo()
+    kernels.path()  # the op is loaded; registering needs no GPU, and the dispatcher then has the CUDA kernel
+    torch.library.register_kernel("fpewiden::packed_linear", "cuda", tk.linear)
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("fpewiden::packed_linear", "CUDA")
