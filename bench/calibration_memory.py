@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--ffn", type=int, default=5632)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--modes", default="block-by-block,whole-model", help="which paths to measure")
     ap.add_argument("--out", type=Path, default=Path("bench/results/calibration_memory"))
     args = ap.parse_args()
     from llama_shaped import build
@@ -65,7 +66,7 @@ def main() -> None:
         data = Path(tmp) / "trec.txt"
         data.write_text("\n".join(task_sentences("trec6", "train")[0]) + "\n")
         rows = []
-        for mode in ("baseline", "block-by-block", "whole-model"):
+        for mode in ["baseline", *args.modes.split(",")]:
             cmd = [sys.executable, "-c", CHILD, str(src), str(Path(tmp) / mode), str(data), mode, str(args.threads)]
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode:

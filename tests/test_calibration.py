@@ -25,6 +25,7 @@ from fpewiden.fpe.calibrated import (
     select_neurons,
     wasserstein_to_gaussian,
 )
+from fpewiden.fpe.calibrated import _refit as calibrated_refit
 from fpewiden.fpe.expand import Pair, keep_largest
 from fpewiden.io.checkpoint import open_checkpoint
 from fpewiden.model.chain_mlp import ChainMLP
@@ -227,6 +228,50 @@ def test_calibrate_pair_keeps_the_budget_and_the_refit_helps(fraction):
     target = pair_output(pair, x, fn, b_out)
     got = pair_output(res.pair, x, fn, res.b_out)
     assert float((got - target).norm() / target.norm()) == pytest.approx(res.error_after, rel=1e-4)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_token_chunks_give_the_whole_calibration(monkeypatch, gated):
+    """Everything at the pair's width is worked through in token chunks (so the peak does not grow with tokens ×
+    neurons): chunks of 37 tokens give the masks, weights, ridges and errors of one chunk, up to fp32 sums."""
+    from fpewiden.fpe import calibrated
+
+    g = torch.Generator().manual_seed(3)
+    h, d, o, n = 12, 10, 6, 400
+    w_in = [torch.randn(h, d, generator=g) for _ in range(2 if gated else 1)]
+    pair = Pair(w_in, [torch.ones(h, d, dtype=torch.bool)] * len(w_in), [None] * len(w_in),
+                torch.randn(o, h, generator=g), torch.ones(o, h, dtype=torch.bool))  # fmt: skip
+    x, b_out = torch.randn(n, d, generator=g), torch.randn(o, generator=g)
+    fn = PairFunction(torch.nn.functional.silu if gated else torch.relu, gated=gated)
+    opts = CalibratedOptions(alpha=2, fraction=1.0)
+    whole = calibrate_pair(pair, x, fn, b_out, opts, random_split, pair.nnz() // 2)
+    monkeypatch.setattr(calibrated, "chunk_rows", lambda width: 37)
+    chunked = calibrate_pair(pair, x, fn, b_out, opts, random_split, pair.nnz() // 2)
+    for a, b in zip([*whole.pair.m_in, whole.pair.m_out], [*chunked.pair.m_in, chunked.pair.m_out], strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip([*whole.pair.w_in, whole.pair.w_out], [*chunked.pair.w_in, chunked.pair.w_out], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert whole.ridges == chunked.ridges and whole.solvers == chunked.solvers
+    assert chunked.error_after == pytest.approx(whole.error_after, rel=1e-4)
+    assert chunked.error_before == pytest.approx(whole.error_before, rel=1e-5)
+
+
+@pytest.mark.parametrize("solver", ["exact", "cg"])
+def test_a_refit_from_row_functions_in_chunks_equals_the_whole(solver):
+    f, t, mask, prior = masked_problem(7, 9, 1, 0.6, 300)
+    whole = calibrated_refit(f, t, mask, None, True, prior, torch.zeros(7), solver)
+    calls = []
+
+    def rows(part):
+        calls.append(part)
+        return f[part]
+
+    chunked = calibrated_refit(rows, lambda part: t[part], mask, None, True, prior, torch.zeros(7), solver,
+                               tokens=300, chunk=41)  # fmt: skip
+    assert chunked.ridge == whole.ridge
+    torch.testing.assert_close(chunked.w, whole.w, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(chunked.b, whole.b, rtol=1e-4, atol=1e-5)
+    assert max(p.stop - p.start for p in calls) <= 41  # never more than a chunk of rows at once
 
 
 def test_calibrate_pair_without_pruning_or_widening_is_the_identity():

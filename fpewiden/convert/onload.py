@@ -154,12 +154,11 @@ class OnloadedModel:
     def _advance(self) -> None:
         """Run the current block whole on every batch: its outputs are the next block's inputs."""
         block = self.block(self.current)
-        states = []
-        for args, kwargs in self.states:
+        for i, (args, kwargs) in enumerate(self.states):  # in place: one batch's states exist twice, not all
             out = block(*args, **kwargs)
             h = out[0] if isinstance(out, tuple) else out
-            states.append(_with_hidden(args, kwargs, h))
-        self.states = states
+            self.states[i] = _with_hidden(args, kwargs, h)
+            del args, kwargs, out
         _to_meta(block)
 
     def seek(self, i: int) -> None:

@@ -26,6 +26,21 @@ import torch
 from fpewiden.fpe.expand import Pair
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
+Rows = Callable[[slice], torch.Tensor]  # a tensor's rows for a range of tokens, computed when asked for
+
+# Tokens are worked through in chunks whose fp32 rows at the pair's widest point (its neurons, α× when widened)
+# take about this much: what is held over all tokens stays at the model's width (inputs, targets), so a pair's
+# peak no longer grows with tokens × FFN width (bench/results/calibration_memory).
+CHUNK_BYTES = 32 << 20
+
+
+def chunk_rows(width: int) -> int:
+    """Tokens per chunk at this width (at least 256)."""
+    return max(256, CHUNK_BYTES // (4 * max(1, width)))
+
+
+def _slices(lo: int, hi: int, size: int) -> list[slice]:
+    return [slice(i, min(hi, i + size)) for i in range(lo, hi, max(1, size))]
 
 
 @dataclass(frozen=True)
@@ -126,29 +141,46 @@ def expand_selected(pair: Pair, counts: torch.Tensor, assignment: torch.Tensor) 
     return Pair(w_in, m_in, b_in, pair.w_out[:, parent], pair.m_out[:, parent]), parent
 
 
-def saliency(pair: Pair, x: torch.Tensor, fn: PairFunction) -> list[torch.Tensor]:
+def _slopes(pre: list[torch.Tensor], fn: PairFunction):
+    """∂a/∂h of each incoming matrix's pre-activations, one at a time (each tokens × neurons)."""
+    if fn.gated:
+        yield _derivative(fn.act, pre[0]) * pre[1]
+        yield fn.act(pre[0])
+    else:
+        yield _derivative(fn.act, pre[0])
+
+
+def saliency(pair: Pair, x: torch.Tensor, fn: PairFunction, chunk: int | None = None) -> list[torch.Tensor]:
     """What removing each weight costs: the norm, over the calibration tokens, of the change it makes in the pair's
     output, to first order. The same unit for every matrix, so one global budget can compare them.
 
     outgoing W_out[r, c]: |W_out[r, c]| · ‖a_c‖ (the weight times its input, as Wanda scores);
     incoming W[i, j]:     |W[i, j]| · ‖∂a_i/∂h_i ⊙ x_j‖ · ‖W_out[:, i]‖ (its pre-activation change, through the
     activation's slope on each token, into every output the neuron feeds).
-    Scores follow the pair's order: incoming matrices, then the outgoing one.
+    Scores follow the pair's order: incoming matrices, then the outgoing one. The sums of squares over tokens are
+    accumulated `chunk` tokens at a time (default: all at once).
     """
-    pre = pre_activations(pair, x)
-    a = activations(pre, fn)
     col = pair.w_out.to(x.dtype).norm(dim=0)  # ‖W_out[:, i]‖
-    out_score = pair.w_out.abs().to(x.dtype) * a.norm(dim=0)[None, :]
-    del a  # tokens × neurons each: one slope at a time keeps the peak at four such tensors
-    slopes = [lambda: _derivative(fn.act, pre[0]) * pre[1], lambda: fn.act(pre[0])] if fn.gated else [
-        lambda: _derivative(fn.act, pre[0])
-    ]  # fmt: skip
-    x2 = x * x
-    in_scores = []
-    for w, slope in zip(pair.w_in, slopes, strict=True):
-        s = slope()
-        in_scores.append(w.abs().to(x.dtype) * ((s * s).T @ x2).clamp_min(0).sqrt() * col[:, None])
-        del s
+    a_sq: torch.Tensor | float = 0.0
+    s_sq: list[torch.Tensor | None] = [None] * len(pair.w_in)
+    for part in _slices(0, len(x), chunk or len(x)):
+        xs = x[part]
+        pre = pre_activations(pair, xs)
+        a = activations(pre, fn)
+        a_sq = a_sq + (a * a).sum(0)
+        del a  # tokens × neurons each: one slope at a time keeps the peak at four such tensors
+        x2 = xs * xs
+        for k, d in enumerate(_slopes(pre, fn)):
+            d = d.square()  # not in place: a linear activation's slope is a broadcast view of ones
+            q = s_sq[k]
+            s_sq[k] = d.T @ x2 if q is None else q.addmm_(d.T, x2)
+            del d
+        del pre
+    out_score = pair.w_out.abs().to(x.dtype) * torch.as_tensor(a_sq).sqrt()[None, :]
+    in_scores = [
+        w.abs().to(x.dtype) * q.clamp_min(0).sqrt() * col[:, None]  # type: ignore[union-attr]
+        for w, q in zip(pair.w_in, s_sq, strict=True)
+    ]
     return [*in_scores, out_score]
 
 
@@ -269,12 +301,11 @@ def refit_cg(
     iterations run."""
     m = mask.to(torch.float32)
     lam = ridge * float(gram.diagonal().mean().clamp_min(1e-30))
-    G = gram.to(torch.float32).clone()
-    G.diagonal().add_(lam)
+    G = gram.to(torch.float32)  # (G + λI)·v is G·v + λv: no copy of the Gram matrix (cols² floats)
     b = (cross.to(torch.float32) + (lam * prior.to(torch.float32) if prior is not None else 0.0)) * m
     W = start.to(torch.float32) * m
-    R = b - (W @ G) * m
-    dinv = 1.0 / G.diagonal().clamp_min(1e-30)
+    R = b - torch.addmm(W, W, G, alpha=1.0, beta=lam) * m
+    dinv = 1.0 / (G.diagonal() + lam).clamp_min(1e-30)
     Z = R * dinv
     P = Z.clone()
     rz = (R * Z).sum(1, keepdim=True)
@@ -282,7 +313,7 @@ def refit_cg(
     done = 0
     while done < iters:
         done += 1
-        AP = (P @ G) * m
+        AP = torch.addmm(P, P, G, beta=lam) * m
         step = rz / (P * AP).sum(1, keepdim=True).clamp_min(1e-30)
         W += step * P
         R -= step * AP
@@ -340,10 +371,6 @@ class CalibratedPair:
     solvers: list[str] = field(default_factory=list)  # per refit made: exact or obs
 
 
-def _relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((y - ref).norm() / ref.norm().clamp_min(1e-30))
-
-
 RIDGES = (1e-3, 1e-2, 1e-1, 1.0)  # relative ridges tried by the held-out choice, weakest first
 HOLDOUT = 0.2  # share of calibration tokens (the last ones: whole sentences) that choose the ridge
 SELECT_ROWS = 32  # output rows the choice is scored on (evenly spaced over the rows that keep weights)
@@ -365,22 +392,52 @@ def _moments(f: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return f.T @ f, t.T @ f, f.sum(0), t.sum(0), len(f)
 
 
-def _centered(parts: list[tuple], with_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gram and cross products over the tokens of `parts` (centered when a bias absorbs the means), and means."""
-    g = sum(p[0] for p in parts)
-    c = sum(p[1] for p in parts)
+def _moments_over(features: Rows, target: Rows, parts: list[slice], into: tuple | None = None) -> tuple:
+    """`_moments` of the tokens in `parts`, accumulated chunk by chunk in place (one chunk: exactly `_moments`);
+    `into`: moments to add them to (overwritten)."""
+    if into is None:
+        g, c, sf, st, n = _moments(features(parts[0]), target(parts[0]))
+        parts = parts[1:]
+    else:
+        g, c, sf, st, n = into
+    for part in parts:
+        f, t = features(part), target(part)
+        g.addmm_(f.T, f)
+        c.addmm_(t.T, f)
+        sf += f.sum(0)
+        st += t.sum(0)
+        n += len(f)
+        del f, t
+    return g, c, sf, st, n
+
+
+def _rows(t: torch.Tensor | Rows) -> Rows:
+    return t if callable(t) else (lambda part: t[part])
+
+
+def _centered(
+    parts: list[tuple], with_bias: bool, consume: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gram and cross products over the tokens of `parts` (centered when a bias absorbs the means), and means.
+    `consume`: the first part's tensors may be overwritten (no copy of a Gram matrix is made)."""
     n = sum(p[4] for p in parts)
     mf = sum(p[2] for p in parts) / n
     mt = sum(p[3] for p in parts) / n
+    if len(parts) == 1 and not with_bias:
+        return parts[0][0], parts[0][1], mf, mt
+    g, c = (parts[0][0], parts[0][1]) if consume else (parts[0][0].clone(), parts[0][1].clone())
+    for p in parts[1:]:
+        g.add_(p[0])
+        c.add_(p[1])
     if with_bias:
-        g = g - n * torch.outer(mf, mf)
-        c = c - n * torch.outer(mt, mf)
+        g.addr_(mf, mf, alpha=-n)
+        c.addr_(mt, mf, alpha=-n)
     return g, c, mf, mt
 
 
 def _refit(
-    features: torch.Tensor,
-    target: torch.Tensor,
+    features: torch.Tensor | Rows,
+    target: torch.Tensor | Rows,
     mask: torch.Tensor,
     ridge: float | None,
     with_bias: bool,
@@ -388,42 +445,51 @@ def _refit(
     prior_bias: torch.Tensor | None = None,
     solver: str = "exact",
     device: str = "cpu",
+    tokens: int | None = None,
+    chunk: int | None = None,
 ) -> Refit:
     """Rows of W (targets × features) on the kept features, and the bias, minimizing ‖target − features·Wᵀ − b‖²
     + λ‖W − prior‖². With a bias, both sides are centered so the bias is not shrunk.
 
-    `ridge` None chooses λ on held-out tokens: each of RIDGES is fitted on the first (1 − HOLDOUT) of the tokens
-    for SELECT_ROWS sample rows, by the same solver, and scored on the rest, against keeping the prior rows and
-    `prior_bias` as they are (no refit). The winner is refitted on all tokens; if no refit wins, nothing is
-    solved at all. So a refit is only made where it predicts tokens it did not see better than the weights it
-    replaces. `solver`: see `solve_rows`; "auto" takes the exact one where it costs under EXACT_MAX. `device`:
-    where the statistics and solves run (fp32 there too); the result comes back to the features' device.
+    `features` and `target` are tensors (tokens × width), or functions giving their rows for a range of the
+    `tokens` tokens, so neither need ever exist whole: the statistics are accumulated `chunk` tokens at a time
+    (default: all at once). `ridge` None chooses λ on held-out tokens: each of RIDGES is fitted on the first
+    (1 − HOLDOUT) of the tokens for SELECT_ROWS sample rows, by the same solver, and scored on the rest, against
+    keeping the prior rows and `prior_bias` as they are (no refit). The winner is refitted on all tokens; if no
+    refit wins, nothing is solved at all. So a refit is only made where it predicts tokens it did not see better
+    than the weights it replaces. `solver`: see `solve_rows`; "auto" takes the exact one where it costs under
+    EXACT_MAX. `device`: where the statistics and solves run (fp32 there too); the result comes back to the
+    mask's device.
     """
     if solver == "auto":
         solver = "exact" if refit_cost(mask) <= EXACT_MAX else SCALABLE
-    home = features.device
+    n = tokens if tokens is not None else len(features)  # type: ignore[arg-type]
+    f_rows, t_rows = _rows(features), _rows(target)
+    home = mask.device
     if torch.device(device) != home:
-        f = features.to(device)
+        m = mask.to(device)  # "cpu:0" is "cpu" once a tensor is there: the recursion stops at the tensor's device
         moved = _refit(
-            f, target.to(device), mask.to(device), ridge, with_bias,
-            *(t.to(device) if t is not None else None for t in (prior, prior_bias)), solver, str(f.device),
+            lambda part: f_rows(part).to(device), lambda part: t_rows(part).to(device), m, ridge, with_bias,
+            *(t.to(device) if t is not None else None for t in (prior, prior_bias)), solver, str(m.device), n, chunk,
         )  # fmt: skip
         return Refit(moved.w.to(home), moved.b.to(home) if moved.b is not None else None, moved.ridge, moved.solver)
-    n = len(features)
+    size = chunk or n
     hold = round(HOLDOUT * n) if ridge is None else 0
     if ridge is not None or hold < 2 or n - hold < 2:
-        parts = [_moments(features, target)]
+        parts = [_moments_over(f_rows, t_rows, _slices(0, n, size))]
         chosen: float | None = ridge if ridge is not None else RIDGES[0]
-    else:
-        parts = [_moments(features[: n - hold], target[: n - hold]), _moments(features[n - hold :], target[n - hold :])]
-        chosen = _choose_ridge(
-            parts[0], features[n - hold :], target[n - hold :], mask, with_bias, prior, prior_bias, solver
-        )
+    else:  # the held-out tokens' statistics join the fit's after the choice: one Gram matrix at a time
+        held = _slices(n - hold, n, size)
+        fit = _moments_over(f_rows, t_rows, _slices(0, n - hold, size))
+        chosen = _choose_ridge(fit, f_rows, t_rows, held, mask, with_bias, prior, prior_bias, solver)
+        parts = [_moments_over(f_rows, t_rows, held, into=fit)] if chosen is not None else []
+        del fit
     if chosen is None:
         assert prior is not None
-        return Refit(prior.to(features.dtype), prior_bias if with_bias else None, None, solver)
-    gram, cross, mf, mt = _centered(parts, with_bias)
-    w = solve_rows(solver, gram, cross, mask, chosen, prior).to(features.dtype)
+        return Refit(prior.to(torch.float32), prior_bias if with_bias else None, None, solver)
+    gram, cross, mf, mt = _centered(parts, with_bias, consume=True)
+    del parts
+    w = solve_rows(solver, gram, cross, mask, chosen, prior).to(gram.dtype)
     return Refit(w, (mt - w @ mf) if with_bias else None, chosen, solver)
 
 
@@ -458,34 +524,46 @@ def solve_rows(
 
 def _choose_ridge(
     fit: tuple,
-    f_held: torch.Tensor,
-    t_held: torch.Tensor,
+    f_rows: Rows,
+    t_rows: Rows,
+    held: list[slice],
     mask: torch.Tensor,
     with_bias: bool,
     prior: torch.Tensor | None,
     prior_bias: torch.Tensor | None,
     solver: str = "exact",
 ) -> float | None:
-    """The relative ridge of RIDGES with the least held-out error on sample rows, or None when keeping the prior
-    (and `prior_bias`) does at least as well. Ties go to the stronger ridge."""
+    """The relative ridge of RIDGES with the least error on the `held` tokens on sample rows, or None when keeping
+    the prior (and `prior_bias`) does at least as well. Ties go to the stronger ridge."""
     live = torch.nonzero(mask.any(1)).flatten()
     if len(live) == 0:
         return RIDGES[0]
     spots = torch.linspace(0, len(live) - 1, min(SELECT_ROWS, len(live)), device=live.device)
     pick = live[spots.round().long().unique()]
     gram, cross, mf, mt = _centered([fit], with_bias)
-    t_pick = t_held[:, pick]
-    errors: dict[float | None, float] = {}
+    fits: dict[float | None, tuple[torch.Tensor, torch.Tensor | float]] = {}
     for lam in RIDGES:
         w = solve_rows(solver, gram, cross[pick], mask[pick], lam, prior[pick] if prior is not None else None)
-        b = (mt[pick] - w @ mf) if with_bias else 0.0
-        errors[lam] = float(((t_pick - f_held @ w.T - b) ** 2).sum())
+        fits[lam] = (w, (mt[pick] - w @ mf) if with_bias else 0.0)
     if prior is not None:
-        b0 = prior_bias[pick] if with_bias and prior_bias is not None else 0.0
-        errors[None] = float(((t_pick - f_held @ prior[pick].T - b0) ** 2).sum())
+        fits[None] = (prior[pick], prior_bias[pick] if with_bias and prior_bias is not None else 0.0)
+    errors = dict.fromkeys(fits, 0.0)
+    for part in held:  # one pass over the held-out tokens scores every candidate
+        f, t_pick = f_rows(part), t_rows(part)[:, pick]
+        for k, (w, b) in fits.items():
+            errors[k] += float(((t_pick - f @ w.T - b) ** 2).sum())
     best = min(errors.values())
     order = ([None] if None in errors else []) + list(reversed(RIDGES))  # strongest first
     return next(k for k in order if errors[k] <= best)
+
+
+def _output_error(pair: Pair, x: torch.Tensor, fn: PairFunction, b_out, target: torch.Tensor, chunk: int) -> float:
+    """‖pair(x) − target‖ / ‖target‖, chunk by chunk."""
+    err = ref = 0.0
+    for part in _slices(0, len(x), chunk):
+        err += float((pair_output(pair, x[part], fn, b_out) - target[part]).square().sum())
+        ref += float(target[part].square().sum())
+    return math.sqrt(err) / max(math.sqrt(ref), 1e-30)
 
 
 def calibrate_pair(
@@ -500,23 +578,30 @@ def calibrate_pair(
     """Widen the selected neurons, keep exactly `budget` weights by importance, refit what is kept.
 
     `x` (tokens × inputs): the pair's inputs on calibration data. `split(pair, support, selected)` gives the
-    children assignment (neurons × inputs). The target is the pair's own output on `x`.
+    children assignment (neurons × inputs). The target is the pair's own output on `x`. Only tensors at the
+    model's width (`x`, the target) are held over all tokens; everything at the pair's neurons is computed
+    `chunk_rows` tokens at a time (saliency, errors, the refits' statistics).
     """
     x = x.to(torch.float32)
-    pre = pre_activations(pair, x)
-    target = activations(pre, fn) @ pair.w_out.to(x.dtype).T + (b_out.to(x.dtype) if b_out is not None else 0)
+    n = len(x)
+    small = chunk_rows(pair.neurons)  # chunks of the original pair's width
+    target = torch.cat([pair_output(pair, x[part], fn, b_out) for part in _slices(0, n, small)])
     h = pair.neurons
     if opts.alpha > 1 and opts.fraction > 0:
         chosen = torch.ones(h, dtype=torch.bool) if opts.fraction >= 1 else None
-        if chosen is None:
-            chosen = select_neurons(wasserstein_to_gaussian(pre[0]), opts.fraction)
+        if chosen is None:  # each neuron's distribution over every token: the first pre-activations, held whole
+            first = Pair(pair.w_in[:1], pair.m_in[:1], pair.b_in[:1], pair.w_out, pair.m_out)
+            chosen = select_neurons(wasserstein_to_gaussian(pre_activations(first, x)[0]), opts.fraction)
     else:
         chosen = torch.zeros(h, dtype=torch.bool)
-    del pre  # tokens × neurons per input matrix, not needed again (the calibration's largest tensors)
     counts = torch.where(chosen, opts.alpha, 1)
-    support = pair.support()
-    assignment = torch.where(chosen[:, None], split(pair, support, chosen).to(torch.int8), 0)
-    ex, _ = expand_selected(pair, counts, assignment)
+    if bool(chosen.any()):
+        support = pair.support()
+        assignment = torch.where(chosen[:, None], split(pair, support, chosen).to(torch.int8), 0)
+        ex, _ = expand_selected(pair, counts, assignment)
+    else:  # nothing widened (calibrated pruning): the pair as it is, not a copy of its weights
+        ex = pair
+    chunk = chunk_rows(ex.neurons)  # chunks of the widened pair
     full_masks = [*ex.m_in, ex.m_out]
     if budget is None:
         masks = [m.clone() for m in full_masks]
@@ -524,14 +609,15 @@ def calibrate_pair(
         if opts.importance == "magnitude":
             scores = [w.abs() for w in (*ex.w_in, ex.w_out)]
         else:
-            scores = saliency(ex, x, fn)
+            scores = saliency(ex, x, fn, chunk)
         from fpewiden.fpe.expand import keep_largest
 
         masks = keep_largest(scores, full_masks, budget)
+        del scores
     w_in = [w * m for w, m in zip(ex.w_in, masks[:-1], strict=True)]
     w_out = ex.w_out * masks[-1]
     pruned = Pair(w_in, masks[:-1], ex.b_in, w_out, masks[-1])
-    before = _relative_error(pair_output(pruned, x, fn, b_out), target)
+    before = _output_error(pruned, x, fn, b_out, target, chunk)
     if not opts.reconstruct:
         return CalibratedPair(pruned, b_out, int(chosen.sum()), before, before)
     # incoming: each child that lost inputs reproduces its unpruned pre-activation
@@ -544,15 +630,17 @@ def calibrate_pair(
             new_in.append(w_kept)
             new_b.append(b)
             continue
-        goal = x @ w_full[lost].to(x.dtype).T
+        w_lost = w_full[lost].to(x.dtype)
         prior = w_kept[lost].to(x.dtype) if opts.anchor else None
         zero = torch.zeros(int(lost.sum()), dtype=x.dtype)  # no refit: the bias stays as it is
-        fit = _refit(x, goal, m[lost], opts.ridge, b is not None, prior, zero, opts.solver, opts.device)
-        del goal
+        fit = _refit(
+            x, lambda part, w_lost=w_lost: x[part] @ w_lost.T, m[lost], opts.ridge, b is not None, prior, zero,
+            opts.solver, opts.device, n, chunk,
+        )  # fmt: skip
         w_fit, shift = fit.w, fit.b
         ridges.append(fit.ridge)
         solvers.append(fit.solver)
-        w = w_kept.clone().to(x.dtype)
+        w = w_kept.to(x.dtype)  # this pair's own masked copy (or its fp32 form): refitted in place
         w[lost] = w_fit
         new_in.append(w.to(w_kept.dtype))
         if b is not None:
@@ -561,19 +649,21 @@ def calibrate_pair(
             new_b.append(nb.to(b.dtype))
         else:
             new_b.append(None)
+    del ex, w_in, pruned, full_masks  # the unpruned weights: only the refitted ones are needed from here
     # outgoing (and its bias): the pair's original output from the refitted children's activations
-    a = activations(pre_activations(Pair(new_in, masks[:-1], new_b, w_out, masks[-1]), x), fn)
+    refit = Pair(new_in, masks[:-1], new_b, w_out, masks[-1])
     if not opts.refit_outgoing:
-        refit = Pair(new_in, masks[:-1], new_b, w_out, masks[-1])
-        after = _relative_error(pair_output(refit, x, fn, b_out), target)
+        after = _output_error(refit, x, fn, b_out, target, chunk)
         return CalibratedPair(refit, b_out, int(chosen.sum()), before, after, ridges, solvers)
     prior_out = w_out.to(x.dtype) if opts.anchor else None
-    fit = _refit(a, target, masks[-1], opts.ridge, b_out is not None, prior_out, b_out, opts.solver, opts.device)
-    del a
+    fit = _refit(
+        lambda part: activations(pre_activations(refit, x[part]), fn), target, masks[-1], opts.ridge,
+        b_out is not None, prior_out, b_out, opts.solver, opts.device, n, chunk,
+    )  # fmt: skip
     w_fit, b_fit = fit.w, fit.b
     ridges.append(fit.ridge)
     solvers.append(fit.solver)
     refit = Pair(new_in, masks[:-1], new_b, w_fit.to(w_out.dtype), masks[-1])
     b_new = b_fit.to(b_out.dtype) if b_out is not None and b_fit is not None else b_out
-    after = _relative_error(pair_output(refit, x, fn, b_new), target)
+    after = _output_error(refit, x, fn, b_new, target, chunk)
     return CalibratedPair(refit, b_new, int(chosen.sum()), before, after, ridges, solvers)
