@@ -24,7 +24,7 @@ from fpewiden.packed.file import pack_checkpoint, read_packed
 from tests.helpers import tiny_bert, tiny_causal, write_mlp
 
 runner = CliRunner()
-pytestmark = pytest.mark.skipif(ort.ort_reason() is not None, reason=f"ONNX Runtime op: {ort.ort_reason()}")
+needs_op = pytest.mark.skipif(ort.ort_reason() is not None, reason=f"ONNX Runtime op: {ort.ort_reason()}")
 ISAS = [p for p in kernels.available() if p != "torch"]
 
 
@@ -77,6 +77,7 @@ def ragged(fmt_name: str, dtype: torch.dtype) -> tuple[fmt.PackedMatrix, torch.T
     return fmt.pack_parent(w.to(dtype).float(), alpha, dtype), w
 
 
+@needs_op
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("fmt_name", ["bitmask", "parent"])
@@ -97,6 +98,7 @@ def test_the_ort_op_matches_the_dense_reference_on_every_path(monkeypatch, isa, 
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@needs_op
 def test_the_op_refuses_inputs_that_do_not_fit():
     import onnxruntime
 
@@ -116,6 +118,7 @@ def onnx_bytes(path: Path) -> int:
     return path.stat().st_size + (p.stat().st_size if (p := path.with_name(path.name + ".data")).exists() else 0)
 
 
+@needs_op
 def test_export_packed_mlps_verify_and_shrink(tmp_path):
     """50% pruning and FPE α=2 (same non-zeros) of a 256-512-256 MLP, packed and exported: the file holds the
     packed bytes and nothing densified (the ratios at Llama-7B shapes are bench/ort_packed.py's), and runs in a
@@ -153,6 +156,7 @@ def test_export_packed_mlps_verify_and_shrink(tmp_path):
         assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()  # fp32 sums in another order
 
 
+@needs_op
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_export_packed_transformers_models(tmp_path, family):
     src = tiny_bert(tmp_path / "src", dropout=0.0) if family == "bert" else tiny_causal(tmp_path / "src", family)
@@ -185,6 +189,7 @@ def test_export_packed_refusals(tmp_path, monkeypatch):
         ort.ort_library()
 
 
+@needs_op
 def test_bench_ort_packed_engine(tmp_path):
     src = write_mlp(tmp_path / "src.safetensors", widths=(16, 32, 6))
     half = tmp_path / "half.safetensors"
