@@ -132,9 +132,11 @@ def test_export_packed_mlps_verify_and_shrink(tmp_path):
     half, wide = tmp_path / "half.safetensors", tmp_path / "wide.safetensors"
     convert(src, half, ConvertOptions(alpha=1, budget=Budget.parse("0.5")))
     convert(src, wide, ConvertOptions(alpha=2))
+    tied = tmp_path / "tied.safetensors"  # incoming a pure partition: the parent format
+    convert(src, tied, ConvertOptions(alpha=2, outgoing="tied"))
     export([src, "--out", tmp_path / "src.onnx"])
     dense = onnx_bytes(tmp_path / "src.onnx")
-    for ckpt, limit in ((half, 0.56), (wide, 1.09)):
+    for ckpt, limit in ((half, 0.56), (wide, 1.09), (tied, 1.55)):
         pk = tmp_path / f"{ckpt.stem}.packed.safetensors"
         report = pack_checkpoint(ckpt, pk)
         out = tmp_path / f"{ckpt.stem}.onnx"
@@ -144,8 +146,8 @@ def test_export_packed_mlps_verify_and_shrink(tmp_path):
         assert stored <= onnx_bytes(out) <= stored + 16384  # the packed arrays, then graph, names, metadata
         assert onnx_bytes(out) <= limit * dense, (ckpt.stem, onnx_bytes(out) / dense)
         model = onnx.load(str(out))
-        assert [n.op_type for n in model.graph.node].count("PackedMatMul") == 2
-        assert not any(n.op_type in ("MatMul", "Gemm") for n in model.graph.node)
+        formats = [a.s.decode() for n in model.graph.node for a in n.attribute if a.name == "format"]
+        assert formats == (["parent"] if ckpt == tied else ["bitmask", "bitmask"])  # tied: outgoing stays dense
         opts = onnxruntime.SessionOptions()
         opts.register_custom_ops_library(str(packed.ort_library()))
         sess = onnxruntime.InferenceSession(str(out), opts, providers=["CPUExecutionProvider"])
