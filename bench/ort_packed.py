@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import shlex
-import statistics
 import sys
 import tempfile
 import time
@@ -32,7 +30,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from packed import cpu_name  # bench/packed.py
+from packed import cpu_name, timed  # bench/packed.py
 
 from fpewiden.convert import Budget, ConvertOptions, convert
 from fpewiden.export.export import export
@@ -43,22 +41,9 @@ from fpewiden.packed.file import pack_checkpoint
 HIDDEN, FFN = 4096, 11008
 
 
-def timed(fns: dict, rounds: int) -> dict[str, dict]:
-    for f in fns.values():
-        f()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    order = random.Random(0)
-    for _ in range(rounds):
-        for k in order.sample(list(fns), len(fns)):
-            t = time.perf_counter()
-            fns[k]()
-            times[k].append(time.perf_counter() - t)
-    out = {}
-    for k, ts in times.items():
-        ts.sort()
-        out[k] = {"median_ms": statistics.median(ts) * 1e3, "p10_ms": ts[len(ts) // 10] * 1e3,
-                  "p90_ms": ts[(9 * len(ts)) // 10] * 1e3, "rounds": rounds}  # fmt: skip
-    return out
+def timed_rounds(fns: dict, rounds: int) -> dict[str, dict]:
+    """bench/packed.py's interleaved timing, for exactly `rounds` rounds."""
+    return timed(fns, 0.0, min_rounds=rounds, max_rounds=rounds)
 
 
 def file_bytes(p: Path) -> int:
@@ -149,7 +134,7 @@ def pyop_overhead() -> dict | None:
         so.register_custom_ops_library(get_library_path())
         s = ort.InferenceSession(helper.make_model(g, opset_imports=opsets).SerializeToString(), so)
         x = np.ones((1, 4), np.float32)
-        r = timed({label: lambda s=s, x=x: s.run(None, {"x": x})}, 20)
+        r = timed_rounds({label: lambda s=s, x=x: s.run(None, {"x": x})}, 20)
         out[label] = r[label]["median_ms"]
     return out
 
@@ -211,7 +196,7 @@ def main() -> None:
             for b in [int(x) for x in args.batches.split(",")]:
                 x = torch.randn(b, HIDDEN)
                 with torch.inference_mode():
-                    res = timed({k: (lambda f=f, x=x: f(x)) for k, f in runs.items()}, args.rounds)
+                    res = timed_rounds({k: (lambda f=f, x=x: f(x)) for k, f in runs.items()}, args.rounds)
                 rows.append({"threads": threads, "batch": b, "timings": res})
                 base = res["original ORT dense"]["median_ms"]
                 ratios = {k: round(v["median_ms"] / base, 3) for k, v in res.items()}
