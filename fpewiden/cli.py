@@ -69,6 +69,9 @@ Faster: store it packed and run it on fpewiden's kernels
   fpewiden pack small --out small-packed     (Python: fpewiden.packed.load("small-packed"))
   Decode at batch 1: 1.20x the tokens/s of a Llama-shaped model with FFNs at 50%; a
   Llama-7B FFN matrix at 0.55x torch's latency; token batches are not faster.
+  In ONNX Runtime: fpewiden export small-packed --out small.onnx --layout packed, then
+  register fpewiden.packed.ort_library() in the session (Llama-7B FFN pair at 50%: 0.50x
+  ORT's dense latency at batch 1).
 \b
 Wider at the same non-zeros (FPE), then train:
   fpewiden convert MODEL --out wide --alpha 2 && fpewiden finetune wide --data DATA --out wide-ft
