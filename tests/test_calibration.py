@@ -412,35 +412,3 @@ def test_onloading_frees_each_block_once_passed(tmp_path):
     assert live(om.block(0)) == 0 and live(om.block(1)) > 0
     with pytest.raises(AssertionError):
         om.seek(0)
-
-
-MEMORY_PROBE = """
-import sys, torch
-from fpewiden.memory import return_freed_memory
-if sys.argv[1] == "fixed":
-    assert return_freed_memory()
-def rss():
-    return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1]) // 1024
-big = torch.ones(40 << 18); del big  # one 40 MB block freed: glibc raises its mmap threshold past 8 MB
-base = rss()
-small = []
-for _ in range(20):  # 8 MB blocks, as calibration's chunk tensors, freed between small tensors that stay
-    block = torch.ones(2 << 18)
-    small.append(torch.ones(1))
-    del block
-blocks = [torch.ones(2 << 18) for _ in range(20)]
-del blocks
-print(rss() - base)
-"""
-
-
-def test_calibration_gives_freed_chunk_tensors_back_to_the_system():
-    import subprocess
-    import sys
-
-    def retained(mode: str) -> int:
-        res = subprocess.run([sys.executable, "-c", MEMORY_PROBE, mode], capture_output=True, text=True, check=True)
-        return int(res.stdout.split()[-1])
-
-    assert retained("dynamic") >= 32  # glibc's default: 8 MB blocks stay resident after they are freed
-    assert retained("fixed") <= 4  # fpewiden.memory: they go back

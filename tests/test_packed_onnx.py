@@ -25,6 +25,10 @@ from tests.helpers import tiny_bert, tiny_causal, write_mlp
 
 runner = CliRunner()
 needs_op = pytest.mark.skipif(ort.ort_reason() is not None, reason=f"ONNX Runtime op: {ort.ort_reason()}")
+# the export traces fpewiden's torch op, which the pure-torch fallback (no library, or FPEWIDEN_KERNEL=torch) lacks
+needs_export = pytest.mark.skipif(
+    ort.ort_reason() is not None or kernels.path() == "torch", reason="the packed export needs the compiled kernels"
+)
 ISAS = [p for p in kernels.available() if p != "torch"]
 
 
@@ -118,7 +122,7 @@ def onnx_bytes(path: Path) -> int:
     return path.stat().st_size + (p.stat().st_size if (p := path.with_name(path.name + ".data")).exists() else 0)
 
 
-@needs_op
+@needs_export
 def test_export_packed_mlps_verify_and_shrink(tmp_path):
     """50% pruning and FPE α=2 (same non-zeros) of a 256-512-256 MLP, packed and exported: the file holds the
     packed bytes and nothing densified (the ratios at Llama-7B shapes are bench/ort_packed.py's), and runs in a
@@ -158,7 +162,7 @@ def test_export_packed_mlps_verify_and_shrink(tmp_path):
         assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()  # fp32 sums in another order
 
 
-@needs_op
+@needs_export
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_export_packed_transformers_models(tmp_path, family):
     src = tiny_bert(tmp_path / "src", dropout=0.0) if family == "bert" else tiny_causal(tmp_path / "src", family)
@@ -183,6 +187,15 @@ def test_export_packed_refusals(tmp_path, monkeypatch):
         app, ["export", str(pk), "--out", str(tmp_path / "a.onnx"), "--layout", "packed", "--dtype", "fp16"]
     )
     assert res.exit_code == 2 and "keeps its values' dtype" in res.stderr
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(pk.read_bytes()[:300])
+    res = runner.invoke(app, ["export", str(bad), "--out", str(tmp_path / "a.onnx"), "--layout", "packed"])
+    assert res.exit_code == 2 and "truncated or corrupt" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    with monkeypatch.context() as m:  # the pure-torch fallback has no op for the export to trace
+        m.setattr(ort, "ort_reason", lambda: None)
+        m.setattr(kernels, "path", lambda: "torch")
+        res = runner.invoke(app, ["export", str(pk), "--out", str(tmp_path / "a.onnx"), "--layout", "packed"])
+        assert res.exit_code == 2 and "--layout packed needs fpewiden's compiled kernels" in res.stderr
     monkeypatch.setattr(ort, "ort_reason", lambda: "not built (test)")
     res = runner.invoke(app, ["export", str(pk), "--out", str(tmp_path / "a.onnx"), "--layout", "packed"])
     assert res.exit_code == 2 and "the ONNX Runtime packed op is not built (test)" in res.stderr
@@ -191,7 +204,7 @@ def test_export_packed_refusals(tmp_path, monkeypatch):
         ort.ort_library()
 
 
-@needs_op
+@needs_export
 def test_bench_ort_packed_engine(tmp_path):
     src = write_mlp(tmp_path / "src.safetensors", widths=(16, 32, 6))
     half = tmp_path / "half.safetensors"

@@ -231,7 +231,7 @@ def _from_folder(path: Path, engines, device, tmp: Path, threads: int) -> tuple[
         export(path, onnx_path, layout, verify=False, model=copy.deepcopy(loaded) if layout == "fast" else loaded)
         e.info["ort_layout"] = layout
         sess = ort_session(onnx_path, threads, device)
-        e.runners["ort"] = lambda feeds, s=sess: s.run(None, {i.name: feeds[i.name] for i in s.get_inputs()})
+        e.runners["ort"] = _session_runner(sess)
     model = loaded.model.eval().to(device)
     causal = has_lm_head(loaded.ck.config or {})
     if "packed" in engines or "ort-packed" in engines:
@@ -248,12 +248,18 @@ def _from_folder(path: Path, engines, device, tmp: Path, threads: int) -> tuple[
         if "ort-packed" in engines:
             vocab = int((loaded.ck.config or {}).get("vocab_size", 1000))
             sess = ort_session(packed_onnx(twin, "hf", vocab, tmp), threads)
-            e.runners["ort-packed"] = lambda feeds, s=sess: s.run(None, {i.name: feeds[i.name] for i in s.get_inputs()})
+            e.runners["ort-packed"] = _session_runner(sess)
     if "torch" in engines:
         e.runners["torch"] = _torch_runner(model, device)
         if causal:
             e.decoders["torch"] = model
     return e, Forward(torch_model=model)
+
+
+def _session_runner(sess):
+    """An ONNX Runtime session fed the inputs it declares."""
+    names = [i.name for i in sess.get_inputs()]
+    return lambda feeds: sess.run(None, {n: feeds[n] for n in names})
 
 
 def _torch_runner(model, device: torch.device):
@@ -305,7 +311,7 @@ def _from_onnx(path: Path, engines, device, threads: int) -> tuple[MeasuredModel
         ort_layout="as given",
     )
     sess = ort_session(path, threads, device)
-    e.runners["ort"] = lambda feeds, s=sess: s.run(None, {i.name: feeds[i.name] for i in s.get_inputs()})
+    e.runners["ort"] = _session_runner(sess)
     return e, Forward(session=sess)
 
 

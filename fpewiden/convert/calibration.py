@@ -51,9 +51,6 @@ class CalibratedTransform:
 
     def __init__(self, ck: Checkpoint, opts: ConvertOptions, chosen: list[PairSpec]):
         assert opts.calibration is not None
-        from fpewiden.memory import return_freed_memory
-
-        return_freed_memory()  # chunk-sized tensors come and go per pair: give them back when freed
         self.ck, self.opts, self.settings = ck, opts, opts.calibration
         c = opts.calibration
         self.copts = CalibratedOptions(

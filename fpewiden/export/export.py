@@ -65,25 +65,35 @@ def export_packed(
     ckpt: Path, out: Path, dtype: str, opset: int | None, verify: bool, external: bool | None, force: bool
 ) -> dict:
     """`--layout packed`: the packed checkpoint's matrices as PackedMatMul nodes (packed.py)."""
-    from fpewiden.export.packed import build_packed
+    from fpewiden.export.packed import packed_graph
     from fpewiden.io.provenance import digest
+    from fpewiden.io.safetensors_stream import read_header
+    from fpewiden.packed import kernels
     from fpewiden.packed.file import is_packed, read_packed
+    from fpewiden.packed.loader import module_of
     from fpewiden.packed.ort import ort_reason
 
     if dtype != "fp32":
         raise FpewidenError("--dtype applies to dense layouts; a packed file keeps its values' dtype (pack --dtype)")
     if opset is not None and opset < 18:
         raise FpewidenError(f"--opset {opset}: the packed layout goes through torch.onnx's dynamo exporter (opset 18+)")
+    if ckpt.is_file() and ckpt.suffix == ".safetensors":
+        read_header(ckpt)  # a truncated or corrupt file is named as such, not as one that is not packed
     if not is_packed(ckpt):
         raise FpewidenError(f"--layout packed exports a packed checkpoint; pack it first: fpewiden pack {ckpt} --out …")
     reason = ort_reason()
     if verify and reason is not None:
         raise FpewidenError(f"cannot verify a packed export: the ONNX Runtime packed op is {reason}")
+    if kernels.path() == "torch":  # the export traces fpewiden's op, which only the compiled library defines
+        raise FpewidenError(f"--layout packed needs fpewiden's compiled kernels ({kernels.native_reason()})")
     provenance = Provenance("export", lambda: digest([ckpt]))
     check_outputs([out, out.with_name(out.name + ".data")], [ckpt], force, provenance=provenance)
+    pc = read_packed(ckpt)
+    vocab = int((pc.config or {}).get("vocab_size", 1000))
+    built = packed_graph(module_of(pc, tune=False), pc.kind, vocab, opset or 18, str(ckpt))
     result = {"checkpoint": str(ckpt), "out": str(out), "layout": "packed", "dtype": "as packed"}
-    result.update(write(build_packed(ckpt, opset or 18), out, "packed", "fp32", verify, external, provenance))
-    meta = read_packed(ckpt).meta
+    result.update(write(built, out, "packed", "fp32", verify, external, provenance))
+    meta = pc.meta
     result["fpewiden"] = {k: getattr(meta, k) for k in ("alpha", "split", "outgoing", "budget") if getattr(meta, k)}
     return result
 

@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fpewiden.errors import FpewidenError
 from fpewiden.export.hf import ModelOutput, output_name
 from fpewiden.export.onnx_edit import Built
 from fpewiden.export.torch_onnx import to_onnx
@@ -79,31 +78,12 @@ def _translation() -> dict:
     return {torch.ops.fpewiden.packed_linear.default: packed_linear}
 
 
-def load_for_export(path: Path) -> tuple[nn.Module, str, dict | None]:
-    """The packed checkpoint as the torch module the export traces: (module, kind, config)."""
-    from fpewiden.packed import kernels
-    from fpewiden.packed.file import is_packed, read_packed
-    from fpewiden.packed.loader import load_packed
-
-    if not is_packed(path):
-        raise FpewidenError(f"--layout packed exports a packed checkpoint; pack it first: fpewiden pack {path} --out …")
-    if kernels.path() == "torch":
-        raise FpewidenError(f"--layout packed needs fpewiden's compiled kernels ({kernels.native_reason()})")
-    pc = read_packed(path)
-    return load_packed(path, tune=False), pc.kind, pc.config
-
-
 def write_packed_onnx(model: nn.Module, kind: str, vocab: int, out: Path) -> Path:
     """An unverified packed export of an in-memory packed module (bench's `ort-packed` engine)."""
     from fpewiden.export.save import save
 
     save(packed_graph(model, kind, vocab, 18, str(out)).model, out)
     return out
-
-
-def build_packed(path: Path, opset: int) -> Built:
-    model, kind, config = load_for_export(path)
-    return packed_graph(model, kind, int((config or {}).get("vocab_size", 1000)), opset, str(path))
 
 
 def packed_graph(model: nn.Module, kind: str, vocab: int, opset: int, what: str) -> Built:

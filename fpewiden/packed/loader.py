@@ -115,7 +115,11 @@ def _load_hf(pc: PackedCheckpoint, kernel: str | None) -> nn.Module:
 
 def load_packed(path: Path, kernel: str | None = None, tune: bool = True) -> nn.Module:
     """See fpewiden.packed.load."""
-    pc = read_packed(path)
+    return module_of(read_packed(path), kernel, tune)
+
+
+def module_of(pc: PackedCheckpoint, kernel: str | None = None, tune: bool = True) -> nn.Module:
+    """The torch module of a packed checkpoint already read (load_packed's work after the read)."""
     model = _load_mlp(pc, kernel) if pc.kind == "mlp" else _load_hf(pc, kernel)
     if tune:
         from fpewiden.packed.crossover import tune as measure

@@ -12,6 +12,7 @@ session is created).
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from fpewiden.errors import FpewidenError
@@ -20,8 +21,10 @@ DOMAIN = "ai.fpewiden"
 OP = "PackedMatMul"
 
 
+@functools.cache
 def ort_reason() -> str | None:
-    """Why the ONNX Runtime library cannot run here (None: it can)."""
+    """Why the ONNX Runtime library cannot run here (None: it can); checked once per process, as the kernels are
+    (it hashes the sources)."""
     from fpewiden.packed.build import ort_library, ort_source_hash, ort_stamp
 
     if not ort_library().is_file():
@@ -64,6 +67,5 @@ def session_options(threads: int | None = None):
 
 def uses_packed_op(model) -> bool:
     """Whether an onnx.ModelProto has PackedMatMul nodes (so a session needs the library)."""
-    return any(n.domain == DOMAIN and n.op_type == OP for n in model.graph.node) or any(
-        n.domain == DOMAIN for f in model.functions for n in f.node
-    )
+    nodes = [*model.graph.node, *(n for f in model.functions for n in f.node)]
+    return any(n.domain == DOMAIN and n.op_type == OP for n in nodes)

@@ -115,47 +115,67 @@ def _ar_member(deb: bytes, prefix: str) -> tuple[str, bytes]:
     raise RuntimeError(f"the package has no {prefix}*")
 
 
+def _fetch_suite(suite: str, arch: str, tmp: Path) -> tuple[dict[str, str], bytes]:
+    """The package's index record and its data archive from one suite, every step verified."""
+    release = _verified_release(suite, tmp)
+    name = f"main/binary-{arch}/Packages.xz"
+    want = _listed_sha256(release, name)
+    packed = _get(f"{MIRROR}/dists/{suite}/{name}")
+    if want is None or _sha256(packed) != want:
+        raise RuntimeError(f"{suite}'s package index does not match its InRelease")
+    record = _package_record(lzma.decompress(packed).decode(errors="replace"))
+    if record is None:
+        raise RuntimeError(f"{suite} has no {PACKAGE}")
+    deb = _get(f"{MIRROR}/{record['Filename']}")
+    if _sha256(deb) != record.get("SHA256"):
+        raise RuntimeError(f"{record['Filename']} does not match {suite}'s index")
+    member, data = _ar_member(deb, "data.tar")
+    if not member.endswith((".xz", ".gz", ".tar")):
+        raise RuntimeError(f"cannot read {member}")
+    return record, data
+
+
+def _unpack_headers(data: bytes, stage: Path) -> None:
+    """The .h files below usr/include/onnxruntime/ of a package's data archive, into `stage`."""
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        for m in tar.getmembers():
+            parts = Path(m.name).parts
+            if m.isfile() and "include" in parts and m.name.endswith(".h"):
+                out = stage / Path(*parts[parts.index("include") + 2 :])
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_bytes(tar.extractfile(m).read())  # type: ignore[union-attr]
+
+
 def fetch_debian(dest: Path) -> str:
-    """Fetch, verify and unpack the headers into `dest`; returns where they came from."""
+    """Fetch, verify and unpack the headers into `dest` (replaced whole, or left as it was); returns where they
+    came from. A network failure ends the search at once (the other suites are on the same mirror)."""
     arch = "amd64" if os.uname().machine in ("x86_64", "amd64") else "arm64"
+    dest.parent.mkdir(parents=True, exist_ok=True)
     reasons = []
     with tempfile.TemporaryDirectory() as d:
         for suite in SUITES:
             try:
-                release = _verified_release(suite, Path(d))
-                name = f"main/binary-{arch}/Packages.xz"
-                want = _listed_sha256(release, name)
-                packed = _get(f"{MIRROR}/dists/{suite}/{name}")
-                if want is None or _sha256(packed) != want:
-                    raise RuntimeError(f"{suite}'s package index does not match its InRelease")
-                record = _package_record(lzma.decompress(packed).decode(errors="replace"))
-                if record is None:
-                    raise RuntimeError(f"{suite} has no {PACKAGE}")
-                deb = _get(f"{MIRROR}/{record['Filename']}")
-                if _sha256(deb) != record.get("SHA256"):
-                    raise RuntimeError(f"{record['Filename']} does not match {suite}'s index")
-                member, data = _ar_member(deb, "data.tar")
-                if not member.endswith((".xz", ".gz", ".tar")):
-                    raise RuntimeError(f"cannot read {member}")
-                stage = Path(tempfile.mkdtemp(dir=dest.parent if dest.parent.exists() else None))
-                with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-                    for m in tar.getmembers():
-                        parts = Path(m.name).parts
-                        if m.isfile() and "include" in parts and m.name.endswith(".h"):
-                            rel = Path(*parts[parts.index("include") + 2 :])  # below usr/include/onnxruntime/
-                            out = stage / rel
-                            out.parent.mkdir(parents=True, exist_ok=True)
-                            out.write_bytes(tar.extractfile(m).read())  # type: ignore[union-attr]
+                record, data = _fetch_suite(suite, arch, Path(d))
+            except OSError as e:  # the mirror cannot be reached
+                reasons.append(f"{suite}: {e}")
+                break
+            except (RuntimeError, ValueError, KeyError, lzma.LZMAError) as e:
+                reasons.append(f"{suite}: {e}")
+                continue
+            stage = Path(tempfile.mkdtemp(dir=dest.parent))
+            try:
+                _unpack_headers(data, stage)
                 source = f"Debian {suite} {PACKAGE} {record.get('Version')} (sha256 {record['SHA256'][:16]}…)"
                 (stage / "SOURCE").write_text(source + "\n")
                 (stage / "record.json").write_text(json.dumps(record, indent=1) + "\n")
                 if not _usable(stage):
-                    shutil.rmtree(stage)
                     raise RuntimeError(f"{PACKAGE} {record.get('Version')} has no usable {HEADER}")
                 if dest.exists():
                     shutil.rmtree(dest)
                 os.replace(stage, dest)
                 return source
-            except (OSError, RuntimeError, ValueError, KeyError, lzma.LZMAError, tarfile.TarError) as e:
+            except (OSError, RuntimeError, tarfile.TarError) as e:
                 reasons.append(f"{suite}: {e}")
+            finally:
+                shutil.rmtree(stage, ignore_errors=True)  # gone once moved into place
     raise RuntimeError("no ONNX Runtime headers: " + "; ".join(reasons))

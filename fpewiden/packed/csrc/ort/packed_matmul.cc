@@ -33,8 +33,8 @@ constexpr int64_t MAX_TASKS = 256;  // tasks per call: ample for any intra-op po
 // Back a large constant initializer with 2 MiB pages where it lies (one TLB entry per 2 MiB instead of per 4 KiB),
 // as the torch binding does with a copy: here in place, so the weights are never held twice. MADV_COLLAPSE
 // (Linux 6.1+) rebuilds the range's pages now; where the kernel refuses (older kernel, THP off, file-backed
-// memory) the weights stay in ordinary pages and run as before. Measured at 11008x4096, 50%, batch 1, one thread:
-// 8.0 ms without, 7.1 ms with (fpewiden's torch binding, same kernels).
+// memory) the weights stay in ordinary pages and run as before. What 2 MiB pages give these kernels:
+// bench/huge_pages.py.
 #ifndef MADV_COLLAPSE
 #define MADV_COLLAPSE 25  // Linux's value; glibc 2.36 does not name it yet, an older kernel answers EINVAL
 #endif
@@ -155,7 +155,8 @@ struct Kernel {
 
     const bool spmm = n > GEMV_MAX;
     // Units per task: enough work to outweigh a task's cost (about 64k multiply-adds), and at most MAX_TASKS tasks:
-    // ORT calls the function once per index: one row per task took 228 ms against 83 ms at 4096x22016, batch 32
+    // ORT calls the function once per index, and one row per task left wide, short matrices far behind the torch
+    // binding at token batches (bench/results/ort_packed is measured with this split)
     const int64_t per_unit = w.cols * (w.format == FPW_PARENT ? w.alpha : 1) * n;
     const int64_t grain = std::max({int64_t(1), (int64_t(1) << 16) / std::max<int64_t>(1, per_unit),
                                     (units + MAX_TASKS - 1) / MAX_TASKS});
