@@ -41,7 +41,7 @@ def test_gradient_is_the_chain_rule_and_weights_come_back(p):
     # reference: autograd through W * M / (1 - p) on a copy
     ref = ChainMLP.fresh([12, 9, 5], "relu", seed=1)
     leaves = [w.detach().clone().requires_grad_(True) for w in ref.weights]
-    params = {f"weights.{i}": w * s for i, (w, s) in enumerate(zip(leaves, scales))}
+    params = {f"layers.{i}.weight": w * s for i, (w, s) in enumerate(zip(leaves, scales))}
     out = torch.func.functional_call(ref, params, (x,))
     torch.nn.functional.mse_loss(out, y).backward()
     for w, leaf in zip(model.weights, leaves):

@@ -133,3 +133,14 @@ def test_fsdp_distils_a_causal_lm_like_ddp(tmp_path):
     masked = [n for n in ck.shapes if ck.mask(n) is not None]
     assert len(masked) == 6  # gate, up, down of both blocks
     assert_same_training(tmp_path / "ddp", tmp_path / "fsdp", masked)
+
+
+def test_an_mlp_chain_is_sharded_layer_by_layer():
+    """Each Linear is its own FSDP unit, so a rank gathers one layer at a time, not the whole chain."""
+    from fpewiden.model.chain_mlp import ChainLayer, ChainMLP
+    from fpewiden.train.fsdp import units
+
+    model = ChainMLP.fresh([6, 8, 8, 3])
+    found = units(model)
+    assert [type(u) for u in found] == [ChainLayer] * 3
+    assert {id(p) for u in found for p in u.parameters()} == {id(p) for p in model.parameters()}

@@ -14,18 +14,37 @@ from torch.nn import functional as F
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
 
 
+class ChainLayer(nn.Module):
+    """One Linear of the chain: its own module so that FSDP can shard the chain layer by layer (a unit is a
+    module whose forward runs)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().to(torch.float32).clone())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.float32).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
 class ChainMLP(nn.Module):
     def __init__(self, layers: list[tuple[str, torch.Tensor, torch.Tensor | None]], activation: str = "relu"):
         """`layers`: (module name, weight, bias or None) in forward order."""
         super().__init__()
         self.names = [name for name, _, _ in layers]
-        self.weights = nn.ParameterList([nn.Parameter(w.detach().to(torch.float32).clone()) for _, w, _ in layers])
+        self.layers = nn.ModuleList([ChainLayer(w, b) for _, w, b in layers])
         self.has_bias = [b is not None for _, _, b in layers]
-        self.biases = nn.ParameterList(
-            [nn.Parameter(b.detach().to(torch.float32).clone()) for _, _, b in layers if b is not None]
-        )
         self.activation = activation
         self.act = ACTIVATIONS[activation]
+
+    @property
+    def weights(self) -> list[nn.Parameter]:
+        return [layer.weight for layer in self.layers]
+
+    @property
+    def biases(self) -> list[nn.Parameter]:
+        """The biases of the layers that have one, in chain order."""
+        return [layer.bias for layer in self.layers if layer.bias is not None]
 
     @staticmethod
     def fresh(widths: list[int], activation: str = "relu", seed: int = 0) -> ChainMLP:
@@ -41,10 +60,9 @@ class ChainMLP(nn.Module):
         return {f"{n}.weight": w for n, w in zip(self.names, self.weights, strict=True)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        biases = iter(self.biases)
-        last = len(self.weights) - 1
-        for i, (w, has_b) in enumerate(zip(self.weights, self.has_bias, strict=True)):
-            x = F.linear(x, w, next(biases) if has_b else None)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
             if i < last:
                 x = self.act(x)
         return x

@@ -3,8 +3,8 @@ parameters, gradients and optimizer state, so a widened model that does not fit 
 
 What is sharded: every transformer block of a Hugging Face model (the classes transformers itself never splits
 across devices, `_no_split_modules`) is one unit, the rest (embeddings, final norm) the root unit; an MLP chain is
-one unit (its layers are parameters of one module, and MLPs that fit fpewiden's data files are small). A unit's
-parameters are gathered for its forward and backward and freed after, as in FSDP's paper.
+sharded layer by layer (each Linear of model/chain_mlp.py is a module of its own). A unit's parameters are gathered
+for its forward and backward and freed after, as in FSDP's paper, so a rank holds its shards and one unit whole.
 
 Masks are sharded like their parameters (a DTensor with the parameter's placement), so the trainer's
 `mask_grads`/`apply_masks` run unchanged on each rank's shard and the zero pattern stays bit-identical. The
