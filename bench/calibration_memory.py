@@ -6,7 +6,8 @@ llama_shaped.py) is converted with `--alpha 1 --budget 0.5 --calibration` on TRE
 default calibration set: sentences up to 16k tokens). Each conversion runs in its own process; peak RSS is the
 process's VmHWM, shown net of a process that imported the same libraries and read the tokenizer. The target is
 a peak of at most 3× one decoder block (fp32, as converted) plus the calibration activations (the hidden states
-of every token at the model's width and at the FFN's, fp32).
+of every token at the model's width and at the FFN's, fp32). `block-by-block-dynamic-malloc` is the default path
+with glibc's dynamic mmap threshold left as it is (fpewiden/memory.py not applied).
 
   python bench/calibration_memory.py [--layers 8 --hidden 2048 --ffn 5632 --out bench/results/calibration_memory]
 """
@@ -36,6 +37,9 @@ transformers.AutoTokenizer.from_pretrained(src)
 if mode == "baseline":
     print(json.dumps({"mode": mode, "peak_bytes": hwm()}))
     raise SystemExit
+if mode == "block-by-block-dynamic-malloc":  # glibc's own mmap threshold: what fpewiden/memory.py changes
+    import fpewiden.memory
+    fpewiden.memory.return_freed_memory = lambda: False
 t = time.perf_counter()
 cal = Calibration(data=data, solver="auto", whole_model=mode == "whole-model")
 report = convert(__import__("pathlib").Path(src), __import__("pathlib").Path(dst),
@@ -53,7 +57,8 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--ffn", type=int, default=5632)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--modes", default="block-by-block,whole-model", help="which paths to measure")
+    modes = "which paths to measure (also block-by-block-dynamic-malloc: without fpewiden/memory.py)"
+    ap.add_argument("--modes", default="block-by-block,whole-model", help=modes)
     ap.add_argument("--out", type=Path, default=Path("bench/results/calibration_memory"))
     args = ap.parse_args()
     from llama_shaped import build

@@ -51,6 +51,9 @@ class CalibratedTransform:
 
     def __init__(self, ck: Checkpoint, opts: ConvertOptions, chosen: list[PairSpec]):
         assert opts.calibration is not None
+        from fpewiden.memory import return_freed_memory
+
+        return_freed_memory()  # chunk-sized tensors come and go per pair: give them back when freed
         self.ck, self.opts, self.settings = ck, opts, opts.calibration
         c = opts.calibration
         self.copts = CalibratedOptions(
@@ -149,7 +152,9 @@ class CalibratedTransform:
             )
         weights = [name for spec in self.chosen for name in (*spec.in_weights, spec.out_weight)]
         self.onloaded = (
-            None if self.settings.whole_model else OnloadedModel.open(self.ck, skeleton, self.batches, weights)
+            None
+            if self.settings.whole_model
+            else OnloadedModel.open(self.ck, skeleton, self.batches, weights, self.real)
         )
         if self.onloaded is not None:
             self.model = self.onloaded.model
@@ -176,7 +181,10 @@ class CalibratedTransform:
 
     def _hf_inputs(self, spec: PairSpec) -> torch.Tensor:
         if self.onloaded is not None:
-            return self.onloaded.inputs(spec.in_weights[0], self.real)
+            x = self.onloaded.inputs(spec.in_weights[0], self.real)
+            for name in (*spec.in_weights, spec.out_weight):  # converted from the pair as read, not these
+                self.onloaded.release(name)
+            return x
         _, module = self._module(spec.in_weights[0])
         runs = [lambda b=b: self.model(**b) for b in self.batches]
         return capture_inputs(module, runs, self.real, f"layer {spec.name}")
@@ -223,20 +231,20 @@ class CalibratedTransform:
         self, k: int, spec: PairSpec, pair: Pair, budget: int | None, b_out: torch.Tensor | None = None
     ) -> Converted:
         dtypes = [w.dtype for w in pair.w_in] + [pair.w_out.dtype]
-        f32 = Pair(
-            [w.float() for w in pair.w_in],
-            pair.m_in,
-            [None if b is None else b.float() for b in pair.b_in],
-            pair.w_out.float(),
-            pair.m_out,
-        )
+        in_dtypes = [None if b is None else b.dtype for b in pair.b_in]
+        # the pair is the transform's from here (the pipeline reads only its masks after): its weights are
+        # replaced by their fp32 form in place, so a bf16 checkpoint's pair is not held in both dtypes
+        pair.w_in[:] = [w.float() for w in pair.w_in]
+        pair.b_in[:] = [None if b is None else b.float() for b in pair.b_in]
+        pair.w_out = pair.w_out.float()
+        f32 = pair
         if self.ck.kind == "mlp":
             i, x = self._mlp_inputs(spec)
             fn = self.fn
         else:
             x, fn = self._hf_inputs(spec), self._hf_function(spec)
         res = calibrate_pair(
-            f32, x, fn, None if b_out is None else b_out.float(), self.copts, self._split(spec, x), budget
+            f32, x, fn, None if b_out is None else b_out.float(), self.copts, self._split(spec, x), budget, release=True
         )
         out = res.pair
         if self.ck.kind == "mlp":
@@ -260,7 +268,7 @@ class CalibratedTransform:
             (i, 0, w.to(dt).contiguous(), m)
             for i, (w, m, dt) in enumerate(zip([*out.w_in, out.w_out], [*out.m_in, out.m_out], dtypes, strict=True))
         ]
-        in_biases = [None if b is None else b.to(ob.dtype) for b, ob in zip(out.b_in, pair.b_in, strict=True)]
+        in_biases = [None if b is None else b.to(dt) for b, dt in zip(out.b_in, in_dtypes, strict=True)]
         return Converted(blocks, in_biases, res.b_out if b_out is not None else None, 0)
 
 

@@ -6,8 +6,11 @@ Running the whole model for every pair holds all of it in memory and costs one f
 device: the embeddings run once to give the first block's inputs (its hidden states and every keyword argument
 the model passes it: attention mask, rotary embeddings, position ids), then are freed; each block is read from the
 checkpoint when its first pair is calibrated, run on the stored hidden states (stopped at the pair being
-calibrated), and, once its pairs are converted, run whole to give the next block's inputs and freed. Peak memory:
-one block, the embeddings at the start, and the calibration tokens' hidden states.
+calibrated), and, once its pairs are converted, run whole to give the next block's inputs and freed. The hidden
+states are kept at the real tokens only (calibration batches are padded: about half of TREC's padded positions)
+and padded again, with zeros, one batch at a time as the block runs: a real token's output never depends on what
+a padded position holds, since attention masks it out and everything else is per token. Peak memory: one block,
+the embeddings at the start, and the calibration tokens' hidden states.
 
 `find_blocks` says whether a model can be run this way (every calibrated pair inside one ModuleList of blocks);
 where not, convert runs the whole model as before.
@@ -79,23 +82,39 @@ def _with_hidden(args: tuple, kwargs: dict, h: torch.Tensor) -> tuple[tuple, dic
     return args, {**kwargs, "hidden_states": h}
 
 
+def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
 class OnloadedModel:
     """The model skeleton, the hidden states entering the current block for every calibration batch, and that
     block's weights (see the module docstring)."""
 
-    def __init__(self, ck: Checkpoint, model: nn.Module, blocks: Blocks, batches: list[dict], key_of: dict[str, str]):
+    def __init__(
+        self,
+        ck: Checkpoint,
+        model: nn.Module,
+        blocks: Blocks,
+        batches: list[dict],
+        key_of: dict[str, str],
+        real: list[torch.Tensor],
+    ):
         self.ck, self.model, self.blocks, self.batches = ck, model, blocks, batches
         self.key_of = key_of  # checkpoint tensor name -> the model's parameter or buffer key
+        self.real = real  # per batch: batch × tokens, False at padding
         self.current = -1  # the block whose weights are loaded
+        # per batch: what the current block receives, its hidden states at the real tokens only (`packed[i]`) or,
+        # where the block's hidden states are not batch × tokens × width, whole
         self.states: list[tuple[tuple, dict]] = []
+        self.packed: list[bool] = []
         self._capture_first()
 
     @classmethod
     def open(
-        cls, ck: Checkpoint, model: nn.Module, batches: list[dict], pair_weights: list[str]
+        cls, ck: Checkpoint, model: nn.Module, batches: list[dict], pair_weights: list[str], real: list[torch.Tensor]
     ) -> OnloadedModel | None:
         """The onloaded model from its skeleton (model/skeleton.py `empty_model`), or None where the calibrated
-        pairs are not all inside one list of blocks."""
+        pairs are not all inside one list of blocks. `real`: per batch, which tokens are not padding."""
         from fpewiden.model.skeleton import checkpoint_key
 
         params = dict(model.named_parameters(remove_duplicate=False))
@@ -111,7 +130,7 @@ class OnloadedModel:
                 return None
             paths.append(key_of[name].rsplit(".", 1)[0])
         blocks = find_blocks(model, paths)
-        return None if blocks is None else cls(ck, model, blocks, batches, key_of)
+        return None if blocks is None else cls(ck, model, blocks, batches, key_of, real)
 
     def block(self, i: int) -> nn.Module:
         return self.model.get_submodule(f"{self.blocks.path}.{i}" if self.blocks.path else str(i))
@@ -133,7 +152,7 @@ class OnloadedModel:
         first = self.block(0)
 
         def hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
-            self.states.append((args, dict(kwargs)))
+            self._keep(len(self.states), args, dict(kwargs))
             raise _Stop
 
         handle = first.register_forward_pre_hook(hook, with_kwargs=True)
@@ -150,15 +169,41 @@ class OnloadedModel:
             handle.remove()
         _to_meta(self.model)  # the embeddings are not needed again; block weights are read as they are reached
 
+    def _keep(self, i: int, args: tuple, kwargs: dict) -> None:
+        """Store batch i's block inputs, the hidden states at the real tokens only where they are batch × tokens."""
+        h = _hidden(args, kwargs)
+        packed = h.dim() == 3 and tuple(h.shape[:2]) == tuple(self.real[i].shape)
+        state = _with_hidden(args, kwargs, h[self.real[i]]) if packed else (args, kwargs)
+        if i == len(self.states):
+            self.states.append(state)
+            self.packed.append(packed)
+        else:
+            self.states[i], self.packed[i] = state, packed
+
+    def _padded(self, i: int) -> tuple[tuple, dict]:
+        """Batch i's block inputs as the block takes them: the hidden states padded again (zeros at padding)."""
+        args, kwargs = self.states[i]
+        if not self.packed[i]:
+            return args, kwargs
+        rows = _hidden(args, kwargs)
+        h = rows.new_zeros((*self.real[i].shape, rows.shape[-1]))
+        h[self.real[i]] = rows
+        return _with_hidden(args, kwargs, h)
+
+    def _run(self, block: nn.Module, i: int) -> object:
+        args, kwargs = self._padded(i)
+        return block(*args, **kwargs)
+
     @torch.no_grad()
     def _advance(self) -> None:
         """Run the current block whole on every batch: its outputs are the next block's inputs."""
         block = self.block(self.current)
-        for i, (args, kwargs) in enumerate(self.states):  # in place: one batch's states exist twice, not all
+        for i in range(len(self.states)):  # in place: one batch's states exist twice, not all
+            args, kwargs = self._padded(i)
             out = block(*args, **kwargs)
             h = out[0] if isinstance(out, tuple) else out
-            self.states[i] = _with_hidden(args, kwargs, h)
-            del args, kwargs, out
+            self._keep(i, *_with_hidden(args, kwargs, h))
+            del args, kwargs, out, h
         _to_meta(block)
 
     def seek(self, i: int) -> None:
@@ -188,8 +233,17 @@ class OnloadedModel:
         (per batch: batch × tokens, False at padding)."""
         _, module = self.module(ck_name)
         block = self.block(self.current)
-        runs = [lambda a=a, k=k: block(*a, **k) for a, k in self.states]
+        runs = [lambda i=i: self._run(block, i) for i in range(len(self.states))]
         return capture_inputs(module, runs, keep, ck_name)
+
+    def release(self, ck_name: str) -> None:
+        """Free the weight of the module holding `ck_name`: once a pair's inputs are captured, its original
+        weights are not run again (the converted pair replaces them before the block runs on), and the pair
+        arrives from the checkpoint besides."""
+        _, module = self.module(ck_name)
+        w = module._parameters.get("weight")
+        if w is not None and w.device.type != "meta":
+            module._parameters["weight"] = nn.Parameter(w.to("meta"), requires_grad=False)
 
 
 @torch.no_grad()
@@ -197,7 +251,7 @@ def capture_inputs(
     module: nn.Module, runs: list[Callable[[], object]], keep: list[torch.Tensor], what: str
 ) -> torch.Tensor:
     """The first input `module` receives in each of `runs` (forwards stopped right there), at the tokens `keep[i]`
-    marks for run i, concatenated in fp32."""
+    marks for run i, concatenated in fp32 (written into one tensor as they come: never held twice)."""
     captured: list[torch.Tensor] = []
 
     def hook(_mod: nn.Module, args: tuple) -> None:
@@ -205,7 +259,9 @@ def capture_inputs(
         raise _Stop
 
     handle = module.register_forward_pre_hook(hook)
-    rows = []
+    total = sum(int(k.sum()) for k in keep)
+    out: torch.Tensor | None = None
+    at = 0
     try:
         for i, run in enumerate(runs):
             captured.clear()
@@ -215,10 +271,17 @@ def capture_inputs(
                 pass
             if not captured:
                 raise FpewidenError(f"calibration: {what} did not run on the calibration samples")
-            rows.append(captured[0][keep[i]].to(torch.float32))
+            rows = captured[0][keep[i]]
+            captured.clear()
+            if out is None:
+                out = torch.empty(total, *rows.shape[1:], dtype=torch.float32, device=rows.device)
+            out[at : at + len(rows)] = rows
+            at += len(rows)
+            del rows
     finally:
         handle.remove()
-    return torch.cat(rows)
+    assert out is not None and at == total
+    return out
 
 
 def _forward_args(model: nn.Module) -> set[str]:

@@ -42,7 +42,8 @@ class PairTransform(Protocol):
         self, k: int, spec: PairSpec, pair: Pair, budget: int | None, b_out: torch.Tensor | None = None
     ) -> Converted:
         """Convert pair number `k` (forward order) to exactly `budget` non-zeros (None: keep everything).
-        `b_out` is the outgoing layer's bias, for methods that refit it."""
+        `b_out` is the outgoing layer's bias, for methods that refit it. The pair is the transform's: it may
+        replace the pair's weights (the caller reads only its masks afterwards)."""
         ...
 
 

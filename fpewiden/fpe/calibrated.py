@@ -31,7 +31,7 @@ Rows = Callable[[slice], torch.Tensor]  # a tensor's rows for a range of tokens,
 # Tokens are worked through in chunks whose fp32 rows at the pair's widest point (its neurons, α× when widened)
 # take about this much: what is held over all tokens stays at the model's width (inputs, targets), so a pair's
 # peak no longer grows with tokens × FFN width (bench/results/calibration_memory).
-CHUNK_BYTES = 32 << 20
+CHUNK_BYTES = 16 << 20
 
 
 def chunk_rows(width: int) -> int:
@@ -284,6 +284,9 @@ CG_TOL = 1e-4  # relative residual at which the masked conjugate gradients stop
 CG_ITERS = 60
 
 
+CG_BYTES = 64 << 20  # rows solved together: conjugate gradients hold seven rows × cols fp32 matrices per row block
+
+
 def refit_cg(
     gram: torch.Tensor,
     cross: torch.Tensor,
@@ -293,37 +296,65 @@ def refit_cg(
     start: torch.Tensor,
     tol: float = CG_TOL,
     iters: int = CG_ITERS,
+    block_bytes: int = CG_BYTES,
 ) -> tuple[torch.Tensor, int]:
-    """The exact refit (refit_rows' solution) by conjugate gradients, every row at once: each row solves
-    (G_SS + λI) w_S = c_S + λ p_S on its kept features S, with the products G·p for all rows in one matrix
-    multiply per iteration (O(rows · cols²)) and no factorisation at all; Jacobi-preconditioned, started from
-    `start`, stopped when every row's residual is below `tol` of its right-hand side. Returns the rows and the
-    iterations run."""
-    m = mask.to(torch.float32)
+    """The exact refit (refit_rows' solution) by conjugate gradients: each row solves (G_SS + λI) w_S = c_S + λ p_S
+    on its kept features S, with the products G·p for a block of rows in one matrix multiply per iteration
+    (O(rows · cols²)) and no factorisation at all; Jacobi-preconditioned, started from `start`, a block stopped
+    when each of its rows' residual is below `tol` of its right-hand side. Rows are independent problems: solving
+    them in blocks of about `block_bytes` of working set keeps the solver's memory off the matrix's size (seven
+    rows × cols matrices for all rows at once: 322 MB at 2048 × 5632). Returns the rows and the most iterations a
+    block ran."""
+    rows, cols = mask.shape
     lam = ridge * float(gram.diagonal().mean().clamp_min(1e-30))
     G = gram.to(torch.float32)  # (G + λI)·v is G·v + λv: no copy of the Gram matrix (cols² floats)
+    dinv = 1.0 / (G.diagonal() + lam).clamp_min(1e-30)
+    out = torch.empty(rows, cols, dtype=torch.float32, device=gram.device)
+    size = max(1, block_bytes // (7 * 4 * max(1, cols)))
+    most = 0
+    for s in range(0, rows, size):
+        r = slice(s, min(rows, s + size))
+        p_r = prior[r] if prior is not None else None
+        out[r], done = _cg_block(G, lam, dinv, cross[r], mask[r], p_r, start[r], tol, iters)
+        most = max(most, done)
+    return out, most
+
+
+def _cg_block(
+    G: torch.Tensor,
+    lam: float,
+    dinv: torch.Tensor,
+    cross: torch.Tensor,
+    mask: torch.Tensor,
+    prior: torch.Tensor | None,
+    start: torch.Tensor,
+    tol: float,
+    iters: int,
+) -> tuple[torch.Tensor, int]:
+    m = mask.to(torch.float32)
     b = (cross.to(torch.float32) + (lam * prior.to(torch.float32) if prior is not None else 0.0)) * m
     W = start.to(torch.float32) * m
     R = b - torch.addmm(W, W, G, alpha=1.0, beta=lam) * m
-    dinv = 1.0 / (G.diagonal() + lam).clamp_min(1e-30)
     Z = R * dinv
     P = Z.clone()
     rz = (R * Z).sum(1, keepdim=True)
     scale = b.norm(dim=1).clamp_min(1e-30)
+    del b
     done = 0
     while done < iters:
         done += 1
-        AP = torch.addmm(P, P, G, beta=lam) * m
+        AP = torch.addmm(P, P, G, beta=lam).mul_(m)
         step = rz / (P * AP).sum(1, keepdim=True).clamp_min(1e-30)
-        W += step * P
-        R -= step * AP
+        W.addcmul_(step, P)
+        R.sub_(step * AP)
+        del AP
         if bool((R.norm(dim=1) <= tol * scale).all()):
             break
         Z = R * dinv
         rz_next = (R * Z).sum(1, keepdim=True)
-        P = Z + (rz_next / rz.clamp_min(1e-30)) * P
+        P = Z.add_(P.mul_(rz_next / rz.clamp_min(1e-30)))
         rz = rz_next
-    return W * m, done
+    return W.mul_(m), done
 
 
 def refit_cost(mask: torch.Tensor) -> float:
@@ -574,13 +605,16 @@ def calibrate_pair(
     opts: CalibratedOptions,
     split: Callable[[Pair, torch.Tensor, torch.Tensor], torch.Tensor],
     budget: int | None,
+    release: bool = False,
 ) -> CalibratedPair:
     """Widen the selected neurons, keep exactly `budget` weights by importance, refit what is kept.
 
     `x` (tokens × inputs): the pair's inputs on calibration data. `split(pair, support, selected)` gives the
     children assignment (neurons × inputs). The target is the pair's own output on `x`. Only tensors at the
     model's width (`x`, the target) are held over all tokens; everything at the pair's neurons is computed
-    `chunk_rows` tokens at a time (saliency, errors, the refits' statistics).
+    `chunk_rows` tokens at a time (saliency, errors, the refits' statistics). `release`: the caller hands the pair
+    over; its weights are dropped (emptied in place, masks kept) once the incoming refits are done, so the outgoing
+    refit does not run beside the unpruned matrices.
     """
     x = x.to(torch.float32)
     n = len(x)
@@ -650,6 +684,9 @@ def calibrate_pair(
         else:
             new_b.append(None)
     del ex, w_in, pruned, full_masks  # the unpruned weights: only the refitted ones are needed from here
+    if release:
+        pair.w_in[:] = [w.new_empty(0) for w in pair.w_in]
+        pair.w_out = pair.w_out.new_empty(0)
     # outgoing (and its bias): the pair's original output from the refitted children's activations
     refit = Pair(new_in, masks[:-1], new_b, w_out, masks[-1])
     if not opts.refit_outgoing:
