@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -144,3 +146,65 @@ def test_an_mlp_chain_is_sharded_layer_by_layer():
     found = units(model)
     assert [type(u) for u in found] == [ChainLayer] * 3
     assert {id(p) for u in found for p in u.parameters()} == {id(p) for p in model.parameters()}
+
+
+SHARDED_LOAD = r"""
+import sys, torch, torch.distributed as dist
+from pathlib import Path
+from fpewiden.io.checkpoint import Checkpoint
+from fpewiden.model.loaded import load_model, load_skeleton
+from fpewiden.train.fsdp import load_shards
+
+dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=0, world_size=1)
+ref = load_model(Path(sys.argv[1]))
+tr, masked = load_skeleton(Path(sys.argv[1]))
+assert all(p.device.type == "meta" for p in tr.model.parameters())
+def whole(self, name):
+    raise AssertionError(f"read whole: {name}")
+Checkpoint.get = whole  # a rank reads its rows only
+name_of = {id(p): n for n, p in tr.model.named_parameters()}
+module_name = {ck_name: name_of[id(p)] for ck_name, p in tr.param_of.items()}
+masks = load_shards(tr.model, tr.param_of, tr.ck, masked, torch.device("cpu"))
+got = {n: p.full_tensor() for n, p in tr.model.named_parameters()}
+for n, p in ref.model.named_parameters():
+    assert torch.equal(got[n], p.detach()), n
+by_name = dict(tr.model.named_parameters())
+assert ref.masks
+for ck_name, m in ref.masks.items():
+    assert torch.equal(masks[by_name[module_name[ck_name]]].full_tensor(), m), ck_name
+for n, b in ref.model.named_buffers():
+    assert torch.equal(tr.model.get_buffer(n), b), n
+dist.destroy_process_group()
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("kind", ["mlp", "llama"])
+def test_fsdp_fills_each_shard_from_the_checkpoint(tmp_path, kind):
+    """Under --fsdp the model is built on meta and each rank reads only its rows of every tensor: the shards hold
+    exactly what load_model loads, masks (stored or from zeros) and the skeleton's buffers included."""
+    if kind == "mlp":
+        src = tmp_path / "fpe.safetensors"
+        convert(dnf_mlp(tmp_path / "m.safetensors"), src, ConvertOptions(alpha=2))
+    else:
+        src = tmp_path / "fpe"
+        convert(tiny_causal(tmp_path / "m", "llama"), src, ConvertOptions(alpha=2))
+    res = subprocess.run([sys.executable, "-c", SHARDED_LOAD, str(src), str(tmp_path / "store")], capture_output=True,
+                         text=True, env=ENV, timeout=120, cwd=ROOT)  # fmt: skip
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
+@given(st.integers(0, 7), st.integers(0, 9), st.sampled_from(["float32", "bfloat16"]))
+def test_checkpoint_rows_are_the_rows_of_the_tensor(start, length, dtype):
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    t = torch.arange(6 * 5, dtype=torch.float32).reshape(6, 5).to(getattr(torch, dtype))
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "m.safetensors"
+        save_file({"0.weight": t, "0.bias": torch.ones(6)}, str(path))
+        ck = open_checkpoint(path)
+        got = ck.rows("0.weight", start, start + length)
+        assert torch.equal(got, t[start : start + length]) and got.dtype == t.dtype
+        assert torch.equal(ck.rows("0.bias", start, start + length), torch.ones(6)[start : start + length])

@@ -22,7 +22,7 @@ import torch
 from fpewiden.errors import FpewidenError
 from fpewiden.io.metadata import FpeMetadata
 from fpewiden.io.provenance import hash_file
-from fpewiden.io.safetensors_stream import DTYPE_NAMES, Header, read_header, read_tensor
+from fpewiden.io.safetensors_stream import DTYPE_NAMES, Header, read_header, read_rows, read_tensor
 
 MASK_PREFIX = "fpewiden_mask."
 MASKS_FILE = "fpewiden_masks.safetensors"
@@ -64,6 +64,12 @@ class Checkpoint:
         if name in self.memory:
             return self.memory[name]
         return read_tensor(self.headers[name], name)
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a tensor; from disk only their bytes are read."""
+        if name in self.memory:
+            return self.memory[name][start:stop]
+        return read_rows(self.headers[name], name, start, stop)
 
     def mask(self, name: str) -> torch.Tensor | None:
         packed = self.packed_masks.get(name)

@@ -109,6 +109,25 @@ def read_tensor(header: Header, name: str) -> torch.Tensor:
     return torch.frombuffer(buf, dtype=DTYPES[e.dtype]).reshape(e.shape)
 
 
+def read_rows(header: Header, name: str, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of a tensor (along its first dimension), reading only their bytes: what one rank of a
+    sharded model needs of it."""
+    e = header.entries[name]
+    rows = e.shape[0] if e.shape else 1
+    start, stop = max(0, min(start, rows)), max(0, min(stop, rows))
+    stop = max(start, stop)
+    row_bytes = (e.end - e.start) // max(1, rows)
+    buf = bytearray((stop - start) * row_bytes)
+    with open(header.path, "rb") as f:
+        f.seek(e.start + start * row_bytes)
+        if f.readinto(buf) != len(buf):
+            raise FpewidenError(f"{header.path} is truncated")
+    shape = (stop - start, *e.shape[1:])
+    if not buf:
+        return torch.empty(shape, dtype=DTYPES[e.dtype])
+    return torch.frombuffer(buf, dtype=DTYPES[e.dtype]).reshape(shape)
+
+
 def _pwrite_all(fd: int, data: torch.Tensor, offset: int) -> None:
     view = memoryview(data.view(torch.uint8).numpy()).cast("B")
     while view:

@@ -75,6 +75,52 @@ def load_model(path: Path, head: bool = False) -> LoadedModel:
     return _load_hf(ck, head) if ck.kind == "hf" else _load_mlp(ck)
 
 
+def load_skeleton(path: Path) -> tuple[LoadedModel, list[str]]:
+    """The model `load_model` gives, with every parameter on the meta device (nothing read, nothing allocated),
+    and the checkpoint names of the matrices that may carry masks: for a loader that fills each rank's shard
+    straight from the checkpoint (train/fsdp.py `load_shards`). Masks are left to it (a shard's own)."""
+    ck = open_checkpoint(path)
+    pair_weights = [n for p in find_pairs(ck) for n in (*p.in_weights, p.out_weight)]
+    if ck.kind == "mlp":
+        activation = ck.meta.activation or "relu"
+        if activation not in ACTIVATIONS:
+            raise FpewidenError(f"{ck.path}: unknown activation {activation!r} in metadata")
+        meta = [
+            (m, torch.empty(ck.shapes[w], device="meta"), torch.empty(ck.shapes[b], device="meta") if b else None)
+            for m, w, b in linear_layers(ck)
+        ]
+        model = ChainMLP(meta, activation)
+        param_of: dict[str, nn.Parameter] = dict(model.named_weights())
+        for (_m, _, b), layer in zip(linear_layers(ck), model.layers, strict=True):
+            if b:
+                param_of[b] = layer.bias
+        return LoadedModel(ck, model, param_of, {}, activation), list(model.named_weights())
+    from fpewiden.model.skeleton import checkpoint_key, empty_model
+
+    model = empty_model(ck.path, head=False)
+    params = dict(model.named_parameters())
+    param_of = {}
+    for n in ck.shapes:
+        key = checkpoint_key(model, n, params)
+        if key is not None:
+            param_of[n] = params[key]
+    missing = set(params) - {checkpoint_key(model, n, params) for n in param_of}
+    if missing:
+        raise FpewidenError(f"{ck.path} has no tensor for the model's parameter {sorted(missing)[0]}")
+    activation = json.dumps(ck.config.get("hidden_act", "")) if ck.config else ""
+    return LoadedModel(ck, model, param_of, {}, activation), [n for n in pair_weights if n in param_of]
+
+
+def masks_of(ck: Checkpoint, names: list[str]) -> dict[str, torch.Tensor]:
+    """The masks `load_model` finds for these matrices (stored, or a matrix's zeros), one tensor read at a time."""
+    out = {}
+    for name in names:
+        m = _mask_for(ck, name, ck.get(name))
+        if m is not None:
+            out[name] = m
+    return out
+
+
 def has_lm_head(config: dict) -> bool:
     """Causal LMs name themselves *ForCausalLM (Llama, Qwen, OPT, …) or GPT2LMHeadModel."""
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.get("architectures") or [])

@@ -27,6 +27,7 @@ from fpewiden.train.supervised import SupervisedTask
 from fpewiden.train.trainer import (
     auto_threads,
     available_cores,
+    check_fsdp,
     setup_distributed,
     teardown_distributed,
     train,
@@ -92,7 +93,13 @@ def finetune(
     if resume and not (state.is_dir() if cfg.fsdp else state.is_file()):
         raise FpewidenError(f"--resume: no state file {state} to resume from")
     torch.manual_seed(cfg.seed)
-    tr = load_model(ckpt)
+    masked: list[str] = []
+    if cfg.fsdp:  # every rank reads only its shards (train/fsdp.py load_shards): nothing is loaded whole here
+        from fpewiden.model.loaded import load_skeleton
+
+        tr, masked = load_skeleton(ckpt)
+    else:
+        tr = load_model(ckpt)
     if cfg.dropconnect and tr.ck.kind == "hf":
         raise FpewidenError("--dropconnect is for MLP checkpoints (it drops every weight matrix of the chain)")
     if tr.ck.kind == "mlp" and dst.suffix not in (".safetensors", ".pt", ".pth", ".bin"):
@@ -119,11 +126,17 @@ def finetune(
     if cfg.fsdp:
         module_name = {id(p): n for n, p in tr.model.named_parameters(remove_duplicate=False)}
         module_of = {ck: module_name[id(p)] for ck, p in tr.param_of.items()}
-    dist, owns_group = setup_distributed(resolve_device(cfg.device))
+    device = resolve_device(cfg.device)
+    dist, owns_group = setup_distributed(device)
     try:
+        masks = tr.mask_map()
+        if cfg.fsdp:
+            from fpewiden.train.fsdp import load_shards
+
+            check_fsdp(cfg, dist, bool(tr.ties()))
+            masks = load_shards(tr.model, tr.param_of, tr.ck, masked, device)
         history = train(
-            tr.model, task, cfg, tr.mask_map(), state, resume, on_step, on_epoch, dc_params, tr.ties(),
-            provenance.record(),
+            tr.model, task, cfg, masks, state, resume, on_step, on_epoch, dc_params, tr.ties(), provenance.record()
         )  # fmt: skip
         held = sum(local_numel(p) for p in tr.model.parameters())  # this rank's share
         if cfg.fsdp:  # the trained parameters live in the shards: gather them onto rank 0, one at a time
@@ -140,6 +153,11 @@ def finetune(
             teardown_distributed()
     if not dist.main:
         return {"history": history, "final": history[-1] if history else {}}
+    if cfg.fsdp:  # the masks the shards were loaded with, now whole on rank 0 to check and write them
+        from fpewiden.model.loaded import masks_of
+
+        tr.masks = masks_of(tr.ck, masked)
+        before = tr.masks
     for n, m in before.items():  # the zero pattern must be exactly what it was
         assert torch.equal(tr.masks[n], m) and not bool(tr.tensors()[n][~m].any()), n
     summary = {

@@ -11,6 +11,9 @@ Masks are sharded like their parameters (a DTensor with the parameter's placemen
 state for `--resume` is a `torch.distributed.checkpoint` folder (each rank writes its own shards); its metadata
 file is a pickle, read here with an unpickler that admits only the checkpoint's own metadata classes. The final
 model is gathered one tensor at a time onto rank 0 (its full copy plus its shard: never the model twice).
+
+Loading (`load_shards`): finetune builds the model on the meta device, shards it, and each rank reads only its own
+rows of every checkpoint tensor (Checkpoint.rows), so no rank holds the whole model before training either.
 """
 
 from __future__ import annotations
@@ -47,14 +50,13 @@ def shard(
     The unsharded originals are released: FSDP copies each rank's shard out of them and keeps no reference, so
     holding them would keep the whole model on every rank.
     """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import distribute_tensor
 
     name_of = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
     by_name = {name_of[id(p)]: m for p, m in masks.items()}
     old = list(model.parameters())
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else None
-    kw = {"mp_policy": mp} if mp is not None else {}
+    kw = _policy(device)
     for unit in units(model):
         fully_shard(unit, **kw)
     fully_shard(model, **kw)
@@ -66,6 +68,69 @@ def shard(
         params[n]: distribute_tensor(m.to(device), params[n].device_mesh, params[n].placements, src_data_rank=None)
         for n, m in by_name.items()
     }
+
+
+def _policy(device: torch.device) -> dict:
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if device.type != "cuda":
+        return {}
+    return {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)}
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return any(hasattr(p, "device_mesh") for p in model.parameters())
+
+
+def load_shards(
+    model: nn.Module, param_of: dict[str, nn.Parameter], ck, masked: list[str], device: torch.device
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Shard a model whose parameters are on the meta device (model/loaded.py `load_skeleton`) and fill each
+    rank's shard straight from the checkpoint: a rank reads only its rows of each tensor (FSDP2 shards dim 0 in
+    ceil(rows / world) pieces), so no rank ever holds the whole model. Returns the masks of the `masked` matrices
+    (stored, or the non-zeros of the shard), sharded like their parameters. The masks of matrices without a
+    stored mask and without zeros are all ones (training is the same; the writer drops them)."""
+    import math
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    aliases: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(n)
+    ck_of = {n: ck_name for ck_name, p in param_of.items() for n in aliases.get(id(p), [])}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}  # made for real by the skeleton; to_empty drops them
+    for unit in units(model):
+        fully_shard(unit, **_policy(device))
+    fully_shard(model, **_policy(device))
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for n, b in buffers.items():
+            model.get_buffer(n).copy_(b)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    wanted = set(masked)
+    masks = {}
+    for n, p in model.named_parameters():
+        ck_name = ck_of.get(n)
+        if ck_name is None:
+            raise FpewidenError(f"{ck.path} has no tensor for the model's parameter {n}")
+        local = p.to_local()
+        rows = p.shape[0]
+        start = min(rows, rank * math.ceil(rows / world))
+        stop = start + local.shape[0]
+        with torch.no_grad():
+            t = ck.rows(ck_name, start, stop)
+            local.copy_(t)
+        if ck_name not in wanted:
+            continue
+        stored = ck.mask(ck_name)
+        m = stored[start:stop] if stored is not None else t != 0
+        del t
+        masks[p] = DTensor.from_local(
+            m.to(device), p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+        )
+    return masks
 
 
 def gather(model: nn.Module, main: bool) -> dict[str, torch.Tensor]:

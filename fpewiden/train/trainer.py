@@ -221,7 +221,8 @@ def _train(
     if cfg.fsdp:
         from fpewiden.train import fsdp
 
-        masks = fsdp.shard(model, masks, device)
+        if not fsdp.is_sharded(model):  # finetune loads its shards straight from the checkpoint (load_shards)
+            masks = fsdp.shard(model, masks, device)
     elif dist.world > 1:
         wrapped = nn.parallel.DistributedDataParallel(
             model, device_ids=[dist.local_rank] if device.type == "cuda" else None
