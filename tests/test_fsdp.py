@@ -208,3 +208,19 @@ def test_checkpoint_rows_are_the_rows_of_the_tensor(start, length, dtype):
         got = ck.rows("0.weight", start, start + length)
         assert torch.equal(got, t[start : start + length]) and got.dtype == t.dtype
         assert torch.equal(ck.rows("0.bias", start, start + length), torch.ones(6)[start : start + length])
+
+
+def test_a_checkpoint_missing_a_parameter_is_loaded_whole_under_fsdp(tmp_path):
+    """transformers initialises a parameter the checkpoint lacks; the sharded loader cannot, so it declines and
+    finetune shards after a whole load instead."""
+    from safetensors.torch import save_file
+
+    from fpewiden.model.loaded import load_skeleton
+
+    src = tiny_causal(tmp_path / "m", "llama")
+    assert load_skeleton(src) is not None
+    (weights,) = src.glob("*.safetensors")
+    tensors = load_file(weights)
+    del tensors[next(k for k in tensors if k.endswith("norm.weight") and "layers" not in k)]
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    assert load_skeleton(src) is None

@@ -170,9 +170,11 @@ class OnloadedModel:
         _to_meta(self.model)  # the embeddings are not needed again; block weights are read as they are reached
 
     def _keep(self, i: int, args: tuple, kwargs: dict) -> None:
-        """Store batch i's block inputs, the hidden states at the real tokens only where they are batch × tokens."""
+        """Store batch i's block inputs, the hidden states at the real tokens only where they are batch × tokens
+        and the model is told which tokens are padding (so that padded positions never reach a real token)."""
         h = _hidden(args, kwargs)
-        packed = h.dim() == 3 and tuple(h.shape[:2]) == tuple(self.real[i].shape)
+        masked = "attention_mask" in self.batches[i]
+        packed = masked and h.dim() == 3 and tuple(h.shape[:2]) == tuple(self.real[i].shape)
         state = _with_hidden(args, kwargs, h[self.real[i]]) if packed else (args, kwargs)
         if i == len(self.states):
             self.states.append(state)

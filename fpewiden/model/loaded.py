@@ -75,10 +75,11 @@ def load_model(path: Path, head: bool = False) -> LoadedModel:
     return _load_hf(ck, head) if ck.kind == "hf" else _load_mlp(ck)
 
 
-def load_skeleton(path: Path) -> tuple[LoadedModel, list[str]]:
+def load_skeleton(path: Path) -> tuple[LoadedModel, list[str]] | None:
     """The model `load_model` gives, with every parameter on the meta device (nothing read, nothing allocated),
     and the checkpoint names of the matrices that may carry masks: for a loader that fills each rank's shard
-    straight from the checkpoint (train/fsdp.py `load_shards`). Masks are left to it (a shard's own)."""
+    straight from the checkpoint (train/fsdp.py `load_shards`). Masks are left to it (a shard's own). None where
+    the checkpoint lacks some parameter of the model (transformers would initialise it: load_model does that)."""
     ck = open_checkpoint(path)
     pair_weights = [n for p in find_pairs(ck) for n in (*p.in_weights, p.out_weight)]
     if ck.kind == "mlp":
@@ -106,7 +107,7 @@ def load_skeleton(path: Path) -> tuple[LoadedModel, list[str]]:
             param_of[n] = params[key]
     missing = set(params) - {checkpoint_key(model, n, params) for n in param_of}
     if missing:
-        raise FpewidenError(f"{ck.path} has no tensor for the model's parameter {sorted(missing)[0]}")
+        return None
     activation = json.dumps(ck.config.get("hidden_act", "")) if ck.config else ""
     return LoadedModel(ck, model, param_of, {}, activation), [n for n in pair_weights if n in param_of]
 

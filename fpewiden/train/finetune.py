@@ -93,13 +93,14 @@ def finetune(
     if resume and not (state.is_dir() if cfg.fsdp else state.is_file()):
         raise FpewidenError(f"--resume: no state file {state} to resume from")
     torch.manual_seed(cfg.seed)
-    masked: list[str] = []
-    if cfg.fsdp:  # every rank reads only its shards (train/fsdp.py load_shards): nothing is loaded whole here
+    # under FSDP every rank reads only its shards (train/fsdp.py load_shards): nothing is loaded whole here,
+    # unless the checkpoint lacks a parameter transformers must initialise (then it is sharded after a whole load)
+    skeleton = None
+    if cfg.fsdp:
         from fpewiden.model.loaded import load_skeleton
 
-        tr, masked = load_skeleton(ckpt)
-    else:
-        tr = load_model(ckpt)
+        skeleton = load_skeleton(ckpt)
+    tr, masked = skeleton if skeleton is not None else (load_model(ckpt), None)
     if cfg.dropconnect and tr.ck.kind == "hf":
         raise FpewidenError("--dropconnect is for MLP checkpoints (it drops every weight matrix of the chain)")
     if tr.ck.kind == "mlp" and dst.suffix not in (".safetensors", ".pt", ".pth", ".bin"):
@@ -130,7 +131,7 @@ def finetune(
     dist, owns_group = setup_distributed(device)
     try:
         masks = tr.mask_map()
-        if cfg.fsdp:
+        if masked is not None:
             from fpewiden.train.fsdp import load_shards
 
             check_fsdp(cfg, dist, bool(tr.ties()))
@@ -153,7 +154,7 @@ def finetune(
             teardown_distributed()
     if not dist.main:
         return {"history": history, "final": history[-1] if history else {}}
-    if cfg.fsdp:  # the masks the shards were loaded with, now whole on rank 0 to check and write them
+    if masked is not None:  # the masks the shards were loaded with, now whole on rank 0 to check and write them
         from fpewiden.model.loaded import masks_of
 
         tr.masks = masks_of(tr.ck, masked)
