@@ -597,6 +597,41 @@ def _output_error(pair: Pair, x: torch.Tensor, fn: PairFunction, b_out, target: 
     return math.sqrt(err) / max(math.sqrt(ref), 1e-30)
 
 
+def _refit_incoming(
+    x: torch.Tensor,
+    w_full: torch.Tensor,
+    b: torch.Tensor | None,
+    w_kept: torch.Tensor,
+    m: torch.Tensor,
+    m_full: torch.Tensor,
+    opts: CalibratedOptions,
+    chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor | None, float | None, str] | None:
+    """Each child of one incoming matrix that lost inputs reproduces its unpruned pre-activation (None: none lost,
+    or the refit is off). Returns the matrix (`w_kept` refitted in place where it is fp32), its bias, the ridge and
+    the solver. A function of its own so that its temporaries (the lost rows, the prior, the fit) die with it."""
+    lost = (m != m_full).any(1)
+    if not opts.refit_incoming or not bool(lost.any()):
+        return None
+    every = bool(lost.all())  # usual at half budget: the rows are the matrices themselves, not copies of them
+    w_lost = (w_full if every else w_full[lost]).to(x.dtype)
+    prior = (w_kept if every else w_kept[lost]).to(x.dtype) if opts.anchor else None
+    zero = torch.zeros(int(lost.sum()), dtype=x.dtype)  # no refit: the bias stays as it is
+    fit = _refit(
+        x, lambda part: x[part] @ w_lost.T, m[lost], opts.ridge, b is not None, prior, zero, opts.solver,
+        opts.device, len(x), chunk,
+    )  # fmt: skip
+    w = w_kept.to(x.dtype)  # this pair's own masked copy (or its fp32 form): refitted in place
+    if fit.w.data_ptr() != w.data_ptr():  # the same tensor where keeping the prior won and no rows were copied
+        w[lost] = fit.w
+    nb = None
+    if b is not None:
+        nb = b.clone().to(x.dtype)
+        nb[lost] = b[lost].to(x.dtype) + fit.b
+        nb = nb.to(b.dtype)
+    return w.to(w_kept.dtype), nb, fit.ridge, fit.solver
+
+
 def calibrate_pair(
     pair: Pair,
     x: torch.Tensor,
@@ -659,30 +694,17 @@ def calibrate_pair(
     ridges: list[float | None] = []
     solvers: list[str] = []
     for w_full, b, w_kept, m, m_full in zip(ex.w_in, ex.b_in, w_in, masks[:-1], full_masks[:-1], strict=True):
-        lost = (m != m_full).any(1)
-        if not opts.refit_incoming or not bool(lost.any()):
+        refitted = _refit_incoming(x, w_full, b, w_kept, m, m_full, opts, chunk)
+        if refitted is None:
             new_in.append(w_kept)
             new_b.append(b)
             continue
-        w_lost = w_full[lost].to(x.dtype)
-        prior = w_kept[lost].to(x.dtype) if opts.anchor else None
-        zero = torch.zeros(int(lost.sum()), dtype=x.dtype)  # no refit: the bias stays as it is
-        fit = _refit(
-            x, lambda part, w_lost=w_lost: x[part] @ w_lost.T, m[lost], opts.ridge, b is not None, prior, zero,
-            opts.solver, opts.device, n, chunk,
-        )  # fmt: skip
-        w_fit, shift = fit.w, fit.b
-        ridges.append(fit.ridge)
-        solvers.append(fit.solver)
-        w = w_kept.to(x.dtype)  # this pair's own masked copy (or its fp32 form): refitted in place
-        w[lost] = w_fit
-        new_in.append(w.to(w_kept.dtype))
-        if b is not None:
-            nb = b.clone().to(x.dtype)
-            nb[lost] = b[lost].to(x.dtype) + shift
-            new_b.append(nb.to(b.dtype))
-        else:
-            new_b.append(None)
+        w, nb, ridge, solver = refitted
+        new_in.append(w)
+        new_b.append(nb)
+        ridges.append(ridge)
+        solvers.append(solver)
+    del w_full, w_kept, refitted  # the loop's names would keep the last matrix's unpruned weights alive
     del ex, w_in, pruned, full_masks  # the unpruned weights: only the refitted ones are needed from here
     if release:
         pair.w_in[:] = [w.new_empty(0) for w in pair.w_in]
