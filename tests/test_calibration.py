@@ -425,7 +425,7 @@ def test_onloading_frees_each_block_once_passed(tmp_path):
 def test_onloading_keeps_hidden_states_at_real_tokens_only(tmp_path):
     """Padded positions are not carried from block to block (a real token's output never reads them): the
     states hold the real tokens' rows, and a block gets them padded again with zeros."""
-    from fpewiden.convert.onload import OnloadedModel
+    from fpewiden.convert.onload import OnloadedModel, _hidden
     from fpewiden.io.checkpoint import open_checkpoint
     from fpewiden.model.skeleton import empty_model
 
@@ -437,15 +437,13 @@ def test_onloading_keeps_hidden_states_at_real_tokens_only(tmp_path):
     om = OnloadedModel.open(ck, model, [batch], [n for n in ck.shapes if ".mlp." in n], [real])
     assert om is not None
     width = ck.config["hidden_size"]
-    rows = om.states[0][1]["hidden_states"] if not om.states[0][0] else om.states[0][0][0]
+    rows = _hidden(*om.states[0])
     assert rows.shape == (7, width)
-    args, kwargs = om._padded(0)
-    padded = args[0] if args else kwargs["hidden_states"]
+    padded = _hidden(*om._padded(0))
     assert padded.shape == (2, 5, width) and not bool(padded[~real].any())
     assert torch.equal(padded[real], rows)
     om.seek(1)  # block 0 ran on the padded states; its outputs are kept at the real tokens again
-    rows = om.states[0][1]["hidden_states"] if not om.states[0][0] else om.states[0][0][0]
-    assert rows.shape == (7, width)
+    assert _hidden(*om.states[0]).shape == (7, width)
 
 
 MEMORY_PROBE = """

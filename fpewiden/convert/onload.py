@@ -7,8 +7,8 @@ device: the embeddings run once to give the first block's inputs (its hidden sta
 the model passes it: attention mask, rotary embeddings, position ids), then are freed; each block is read from the
 checkpoint when its first pair is calibrated, run on the stored hidden states (stopped at the pair being
 calibrated), and, once its pairs are converted, run whole to give the next block's inputs and freed. The hidden
-states are kept at the real tokens only (calibration batches are padded: about half of TREC's padded positions)
-and padded again, with zeros, one batch at a time as the block runs: a real token's output never depends on what
+states are kept at the real tokens only (calibration batches are padded to their longest sentence) and padded
+again, with zeros, one batch at a time as the block runs: a real token's output never depends on what
 a padded position holds, since attention masks it out and everything else is per token. Peak memory: one block,
 the embeddings at the start, and the calibration tokens' hidden states.
 

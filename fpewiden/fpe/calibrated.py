@@ -331,6 +331,7 @@ def _cg_block(
     tol: float,
     iters: int,
 ) -> tuple[torch.Tensor, int]:
+    """refit_cg on one block of rows; (G + λI)⁻¹'s Jacobi preconditioner `dinv` is shared by the blocks."""
     m = mask.to(torch.float32)
     b = (cross.to(torch.float32) + (lam * prior.to(torch.float32) if prior is not None else 0.0)) * m
     W = start.to(torch.float32) * m
@@ -704,8 +705,8 @@ def calibrate_pair(
         new_b.append(nb)
         ridges.append(ridge)
         solvers.append(solver)
-    del w_full, w_kept, refitted  # the loop's names would keep the last matrix's unpruned weights alive
-    del ex, w_in, pruned, full_masks  # the unpruned weights: only the refitted ones are needed from here
+    # the unpruned weights (the loop's names too): only the refitted ones are needed from here
+    del w_full, w_kept, refitted, ex, w_in, pruned, full_masks
     if release:
         pair.w_in[:] = [w.new_empty(0) for w in pair.w_in]
         pair.w_out = pair.w_out.new_empty(0)

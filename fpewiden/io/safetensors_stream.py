@@ -99,33 +99,30 @@ def read_header(path: Path) -> Header:
 def read_tensor(header: Header, name: str) -> torch.Tensor:
     """One tensor, read into fresh memory (never an mmap of a file that a later rename could replace)."""
     e = header.entries[name]
-    buf = bytearray(e.end - e.start)
-    with open(header.path, "rb") as f:
-        f.seek(e.start)
-        if f.readinto(buf) != len(buf):
-            raise FpewidenError(f"{header.path} is truncated")
-    if not buf:
-        return torch.empty(e.shape, dtype=DTYPES[e.dtype])
-    return torch.frombuffer(buf, dtype=DTYPES[e.dtype]).reshape(e.shape)
+    return _read(header.path, e.start, e.end - e.start, e.dtype, e.shape)
 
 
 def read_rows(header: Header, name: str, start: int, stop: int) -> torch.Tensor:
-    """Rows [start, stop) of a tensor (along its first dimension), reading only their bytes: what one rank of a
-    sharded model needs of it."""
+    """Rows [start, stop) of a tensor (along its first dimension, clipped to it), reading only their bytes: what
+    one rank of a sharded model needs of it."""
     e = header.entries[name]
-    rows = e.shape[0] if e.shape else 1
-    start, stop = max(0, min(start, rows)), max(0, min(stop, rows))
-    stop = max(start, stop)
+    rows = e.shape[0]
+    start = max(0, min(start, rows))
+    stop = max(start, min(stop, rows))
     row_bytes = (e.end - e.start) // max(1, rows)
-    buf = bytearray((stop - start) * row_bytes)
-    with open(header.path, "rb") as f:
-        f.seek(e.start + start * row_bytes)
+    return _read(header.path, e.start + start * row_bytes, (stop - start) * row_bytes, e.dtype,
+                 (stop - start, *e.shape[1:]))  # fmt: skip
+
+
+def _read(path: Path, offset: int, nbytes: int, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    buf = bytearray(nbytes)
+    with open(path, "rb") as f:
+        f.seek(offset)
         if f.readinto(buf) != len(buf):
-            raise FpewidenError(f"{header.path} is truncated")
-    shape = (stop - start, *e.shape[1:])
+            raise FpewidenError(f"{path} is truncated")
     if not buf:
-        return torch.empty(shape, dtype=DTYPES[e.dtype])
-    return torch.frombuffer(buf, dtype=DTYPES[e.dtype]).reshape(shape)
+        return torch.empty(shape, dtype=DTYPES[dtype])
+    return torch.frombuffer(buf, dtype=DTYPES[dtype]).reshape(shape)
 
 
 def _pwrite_all(fd: int, data: torch.Tensor, offset: int) -> None:

@@ -81,35 +81,16 @@ def load_skeleton(path: Path) -> tuple[LoadedModel, list[str]] | None:
     straight from the checkpoint (train/fsdp.py `load_shards`). Masks are left to it (a shard's own). None where
     the checkpoint lacks some parameter of the model (transformers would initialise it: load_model does that)."""
     ck = open_checkpoint(path)
-    pair_weights = [n for p in find_pairs(ck) for n in (*p.in_weights, p.out_weight)]
     if ck.kind == "mlp":
-        activation = ck.meta.activation or "relu"
-        if activation not in ACTIVATIONS:
-            raise FpewidenError(f"{ck.path}: unknown activation {activation!r} in metadata")
-        meta = [
-            (m, torch.empty(ck.shapes[w], device="meta"), torch.empty(ck.shapes[b], device="meta") if b else None)
-            for m, w, b in linear_layers(ck)
-        ]
-        model = ChainMLP(meta, activation)
-        param_of: dict[str, nn.Parameter] = dict(model.named_weights())
-        for (_m, _, b), layer in zip(linear_layers(ck), model.layers, strict=True):
-            if b:
-                param_of[b] = layer.bias
-        return LoadedModel(ck, model, param_of, {}, activation), list(model.named_weights())
-    from fpewiden.model.skeleton import checkpoint_key, empty_model
+        tr = _chain(ck, lambda name: torch.empty(ck.shapes[name], device="meta"))
+        return tr, list(tr.model.named_weights())
+    from fpewiden.model.skeleton import empty_model
 
     model = empty_model(ck.path, head=False)
-    params = dict(model.named_parameters())
-    param_of = {}
-    for n in ck.shapes:
-        key = checkpoint_key(model, n, params)
-        if key is not None:
-            param_of[n] = params[key]
-    missing = set(params) - {checkpoint_key(model, n, params) for n in param_of}
-    if missing:
+    param_of = _param_of(ck, model)
+    if len({id(p) for p in param_of.values()}) < len(dict(model.named_parameters())):
         return None
-    activation = json.dumps(ck.config.get("hidden_act", "")) if ck.config else ""
-    return LoadedModel(ck, model, param_of, {}, activation), [n for n in pair_weights if n in param_of]
+    return LoadedModel(ck, model, param_of, {}, _hf_activation(ck)), _pair_weights(ck, param_of)
 
 
 def masks_of(ck: Checkpoint, names: list[str]) -> dict[str, torch.Tensor]:
@@ -122,29 +103,49 @@ def masks_of(ck: Checkpoint, names: list[str]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _pair_weights(ck: Checkpoint, param_of: dict[str, nn.Parameter]) -> list[str]:
+    """The checkpoint names of the pairs' matrices the model has: the ones that may carry masks."""
+    return [n for p in find_pairs(ck) for n in (*p.in_weights, p.out_weight) if n in param_of]
+
+
+def _param_of(ck: Checkpoint, model: nn.Module) -> dict[str, nn.Parameter]:
+    """Checkpoint tensor name -> the Hugging Face model's parameter (checkpoints of a model with a head prefix
+    the base model's names)."""
+    from fpewiden.model.skeleton import checkpoint_key
+
+    params = dict(model.named_parameters())
+    keys = {n: checkpoint_key(model, n, params) for n in ck.shapes}
+    return {n: params[k] for n, k in keys.items() if k is not None}
+
+
+def _hf_activation(ck: Checkpoint) -> str:
+    return json.dumps(ck.config.get("hidden_act", "")) if ck.config else ""
+
+
 def has_lm_head(config: dict) -> bool:
     """Causal LMs name themselves *ForCausalLM (Llama, Qwen, OPT, …) or GPT2LMHeadModel."""
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.get("architectures") or [])
 
 
-def _load_mlp(ck: Checkpoint) -> LoadedModel:
+def _chain(ck: Checkpoint, tensor) -> LoadedModel:
+    """The ChainMLP of an MLP checkpoint, its tensors from `tensor(name)` (read, or empty on meta); no masks."""
     find_pairs(ck)  # validates the chain with the same messages as convert
     activation = ck.meta.activation or "relu"
     if activation not in ACTIVATIONS:
         raise FpewidenError(f"{ck.path}: unknown activation {activation!r} in metadata")
-    layers = [(m, ck.get(w), ck.get(b) if b else None) for m, w, b in linear_layers(ck)]
+    layers = [(m, tensor(w), tensor(b) if b else None) for m, w, b in linear_layers(ck)]
     model = ChainMLP(layers, activation)
     param_of: dict[str, nn.Parameter] = dict(model.named_weights())
-    biases = iter(model.biases)
-    for (_m, _, b), has in zip(linear_layers(ck), model.has_bias, strict=True):
-        if has:
-            param_of[b] = next(biases)
-    masks = {}
-    for name in model.named_weights():
-        m = _mask_for(ck, name, ck.get(name))
-        if m is not None:
-            masks[name] = m
-    return LoadedModel(ck, model, param_of, masks, activation)
+    for (_m, _, b), layer in zip(linear_layers(ck), model.layers, strict=True):
+        if b:
+            param_of[b] = layer.bias
+    return LoadedModel(ck, model, param_of, {}, activation)
+
+
+def _load_mlp(ck: Checkpoint) -> LoadedModel:
+    tr = _chain(ck, ck.get)
+    tr.masks = masks_of(ck, list(tr.model.named_weights()))
+    return tr
 
 
 def _load_hf(ck: Checkpoint, head: bool = False) -> LoadedModel:
@@ -160,18 +161,5 @@ def _load_hf(ck: Checkpoint, head: bool = False) -> LoadedModel:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise FpewidenError(f"transformers cannot load {ck.path}: {str(e).splitlines()[0]}") from None
     model = model.float()
-    params = dict(model.named_parameters())
-    prefix = f"{model.base_model_prefix}."
-    param_of = {}
-    for n in ck.shapes:
-        key = n if n in params else n[len(prefix) :] if n.startswith(prefix) else None
-        if key in params:
-            param_of[n] = params[key]
-    masks = {}
-    for p in find_pairs(ck):
-        for name in (*p.in_weights, p.out_weight):
-            if name in param_of:
-                m = _mask_for(ck, name, ck.get(name))
-                if m is not None:
-                    masks[name] = m
-    return LoadedModel(ck, model, param_of, masks, json.dumps(ck.config.get("hidden_act", "")) if ck.config else "")
+    param_of = _param_of(ck, model)
+    return LoadedModel(ck, model, param_of, masks_of(ck, _pair_weights(ck, param_of)), _hf_activation(ck))

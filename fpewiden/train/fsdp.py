@@ -33,7 +33,7 @@ STATE_FILE = "fpewiden-state.json"  # epoch and history beside the checkpoint's 
 
 def units(model: nn.Module) -> list[nn.Module]:
     """The modules sharded as their own unit, innermost first as fully_shard needs (the root is added by
-    `shard`)."""
+    `_fully_shard`)."""
     names = set(getattr(model, "_no_split_modules", None) or [])
     found = [m for m in model.modules() if type(m).__name__ in names and m is not model]
     if found:
@@ -50,16 +50,12 @@ def shard(
     The unsharded originals are released: FSDP copies each rank's shard out of them and keeps no reference, so
     holding them would keep the whole model on every rank.
     """
-    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import distribute_tensor
 
     name_of = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
     by_name = {name_of[id(p)]: m for p, m in masks.items()}
     old = list(model.parameters())
-    kw = _policy(device)
-    for unit in units(model):
-        fully_shard(unit, **kw)
-    fully_shard(model, **kw)
+    _fully_shard(model, device)
     with torch.no_grad():
         for p in old:
             p.data = torch.empty(0, dtype=p.dtype, device=p.device)
@@ -78,6 +74,15 @@ def _policy(device: torch.device) -> dict:
     return {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)}
 
 
+def _fully_shard(model: nn.Module, device: torch.device) -> None:
+    """Make every unit, then the root, an FSDP2 module (innermost first, as fully_shard needs)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for unit in units(model):
+        fully_shard(unit, **_policy(device))
+    fully_shard(model, **_policy(device))
+
+
 def is_sharded(model: nn.Module) -> bool:
     return any(hasattr(p, "device_mesh") for p in model.parameters())
 
@@ -93,7 +98,6 @@ def load_shards(
     import math
 
     import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
     aliases: dict[int, list[str]] = {}
@@ -101,9 +105,7 @@ def load_shards(
         aliases.setdefault(id(p), []).append(n)
     ck_of = {n: ck_name for ck_name, p in param_of.items() for n in aliases.get(id(p), [])}
     buffers = {n: b.clone() for n, b in model.named_buffers()}  # made for real by the skeleton; to_empty drops them
-    for unit in units(model):
-        fully_shard(unit, **_policy(device))
-    fully_shard(model, **_policy(device))
+    _fully_shard(model, device)
     model.to_empty(device=device)
     with torch.no_grad():
         for n, b in buffers.items():
