@@ -158,6 +158,18 @@ def test_without_the_library_the_fallback_runs_and_says_so_once(tmp_path):
     assert len(lines) == 1 and "running the pure-torch fallback" in lines[0] and "not built" in lines[0]
 
 
+def test_set_up_without_a_compiler_says_so_in_one_line(tmp_path):
+    """Set-up's build on a machine whose compiler is missing: one line per library naming the cause, exit 0."""
+    code = f"import fpewiden.packed.build as b; from pathlib import Path; b.BUILD = Path({str(tmp_path)!r}); b.main()"
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-c++")}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    lines = [line for line in res.stdout.splitlines() if line.strip()]
+    assert len(lines) == 2 and all("no C++ compiler" in line for line in lines), lines
+    assert "pure-torch fallback" in lines[0] and not list(tmp_path.rglob("*.so"))
+    assert not (tmp_path / "ort-include").exists()  # nothing fetched for a build that cannot run
+
+
 # ---------------------------------------------------------------- packed checkpoints
 
 

@@ -65,12 +65,23 @@ def _compile(work: Path, verbose: bool) -> None:
     )
 
 
+def compiler() -> str:
+    """The C++ compiler both libraries are built with: $CXX, else c++ or g++ on PATH. RuntimeError where there
+    is none, so set-up says so in its one line (torch's extension builder would fail on a warning first)."""
+    env = os.environ.get("CXX")
+    cxx = env or shutil.which("c++") or shutil.which("g++")
+    if cxx is None or shutil.which(cxx) is None:
+        raise RuntimeError(f"no C++ compiler (CXX={env})" if env else "no C++ compiler")
+    return cxx
+
+
 def build(verbose: bool = False) -> Path:
     """Compile the library into _build/ (replacing an older one) and return its path; raises on failure."""
     import subprocess
 
     import torch
 
+    compiler()
     work = BUILD / "work"
     if work.exists():
         shutil.rmtree(work)
@@ -124,10 +135,8 @@ def build_ort(verbose: bool = False) -> tuple[Path, dict]:
 
     from fpewiden.packed import ort_headers
 
+    cxx = compiler()  # before the headers: no download for a build that cannot run
     include, source = ort_headers.find(BUILD / "ort-include")
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if cxx is None:
-        raise RuntimeError("no C++ compiler")
     work = BUILD / "ort-work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
