@@ -9,6 +9,13 @@ a peak of at most 3× one decoder block (fp32, as converted) plus the calibratio
 of every token at the model's width and at the FFN's, fp32). `block-by-block-dynamic-malloc` is the default path
 with glibc's dynamic mmap threshold left as it is (fpewiden/memory.py not applied).
 
+Two baselines, both reported: the process after its imports (the strict one), and a warmed-up process that has
+also run a calibrated conversion of a one-layer model at hidden 256 on 64 sentences, with the solver the large
+pairs get (`cg`; the exact solver's batched working set, up to 256 MiB, is no fixed cost). The second holds what
+any conversion costs whatever the model (modules imported on first use, library code paged in, the BLAS
+library's and the allocator's own buffers), so the peak net of it is what the model itself adds; the warm-up's own
+tensors are a few MB.
+
   python bench/calibration_memory.py [--layers 8 --hidden 2048 --ffn 5632 --out bench/results/calibration_memory]
 """
 
@@ -35,6 +42,12 @@ def hwm():
     return int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) * 1024
 transformers.AutoTokenizer.from_pretrained(src)
 if mode == "baseline":
+    print(json.dumps({"mode": mode, "peak_bytes": hwm()}))
+    raise SystemExit
+if mode == "warm-baseline":  # sys.argv[6]: the one-layer model
+    cal = Calibration(data=data, samples=64, solver="cg")
+    convert(__import__("pathlib").Path(sys.argv[6]), __import__("pathlib").Path(dst),
+            ConvertOptions(alpha=1, budget=Budget.parse("0.5"), calibration=cal))
     print(json.dumps({"mode": mode, "peak_bytes": hwm()}))
     raise SystemExit
 if mode == "block-by-block-dynamic-malloc":  # glibc's own mmap threshold: what fpewiden/memory.py changes
@@ -68,11 +81,13 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         src = build(Path(tmp) / "llama", args.hidden, args.ffn, args.layers)
+        tiny = build(Path(tmp) / "tiny", 256, 704, 1, heads=8, kv_heads=4)
         data = Path(tmp) / "trec.txt"
         data.write_text("\n".join(task_sentences("trec6", "train")[0]) + "\n")
         rows = []
-        for mode in ["baseline", *args.modes.split(",")]:
+        for mode in ["baseline", "warm-baseline", *args.modes.split(",")]:
             cmd = [sys.executable, "-c", CHILD, str(src), str(Path(tmp) / mode), str(data), mode, str(args.threads)]
+            cmd += [str(tiny)]
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode:
                 raise SystemExit(res.stderr[-3000:])
@@ -80,9 +95,10 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     kv = args.hidden // 32 * 4
     block = 4 * (2 * args.hidden * args.hidden + 2 * args.hidden * kv + 3 * args.hidden * args.ffn + 2 * args.hidden)
-    tokens = rows[1]["tokens"] or 0
+    tokens = rows[2]["tokens"] or 0
     acts = 4 * tokens * (args.hidden + args.ffn)
-    base = rows[0]["peak_bytes"]
+    base, warm = rows[0]["peak_bytes"], rows[1]["peak_bytes"]
+    target = 3 * block + acts
     mb = 1 / 2**20
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     lines = [
@@ -94,16 +110,21 @@ def main() -> None:
         f"weights stored in bf16; `--alpha 1 --budget 0.5 --calibration` on TREC training questions ({tokens:,} "
         f"tokens), solver auto, {args.threads} threads, each run its own process. One block in fp32: "
         f"{block * mb:.0f} MB; the calibration activations (fp32 at width {args.hidden} and {args.ffn}): "
-        f"{acts * mb:.0f} MB; target 3 × block + activations = {(3 * block + acts) * mb:.0f} MB. Peak RSS "
-        f"(VmHWM) is net of a process that imported the same libraries ({base * mb:.0f} MB).",
+        f"{acts * mb:.0f} MB; target 3 × block + activations = {target * mb:.0f} MB. Peak RSS (VmHWM) is shown "
+        f"net of a process that imported the same libraries ({base * mb:.0f} MB) and net of a warmed-up one that "
+        f"also converted a one-layer model at hidden 256 ({warm * mb:.0f} MB; see the script's docstring).",
         "",
-        "| path | seconds | peak RSS, net MB | × one block | within target |",
-        "|---|---|---|---|---|",
+        "| path | seconds | peak RSS net of imports, MB | within target | net of the warmed-up process, MB | "
+        "within target |",
+        "|---|---|---|---|---|---|",
     ]
-    for r in rows[1:]:
-        net = r["peak_bytes"] - base
-        ok = "yes" if net <= 3 * block + acts else "no"
-        lines.append(f"| {r['mode']} | {r['seconds']:.0f} | {net * mb:.0f} | {net / block:.1f} | {ok} |")
+    for r in rows[2:]:
+        net, net_warm = r["peak_bytes"] - base, r["peak_bytes"] - warm
+        ok, ok_warm = ("yes" if n <= target else "no" for n in (net, net_warm))
+        lines.append(
+            f"| {r['mode']} | {r['seconds']:.0f} | {net * mb:.0f} ({net / target:.2f}× target) | {ok} | "
+            f"{net_warm * mb:.0f} ({net_warm / target:.2f}× target) | {ok_warm} |"
+        )
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     payload = {"command": command, "block_bytes": block, "activation_bytes": acts, "rows": rows}
     (args.out / "results.json").write_text(json.dumps(payload, indent=1) + "\n")

@@ -122,6 +122,11 @@ def test_conjugate_gradients_reach_the_exact_refit(rows, n, seed, density):
     blocked, _ = refit_cg(f.T @ f, t.T @ f, mask, 1e-2, prior, torch.zeros(rows, n), 1e-6, 200, 2 * 7 * 4 * n)
     assert not bool(blocked[~mask].any())
     torch.testing.assert_close(blocked, exact, rtol=1e-3, atol=1e-3)
+    # written over the prior, which is also the start (calibrate_pair's use): the same rows, bit for bit
+    own = prior.clone()
+    into, _ = refit_cg(f.T @ f, t.T @ f, mask, 1e-2, own, own, 1e-6, 200, 2 * 7 * 4 * n, out=own)
+    fresh, _ = refit_cg(f.T @ f, t.T @ f, mask, 1e-2, prior, prior, 1e-6, 200, 2 * 7 * 4 * n)
+    assert into.data_ptr() == own.data_ptr() and torch.equal(into, fresh)
 
 
 def test_obs_prunes_to_the_mask_and_compensates():
@@ -260,6 +265,31 @@ def test_token_chunks_give_the_whole_calibration(monkeypatch, gated):
     assert whole.ridges == chunked.ridges and whole.solvers == chunked.solvers
     assert chunked.error_after == pytest.approx(whole.error_after, rel=1e-4)
     assert chunked.error_before == pytest.approx(whole.error_before, rel=1e-5)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0])
+def test_a_released_pair_is_freed_and_converts_the_same(fraction):
+    """`release=True` (convert hands its pair over) empties the pair's weights and supports, and changes nothing
+    in the result: calibrated pruning (the pair itself is worked on) and FPE (an expanded copy is)."""
+    g = torch.Generator().manual_seed(5)
+    h, d, o = 12, 10, 6
+
+    def make() -> Pair:
+        g.manual_seed(5)
+        w, b = torch.randn(h, d, generator=g), torch.randn(h, generator=g)
+        return Pair([w], [torch.ones(h, d, dtype=torch.bool)], [b],
+                    torch.randn(o, h, generator=g), torch.ones(o, h, dtype=torch.bool))  # fmt: skip
+
+    x = torch.randn(300, d, generator=g)
+    fn, opts = PairFunction(torch.relu), CalibratedOptions(alpha=2, fraction=fraction)
+    kept = calibrate_pair(make(), x, fn, None, opts, random_split, 60)
+    given = make()
+    freed = calibrate_pair(given, x, fn, None, opts, random_split, 60, release=True)
+    assert all(t.numel() == 0 for t in (*given.w_in, given.w_out, *given.m_in, given.m_out))
+    for a, b in zip([*kept.pair.w_in, kept.pair.w_out, *kept.pair.m_in, kept.pair.m_out],
+                    [*freed.pair.w_in, freed.pair.w_out, *freed.pair.m_in, freed.pair.m_out], strict=True):  # fmt: skip
+        assert torch.equal(a, b)
+    assert kept.error_after == freed.error_after
 
 
 @pytest.mark.parametrize("solver", ["exact", "cg"])
@@ -444,6 +474,64 @@ def test_onloading_keeps_hidden_states_at_real_tokens_only(tmp_path):
     assert torch.equal(padded[real], rows)
     om.seek(1)  # block 0 ran on the padded states; its outputs are kept at the real tokens again
     assert _hidden(*om.states[0]).shape == (7, width)
+
+
+def _onloaded_llama(tmp_path, scratch=None):
+    from fpewiden.convert.onload import OnloadedModel
+    from fpewiden.io.checkpoint import open_checkpoint
+    from fpewiden.model.skeleton import empty_model
+
+    src = tiny_causal(tmp_path / "m", "llama") if not (tmp_path / "m").exists() else tmp_path / "m"
+    ck = open_checkpoint(src)
+    torch.manual_seed(0)
+    real = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]).bool()
+    batches = [{"input_ids": torch.randint(0, 50, (2, 5)), "attention_mask": real.long()} for _ in range(3)]
+    model = empty_model(ck.path, head=False)
+    om = OnloadedModel.open(ck, model, batches, [n for n in ck.shapes if ".mlp." in n], [real] * 3, scratch)
+    assert om is not None
+    return ck, om, [real] * 3
+
+
+def test_onloading_parks_hidden_states_and_the_block_while_a_pair_calibrates(tmp_path):
+    """Once a pair's inputs are captured the carried hidden states wait on disk and the block's weights are freed
+    (nothing of either in memory); both come back bit for bit: the next block receives exactly what it gets when
+    nothing is parked. A weight given to the block since (the converted pair's) is not read over."""
+    from fpewiden.convert.onload import _hidden
+
+    def up(ck, i):
+        return next(n for n in ck.shapes if n.endswith(f"{i}.mlp.up_proj.weight"))
+
+    def live(mod: torch.nn.Module) -> int:
+        return sum(p.device.type != "meta" for p in mod.parameters())
+
+    ck, om, real = _onloaded_llama(tmp_path, tmp_path)
+    kept = [_hidden(*s).clone() for s in om.states]
+    x = om.inputs(up(ck, 0), real)
+    om.release(up(ck, 0))
+    om.park()
+    assert all(_hidden(*s).numel() == 0 for s in om.states) and live(om.block(0)) == 0
+    assert not list(tmp_path.glob(".fpewiden-hidden-*"))  # unlinked: nothing is left if the process dies
+    _, mod = om.module(up(ck, 0))
+    given = torch.nn.Parameter(torch.randn_like(mod.weight, device="cpu"), requires_grad=False)
+    mod.weight = given  # as the converted pair is put in
+    om.seek(1)
+    parked = [_hidden(*s) for s in om.states]
+
+    ck, stay, real = _onloaded_llama(tmp_path)
+    assert all(torch.equal(a, _hidden(*b)) for a, b in zip(kept, stay.states, strict=True))
+    assert torch.equal(stay.inputs(up(ck, 0), real), x)
+    stay.module(up(ck, 0))[1].weight = given
+    stay.seek(1)
+    assert all(torch.equal(a, _hidden(*b)) for a, b in zip(parked, stay.states, strict=True))
+
+
+def test_hidden_states_that_cannot_be_parked_fail_in_one_line(tmp_path):
+    from fpewiden.errors import FpewidenError
+
+    ck, om, real = _onloaded_llama(tmp_path, tmp_path / "missing")
+    om.inputs(next(n for n in ck.shapes if n.endswith("0.mlp.up_proj.weight")), real)
+    with pytest.raises(FpewidenError, match=r"^calibration: cannot create a scratch file in .*missing"):
+        om.park()
 
 
 MEMORY_PROBE = """

@@ -8,8 +8,9 @@ pair then replaces the original in the model, so the next pair sees its effect, 
 
 Hugging Face models whose pairs lie in a list of blocks (every transformer here) are onloaded one block at a time
 (convert/onload.py): the calibration tokens' hidden states are carried from block to block, so memory is one
-block, those hidden states, one pair's inputs, the widened pair's activations and one Gram matrix at a time, and
-each block runs once per pair in it instead of the whole prefix of the model. Others run whole, in memory.
+block, those hidden states (in a scratch file beside the output while a pair calibrates), one pair's inputs, the
+widened pair's activations and one Gram matrix at a time, and each block runs once per pair in it instead of the
+whole prefix of the model. Others run whole, in memory.
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ def _activation_of(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 class CalibratedTransform:
     """A PairTransform that converts each pair from its calibration inputs (see the module docstring)."""
 
-    def __init__(self, ck: Checkpoint, opts: ConvertOptions, chosen: list[PairSpec]):
+    def __init__(self, ck: Checkpoint, opts: ConvertOptions, chosen: list[PairSpec], scratch: Path | None = None):
+        """`scratch`: the directory where the carried hidden states wait while a pair calibrates (convert gives the
+        output's; None: the system's temporary directory)."""
         assert opts.calibration is not None
         from fpewiden.memory import return_freed_memory
 
@@ -68,7 +71,7 @@ class CalibratedTransform:
             c.solver,
             str(resolve_device(c.device)),
         )
-        self.chosen = chosen
+        self.chosen, self.scratch = chosen, scratch
         self.stats: list[dict] = []
         self.warnings: list[str] = []  # printed by the CLI after the conversion
         if ck.kind == "mlp":
@@ -154,7 +157,7 @@ class CalibratedTransform:
         self.onloaded = (
             None
             if self.settings.whole_model
-            else OnloadedModel.open(self.ck, skeleton, self.batches, weights, self.real)
+            else OnloadedModel.open(self.ck, skeleton, self.batches, weights, self.real, self.scratch)
         )
         if self.onloaded is not None:
             self.model = self.onloaded.model
@@ -184,6 +187,7 @@ class CalibratedTransform:
             x = self.onloaded.inputs(spec.in_weights[0], self.real)
             for name in (*spec.in_weights, spec.out_weight):  # converted from the pair as read, not these
                 self.onloaded.release(name)
+            self.onloaded.park()  # the hidden states and the rest of the block wait while the pair calibrates
             return x
         _, module = self._module(spec.in_weights[0])
         runs = [lambda b=b: self.model(**b) for b in self.batches]

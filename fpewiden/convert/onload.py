@@ -9,8 +9,12 @@ checkpoint when its first pair is calibrated, run on the stored hidden states (s
 calibrated), and, once its pairs are converted, run whole to give the next block's inputs and freed. The hidden
 states are kept at the real tokens only (calibration batches are padded to their longest sentence) and padded
 again, with zeros, one batch at a time as the block runs: a real token's output never depends on what
-a padded position holds, since attention masks it out and everything else is per token. Peak memory: one block,
-the embeddings at the start, and the calibration tokens' hidden states.
+a padded position holds, since attention masks it out and everything else is per token. While a block's pair
+calibrates, neither the hidden states nor the rest of the block are needed (only the pair's captured inputs and
+its own weights are): the hidden states wait in an unlinked scratch file and the block's other weights are freed
+(`park`); both come back, the weights read again from the checkpoint, when the block runs next. Peak memory: one
+block, the embeddings at the start, and the calibration tokens' hidden states or the pair's working set, whichever
+is larger.
 
 `find_blocks` says whether a model can be run this way (every calibrated pair inside one ModuleList of blocks);
 where not, convert runs the whole model as before.
@@ -18,8 +22,10 @@ where not, convert runs the whole model as before.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -98,8 +104,12 @@ class OnloadedModel:
         batches: list[dict],
         key_of: dict[str, str],
         real: list[torch.Tensor],
+        scratch: Path | None = None,
     ):
         self.ck, self.model, self.blocks, self.batches = ck, model, blocks, batches
+        self.scratch = scratch  # where parked hidden states wait (None: the system's temporary directory)
+        self._parked: _Parked | None = None
+        self._freed: list[str] = []  # model keys of the block's weights that park freed
         self.key_of = key_of  # checkpoint tensor name -> the model's parameter or buffer key
         self.real = real  # per batch: batch × tokens, False at padding
         self.current = -1  # the block whose weights are loaded
@@ -111,10 +121,17 @@ class OnloadedModel:
 
     @classmethod
     def open(
-        cls, ck: Checkpoint, model: nn.Module, batches: list[dict], pair_weights: list[str], real: list[torch.Tensor]
+        cls,
+        ck: Checkpoint,
+        model: nn.Module,
+        batches: list[dict],
+        pair_weights: list[str],
+        real: list[torch.Tensor],
+        scratch: Path | None = None,
     ) -> OnloadedModel | None:
         """The onloaded model from its skeleton (model/skeleton.py `empty_model`), or None where the calibrated
-        pairs are not all inside one list of blocks. `real`: per batch, which tokens are not padding."""
+        pairs are not all inside one list of blocks. `real`: per batch, which tokens are not padding. `scratch`:
+        the directory parked hidden states wait in."""
         from fpewiden.model.skeleton import checkpoint_key
 
         params = dict(model.named_parameters(remove_duplicate=False))
@@ -130,18 +147,19 @@ class OnloadedModel:
                 return None
             paths.append(key_of[name].rsplit(".", 1)[0])
         blocks = find_blocks(model, paths)
-        return None if blocks is None else cls(ck, model, blocks, batches, key_of, real)
+        return None if blocks is None else cls(ck, model, blocks, batches, key_of, real, scratch)
 
     def block(self, i: int) -> nn.Module:
         return self.model.get_submodule(f"{self.blocks.path}.{i}" if self.blocks.path else str(i))
 
-    def _load(self, outside: bool, block: int | None = None) -> None:
-        """Read tensors from the checkpoint into the skeleton: those outside the blocks, or one block's."""
+    def _load(self, outside: bool, block: int | None = None, only: set[str] | None = None) -> None:
+        """Read tensors from the checkpoint into the skeleton: those outside the blocks, or one block's (`only`:
+        those of its model keys)."""
         from fpewiden.model.skeleton import assign
 
         for name, key in self.key_of.items():
             i = self.blocks.index(key)
-            if (outside and i is None) or (not outside and i == block):
+            if (outside and i is None) or (not outside and i == block and (only is None or key in only)):
                 t = self.ck.get(name)
                 assign(self.model, key, t.to(torch.float32) if t.is_floating_point() else t)
 
@@ -182,8 +200,37 @@ class OnloadedModel:
         else:
             self.states[i], self.packed[i] = state, packed
 
+    def park(self) -> None:
+        """While a pair calibrates (see the module docstring): move the hidden states to a scratch file and free
+        the current block's weights, those `release` has not freed already; they come back, bit for bit, the next
+        time the block runs. Hidden states are parked where they are carried at the real tokens (the usual case):
+        other states stay in memory. Call it after the pair's inputs are captured and its weights released, not
+        before: the converted pair's weights are put into the block later and must not be read over."""
+        if self._parked is None and any(self.packed):
+            self._parked = _Parked(self.scratch, self.states, self.packed)
+        if self.current >= 0 and not self._freed:
+            prefix = f"{self.blocks.path}.{self.current}." if self.blocks.path else f"{self.current}."
+            stored = set(self.key_of.values())
+            for name, p in self.block(self.current).named_parameters():
+                if p.device.type != "meta" and prefix + name in stored:
+                    self._freed.append(prefix + name)
+            for key in self._freed:
+                path, leaf = key.rsplit(".", 1)
+                mod = self.model.get_submodule(path)
+                mod._parameters[leaf] = nn.Parameter(mod._parameters[leaf].to("meta"), requires_grad=False)
+
+    def _unpark(self) -> None:
+        if self._parked is not None:
+            self._parked.restore(self.states)
+            self._parked = None
+        if self._freed:  # not those the converted pair has been given since (a refitted bias)
+            gone = {k for k in self._freed if self.model.get_parameter(k).device.type == "meta"}
+            self._load(outside=False, block=self.current, only=gone)
+            self._freed = []
+
     def _padded(self, i: int) -> tuple[tuple, dict]:
         """Batch i's block inputs as the block takes them: the hidden states padded again (zeros at padding)."""
+        self._unpark()
         args, kwargs = self.states[i]
         if not self.packed[i]:
             return args, kwargs
@@ -200,6 +247,7 @@ class OnloadedModel:
     def _advance(self) -> None:
         """Run the current block whole on every batch: its outputs are the next block's inputs."""
         block = self.block(self.current)
+        self._unpark()
         for i in range(len(self.states)):  # in place: one batch's states exist twice, not all
             args, kwargs = self._padded(i)
             out = block(*args, **kwargs)
@@ -246,6 +294,41 @@ class OnloadedModel:
         w = module._parameters.get("weight")
         if w is not None and w.device.type != "meta":
             module._parameters["weight"] = nn.Parameter(w.to("meta"), requires_grad=False)
+
+
+class _Parked:
+    """Hidden states written, batch after batch, to an unlinked temporary file (it disappears with the process,
+    however that ends) and freed from memory; `restore` reads them back into the states."""
+
+    def __init__(self, scratch: Path | None, states: list[tuple[tuple, dict]], packed: list[bool]):
+        self.rows: dict[int, tuple[torch.Size, torch.dtype]] = {}
+        try:
+            self.file = tempfile.TemporaryFile(dir=scratch, prefix=".fpewiden-hidden-")
+        except OSError as e:
+            raise FpewidenError(f"calibration: cannot create a scratch file in {scratch}: {e.strerror}") from None
+        try:
+            for i, (args, kwargs) in enumerate(states):
+                if packed[i]:
+                    h = _hidden(args, kwargs).contiguous()
+                    self.file.write(h.view(torch.uint8).numpy().data)
+                    self.rows[i] = (h.shape, h.dtype)
+        except OSError as e:
+            self.file.close()
+            raise FpewidenError(
+                f"calibration: cannot write the hidden states to a scratch file in {scratch}: {e.strerror}"
+            ) from None
+        for i in self.rows:
+            states[i] = _with_hidden(*states[i], torch.empty(0))
+
+    def restore(self, states: list[tuple[tuple, dict]]) -> None:
+        self.file.seek(0)
+        for i, (shape, dtype) in self.rows.items():
+            h = torch.empty(shape, dtype=dtype)
+            raw = h.view(torch.uint8).numpy().reshape(-1)
+            if self.file.readinto(raw) != raw.nbytes:
+                raise FpewidenError("calibration: the scratch file of hidden states was cut short")
+            states[i] = _with_hidden(*states[i], h)
+        self.file.close()
 
 
 @torch.no_grad()

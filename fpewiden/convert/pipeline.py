@@ -137,6 +137,16 @@ def pair_bytes(ck: Checkpoint, spec: PairSpec) -> int:
     return sum(nbytes(ck.dtypes[n], ck.shapes[n]) for n in (*spec.in_weights, spec.out_weight))
 
 
+def _emit(sink: OutputSink, k: int, names: tuple[str, ...], rows: list[int], transposed: bool, result) -> list[int]:
+    """Stream a converted pair's row blocks into the sink; returns the non-zeros kept per matrix. A function of
+    its own so that no loop variable keeps the last block alive through the next pair's conversion."""
+    kept = [0] * len(names)
+    for i, row, w, m in result.blocks:
+        sink.emit(k, names[i], row, w, m, rows[i], transposed)
+        kept[i] += count(m)
+    return kept
+
+
 def _stream_pairs(ck, plan, opts, transform, meta, sink, on_pair, provenance) -> dict:
     reader = _Reader(ck, sink)
     done, total = 0, sum(pair_bytes(ck, p) for p in plan.chosen)
@@ -148,15 +158,12 @@ def _stream_pairs(ck, plan, opts, transform, meta, sink, on_pair, provenance) ->
             names = (*spec.in_weights, spec.out_weight)
             rows = [plan.neurons(spec, plan.shapes)] * len(spec.in_weights) + [pair.w_out.shape[0]]
             b_out = reader.sink.bias(spec.out_bias) if spec.out_bias else None
-            kept = [0] * len(names)
+            had = [count(m) for m in (*pair.m_in, pair.m_out)]  # the pair is the transform's from here
             try:
                 result = transform(k, spec, pair, budget, b_out)
-                for i, row, w, m in result.blocks:
-                    sink.emit(k, names[i], row, w, m, rows[i], spec.transposed)
-                    kept[i] += count(m)
+                kept = _emit(sink, k, names, rows, spec.transposed, result)
             except FpewidenError as e:
                 raise FpewidenError(f"layer {spec.name}: {e}") from None
-            had = [count(m) for m in (*pair.m_in, pair.m_out)]
             for name, n_kept, n_had in zip(names, kept, had, strict=True):
                 if n_kept == 0 and n_had > 0:
                     raise EmptyLayerError(
@@ -256,7 +263,7 @@ def convert(
     if transform is None and opts.calibration is not None:
         from fpewiden.convert.calibration import CalibratedTransform
 
-        transform = CalibratedTransform(ck, opts, chosen)
+        transform = CalibratedTransform(ck, opts, chosen, scratch=dst.parent)  # created by check_outputs
     transform = transform or FpeTransform(opts)
     base = {"format": "pt", **meta.strings()}
     if ck.kind == "mlp":

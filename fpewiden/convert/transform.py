@@ -43,7 +43,7 @@ class PairTransform(Protocol):
     ) -> Converted:
         """Convert pair number `k` (forward order) to exactly `budget` non-zeros (None: keep everything).
         `b_out` is the outgoing layer's bias, for methods that refit it. The pair is the transform's: it may
-        replace the pair's weights (the caller reads only its masks afterwards)."""
+        replace or free the pair's weights and masks (the caller reads nothing of it afterwards)."""
         ...
 
 

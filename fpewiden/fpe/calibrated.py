@@ -284,7 +284,7 @@ CG_TOL = 1e-4  # relative residual at which the masked conjugate gradients stop
 CG_ITERS = 60
 
 
-CG_BYTES = 64 << 20  # rows solved together: conjugate gradients hold seven rows × cols fp32 matrices per row block
+CG_BYTES = 32 << 20  # rows solved together: conjugate gradients hold seven rows × cols fp32 matrices per row block
 
 
 def refit_cg(
@@ -297,19 +297,22 @@ def refit_cg(
     tol: float = CG_TOL,
     iters: int = CG_ITERS,
     block_bytes: int = CG_BYTES,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
     """The exact refit (refit_rows' solution) by conjugate gradients: each row solves (G_SS + λI) w_S = c_S + λ p_S
     on its kept features S, with the products G·p for a block of rows in one matrix multiply per iteration
     (O(rows · cols²)) and no factorisation at all; Jacobi-preconditioned, started from `start`, a block stopped
     when each of its rows' residual is below `tol` of its right-hand side. Rows are independent problems: solving
     them in blocks of about `block_bytes` of working set keeps the solver's memory off the matrix's size (seven
-    rows × cols matrices for all rows at once: 322 MB at 2048 × 5632). Returns the rows and the most iterations a
-    block ran."""
+    rows × cols matrices for all rows at once: 322 MB at 2048 × 5632). `out` (rows × cols, fp32): where the rows go;
+    it may be `prior` or `start` themselves, since a block reads its own rows of them before writing its result.
+    Returns the rows and the most iterations a block ran."""
     rows, cols = mask.shape
     lam = ridge * float(gram.diagonal().mean().clamp_min(1e-30))
     G = gram.to(torch.float32)  # (G + λI)·v is G·v + λv: no copy of the Gram matrix (cols² floats)
     dinv = 1.0 / (G.diagonal() + lam).clamp_min(1e-30)
-    out = torch.empty(rows, cols, dtype=torch.float32, device=gram.device)
+    if out is None:
+        out = torch.empty(rows, cols, dtype=torch.float32, device=gram.device)
     size = max(1, block_bytes // (7 * 4 * max(1, cols)))
     most = 0
     for s in range(0, rows, size):
@@ -479,6 +482,7 @@ def _refit(
     device: str = "cpu",
     tokens: int | None = None,
     chunk: int | None = None,
+    consume_prior: bool = False,
 ) -> Refit:
     """Rows of W (targets × features) on the kept features, and the bias, minimizing ‖target − features·Wᵀ − b‖²
     + λ‖W − prior‖². With a bias, both sides are centered so the bias is not shrunk.
@@ -491,7 +495,7 @@ def _refit(
     refit wins, nothing is solved at all. So a refit is only made where it predicts tokens it did not see better
     than the weights it replaces. `solver`: see `solve_rows`; "auto" takes the exact one where it costs under
     EXACT_MAX. `device`: where the statistics and solves run (fp32 there too); the result comes back to the
-    mask's device.
+    mask's device. `consume_prior`: the caller no longer needs `prior`, whose memory may hold the result.
     """
     if solver == "auto":
         solver = "exact" if refit_cost(mask) <= EXACT_MAX else SCALABLE
@@ -503,6 +507,7 @@ def _refit(
         moved = _refit(
             lambda part: f_rows(part).to(device), lambda part: t_rows(part).to(device), m, ridge, with_bias,
             *(t.to(device) if t is not None else None for t in (prior, prior_bias)), solver, str(m.device), n, chunk,
+            consume_prior,
         )  # fmt: skip
         return Refit(moved.w.to(home), moved.b.to(home) if moved.b is not None else None, moved.ridge, moved.solver)
     size = chunk or n
@@ -521,7 +526,7 @@ def _refit(
         return Refit(prior.to(torch.float32), prior_bias if with_bias else None, None, solver)
     gram, cross, mf, mt = _centered(parts, with_bias, consume=True)
     del parts
-    w = solve_rows(solver, gram, cross, mask, chosen, prior).to(gram.dtype)
+    w = solve_rows(solver, gram, cross, mask, chosen, prior, consume_prior).to(gram.dtype)
     return Refit(w, (mt - w @ mf) if with_bias else None, chosen, solver)
 
 
@@ -532,18 +537,21 @@ def solve_rows(
     mask: torch.Tensor,
     ridge: float,
     prior: torch.Tensor | None,
+    consume_prior: bool = False,
 ) -> torch.Tensor:
     """The masked ridge refit of every row by one solver: "exact", one Cholesky per row (refit_rows); "cg",
     conjugate gradients to the same solution from the prior (refit_cg: one matrix multiply per iteration, no
     factorisation); "obs", the dense ridge solution W* = (C + λP)(G + λI)⁻¹ pruned to the mask by SparseGPT's
-    update (obs_prune: one inverse per matrix). Since ‖T − W·F‖² = ‖T − W*·F‖² + ‖(W* − W)·F‖² for the
+    update (obs_prune: one inverse per matrix). `consume_prior`: the prior's memory may hold the result (conjugate
+    gradients then need no rows × cols matrix of their own). Since ‖T − W·F‖² = ‖T − W*·F‖² + ‖(W* − W)·F‖² for the
     least-squares W*, pruning W* by OBS minimises the exact refit's objective approximately (kept weights of
     columns already eliminated are not revisited)."""
     if solver == "exact":
         return refit_rows(gram, cross, mask, ridge, prior)
     if solver == "cg":
         start = prior if prior is not None else torch.zeros_like(cross)
-        return refit_cg(gram, cross, mask, ridge, prior, start)[0]
+        reuse = consume_prior and prior is not None and prior.dtype == torch.float32 and prior.is_contiguous()
+        return refit_cg(gram, cross, mask, ridge, prior, start, out=prior if reuse else None)[0]
     if solver != "obs":
         raise ValueError(f"unknown solver {solver!r}")
     lam = ridge * float(gram.diagonal().mean().clamp_min(1e-30))
@@ -620,8 +628,8 @@ def _refit_incoming(
     zero = torch.zeros(int(lost.sum()), dtype=x.dtype)  # no refit: the bias stays as it is
     fit = _refit(
         x, lambda part: x[part] @ w_lost.T, m[lost], opts.ridge, b is not None, prior, zero, opts.solver,
-        opts.device, len(x), chunk,
-    )  # fmt: skip
+        opts.device, len(x), chunk, consume_prior=True,
+    )  # fmt: skip  # the prior is `w_kept`, refitted in place anyway, or a copy of its rows
     w = w_kept.to(x.dtype)  # this pair's own masked copy (or its fp32 form): refitted in place
     if fit.w.data_ptr() != w.data_ptr():  # the same tensor where keeping the prior won and no rows were copied
         w[lost] = fit.w
@@ -649,8 +657,8 @@ def calibrate_pair(
     children assignment (neurons × inputs). The target is the pair's own output on `x`. Only tensors at the
     model's width (`x`, the target) are held over all tokens; everything at the pair's neurons is computed
     `chunk_rows` tokens at a time (saliency, errors, the refits' statistics). `release`: the caller hands the pair
-    over; its weights are dropped (emptied in place, masks kept) once the incoming refits are done, so the outgoing
-    refit does not run beside the unpruned matrices.
+    over; its weights and masks are dropped (emptied in place) once the incoming refits are done, so the outgoing
+    refit does not run beside the unpruned matrices and their supports.
     """
     x = x.to(torch.float32)
     n = len(x)
@@ -684,8 +692,9 @@ def calibrate_pair(
 
         masks = keep_largest(scores, full_masks, budget)
         del scores
-    w_in = [w * m for w, m in zip(ex.w_in, masks[:-1], strict=True)]
-    w_out = ex.w_out * masks[-1]
+    w_in = [w * m for w, m in zip(ex.w_in, masks[:-1], strict=True)]  # the unpruned ones are the refits' targets
+    # nothing needs the unpruned outgoing matrix from here: pruned in place where it is this function's
+    w_out = ex.w_out.mul_(masks[-1]) if release or ex is not pair else ex.w_out * masks[-1]
     pruned = Pair(w_in, masks[:-1], ex.b_in, w_out, masks[-1])
     before = _output_error(pruned, x, fn, b_out, target, chunk)
     if not opts.reconstruct:
@@ -710,6 +719,8 @@ def calibrate_pair(
     if release:
         pair.w_in[:] = [w.new_empty(0) for w in pair.w_in]
         pair.w_out = pair.w_out.new_empty(0)
+        pair.m_in[:] = [m.new_empty(0) for m in pair.m_in]  # the support as read: the budget's masks replace it
+        pair.m_out = pair.m_out.new_empty(0)
     # outgoing (and its bias): the pair's original output from the refitted children's activations
     refit = Pair(new_in, masks[:-1], new_b, w_out, masks[-1])
     if not opts.refit_outgoing:
@@ -718,8 +729,8 @@ def calibrate_pair(
     prior_out = w_out.to(x.dtype) if opts.anchor else None
     fit = _refit(
         lambda part: activations(pre_activations(refit, x[part]), fn), target, masks[-1], opts.ridge,
-        b_out is not None, prior_out, b_out, opts.solver, opts.device, n, chunk,
-    )  # fmt: skip
+        b_out is not None, prior_out, b_out, opts.solver, opts.device, n, chunk, consume_prior=True,
+    )  # fmt: skip  # nothing reads the pruned outgoing matrix after its refit
     w_fit, b_fit = fit.w, fit.b
     ridges.append(fit.ridge)
     solvers.append(fit.solver)
