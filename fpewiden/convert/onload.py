@@ -74,12 +74,18 @@ def find_blocks(model: nn.Module, module_paths: list[str]) -> Blocks | None:
     return found
 
 
+def _free(mod: nn.Module, leaf: str) -> None:
+    """Free one parameter (the skeleton keeps its shape)."""
+    p = mod._parameters.get(leaf)
+    if p is not None and p.device.type != "meta":
+        mod._parameters[leaf] = nn.Parameter(p.to("meta"), requires_grad=False)
+
+
 def _to_meta(module: nn.Module) -> None:
-    """Free a module's parameters (the skeleton keeps their shapes)."""
+    """Free a module's parameters."""
     for mod in module.modules():
-        for leaf, p in list(mod._parameters.items()):
-            if p is not None and p.device.type != "meta":
-                mod._parameters[leaf] = nn.Parameter(p.to("meta"), requires_grad=False)
+        for leaf in list(mod._parameters):
+            _free(mod, leaf)
 
 
 def _with_hidden(args: tuple, kwargs: dict, h: torch.Tensor) -> tuple[tuple, dict]:
@@ -216,8 +222,7 @@ class OnloadedModel:
                     self._freed.append(prefix + name)
             for key in self._freed:
                 path, leaf = key.rsplit(".", 1)
-                mod = self.model.get_submodule(path)
-                mod._parameters[leaf] = nn.Parameter(mod._parameters[leaf].to("meta"), requires_grad=False)
+                _free(self.model.get_submodule(path), leaf)
 
     def _unpark(self) -> None:
         if self._parked is not None:
@@ -247,7 +252,6 @@ class OnloadedModel:
     def _advance(self) -> None:
         """Run the current block whole on every batch: its outputs are the next block's inputs."""
         block = self.block(self.current)
-        self._unpark()
         for i in range(len(self.states)):  # in place: one batch's states exist twice, not all
             args, kwargs = self._padded(i)
             out = block(*args, **kwargs)
@@ -291,9 +295,7 @@ class OnloadedModel:
         weights are not run again (the converted pair replaces them before the block runs on), and the pair
         arrives from the checkpoint besides."""
         _, module = self.module(ck_name)
-        w = module._parameters.get("weight")
-        if w is not None and w.device.type != "meta":
-            module._parameters["weight"] = nn.Parameter(w.to("meta"), requires_grad=False)
+        _free(module, "weight")
 
 
 class _Parked:

@@ -20,7 +20,7 @@ from fpewiden.arch.hf import config_activation, set_config_width
 from fpewiden.convert.options import ConvertOptions
 from fpewiden.convert.plan import Plan, make_plan, select_pairs
 from fpewiden.convert.sink import OutputSink
-from fpewiden.convert.transform import FpeTransform, PairTransform
+from fpewiden.convert.transform import Converted, FpeTransform, PairTransform
 from fpewiden.errors import EmptyLayerError, FpewidenError
 from fpewiden.fpe.expand import Pair, count
 from fpewiden.io.atomic import atomic_dir, atomic_file
@@ -137,7 +137,9 @@ def pair_bytes(ck: Checkpoint, spec: PairSpec) -> int:
     return sum(nbytes(ck.dtypes[n], ck.shapes[n]) for n in (*spec.in_weights, spec.out_weight))
 
 
-def _emit(sink: OutputSink, k: int, names: tuple[str, ...], rows: list[int], transposed: bool, result) -> list[int]:
+def _emit(
+    sink: OutputSink, k: int, names: tuple[str, ...], rows: list[int], transposed: bool, result: Converted
+) -> list[int]:
     """Stream a converted pair's row blocks into the sink; returns the non-zeros kept per matrix. A function of
     its own so that no loop variable keeps the last block alive through the next pair's conversion."""
     kept = [0] * len(names)
