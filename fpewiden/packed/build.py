@@ -107,7 +107,8 @@ ORT_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wno
 
 
 def ort_sources() -> list[Path]:
-    return [CSRC / "ort" / "packed_matmul.cc", CSRC / "dispatch.cc", *sorted(CSRC.glob("isa_*.cc"))]
+    shared = [CSRC / "dispatch.cc", CSRC / "validate.cc", *sorted(CSRC.glob("isa_*.cc"))]
+    return [CSRC / "ort" / "packed_matmul.cc", *shared]
 
 
 def ort_library() -> Path:

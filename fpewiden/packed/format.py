@@ -154,6 +154,58 @@ def _unpack_values(pm: PackedMatrix) -> torch.Tensor:
     return zero
 
 
+def problem(pm: PackedMatrix) -> str | None:
+    """What makes `pm` unsafe for the kernels, in the words of csrc/validate.cc's fpw_validate (which the torch and
+    ONNX Runtime bindings run on every matrix before its first call), or None. The file reader calls it, so a bad
+    file is refused in one line on every path, the pure-torch fallback's included."""
+    if pm.format not in FORMATS:
+        return "unknown format code"
+    if pm.values.dtype not in DTYPE_CODES or pm.values.dim() != 1 or pm.bits.dtype != torch.uint8:
+        return "unknown value type code"
+    if pm.rows < 1 or pm.cols < 1:
+        return "rows and cols must be positive"
+    if pm.stride != bit_stride(pm.cols):
+        return "the bit stride is not the writer's (whole 64-bit words per row)"
+    words = pm.bits.numpy().view(np.uint64) if pm.bits.numel() % 8 == 0 else None
+    tail = np.uint64(0) if pm.cols % 64 == 0 else ~np.uint64((1 << (pm.cols % 64)) - 1)
+    if pm.format == "bitmask":
+        if pm.alpha != 1 or pm.planes != 0:
+            return "a bitmask matrix has alpha 1 and no child-id planes"
+        if pm.bits.numel() != pm.rows * pm.stride or words is None:
+            return "the bits are not rows x stride bytes"
+        if pm.row_ptr is None or pm.row_ptr.dtype != torch.int64 or pm.row_ptr.shape != (pm.rows + 1,):
+            return "a bitmask matrix needs rows + 1 row offsets"
+        ptr = pm.row_ptr.numpy()
+        if ptr[0] != 0:
+            return "the first row offset is not 0"
+        rows = words.reshape(pm.rows, pm.stride // 8)
+        if (rows[:, -1] & tail).any():
+            return "a row has bits past cols"
+        counts = np.unpackbits(pm.bits.numpy().reshape(pm.rows, pm.stride), axis=1).sum(1, dtype=np.int64)
+        if not (np.diff(ptr) == counts).all():
+            return "a row's offset difference is not its number of bits"
+        if pm.values.numel() != int(ptr[-1]) + PAD or pm.nnz != int(ptr[-1]):
+            return "the values are not the rows' bits plus the padding"
+        return None
+    if not 2 <= pm.alpha <= 4:
+        return "the parent layout needs 2 <= alpha <= 4"
+    if pm.rows % pm.alpha:
+        return "rows are not a multiple of alpha"
+    if pm.planes != planes_for(pm.alpha):
+        return "planes is not ceil(log2 alpha)"
+    parents = pm.rows // pm.alpha
+    if pm.bits.numel() != pm.planes * parents * pm.stride or words is None:
+        return "the bits are not planes x parents x stride bytes"
+    if pm.values.numel() != parents * pm.cols + PAD or pm.nnz != parents * pm.cols:
+        return "the values are not parents x cols plus the padding"
+    planes = words.reshape(pm.planes, parents, pm.stride // 8)
+    if (planes[:, :, -1] & tail).any():
+        return "a child-id plane has bits past cols"
+    if pm.alpha == 3 and (planes[0] & planes[1]).any():
+        return "a child id is not below alpha"
+    return None
+
+
 def dense_bytes(rows: int, cols: int, dtype: torch.dtype) -> int:
     return rows * cols * torch.empty((), dtype=dtype).element_size()
 

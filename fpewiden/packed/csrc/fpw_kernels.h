@@ -10,6 +10,9 @@
 //            id of every parent weight (plane k of parent i at byte (k * parents + i) * stride); child c of parent
 //            i is output row i * alpha + c.
 // Values are f32, bf16 or f16; arithmetic is f32.
+//
+// The kernels trust every field and array of a matrix: a binding runs fpw_validate on a matrix before its first
+// call (csrc/torch_ops.cc once per tensor, csrc/ort/ once per initializer), never a kernel on what it refused.
 #pragma once
 #include <stdint.h>
 
@@ -46,6 +49,23 @@ typedef void (*FpwSpmm)(const FpwMatrix* w, const float* xt, int64_t ldxt, int64
 
 // Dense f32 copy of a packed matrix (rows x cols, row-major) for units [u0, u1).
 typedef void (*FpwUnpack)(const FpwMatrix* w, float* dense, int64_t u0, int64_t u1);
+
+// How long the arrays behind a matrix are, as its holder knows them (a tensor's numel, an initializer's element
+// count): what fpw_validate checks the matrix's own fields against.
+typedef struct FpwSizes {
+  int64_t values;      // elements of `values`
+  int64_t value_size;  // bytes per element of `values` (4 for f32, 2 for bf16 and f16)
+  int64_t bits;        // bytes of `bits`
+  int64_t row_ptr;     // elements of `row_ptr` (bitmask; 0 where there is none)
+} FpwSizes;
+
+// NULL when every kernel and fpw_unpack can run `w` reading and writing in bounds: the format and value codes,
+// rows, cols and stride (exactly the writer's: whole 64-bit words), every array's length, the bitmask row offsets
+// (0 first, each row's offset difference equal to its popcount, the last the stored values less FPW_PAD), no bit
+// past `cols`, the parent layout's alpha and planes (2 <= alpha <= 4, planes = ceil(log2 alpha), rows divisible
+// by alpha) and every child id below alpha. Else a static sentence saying what is wrong. Linear in the bits:
+// run it once per matrix, not per call.
+const char* fpw_validate(const FpwMatrix* w, const FpwSizes* sizes);
 
 typedef struct FpwKernels {
   const char* isa;  // "avx512", "avx2" or "portable"

@@ -11,19 +11,89 @@
 
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <string>
+#include <unordered_map>
 
 #include "fpw_kernels.h"
 
 namespace {
 
+// Matrices fpw_validate has passed, by the values tensor, with what was checked: a matrix is validated before its
+// first run and again only when a tensor, its data or its version (an in-place write) or a field changes, so a call
+// costs one lookup. The weak references keep each TensorImpl's address from being reused while its entry lives
+// (weak references hold the object, not its storage); entries of freed tensors are swept as the table grows.
+// Inference tensors have no version counter: for them identity and data pointers decide.
+using Weak = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+
+struct Checked {
+  Weak values, bits, row_ptr;
+  const void* data[3];
+  uint32_t versions[3];
+  FpwMatrix w;
+};
+
+uint32_t version_of(const at::Tensor& t) { return t.defined() && !t.is_inference() ? t._version() : 0; }
+
+bool same(const FpwMatrix& a, const FpwMatrix& b) {
+  return a.format == b.format && a.dtype == b.dtype && a.rows == b.rows && a.cols == b.cols && a.stride == b.stride &&
+         a.alpha == b.alpha && a.planes == b.planes;
+}
+
+void validate(const FpwMatrix& w, const at::Tensor& values, const at::Tensor& bits, const at::Tensor& row_ptr) {
+  static std::mutex lock;
+  static std::unordered_map<const c10::TensorImpl*, Checked> seen;
+  static size_t sweep_at = 64;
+  const void* data[3] = {values.data_ptr(), bits.data_ptr(), row_ptr.defined() ? row_ptr.data_ptr() : nullptr};
+  const uint32_t versions[3] = {version_of(values), version_of(bits), version_of(row_ptr)};
+  std::lock_guard<std::mutex> guard(lock);
+  auto it = seen.find(values.unsafeGetTensorImpl());
+  if (it != seen.end()) {
+    const Checked& c = it->second;
+    const bool hit = c.bits._unsafe_get_target() == bits.unsafeGetTensorImpl() &&
+                     c.row_ptr._unsafe_get_target() == row_ptr.unsafeGetTensorImpl() &&
+                     std::memcmp(c.data, data, sizeof data) == 0 &&
+                     std::memcmp(c.versions, versions, sizeof versions) == 0 && same(c.w, w);
+    if (hit) return;
+    seen.erase(it);
+  }
+  const FpwSizes sizes{values.numel(), (int64_t)values.element_size(), bits.numel(),
+                       row_ptr.defined() ? row_ptr.numel() : 0};
+  const char* why = fpw_validate(&w, &sizes);
+  TORCH_CHECK(why == nullptr, "fpewiden: invalid packed matrix: ", why);
+  if (seen.size() >= sweep_at) {
+    for (auto e = seen.begin(); e != seen.end();) e = e->second.values.expired() ? seen.erase(e) : std::next(e);
+    sweep_at = std::max<size_t>(64, 2 * seen.size());
+  }
+  Checked c{Weak(values.getIntrusivePtr()), Weak(bits.getIntrusivePtr()), Weak(row_ptr.getIntrusivePtr()),
+            {data[0], data[1], data[2]},
+            {versions[0], versions[1], versions[2]},
+            w};
+  seen.emplace(values.unsafeGetTensorImpl(), std::move(c));
+}
+
+// The matrix the tensors and fields describe, validated (fpw_validate) before any kernel may read it.
 FpwMatrix view(const at::Tensor& values, const at::Tensor& bits, const std::optional<at::Tensor>& row_ptr, int64_t rows,
                int64_t cols, int64_t format, int64_t dtype, int64_t alpha, int64_t planes, int64_t stride) {
+  TORCH_CHECK(values.device().is_cpu() && bits.device().is_cpu(), "fpewiden: packed tensors must be on the CPU");
   TORCH_CHECK(values.is_contiguous() && bits.is_contiguous(), "fpewiden: packed tensors must be contiguous");
   TORCH_CHECK(bits.scalar_type() == at::kByte, "fpewiden: bits must be uint8");
-  TORCH_CHECK(stride % 8 == 0 && stride * 8 >= cols, "fpewiden: bad bit stride");
+  const at::ScalarType vt = values.scalar_type();
+  TORCH_CHECK((dtype == FPW_F32 && vt == at::kFloat) || (dtype == FPW_BF16 && vt == at::kBFloat16) ||
+                  (dtype == FPW_F16 && vt == at::kHalf),
+              "fpewiden: invalid packed matrix: the value type code does not match the values' dtype");
+  at::Tensor rp;
+  if (row_ptr.has_value() && format == FPW_BITMASK) {
+    rp = *row_ptr;
+    TORCH_CHECK(rp.scalar_type() == at::kLong && rp.is_contiguous() && rp.device().is_cpu(),
+                "fpewiden: row_ptr must be a contiguous int64 CPU tensor");
+  }
+  TORCH_CHECK(format >= INT32_MIN && format <= INT32_MAX && alpha >= INT32_MIN && alpha <= INT32_MAX &&
+                  planes >= INT32_MIN && planes <= INT32_MAX,
+              "fpewiden: invalid packed matrix: a field is out of range");
   FpwMatrix w;
   w.format = (int32_t)format;
   w.dtype = (int32_t)dtype;
@@ -31,18 +101,11 @@ FpwMatrix view(const at::Tensor& values, const at::Tensor& bits, const std::opti
   w.cols = cols;
   w.values = values.data_ptr();
   w.bits = bits.data_ptr<uint8_t>();
-  w.row_ptr = nullptr;
+  w.row_ptr = rp.defined() ? rp.data_ptr<int64_t>() : nullptr;
   w.stride = stride;
   w.alpha = (int32_t)alpha;
   w.planes = (int32_t)planes;
-  if (format == FPW_BITMASK) {
-    TORCH_CHECK(row_ptr.has_value() && row_ptr->numel() == rows + 1, "fpewiden: bitmask needs rows + 1 row offsets");
-    TORCH_CHECK(bits.numel() >= rows * stride, "fpewiden: bitmask bits too short");
-    w.row_ptr = row_ptr->data_ptr<int64_t>();
-  } else {
-    TORCH_CHECK(alpha >= 2 && alpha <= 4 && rows % alpha == 0, "fpewiden: parent layout needs 2 <= alpha <= 4");
-    TORCH_CHECK(bits.numel() >= planes * (rows / alpha) * stride, "fpewiden: parent planes too short");
-  }
+  validate(w, values, bits, rp);
   return w;
 }
 

@@ -52,42 +52,71 @@ void huge_pages(const void* p, size_t bytes) {
 }
 
 struct Kernel {
-  FpwMatrix w{};
+  FpwMatrix w{};        // the op's fields
+  FpwMatrix checked{};  // the matrix over the constant initializers, validated at creation
+  bool validated = false;
   const FpwKernels* k = nullptr;
-  int64_t units = 0;
 
   Kernel(const OrtApi& api, const OrtKernelInfo* info) {
     (void)api;
     Ort::ConstKernelInfo ki(info);
     const std::string format = ki.GetAttribute<std::string>("format");
-    if (format != "bitmask" && format != "parent") throw std::runtime_error("fpewiden PackedMatMul: bad format");
-    w.format = format == "bitmask" ? FPW_BITMASK : FPW_PARENT;
+    w.format = format == "bitmask" ? FPW_BITMASK : format == "parent" ? FPW_PARENT : -1;  // -1: the validator refuses
     w.rows = ki.GetAttribute<int64_t>("rows");
     w.cols = ki.GetAttribute<int64_t>("cols");
     w.stride = ki.GetAttribute<int64_t>("stride");
-    w.alpha = (int32_t)ki.GetAttribute<int64_t>("alpha");
-    w.planes = (int32_t)ki.GetAttribute<int64_t>("planes");
-    if (w.rows < 1 || w.cols < 1 || w.stride % 8 || w.stride * 8 < w.cols)
-      throw std::runtime_error("fpewiden PackedMatMul: bad shape or bit stride");
-    if (w.format == FPW_PARENT && (w.alpha < 2 || w.alpha > 4 || w.rows % w.alpha || w.planes < 1 || w.planes > 2))
-      throw std::runtime_error("fpewiden PackedMatMul: the parent format needs 2 <= alpha <= 4");
-    units = w.format == FPW_PARENT ? w.rows / w.alpha : w.rows;
+    const int64_t alpha = ki.GetAttribute<int64_t>("alpha"), planes = ki.GetAttribute<int64_t>("planes");
+    w.alpha = alpha >= INT32_MIN && alpha <= INT32_MAX ? (int32_t)alpha : 0;  // out of range: refused as alpha
+    w.planes = planes >= INT32_MIN && planes <= INT32_MAX ? (int32_t)planes : -1;
     const char* forced = std::getenv("FPEWIDEN_KERNEL");
     k = fpw_select(forced && *forced && std::strcmp(forced, "torch") != 0 ? forced : "best");
     if (k == nullptr) throw std::runtime_error("fpewiden PackedMatMul: this CPU cannot run the forced kernels");
-    for (size_t i : {1, 2}) {
-      int constant = 0;
-      Ort::ConstValue t = ki.GetTensorConstantInput(i, &constant);
-      if (!constant || !t) continue;
-      auto info = t.GetTensorTypeAndShapeInfo();
-      const size_t item = info.GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ? 4 : i == 1 ? 2 : 1;
-      huge_pages(t.GetTensorRawData(), info.GetElementCount() * item);
+    // constant initializers are validated here, once: a bad file fails at session creation, before any run
+    Ort::ConstValue arrays[3];
+    bool constant = true;
+    for (size_t i : {1, 2, 3}) {
+      int is_constant = 0;
+      if (i == 3 && (w.format != FPW_BITMASK || ki.GetInputCount() < 4)) break;
+      arrays[i - 1] = ki.GetTensorConstantInput(i, &is_constant);
+      constant = constant && is_constant && arrays[i - 1];
     }
+    if (constant) {
+      checked = matrix(arrays[0], arrays[1], arrays[2]);
+      validated = true;
+      auto info = arrays[0].GetTensorTypeAndShapeInfo();
+      huge_pages(checked.values, info.GetElementCount() * (checked.dtype == FPW_F32 ? 4 : 2));
+      huge_pages(checked.bits, arrays[1].GetTensorTypeAndShapeInfo().GetElementCount());
+    }
+  }
+
+  // The matrix of the op's fields and these arrays, refused unless fpw_validate passes it.
+  FpwMatrix matrix(Ort::ConstValue values, Ort::ConstValue bits, Ort::ConstValue row_ptr) const {
+    FpwMatrix m = w;
+    auto vi = values.GetTensorTypeAndShapeInfo();
+    switch (vi.GetElementType()) {
+      case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: m.dtype = FPW_F32; break;
+      case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16: m.dtype = FPW_BF16; break;
+      case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: m.dtype = FPW_F16; break;
+      default: throw std::runtime_error("fpewiden PackedMatMul: values must be float, bfloat16 or float16");
+    }
+    FpwSizes sizes{(int64_t)vi.GetElementCount(), m.dtype == FPW_F32 ? 4 : 2,
+                   (int64_t)bits.GetTensorTypeAndShapeInfo().GetElementCount(), 0};
+    m.values = values.GetTensorRawData();
+    m.bits = bits.GetTensorData<uint8_t>();
+    m.row_ptr = nullptr;
+    if (m.format == FPW_BITMASK && row_ptr) {
+      sizes.row_ptr = (int64_t)row_ptr.GetTensorTypeAndShapeInfo().GetElementCount();
+      m.row_ptr = row_ptr.GetTensorData<int64_t>();
+    }
+    if (const char* why = fpw_validate(&m, &sizes))
+      throw std::runtime_error(std::string("fpewiden PackedMatMul: invalid packed matrix: ") + why);
+    return m;
   }
 
   struct Task {
     const Kernel* self;
     FpwMatrix w;
+    int64_t units;  // rows (bitmask) or parents
     const float* x;
     int64_t ld_in, n, ld_out;
     const float* bias;
@@ -98,17 +127,29 @@ struct Kernel {
 
   static void run_chunk(void* data, size_t i) {
     const Task* t = static_cast<const Task*>(data);
-    const int64_t u0 = (int64_t)i * t->grain, u1 = std::min(t->self->units, u0 + t->grain);
+    const int64_t u0 = (int64_t)i * t->grain, u1 = std::min(t->units, u0 + t->grain);
     if (t->spmm)
       t->self->k->spmm(&t->w, t->x, t->ld_in, t->n, t->bias, t->y, t->ld_out, u0, u1);
     else
       t->self->k->gemv(&t->w, t->x, t->ld_in, t->n, t->bias, t->y, t->ld_out, u0, u1);
   }
 
+  // Errors reach ONNX Runtime as a status (no exception crosses its C API): a bad file fails the session's creation
+  // or the run, with the reason.
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    try {
+      Compute(context);
+    } catch (const std::exception& e) {
+      return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, e.what());
+    }
+    return nullptr;
+  }
+
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
     Ort::ConstValue x = ctx.GetInput(0), values = ctx.GetInput(1), bits = ctx.GetInput(2);
-    Ort::ConstValue row_ptr = ctx.GetInput(3), bias = ctx.GetInput(4);
+    Ort::ConstValue row_ptr = ctx.GetInputCount() > 3 ? ctx.GetInput(3) : Ort::ConstValue{};
+    Ort::ConstValue bias = ctx.GetInputCount() > 4 ? ctx.GetInput(4) : Ort::ConstValue{};
     auto xi = x.GetTensorTypeAndShapeInfo();
     if (xi.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
       throw std::runtime_error("fpewiden PackedMatMul: X must be float");
@@ -118,28 +159,12 @@ struct Kernel {
     int64_t n = 1;
     for (size_t d = 0; d + 1 < shape.size(); d++) n *= shape[d];
 
-    FpwMatrix m = w;
-    auto vi = values.GetTensorTypeAndShapeInfo();
-    switch (vi.GetElementType()) {
-      case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: m.dtype = FPW_F32; break;
-      case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16: m.dtype = FPW_BF16; break;
-      case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: m.dtype = FPW_F16; break;
-      default: throw std::runtime_error("fpewiden PackedMatMul: values must be float, bfloat16 or float16");
-    }
-    const int64_t stored = (int64_t)vi.GetElementCount();
-    const int64_t nbits = (int64_t)bits.GetTensorTypeAndShapeInfo().GetElementCount();
-    m.values = values.GetTensorRawData();
-    m.bits = bits.GetTensorData<uint8_t>();
-    m.row_ptr = nullptr;
-    if (m.format == FPW_BITMASK) {
-      if (!row_ptr || row_ptr.GetTensorTypeAndShapeInfo().GetElementCount() != (size_t)(w.rows + 1))
-        throw std::runtime_error("fpewiden PackedMatMul: bitmask needs rows + 1 int64 row offsets");
-      m.row_ptr = row_ptr.GetTensorData<int64_t>();
-      if (nbits < w.rows * w.stride || m.row_ptr[w.rows] + FPW_PAD > stored)
-        throw std::runtime_error("fpewiden PackedMatMul: bitmask arrays too short");
-    } else if (nbits < w.planes * units * w.stride || units * w.cols + FPW_PAD > stored) {
-      throw std::runtime_error("fpewiden PackedMatMul: parent arrays too short");
-    }
+    // the initializers checked at creation, else (inputs fed at run time) these arrays, checked now
+    const bool same = validated && values.GetTensorRawData() == checked.values &&
+                      bits.GetTensorRawData() == checked.bits &&
+                      (!checked.row_ptr || (row_ptr && row_ptr.GetTensorRawData() == checked.row_ptr));
+    const FpwMatrix m = same ? checked : matrix(values, bits, row_ptr);
+    const int64_t units = m.format == FPW_PARENT ? m.rows / m.alpha : m.rows;
     const float* b = nullptr;
     if (bias) {
       auto bi = bias.GetTensorTypeAndShapeInfo();
@@ -162,7 +187,7 @@ struct Kernel {
                                     (units + MAX_TASKS - 1) / MAX_TASKS});
     const size_t chunks = (size_t)((units + grain - 1) / grain);
     if (!spmm) {
-      Task t{this, m, xp, w.cols, n, w.rows, b, y, grain, false};
+      Task t{this, m, units, xp, w.cols, n, w.rows, b, y, grain, false};
       ctx.ParallelFor(&run_chunk, chunks, 0, &t);
       return;
     }
@@ -170,15 +195,22 @@ struct Kernel {
     std::vector<float> xt((size_t)(w.cols * ld), 0.0f), yt((size_t)(w.rows * ld));
     for (int64_t r = 0; r < n; r++)
       for (int64_t j = 0; j < w.cols; j++) xt[j * ld + r] = xp[r * w.cols + j];
-    Task t{this, m, xt.data(), ld, n, ld, b, yt.data(), grain, true};
+    Task t{this, m, units, xt.data(), ld, n, ld, b, yt.data(), grain, true};
     ctx.ParallelFor(&run_chunk, chunks, 0, &t);
     for (int64_t r = 0; r < n; r++)
       for (int64_t o = 0; o < w.rows; o++) y[r * w.rows + o] = yt[o * ld + r];
   }
 };
 
-struct PackedMatMul : Ort::CustomOpBase<PackedMatMul, Kernel> {
-  void* CreateKernel(const OrtApi& api, const OrtKernelInfo* info) const { return new Kernel(api, info); }
+struct PackedMatMul : Ort::CustomOpBase<PackedMatMul, Kernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+    try {
+      *kernel = new Kernel(api, info);
+    } catch (const std::exception& e) {
+      return api.CreateStatus(ORT_INVALID_GRAPH, e.what());
+    }
+    return nullptr;
+  }
   const char* GetName() const { return "PackedMatMul"; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
   size_t GetInputTypeCount() const { return 5; }
