@@ -1,16 +1,30 @@
 // Which ISA variant runs (chosen once from the CPU's features, or forced by name), and the unpack to dense.
+#include <cpuid.h>
 #include <stdint.h>
 #include <string.h>
 
 #include "fpw_kernels.h"
 #include "half.h"
 
+// What this CPU runs, read once: the bindings select per call, and CPUID is a trap to the hypervisor in a VM.
+// F16C from CPUID leaf 1 (ECX bit 29): clang before 16 has no "f16c" for __builtin_cpu_supports, and the sanitizer
+// builds of the fuzz harness (csrc/fuzz/) use clang.
+struct Features {
+  bool avx512, avx2;
+  Features() {
+    __builtin_cpu_init();
+    unsigned a, b, c, d;
+    const bool f16c = __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C);
+    avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c && __builtin_cpu_supports("bmi") &&
+           __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt");
+  }
+};
+
 extern "C" const FpwKernels* fpw_select(const char* isa) {
-  __builtin_cpu_init();
-  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
-                    __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt");
+  static const Features cpu;
+  const bool avx512 = cpu.avx512, avx2 = cpu.avx2;
   if (isa == NULL || strcmp(isa, "best") == 0) {
     if (avx512) return fpw_kernels_avx512();
     if (avx2) return fpw_kernels_avx2();
