@@ -102,9 +102,7 @@ def build() -> dict[str, Path]:
     harness = CSRC / "fuzz" / "packed_fuzz.cc"
     for t in TARGETS:
         define = ["-DFPW_FUZZ_RAW"] if t == "raw" else []
-        jobs.append(
-            [*base, *EDGES, "-fsanitize=fuzzer-no-link", *define, "-c", str(harness), "-o", str(work / f"{t}.o")]
-        )
+        jobs.append([*base, *EDGES, *define, "-c", str(harness), "-o", str(work / f"{t}.o")])
     _compile_all(jobs)
     for t in TARGETS:
         link = [cxx, "-fsanitize=fuzzer,address,undefined", str(work / f"{t}.o"), *map(str, objs)]
