@@ -3,6 +3,7 @@ value dtype and mode against the dense reference, on ragged shapes with empty ro
 (bench/gpu_check.sh), never here."""
 
 import os
+import re
 
 import pytest
 import torch
@@ -107,3 +108,23 @@ def test_the_cuda_dispatch_is_registered_only_with_a_gpu(tk, monkeypatch):
     kernels.path()  # the op is loaded; registering needs no GPU, and the dispatcher then has the CUDA kernel
     torch.library.register_kernel("fpewiden::packed_linear", "cuda", tk.linear)
     assert torch._C._dispatch_has_kernel_for_dispatch_key("fpewiden::packed_linear", "CUDA")
+
+
+def test_the_gpu_kernels_refuse_what_the_cpu_validator_refuses(tk):
+    """The same gate as the CPU op (format.problem, the mirror of csrc/validate.cc), before a matrix's first run
+    and after an in-place edit."""
+    from tests.test_packed_validation import corrupt_matrices
+
+    for what, pm, why in corrupt_matrices():
+        args = (pm.values, pm.bits, pm.row_ptr, None, pm.rows, pm.cols, FORMAT_CODES[pm.format])
+        with pytest.raises(RuntimeError, match=re.escape(f"invalid packed matrix: {why}")):
+            tk.linear(torch.ones(1, pm.cols), *args, fmt.DTYPE_CODES[pm.dtype], pm.alpha, pm.planes, pm.stride)
+        assert what
+    pm = bitmask(9, 70, 0.5, torch.float32)
+    args = (pm.values, pm.bits, pm.row_ptr, None, pm.rows, pm.cols, 0, 0, 1, 0, pm.stride)
+    ok = tk.linear(torch.ones(2, 70), *args)
+    pm.row_ptr[3] += 1  # the version moves: checked again
+    with pytest.raises(RuntimeError, match="offset difference"):
+        tk.linear(torch.ones(2, 70), *args)
+    pm.row_ptr[3] -= 1
+    torch.testing.assert_close(tk.linear(torch.ones(2, 70), *args), ok)

@@ -19,6 +19,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.utils.weak import WeakIdKeyDictionary
+
+from fpewiden.packed.format import DTYPE_CODES, FORMATS, PackedMatrix, problem
 
 GEMV_MAX = 8  # inputs up to which `gemv` runs (as ops.py's default before tuning)
 
@@ -136,6 +139,32 @@ def _parent_spmm(x_ptr, values_ptr, bits_ptr, bias_ptr, y_ptr, n, parents, cols,
     tl.store(y_ptr + t[None, :] * parents * ALPHA + out[:, None], acc, mask=imask[:, None] & tmask[None, :])
 
 
+_CHECKED = WeakIdKeyDictionary()  # values tensor -> what was validated with it
+
+
+def _validate(values: torch.Tensor, bits: torch.Tensor, row_ptr: torch.Tensor | None, fields: tuple) -> None:
+    """The CPU op's gate (csrc/validate.cc) for the GPU kernels: format.problem, in its words, before a matrix's
+    first run and again when a tensor, its data or its version, or a field changes (a device-to-host copy of the
+    bits once per matrix, not per call)."""
+    arrays = [t for t in (values, bits, row_ptr) if t is not None]
+    key = (fields, *((id(t), t.data_ptr(), 0 if t.is_inference() else t._version) for t in arrays))
+    if _CHECKED.get(values) == key:
+        return
+    rows, cols, fmt_code, dtype, alpha, planes, stride = fields
+    why = None
+    if fmt_code not in (0, 1) or DTYPE_CODES.get(values.dtype) != dtype:
+        why = "the value type code does not match the values' dtype" if fmt_code in (0, 1) else "unknown format code"
+    else:
+        meta = torch.empty(values.numel(), dtype=values.dtype, device="meta").reshape(values.shape)
+        rp = row_ptr.cpu() if row_ptr is not None and fmt_code == 0 else None
+        nnz = int(rp[-1]) if rp is not None and rp.numel() else rows // max(alpha, 1) * cols
+        pm = PackedMatrix(FORMATS[fmt_code], rows, cols, meta, bits.cpu(), stride, nnz, rp, alpha, planes)
+        why = problem(pm)
+    if why is not None:
+        raise RuntimeError(f"fpewiden: invalid packed matrix: {why}")
+    _CHECKED[values] = key
+
+
 def linear(
     x: torch.Tensor,
     values: torch.Tensor,
@@ -157,6 +186,7 @@ def linear(
     anything else, such as the CPU's "dense", chosen by n)."""
     if x.dim() != 2 or x.shape[1] != cols or x.dtype != torch.float32:
         raise ValueError(f"fpewiden: x must be a float32 (batch, {cols}) tensor")
+    _validate(values, bits, row_ptr, (rows, cols, format, dtype, alpha, planes, stride))
     x = x.contiguous()
     n = x.shape[0]
     y = torch.empty((n, rows), dtype=torch.float32, device=x.device)
