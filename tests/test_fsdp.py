@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +19,7 @@ from typer.testing import CliRunner
 from fpewiden.cli import app
 from fpewiden.convert import ConvertOptions, convert
 from fpewiden.io.checkpoint import open_checkpoint
+from fpewiden.train.trainer import CRASH_ENV
 from tests.helpers import sentences, tiny_causal
 from tests.test_finetune import DNF, dnf_mlp
 
@@ -73,15 +72,11 @@ def test_fsdp_resume_after_a_kill_is_exact(mlp_runs):
     part = tmp / "part.safetensors"
     state = tmp / "part.safetensors.state"
     args = [*TORCHRUN, "finetune", *common, "--fsdp", "--out", str(part)]
-    proc = subprocess.Popen(args, env=ENV, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 120
-    while not state.is_dir() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    subprocess.run(["pkill", "-9", "-f", str(part)])  # torchrun's workers run in sessions of their own
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    # every rank kills itself (SIGKILL) once all have written epoch 1's state: the trainer's test hook
+    res = subprocess.run(args, env={**ENV, CRASH_ENV: "1"}, cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode != 0
     assert state.is_dir() and not part.exists(), "the run must be killed after its first epoch's state"
+    assert json.loads((state / "fpewiden-state.json").read_text())["epoch"] == 1
     torchrun("finetune", *common, "--fsdp", "--out", str(part), "--resume")
     a, b = load_file(tmp / "fsdp.safetensors"), load_file(part)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -308,7 +308,7 @@ CHILD = textwrap.dedent(
 def test_edited_onnx_models_are_refused_never_run(tmp_path):
     cases = [(what, pm) for what, pm, _ in corrupt_matrices() if pm.rows > 0 and pm.cols == 70]
     cases = [c for c in cases if c[0] != "stride of another width"] + [("good", bitmask()), ("good α=3", parent())]
-    for i, (what, pm) in enumerate(cases):
+    for i, (_, pm) in enumerate(cases):
         for fed in (False, True):
             stem = tmp_path / f"{i:02d}-{'fed' if fed else 'init'}"
             stem.with_suffix(".onnx").write_bytes(op_model(pm, fed))

@@ -56,7 +56,7 @@ def _objects() -> list[tuple[Path, list[str]]]:
 def source_hash() -> str:
     """The sources and this file (whose flags they are built with)."""
     h = hashlib.sha256()
-    for p in sorted([*CSRC.glob("*.cc"), *CSRC.glob("*.h"), *CSRC.glob("fuzz/*.cc")]) + [Path(__file__)]:
+    for p in [*sorted([*CSRC.glob("*.cc"), *CSRC.glob("*.h"), *CSRC.glob("fuzz/*.cc")]), Path(__file__)]:
         h.update(p.name.encode() + b"\0" + p.read_bytes())
     return h.hexdigest()[:16]
 
