@@ -50,9 +50,9 @@ if mode == "warm-baseline":  # sys.argv[6]: the one-layer model
             ConvertOptions(alpha=1, budget=Budget.parse("0.5"), calibration=cal))
     print(json.dumps({"mode": mode, "peak_bytes": hwm()}))
     raise SystemExit
-if mode == "block-by-block-dynamic-malloc":  # glibc's own mmap threshold: what fpewiden/memory.py changes
-    import fpewiden.memory
-    fpewiden.memory.return_freed_memory = lambda: False
+if mode != "block-by-block-dynamic-malloc":  # as `fpewiden convert --calibration` does (fpewiden/memory.py)
+    from fpewiden.memory import return_freed_memory
+    return_freed_memory()
 t = time.perf_counter()
 cal = Calibration(data=data, solver="auto", whole_model=mode == "whole-model")
 report = convert(__import__("pathlib").Path(src), __import__("pathlib").Path(dst),

@@ -265,6 +265,10 @@ def convert(
         overlap=overlap,
         calibration=Calibration(calibration, **calibrated) if calibration is not None else None,
     )
+    if calibration is not None:  # a process-wide setting: the command's to make, never the library's
+        from fpewiden.memory import return_freed_memory
+
+        return_freed_memory()  # chunk-sized tensors come and go per pair: give them back when freed
     with bytes_bar() as bar:
         task = bar.add_task("converting", total=None)
 

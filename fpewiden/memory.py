@@ -5,7 +5,9 @@ freed; but once such a block is freed it raises the threshold to that block's si
 blocks of a few MiB come from the heap and stay resident after they are freed, wherever a longer-lived tensor was
 allocated above them. Calibration allocates and frees tensors of a few MiB per token chunk, per pair, between
 tensors that live for a pair or a block: the resident memory then ran hundreds of MB above the live tensors
-(bench/results/calibration_memory: the same conversion with and without this).
+(bench/results/calibration_memory: the same conversion with and without this). A process-wide setting, so only
+`fpewiden convert --calibration` makes it (at the command's entry); a program that calls the library decides for
+itself.
 """
 
 from __future__ import annotations

@@ -54,9 +54,6 @@ class CalibratedTransform:
         """`scratch`: the directory where the carried hidden states wait while a pair calibrates (convert gives the
         output's; None: the system's temporary directory)."""
         assert opts.calibration is not None
-        from fpewiden.memory import return_freed_memory
-
-        return_freed_memory()  # chunk-sized tensors come and go per pair: give them back when freed
         self.ck, self.opts, self.settings = ck, opts, opts.calibration
         c = opts.calibration
         self.copts = CalibratedOptions(
