@@ -145,7 +145,7 @@ def test_the_environment_forces_a_path(monkeypatch):
 def test_without_the_library_the_fallback_runs_and_says_so_once(tmp_path):
     """A machine without a compiler: no library, so one line on stderr and dense execution, never a crash."""
     code = (
-        f"import torch, fpewiden.packed.build as b; from pathlib import Path; b.BUILD = Path({str(tmp_path)!r});"
+        f"import torch, fpewiden.packed.built as b; from pathlib import Path; b.BUILD = Path({str(tmp_path)!r});"
         "from fpewiden.packed import format as f, ops, kernels;"
         "m = ops.PackedLinear(f.pack_bitmask(torch.eye(4))); m2 = ops.PackedLinear(f.pack_bitmask(torch.eye(4)));"
         "print(m.kernel, float((m(torch.ones(1, 4)) - 1).abs().max()))"
@@ -160,7 +160,10 @@ def test_without_the_library_the_fallback_runs_and_says_so_once(tmp_path):
 
 def test_set_up_without_a_compiler_says_so_in_one_line(tmp_path):
     """Set-up's build on a machine whose compiler is missing: one line per library naming the cause, exit 0."""
-    code = f"import fpewiden.packed.build as b; from pathlib import Path; b.BUILD = Path({str(tmp_path)!r}); b.main()"
+    code = (
+        f"import fpewiden.packed.built as b, fpewiden.packed.build as m; from pathlib import Path; "
+        f"b.BUILD = Path({str(tmp_path)!r}); m.main([])"
+    )
     env = {**os.environ, "CXX": str(tmp_path / "no-such-c++")}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stderr

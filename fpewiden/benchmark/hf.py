@@ -193,7 +193,8 @@ def grouped_bytes(
 def _from_folder(path: Path, engines, device, tmp: Path, threads: int) -> tuple[MeasuredModel, Forward]:
     from fpewiden.arch import find_pairs
     from fpewiden.export.export import export
-    from fpewiden.model.loaded import has_lm_head, load_model
+    from fpewiden.model.loaded import load_model
+    from fpewiden.model.skeleton import has_lm_head
 
     loaded = load_model(path, head=True)
     e = MeasuredModel(path)

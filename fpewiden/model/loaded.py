@@ -19,6 +19,7 @@ from fpewiden.arch.chain import linear_layers
 from fpewiden.errors import FpewidenError
 from fpewiden.io.checkpoint import Checkpoint, open_checkpoint, pack_mask
 from fpewiden.model.chain_mlp import ACTIVATIONS, ChainMLP
+from fpewiden.model.skeleton import has_lm_head
 
 
 @dataclass
@@ -120,11 +121,6 @@ def _param_of(ck: Checkpoint, model: nn.Module) -> dict[str, nn.Parameter]:
 
 def _hf_activation(ck: Checkpoint) -> str:
     return json.dumps(ck.config.get("hidden_act", "")) if ck.config else ""
-
-
-def has_lm_head(config: dict) -> bool:
-    """Causal LMs name themselves *ForCausalLM (Llama, Qwen, OPT, …) or GPT2LMHeadModel."""
-    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.get("architectures") or [])
 
 
 def _chain(ck: Checkpoint, tensor) -> LoadedModel:

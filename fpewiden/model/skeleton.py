@@ -14,7 +14,6 @@ from torch import nn
 
 from fpewiden.errors import FpewidenError
 from fpewiden.io.checkpoint import Checkpoint
-from fpewiden.model.loaded import has_lm_head
 
 
 @contextlib.contextmanager
@@ -34,6 +33,11 @@ def parameters_on_meta() -> Iterator[None]:
         yield
     finally:
         nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def has_lm_head(config: dict) -> bool:
+    """Causal LMs name themselves *ForCausalLM (Llama, Qwen, OPT, …) or GPT2LMHeadModel."""
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.get("architectures") or [])
 
 
 def empty_model(folder: Path, head: bool = True) -> nn.Module:

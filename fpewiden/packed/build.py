@@ -11,42 +11,27 @@ against: a stamp records that torch's version, and a different torch makes fpewi
 
 from __future__ import annotations
 
-import hashlib
+import argparse
 import json
 import os
 import shutil
 import sys
 from pathlib import Path
 
-CSRC = Path(__file__).with_name("csrc")
-BUILD = Path(__file__).with_name("_build")
-NAME = "fpewiden_kernels"
-# -fopenmp: at::parallel_for is inline OpenMP code; without it the kernels run on one thread whatever torch's
-# thread count (measured: 2 threads gave the same 7.0 ms as one at 11008x4096). The library then shares the
-# libgomp torch already loaded (same soname), so there is one thread pool.
-FLAGS = ["-O3", "-Wall", "-Wno-unknown-pragmas", "-fopenmp"]
-
-
-def sources() -> list[Path]:
-    return sorted(CSRC.glob("*.cc"))
-
-
-def source_hash() -> str:
-    h = hashlib.sha256(" ".join(FLAGS).encode())
-    for p in sorted([*CSRC.glob("*.cc"), *CSRC.glob("*.h")]):
-        h.update(p.name.encode() + b"\0" + p.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def library() -> Path:
-    return BUILD / f"{NAME}.so"
-
-
-def stamp() -> dict | None:
-    try:
-        return json.loads((BUILD / "stamp.json").read_text())
-    except (OSError, ValueError):
-        return None
+from fpewiden.packed import built
+from fpewiden.packed.built import (
+    FLAGS,
+    NAME,
+    ORT_FLAGS,
+    library,
+    ort_library,
+    ort_source_hash,
+    ort_sources,
+    ort_stamp,
+    source_hash,
+    sources,
+    stamp,
+)
 
 
 def _compile(work: Path, verbose: bool) -> None:
@@ -82,7 +67,7 @@ def build(verbose: bool = False) -> Path:
     import torch
 
     compiler()
-    work = BUILD / "work"
+    work = built.BUILD / "work"
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
@@ -97,36 +82,9 @@ def build(verbose: bool = False) -> Path:
     tmp = library().with_suffix(f".so.{os.getpid()}.tmp")
     shutil.copy2(work / f"{NAME}.so", tmp)
     os.replace(tmp, library())  # a new file: processes that have the old one loaded keep running on it
-    (BUILD / "stamp.json").write_text(json.dumps({"torch": torch.__version__, "sources": source_hash()}) + "\n")
+    (built.BUILD / "stamp.json").write_text(json.dumps({"torch": torch.__version__, "sources": source_hash()}) + "\n")
     shutil.rmtree(work, ignore_errors=True)
     return library()
-
-
-ORT_NAME = "fpewiden_ort"
-ORT_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wno-maybe-uninitialized"]
-
-
-def ort_sources() -> list[Path]:
-    shared = [CSRC / "dispatch.cc", CSRC / "validate.cc", *sorted(CSRC.glob("isa_*.cc"))]
-    return [CSRC / "ort" / "packed_matmul.cc", *shared]
-
-
-def ort_library() -> Path:
-    return BUILD / f"lib{ORT_NAME}.so"
-
-
-def ort_source_hash() -> str:
-    h = hashlib.sha256(" ".join(ORT_FLAGS).encode())
-    for p in [*ort_sources(), *sorted(CSRC.glob("*.h"))]:
-        h.update(p.name.encode() + b"\0" + p.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def ort_stamp() -> dict | None:
-    try:
-        return json.loads((BUILD / "ort-stamp.json").read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def build_ort(verbose: bool = False) -> tuple[Path, dict]:
@@ -137,8 +95,8 @@ def build_ort(verbose: bool = False) -> tuple[Path, dict]:
     from fpewiden.packed import ort_headers
 
     cxx = compiler()  # before the headers: no download for a build that cannot run
-    include, source = ort_headers.find(BUILD / "ort-include")
-    work = BUILD / "ort-work"
+    include, source = ort_headers.find(built.BUILD / "ort-include")
+    work = built.BUILD / "ort-work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     objs, jobs = [], []
@@ -162,7 +120,7 @@ def build_ort(verbose: bool = False) -> tuple[Path, dict]:
         raise RuntimeError((res.stderr.strip().splitlines() or ["the link failed"])[0][:200])
     os.replace(tmp, ort_library())
     stamp = {"sources": ort_source_hash(), "api": ort_headers.api_version(include), "headers": source}
-    (BUILD / "ort-stamp.json").write_text(json.dumps(stamp) + "\n")
+    (built.BUILD / "ort-stamp.json").write_text(json.dumps(stamp) + "\n")
     shutil.rmtree(work, ignore_errors=True)
     return ort_library(), stamp
 
@@ -182,19 +140,23 @@ def main_ort(force: bool, verbose: bool) -> None:
     print(f"setup: ONNX Runtime packed op built (API {stamp['api']}, headers: {stamp['headers']}): {path}")
 
 
-def main() -> int:
-    if "--compile" in sys.argv:
-        _compile(Path(sys.argv[sys.argv.index("--compile") + 1]), "-v" in sys.argv)
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fpewiden.packed.build", description=__doc__.splitlines()[0])
+    ap.add_argument("-f", "--force", action="store_true", help="rebuild an up-to-date library")
+    ap.add_argument("-v", "--verbose", action="store_true", help="show the compiler")
+    ap.add_argument("--compile", type=Path, help=argparse.SUPPRESS)  # the build's own child process
+    args = ap.parse_args(argv)
+    if args.compile is not None:
+        _compile(args.compile, args.verbose)
         return 0
     import torch
 
     built = stamp() or {}
-    force, verbose = "-f" in sys.argv, "-v" in sys.argv
-    if library().is_file() and built == {"torch": torch.__version__, "sources": source_hash()} and not force:
+    if library().is_file() and built == {"torch": torch.__version__, "sources": source_hash()} and not args.force:
         print(f"setup: packed kernels up to date: {library()}")
     else:
         try:
-            path = build(verbose=verbose)
+            path = build(verbose=args.verbose)
         except Exception as e:  # no compiler, no ninja, headers missing: the fallback runs, and we say so once
             reason = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
             print(f"setup: packed kernels not built ({reason}); packed models run on the pure-torch fallback")
@@ -202,7 +164,7 @@ def main() -> int:
             from fpewiden.packed import kernels
 
             print(f"setup: packed kernels built ({kernels.path()} on this CPU): {path}")
-    main_ort(force, verbose)
+    main_ort(args.force, args.verbose)
     return 0
 
 

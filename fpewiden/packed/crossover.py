@@ -30,7 +30,7 @@ def cache_file() -> Path:
 
 def key(layer: PackedLinear) -> str:
     """What the measurement depends on; the kernels' source hash too, so rebuilt kernels are measured anew."""
-    from fpewiden.packed.build import source_hash
+    from fpewiden.packed.built import source_hash
 
     density = round(layer.nnz / max(1, layer.out_features * layer.in_features), 1)
     return (

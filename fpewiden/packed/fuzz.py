@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fpewiden.packed.build import BUILD, CSRC
+from fpewiden.packed.built import BUILD, CSRC
 
 TARGETS = ("raw", "kernels")
 FUZZ = BUILD / "fuzz"

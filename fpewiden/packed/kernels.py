@@ -21,7 +21,7 @@ def _native() -> str | None:
     """Load the library; None when loaded, else why not."""
     import torch
 
-    from fpewiden.packed.build import library, source_hash, stamp
+    from fpewiden.packed.built import library, source_hash, stamp
 
     lib = library()
     if not lib.is_file():

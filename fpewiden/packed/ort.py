@@ -25,7 +25,7 @@ OP = "PackedMatMul"
 def ort_reason() -> str | None:
     """Why the ONNX Runtime library cannot run here (None: it can); checked once per process, as the kernels are
     (it hashes the sources)."""
-    from fpewiden.packed.build import ort_library, ort_source_hash, ort_stamp
+    from fpewiden.packed.built import ort_library, ort_source_hash, ort_stamp
 
     if not ort_library().is_file():
         return "not built (no ONNX Runtime headers or compiler at set-up? run: python -m fpewiden.packed.build)"
@@ -45,7 +45,7 @@ def ort_reason() -> str | None:
 def ort_library() -> Path:
     """The custom-op library to register in an ONNX Runtime session; raises FpewidenError saying why there is
     none."""
-    from fpewiden.packed.build import ort_library as path
+    from fpewiden.packed.built import ort_library as path
 
     reason = ort_reason()
     if reason is not None:
