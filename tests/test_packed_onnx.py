@@ -261,7 +261,8 @@ def test_headers_come_only_through_the_verified_chain(tmp_path, monkeypatch):
     packed = lzma.compress(index.encode())
     release = f"SHA256:\n {hashlib.sha256(packed).hexdigest()} {len(packed)} main/binary-amd64/Packages.xz\n"
     served = {"Packages.xz": packed, "x.deb": deb}
-    monkeypatch.setattr(ort_headers, "_verified_release", lambda suite, tmp: release)
+    monkeypatch.setattr(ort_headers, "_verified_release", lambda archive, suite, tmp: release)
+    monkeypatch.setattr(ort_headers, "mirror", lambda: "archive")  # apt's own configuration, in real use
     monkeypatch.setattr(ort_headers, "_get", lambda url: served[url.rsplit("/", 1)[1]])
     monkeypatch.setattr(ort_headers.os, "uname", lambda: type("U", (), {"machine": "x86_64"})())
     dest = tmp_path / "inc"
@@ -275,6 +276,20 @@ def test_headers_come_only_through_the_verified_chain(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="index does not match its InRelease"):
         ort_headers.fetch_debian(tmp_path / "inc3")
     assert not (tmp_path / "inc2").exists() and not (tmp_path / "inc3").exists()
+
+
+def test_the_archive_comes_from_apt_configuration_or_the_environment(monkeypatch):
+    one_line = "deb http://a.example/debian bookworm main  # comment\ndeb-src http://b.example/debian bookworm main"
+    deb822 = "Types: deb\nURIs: http://c.example/debian-security http://c.example/debian\nSuites: bookworm"
+    assert ort_headers._uris(one_line) == ["http://a.example/debian"]
+    assert ort_headers._uris(deb822) == ["http://c.example/debian-security", "http://c.example/debian"]
+    monkeypatch.setenv(ort_headers.MIRROR_ENV, "http://d.example/debian/")
+    assert ort_headers.mirror() == "http://d.example/debian"
+    monkeypatch.delenv(ort_headers.MIRROR_ENV)
+    monkeypatch.setattr(ort_headers.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(OSError("no apt")))
+    monkeypatch.setattr(ort_headers, "_apt_sources", lambda: [])
+    with pytest.raises(RuntimeError, match="apt's configuration names no Debian archive"):
+        ort_headers.mirror()
 
 
 def test_setup_says_in_one_line_when_the_op_cannot_be_built(monkeypatch, capsys):

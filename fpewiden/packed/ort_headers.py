@@ -3,7 +3,8 @@
 No PyPI or npm package ships them (the onnxruntime and onnxruntime-extensions wheels, onnxruntime-node and
 onnxruntime-react-native were checked). Debian's `libonnxruntime-dev` does, so they come, in this order, from:
 `$FPEWIDEN_ORT_INCLUDE`; the system's (`apt install libonnxruntime-dev` on Debian 13 or newer); a copy fetched
-earlier into packed/_build/; or Debian's archive, fetched the way apt trusts it: the suite's InRelease checked by
+earlier into packed/_build/; or the Debian archive this machine's apt is configured with (`$FPEWIDEN_DEBIAN_MIRROR`
+names another; no host is named here), fetched the way apt trusts it: the suite's InRelease checked by
 `gpgv` against the system's Debian archive keyring, the package index by the SHA256 that InRelease lists, the
 package by the SHA256 the index lists. Only the headers are kept (under packed/_build/, never committed); nothing
 is installed. A library built against API version N loads in any ONNX Runtime >= 1.N.
@@ -24,7 +25,7 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-MIRROR = os.environ.get("FPEWIDEN_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+MIRROR_ENV = "FPEWIDEN_DEBIAN_MIRROR"
 SUITES = ("trixie", "forky", "sid")  # the first that has the package wins
 PACKAGE = "libonnxruntime-dev"
 KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
@@ -67,6 +68,42 @@ def find(cache: Path, fetch: bool = True) -> tuple[Path, str]:
     return cache, fetch_debian(cache)
 
 
+def mirror() -> str:
+    """The Debian archive to fetch from: $FPEWIDEN_DEBIAN_MIRROR, else the one apt's configuration names (the
+    site of its `Label: Debian` index targets, or a configured URI whose path ends in /debian)."""
+    env = os.environ.get(MIRROR_ENV)
+    if env:
+        return env.rstrip("/")
+    try:
+        cmd = ["apt-get", "indextargets", "--format", "$(SITE)", "Label: Debian"]
+        sites = subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        sites = []
+    uris = sites + [u for f in _apt_sources() for u in _uris(_read(f))]
+    for uri in uris:
+        if uri.rstrip("/").endswith("/debian"):
+            return uri.rstrip("/")
+    raise RuntimeError(f"apt's configuration names no Debian archive (set {MIRROR_ENV})")
+
+
+def _apt_sources() -> list[Path]:
+    etc = Path("/etc/apt")
+    return [etc / "sources.list", *sorted((etc / "sources.list.d").glob("*.list")),
+            *sorted((etc / "sources.list.d").glob("*.sources"))]  # fmt: skip
+
+
+def _uris(text: str) -> list[str]:
+    """Archive URIs of a one-line-style or deb822 sources file."""
+    out = []
+    for line in text.splitlines():
+        words = line.split("#", 1)[0].split()
+        if words[:1] == ["deb"]:
+            out += [w for w in words[1:] if "://" in w][:1]
+        elif words[:1] == ["URIs:"]:
+            out += words[1:]
+    return out
+
+
 def _get(url: str) -> bytes:
     with urllib.request.urlopen(url, timeout=60) as r:
         return r.read()
@@ -76,12 +113,12 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _verified_release(suite: str, tmp: Path) -> str:
+def _verified_release(archive: str, suite: str, tmp: Path) -> str:
     """The suite's InRelease text once gpgv has accepted its signature."""
     if not KEYRING.is_file() or shutil.which("gpgv") is None:
         raise RuntimeError(f"cannot verify Debian's archive here (needs gpgv and {KEYRING})")
     signed = tmp / f"{suite}.InRelease"
-    signed.write_bytes(_get(f"{MIRROR}/dists/{suite}/InRelease"))
+    signed.write_bytes(_get(f"{archive}/dists/{suite}/InRelease"))
     res = subprocess.run(["gpgv", "--keyring", str(KEYRING), str(signed)], capture_output=True, text=True)
     if res.returncode:
         raise RuntimeError(f"Debian's {suite} InRelease failed its signature check")
@@ -115,18 +152,18 @@ def _ar_member(deb: bytes, prefix: str) -> tuple[str, bytes]:
     raise RuntimeError(f"the package has no {prefix}*")
 
 
-def _fetch_suite(suite: str, arch: str, tmp: Path) -> tuple[dict[str, str], bytes]:
+def _fetch_suite(archive: str, suite: str, arch: str, tmp: Path) -> tuple[dict[str, str], bytes]:
     """The package's index record and its data archive from one suite, every step verified."""
-    release = _verified_release(suite, tmp)
+    release = _verified_release(archive, suite, tmp)
     name = f"main/binary-{arch}/Packages.xz"
     want = _listed_sha256(release, name)
-    packed = _get(f"{MIRROR}/dists/{suite}/{name}")
+    packed = _get(f"{archive}/dists/{suite}/{name}")
     if want is None or _sha256(packed) != want:
         raise RuntimeError(f"{suite}'s package index does not match its InRelease")
     record = _package_record(lzma.decompress(packed).decode(errors="replace"))
     if record is None:
         raise RuntimeError(f"{suite} has no {PACKAGE}")
-    deb = _get(f"{MIRROR}/{record['Filename']}")
+    deb = _get(f"{archive}/{record['Filename']}")
     if _sha256(deb) != record.get("SHA256"):
         raise RuntimeError(f"{record['Filename']} does not match {suite}'s index")
     member, data = _ar_member(deb, "data.tar")
@@ -150,12 +187,13 @@ def fetch_debian(dest: Path) -> str:
     """Fetch, verify and unpack the headers into `dest` (replaced whole, or left as it was); returns where they
     came from. A network failure ends the search at once (the other suites are on the same mirror)."""
     arch = "amd64" if os.uname().machine in ("x86_64", "amd64") else "arm64"
+    archive = mirror()
     dest.parent.mkdir(parents=True, exist_ok=True)
     reasons = []
     with tempfile.TemporaryDirectory() as d:
         for suite in SUITES:
             try:
-                record, data = _fetch_suite(suite, arch, Path(d))
+                record, data = _fetch_suite(archive, suite, arch, Path(d))
             except OSError as e:  # the mirror cannot be reached
                 reasons.append(f"{suite}: {e}")
                 break
