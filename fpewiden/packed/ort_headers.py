@@ -26,7 +26,9 @@ import urllib.request
 from pathlib import Path
 
 MIRROR_ENV = "FPEWIDEN_DEBIAN_MIRROR"
-SUITES = ("trixie", "forky", "sid")  # the first that has the package wins
+# Debian 13's suite only: a stable release keeps one ONNX Runtime (1.21, API 21) for its life, so the op's API
+# version does not move with the day's testing or unstable suite. Past trixie's life: FPEWIDEN_ORT_INCLUDE.
+SUITES = ("trixie",)
 PACKAGE = "libonnxruntime-dev"
 KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 SYSTEM = (Path("/usr/include/onnxruntime"), Path("/usr/local/include/onnxruntime"))
