@@ -171,6 +171,17 @@ def test_random_edits_are_refused_alike_or_run_in_bounds(kind, where, value, arr
                 torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
+def test_negative_zero_positions_never_erase_a_weight():
+    """A file's -0.0 bookkeeping (which no kernel reads) can only sign zeros: where it overlaps a stored weight,
+    the unpacked matrix keeps the weight, as the kernels do (found by the random-edit test below)."""
+    w = torch.tensor([[1.0, -0.0, 2.0], [0.0, 3.0, -0.0]])
+    pm = fmt.pack_bitmask(w)
+    assert pm.negzero is not None and torch.equal(fmt.unpack(pm), w) and fmt.unpack(pm)[0, 1].signbit()
+    overlapping = dataclasses.replace(pm, negzero=fmt._pack_bits(torch.ones(2, 3, dtype=torch.bool), pm.stride))
+    assert torch.equal(fmt.unpack(overlapping), w)  # 1, 2 and 3 survive; the zeros are -0.0
+    assert bool(fmt.unpack(overlapping)[1, 0].signbit())
+
+
 @needs_kernels
 def test_the_op_validates_once_and_again_after_an_in_place_edit():
     pm = bitmask()

@@ -132,8 +132,9 @@ def pack_parent(w: torch.Tensor, alpha: int, dtype: torch.dtype | None = None) -
 def unpack(pm: PackedMatrix) -> torch.Tensor:
     """The dense (rows, cols) matrix in the values' dtype: bit for bit the packed one when no cast happened."""
     out = _unpack_values(pm)
-    if pm.negzero is not None:
-        out[_unpack_bits(pm.negzero, pm.rows, pm.cols, pm.stride)] = -0.0
+    if pm.negzero is not None:  # it signs zeros, never erases a stored weight (the kernels never read it)
+        neg = _unpack_bits(pm.negzero, pm.rows, pm.cols, pm.stride)
+        out[neg & (out == 0)] = -0.0
     return out
 
 
