@@ -38,7 +38,8 @@ def real_matrices(work: Path) -> list:
     from safetensors.torch import save_file
 
     from fpewiden.convert import Budget, ConvertOptions, convert
-    from fpewiden.packed.file import pack_checkpoint, read_packed
+    from fpewiden.packed.pack import pack_checkpoint
+    from fpewiden.packed.reader import read_packed
 
     g = torch.Generator().manual_seed(0)
     widths = (140, 40, 24)

@@ -36,7 +36,7 @@ from fpewiden.convert import Budget, ConvertOptions, convert
 from fpewiden.export.export import export
 from fpewiden.io.provenance import MD_MARKER, json_document
 from fpewiden.packed import kernels
-from fpewiden.packed.file import pack_checkpoint
+from fpewiden.packed.pack import pack_checkpoint
 
 HIDDEN, FFN = 4096, 11008
 

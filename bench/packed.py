@@ -107,7 +107,8 @@ def fpe_pair(work: Path) -> tuple[list[fmt.PackedMatrix], list[torch.Tensor]]:
     from safetensors.torch import save_file
 
     from fpewiden.convert import ConvertOptions, convert
-    from fpewiden.packed.file import pack_checkpoint, read_packed
+    from fpewiden.packed.pack import pack_checkpoint
+    from fpewiden.packed.reader import read_packed
 
     torch.manual_seed(0)
     up, down = torch.nn.Linear(4096, 11008, bias=False), torch.nn.Linear(11008, 4096, bias=False)

@@ -28,7 +28,7 @@ from fpewiden.data.embeddings import minilm_dir
 from fpewiden.io.provenance import MD_MARKER, json_document
 from fpewiden.model.loaded import load_model
 from fpewiden.packed import kernels, load
-from fpewiden.packed.file import pack_checkpoint
+from fpewiden.packed.pack import pack_checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
 from packed import cpu_name, timed

@@ -482,7 +482,7 @@ def pack(
     """
     from fpewiden.console import console, pack_table, progress_bar
     from fpewiden.packed import kernels
-    from fpewiden.packed.file import pack_checkpoint
+    from fpewiden.packed.pack import pack_checkpoint
 
     with progress_bar() as bar:
         task = bar.add_task("packing", total=None)
@@ -510,7 +510,7 @@ def unpack(
     Example:
       fpewiden unpack runs/small-packed --out runs/small-dense
     """
-    from fpewiden.packed.file import unpack_checkpoint
+    from fpewiden.packed.pack import unpack_checkpoint
 
     report = unpack_checkpoint(packed, out, force)
     typer.echo(f"wrote {report['dst']} ({report['matrices']} packed matrices unpacked)")

@@ -9,7 +9,7 @@ from fpewiden.fpe.expand import count
 from fpewiden.interference import feature_capacity, mean_abs_cosine
 from fpewiden.io.checkpoint import open_checkpoint
 from fpewiden.io.metadata import FpeMetadata
-from fpewiden.packed.file import is_packed, read_packed
+from fpewiden.packed.reader import is_packed, read_packed
 
 
 def describe(meta: FpeMetadata, has_zeros: bool) -> str:

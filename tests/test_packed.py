@@ -20,8 +20,9 @@ from fpewiden.errors import FpewidenError
 from fpewiden.model.loaded import load_model
 from fpewiden.packed import format as fmt
 from fpewiden.packed import kernels
-from fpewiden.packed.file import pack_checkpoint, read_packed, unpack_checkpoint
 from fpewiden.packed.ops import PackedLinear
+from fpewiden.packed.pack import pack_checkpoint, unpack_checkpoint
+from fpewiden.packed.reader import read_packed
 from tests.helpers import tiny_bert, tiny_causal, write_mlp
 
 runner = CliRunner()

@@ -20,7 +20,8 @@ from fpewiden.convert import Budget, ConvertOptions, convert
 from fpewiden.errors import FpewidenError
 from fpewiden.packed import format as fmt
 from fpewiden.packed import kernels, ort, ort_headers
-from fpewiden.packed.file import pack_checkpoint, read_packed
+from fpewiden.packed.pack import pack_checkpoint
+from fpewiden.packed.reader import read_packed
 from tests.helpers import tiny_bert, tiny_causal, write_mlp
 
 runner = CliRunner()

@@ -24,8 +24,9 @@ from fpewiden.convert import ConvertOptions, convert
 from fpewiden.errors import FpewidenError
 from fpewiden.packed import format as fmt
 from fpewiden.packed import kernels, load, ort
-from fpewiden.packed.file import pack_checkpoint, read_packed
 from fpewiden.packed.ops import DTYPE_CODES, FORMAT_CODES
+from fpewiden.packed.pack import pack_checkpoint
+from fpewiden.packed.reader import read_packed
 from tests.helpers import write_mlp
 
 runner = CliRunner()

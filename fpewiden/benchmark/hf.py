@@ -35,8 +35,8 @@ from fpewiden.benchmark.measure import (
 )
 from fpewiden.errors import FpewidenError
 from fpewiden.model.pooling import mean_pool
-from fpewiden.packed.file import widened_alphas
 from fpewiden.packed.format import packed_bytes
+from fpewiden.packed.pack import widened_alphas
 
 EVAL_BATCH = 32
 PROBE_TRAIN = 3000

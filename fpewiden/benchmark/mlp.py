@@ -26,7 +26,7 @@ from fpewiden.benchmark.measure import (
 from fpewiden.data.labels import evaluate, metrics_from_logits
 from fpewiden.data.specs import Dataset
 from fpewiden.errors import FpewidenError
-from fpewiden.packed.file import widened_alphas
+from fpewiden.packed.pack import widened_alphas
 
 
 def _check_width(entry: MeasuredModel, n_in: int, data: Dataset, n_out: int | None = None) -> None:

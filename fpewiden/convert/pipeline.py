@@ -225,7 +225,7 @@ def convert(
 ) -> dict:
     """Convert `src` into `dst`; returns a report (per layer neurons and non-zeros, totals, metadata).
     `on_pair(name, bytes done, bytes in all)` is called after each pair. `packed`: write the packed checkpoint
-    (fpewiden/packed/file.py) instead of the dense one."""
+    (fpewiden/packed/pack.py) instead of the dense one."""
     if packed:
         return _convert_packed(src, dst, opts, on_pair, force, clauses_path, transform)
     opts.validate()
@@ -290,7 +290,7 @@ def _convert_packed(src, dst, opts, on_pair, force, clauses_path, transform) -> 
     long as packing it takes (bench/results/convert_speed measures what that costs)."""
     import tempfile
 
-    from fpewiden.packed.file import pack_checkpoint
+    from fpewiden.packed.pack import pack_checkpoint
 
     opts.validate()
     calib = [Path(opts.calibration.data)] if opts.calibration and Path(opts.calibration.data).is_file() else []

@@ -69,9 +69,9 @@ def export_packed(
     from fpewiden.io.provenance import digest
     from fpewiden.io.safetensors_stream import read_header
     from fpewiden.packed import kernels
-    from fpewiden.packed.file import is_packed, read_packed
     from fpewiden.packed.loader import module_of
     from fpewiden.packed.ort import ort_reason
+    from fpewiden.packed.reader import is_packed, read_packed
 
     if dtype != "fp32":
         raise FpewidenError("--dtype applies to dense layouts; a packed file keeps its values' dtype (pack --dtype)")

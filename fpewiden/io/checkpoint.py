@@ -122,7 +122,7 @@ def _split_masks(ck: Checkpoint, tensors: dict[str, torch.Tensor] | None) -> Non
 
 
 def _packed_error(path: Path) -> FpewidenError:
-    """A packed checkpoint (fpewiden/packed/file.py) where a dense one is read."""
+    """A packed checkpoint (fpewiden/packed/schema.py) where a dense one is read."""
     return FpewidenError(
         f"{path} is a packed checkpoint: run it with fpewiden.packed.load, or get the dense one back with "
         f"fpewiden unpack {path} --out DENSE"

@@ -1,6 +1,7 @@
 """Packed sparse weights that run at their non-zero bytes: the format (format.py), the CPU kernels (csrc/, built by
-build.py, chosen by kernels.py), the torch op and module (ops.py), packed checkpoints on disk (file.py), the
-loader that turns one into a torch module (loader.py) and the ONNX Runtime op (ort.py, csrc/ort/).
+build.py, chosen by kernels.py), the torch op and module (ops.py), packed checkpoints on disk (schema.py, written by
+pack.py, read by reader.py), the loader that turns one into a torch module (loader.py) and the ONNX Runtime op
+(ort.py, csrc/ort/).
 
 Import order: packed/ sits below convert, export and benchmark, which call it; it never calls them.
 """

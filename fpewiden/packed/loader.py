@@ -16,8 +16,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from fpewiden.errors import FpewidenError
-from fpewiden.packed.file import PackedCheckpoint, read_packed
 from fpewiden.packed.ops import PackedLinear
+from fpewiden.packed.reader import PackedCheckpoint, read_packed
 
 
 class DenseLinear(nn.Module):

@@ -1,20 +1,5 @@
-"""Packed checkpoints on disk: `fpewiden pack` and `fpewiden unpack`, and the reader the loader and inspect use.
-
-A packed checkpoint is plain safetensors. Every Linear weight that a packed format makes smaller (format.py) is
-replaced by its arrays, named by prefix (numpy reads them as they are):
-
-    fpewiden_packed.values.NAME   the values (F32, BF16 or F16), PAD zeros at the end
-    fpewiden_packed.bits.NAME     U8: the bitmask rows, or the parent format's child-id planes
-    fpewiden_packed.row_ptr.NAME  I64, bitmask only: where each row's values start
-
-and the metadata key `fpewiden.packed` (JSON) says, per NAME, how: format, rows and cols as used in y = W x, the
-tensor's stored shape and dtype, whether it was transposed (GPT-2's Conv1D stores W as inputs × outputs), α and
-bit planes (parent), bit stride and stored values. Everything else (biases, norms, embeddings, attention left
-dense, fpewiden's masks) is copied byte for byte. An MLP file stays one .safetensors; a Hugging Face folder keeps
-its config and tokenizer and renames its weight files `*.packed.safetensors`, so transformers cannot load it
-half-initialised by mistake: fpewiden.packed.load does.
-
-Peak memory while packing is one weight file's packed matrices.
+"""`fpewiden pack` and `fpewiden unpack`: a checkpoint's Linear weights into their packed arrays (schema.py) and
+back, bit for bit where no value was cast. Peak memory while packing is one weight file's packed matrices.
 """
 
 from __future__ import annotations
@@ -22,7 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -30,69 +15,13 @@ import torch
 from fpewiden.errors import FpewidenError
 from fpewiden.io.atomic import atomic_dir, atomic_file
 from fpewiden.io.checkpoint import MASKS_FILE, Checkpoint, open_checkpoint
-from fpewiden.io.metadata import FpeMetadata
 from fpewiden.io.outputs import check_outputs
 from fpewiden.io.provenance import MARKER, Provenance, mark_dir
-from fpewiden.io.safetensors_stream import DTYPE_NAMES, DTYPES, Header, StreamingWriter, read_header, read_tensor
+from fpewiden.io.safetensors_stream import DTYPE_NAMES, DTYPES, StreamingWriter, read_header
 from fpewiden.io.write import write_hf_extras
 from fpewiden.packed import format as fmt
-
-PACKED_KEY = "fpewiden.packed"
-PREFIX = "fpewiden_packed."
-SUFFIX = ".packed.safetensors"
-INDEX = "model.packed.safetensors.index.json"
-PACKED_ONLY = (PACKED_KEY, "fpewiden.packed_from", "fpewiden.written_by")  # metadata the unpacked files drop
-
-
-@dataclass(frozen=True)
-class Entry:
-    """How one matrix is stored (the JSON of `fpewiden.packed`, per tensor)."""
-
-    format: str
-    rows: int
-    cols: int
-    shape: list[int]  # the tensor's shape in the unpacked checkpoint
-    dtype: str  # the values' safetensors dtype
-    source_dtype: str
-    transposed: bool
-    stride: int
-    nnz: int
-    alpha: int = 1
-    planes: int = 0
-    negzero: bool = False  # the matrix stored -0.0 somewhere: `fpewiden_packed.negzero.NAME` says where
-
-    def arrays(self, name: str) -> dict[str, str]:
-        """role -> tensor name in the packed file."""
-        roles = ["values", "bits", *(["row_ptr"] if self.format == "bitmask" else [])]
-        roles += ["negzero"] if self.negzero else []
-        return {r: f"{PREFIX}{r}.{name}" for r in roles}
-
-
-def _entry(pm: fmt.PackedMatrix, shape: tuple[int, ...], source: str, transposed: bool) -> Entry:
-    return Entry(pm.format, pm.rows, pm.cols, list(shape), DTYPE_NAMES[pm.dtype], source, transposed, pm.stride,
-                 pm.nnz, pm.alpha, pm.planes, pm.negzero is not None)  # fmt: skip
-
-
-def _arrays(pm: fmt.PackedMatrix) -> dict[str, torch.Tensor]:
-    out = {"values": pm.values, "bits": pm.bits}
-    if pm.row_ptr is not None:
-        out["row_ptr"] = pm.row_ptr
-    if pm.negzero is not None:
-        out["negzero"] = pm.negzero
-    return out
-
-
-def matrix(entry: Entry, arrays: dict[str, torch.Tensor]) -> fmt.PackedMatrix:
-    """The PackedMatrix of an entry, from its arrays (by role)."""
-    e = entry
-    return fmt.PackedMatrix(e.format, e.rows, e.cols, arrays["values"], arrays["bits"], e.stride, e.nnz,
-                            arrays.get("row_ptr"), e.alpha, e.planes, arrays.get("negzero"))  # fmt: skip
-
-
-def dense(entry: Entry, pm: fmt.PackedMatrix) -> torch.Tensor:
-    """The stored tensor back, in its source dtype (bit for bit when the values kept that dtype)."""
-    w = fmt.unpack(pm).to(DTYPES[entry.source_dtype])
-    return (w.T if entry.transposed else w).contiguous().reshape(entry.shape)
+from fpewiden.packed.reader import PackedCheckpoint, is_packed, read_packed
+from fpewiden.packed.schema import INDEX, PACKED_KEY, SUFFIX, Entry, arrays_of, entry_of, packed_name
 
 
 def widened_alphas(ck: Checkpoint) -> dict[str, int]:
@@ -161,7 +90,7 @@ def pack_checkpoint(
             shape = ck.shapes[name]
             dense_bytes = fmt.dense_bytes(shape[0], shape[1], DTYPES[ck.dtypes[name]])
             if pm is not None:
-                packed[name] = (_entry(pm, shape, ck.dtypes[name], kinds[name]), _arrays(pm))
+                packed[name] = (entry_of(pm, shape, ck.dtypes[name], kinds[name]), arrays_of(pm))
             rows.append({"name": name, "format": pm.format if pm else "dense", "dense_bytes": dense_bytes,
                          "packed_bytes": pm.nbytes if pm else dense_bytes, "nnz": pm.nnz if pm else None})  # fmt: skip
             done[0] += 1
@@ -191,10 +120,6 @@ def pack_checkpoint(
         "dense_bytes": dense_total,
         "packed_bytes": packed_total,
     }
-
-
-def packed_name(file: str) -> str:
-    return file[: -len(".safetensors")] + SUFFIX if file.endswith(".safetensors") else file + SUFFIX
 
 
 def _source_metadata(ck: Checkpoint, file: str) -> dict[str, str]:
@@ -267,138 +192,6 @@ def _packed_index(ck: Checkpoint, folder: Path) -> None:
 
 
 # ---------------------------------------------------------------- reading
-
-
-def is_packed(path: Path) -> bool:
-    """Whether `path` is a packed checkpoint (an MLP file with `fpewiden.packed`, or a folder of packed files)."""
-    if path.is_dir():
-        return (path / f"model{SUFFIX}").is_file() or (path / INDEX).is_file()
-    if path.suffix != ".safetensors" or not path.is_file():
-        return False
-    try:
-        return PACKED_KEY in read_header(path).metadata
-    except FpewidenError:
-        return False
-
-
-@dataclass
-class PackedCheckpoint:
-    """A packed checkpoint's tensors: `entries` the packed matrices, `headers` where every stored tensor lives."""
-
-    path: Path
-    kind: str  # "mlp" or "hf"
-    entries: dict[str, Entry]
-    headers: dict[str, Header]  # stored tensor name -> its file
-    source_file: dict[str, str]  # logical tensor name -> the unpacked checkpoint's file
-    metadata: dict[str, str]
-    config: dict | None = None
-    file_metadata: dict[str, dict[str, str]] = field(default_factory=dict)  # unpacked file -> its metadata
-
-    @property
-    def meta(self) -> FpeMetadata:
-        return FpeMetadata.read(self.metadata)
-
-    def names(self) -> list[str]:
-        """Every tensor of the unpacked checkpoint (masks left out), in stored order."""
-        return list(self.source_file)
-
-    def stored(self, name: str) -> torch.Tensor:
-        return read_tensor(self.headers[name], name)
-
-    def packed(self, name: str) -> fmt.PackedMatrix:
-        e = self.entries[name]
-        return matrix(e, {role: self.stored(t) for role, t in e.arrays(name).items()})
-
-    def get(self, name: str) -> torch.Tensor:
-        """A tensor of the unpacked checkpoint (a packed matrix unpacked to its stored shape and dtype)."""
-        if name in self.entries:
-            return dense(self.entries[name], self.packed(name))
-        return self.stored(name)
-
-
-def read_packed(path: Path) -> PackedCheckpoint:
-    """Open a packed checkpoint; a corrupt or inconsistent one is a one-line error."""
-    if not path.exists():
-        raise FpewidenError(f"no such file or directory: {path}")
-    if path.is_dir():
-        index = path / INDEX
-        if index.is_file():
-            try:
-                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-                raise FpewidenError(f"{index} is not a valid packed index") from None
-        elif (path / f"model{SUFFIX}").is_file():
-            files = [f"model{SUFFIX}"]
-        else:
-            raise FpewidenError(f"{path} is not a packed model folder (no model{SUFFIX} or {INDEX})")
-        try:
-            config = json.loads((path / "config.json").read_text())
-        except (OSError, ValueError):
-            raise FpewidenError(f"{path}/config.json is missing or not JSON") from None
-        kind, paths = "hf", [path / f for f in files]
-    else:
-        kind, paths, config = "mlp", [path], None
-    pc = PackedCheckpoint(path, kind, {}, {}, {}, {}, config)
-    for p in paths:
-        if not p.is_file():
-            raise FpewidenError(f"{path}: packed file {p.name} is missing")
-        header = read_header(p)
-        raw = header.metadata.get(PACKED_KEY)
-        if raw is None:
-            raise FpewidenError(f"{p} is not a packed checkpoint (no {PACKED_KEY} metadata)")
-        try:
-            entries = {n: Entry(**e) for n, e in json.loads(raw).items()}
-        except (ValueError, TypeError):
-            raise FpewidenError(f"{p}: its {PACKED_KEY} metadata is corrupt") from None
-        source = header.metadata.get("fpewiden.packed_from", p.name)
-        if kind == "mlp" or not pc.metadata:
-            pc.metadata = header.metadata
-        arrays = {t for n, e in entries.items() for t in e.arrays(n).values()}
-        pc.file_metadata[source] = {k: v for k, v in header.metadata.items() if k not in PACKED_ONLY}
-        for n, e in entries.items():
-            _check_entry(p, header, n, e)
-            pc.entries[n] = e
-        for n in header.entries:
-            pc.headers[n] = header
-        for n in header.entries:
-            if n in arrays:
-                continue
-            if not n.startswith("fpewiden_mask."):
-                pc.source_file[n] = source
-        for n in entries:
-            pc.source_file[n] = source
-    if kind == "hf":
-        masks = path / MASKS_FILE
-        if masks.is_file():
-            pc.metadata = read_header(masks).metadata | {k: v for k, v in pc.metadata.items() if k == PACKED_KEY}
-    return pc
-
-
-def _check_entry(path: Path, header: Header, name: str, e: Entry) -> None:
-    """Everything a kernel would trust (format.problem, the mirror of the kernels' own validator), checked against
-    the stored arrays, so a bad file is one line on every path (never a crash, never a silently wrong weight)."""
-    bad = f"{path}: packed matrix {name} is corrupt"
-    if e.format not in fmt.FORMATS or e.dtype not in ("F32", "BF16", "F16") or e.source_dtype not in DTYPES:
-        raise FpewidenError(f"{bad} (unknown format or value type)")
-    if len(e.shape) != 2 or sorted(e.shape) != sorted([e.rows, e.cols]) or e.nnz < 0:
-        raise FpewidenError(f"{bad} (its shape is not rows x cols)")
-    arrays = e.arrays(name)
-    if any(t not in header.entries for t in arrays.values()):
-        raise FpewidenError(f"{bad} (an array is missing)")
-    stored = {role: header.entries[t] for role, t in arrays.items()}
-    if e.negzero and (stored["negzero"].dtype != "U8" or stored["negzero"].shape != (e.rows * e.stride,)):
-        raise FpewidenError(f"{bad} (its -0.0 positions are not rows x stride bytes)")
-    values = stored["values"]
-    if values.dtype != e.dtype or len(values.shape) != 1 or stored["bits"].dtype != "U8":
-        raise FpewidenError(f"{bad} (an array has the wrong type)")
-    if "row_ptr" in stored and (stored["row_ptr"].dtype != "I64" or len(stored["row_ptr"].shape) != 1):
-        raise FpewidenError(f"{bad} (an array has the wrong type)")
-    # the values' length is all the check needs of them: a meta tensor, so they are not read here
-    read = {role: read_tensor(header, arrays[role]).reshape(-1) for role in ("bits", "row_ptr") if role in arrays}
-    read["values"] = torch.empty(values.shape, dtype=DTYPES[values.dtype], device="meta")
-    why = fmt.problem(matrix(e, read))
-    if why is not None:
-        raise FpewidenError(f"{bad} ({why})")
 
 
 def unpack_checkpoint(src: Path, dst: Path, force: bool = False) -> dict:
