@@ -69,13 +69,31 @@ def write_hf_extras(ck: Checkpoint, out: Path, config: dict, index: bool = True)
     """Everything of a model directory besides the weights: config (given), shard index (unless `index` is False:
     a writer that renames the weight files writes its own), tokenizer and the rest."""
     files = set(ck.file_of.values())
-    skip = {"config.json", "model.safetensors.index.json", MASKS_FILE, MARKER, *files}
-    for item in ck.path.iterdir():
-        if item.name not in skip:
-            (shutil.copytree if item.is_dir() else shutil.copy2)(item, out / item.name)
+    copy_extras(ck.path, out, {"config.json", INDEX, MASKS_FILE, MARKER, *files})
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    source_index = ck.path / "model.safetensors.index.json"
-    if index and source_index.is_file():
-        data = json.loads(source_index.read_text())
-        data.setdefault("metadata", {})["total_size"] = sum((out / f).stat().st_size for f in files)
-        (out / source_index.name).write_text(json.dumps(data, indent=2) + "\n")
+    if index:
+        write_index(ck.path / INDEX, out / INDEX)
+
+
+INDEX = "model.safetensors.index.json"
+
+
+def copy_extras(src: Path, out: Path, skip: set[str], skip_suffix: str | None = None) -> None:
+    """Every file and folder of model directory `src` except the named ones (and those ending in `skip_suffix`):
+    the tokenizer, the generation config and whatever else a user keeps beside the weights."""
+    for item in src.iterdir():
+        if item.name not in skip and not (skip_suffix and item.name.endswith(skip_suffix)):
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, out / item.name)
+
+
+def write_index(source: Path, dest: Path, weight_map: dict[str, str] | None = None) -> None:
+    """A sharded model's index at `dest`: `source`'s (nothing where it has none), with `weight_map` where the
+    tensors now live (None: as they were) and the total size of the files it names beside `dest`."""
+    if not source.is_file():
+        return
+    data = json.loads(source.read_text())
+    if weight_map is not None:
+        data["weight_map"] = weight_map
+    files = set(data.get("weight_map", {}).values())
+    data.setdefault("metadata", {})["total_size"] = sum((dest.parent / f).stat().st_size for f in files)
+    dest.write_text(json.dumps(data, indent=2) + "\n")

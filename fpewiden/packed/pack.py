@@ -18,7 +18,8 @@ from fpewiden.io.checkpoint import MASKS_FILE, Checkpoint, open_checkpoint
 from fpewiden.io.outputs import check_outputs
 from fpewiden.io.provenance import MARKER, Provenance, mark_dir
 from fpewiden.io.safetensors_stream import DTYPE_NAMES, DTYPES, StreamingWriter, read_header
-from fpewiden.io.write import write_hf_extras
+from fpewiden.io.write import INDEX as DENSE_INDEX
+from fpewiden.io.write import copy_extras, write_hf_extras, write_index
 from fpewiden.packed import format as fmt
 from fpewiden.packed.reader import PackedCheckpoint, is_packed, read_packed
 from fpewiden.packed.schema import INDEX, PACKED_KEY, SUFFIX, Entry, arrays_of, entry_of, packed_name
@@ -178,20 +179,9 @@ def _write(
 
 def _packed_index(ck: Checkpoint, folder: Path) -> None:
     """A sharded model's index, with each shard's packed arrays named where they now live."""
-    index = ck.path / "model.safetensors.index.json"
-    if not index.is_file():
-        return
-    weight_map = {}
-    for f in sorted({packed_name(f) for f in ck.file_of.values()}):
-        for name in read_header(folder / f).entries:
-            weight_map[name] = f
-    data = json.loads(index.read_text())
-    data["weight_map"] = weight_map
-    data.setdefault("metadata", {})["total_size"] = sum((folder / f).stat().st_size for f in set(weight_map.values()))
-    (folder / INDEX).write_text(json.dumps(data, indent=2) + "\n")
-
-
-# ---------------------------------------------------------------- reading
+    files = sorted({packed_name(f) for f in ck.file_of.values()})
+    weight_map = {name: f for f in files for name in read_header(folder / f).entries}
+    write_index(ck.path / DENSE_INDEX, folder / INDEX, weight_map)
 
 
 def unpack_checkpoint(src: Path, dst: Path, force: bool = False) -> dict:
@@ -215,15 +205,9 @@ def unpack_checkpoint(src: Path, dst: Path, force: bool = False) -> dict:
         with atomic_dir(dst) as tmp:
             for f, names in by_file.items():
                 _write_dense(pc, names, [], tmp / f, pc.file_metadata[f] | writer)
-            for item in src.iterdir():
-                skip = item.name in (INDEX, MARKER, "model.safetensors.index.json") or item.name.endswith(SUFFIX)
-                if not skip:
-                    (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
-            if (src / INDEX).is_file():  # the unpacked folder was sharded (an index, one shard or more)
-                index = json.loads((src / INDEX).read_text())
-                index["weight_map"] = {n: f for f, names in by_file.items() for n in names}
-                index.setdefault("metadata", {})["total_size"] = sum((tmp / f).stat().st_size for f in by_file)
-                (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            copy_extras(src, tmp, {INDEX, MARKER, DENSE_INDEX}, skip_suffix=SUFFIX)
+            # a sharded original (an index, one shard or more): its index back, naming the unpacked files
+            write_index(src / INDEX, tmp / DENSE_INDEX, {n: f for f, names in by_file.items() for n in names})
             mark_dir(tmp, provenance)
     return {"src": str(src), "dst": str(dst), "matrices": len(pc.entries)}
 
