@@ -58,25 +58,21 @@ class PlainUsage(TyperCommand):
 
 TOP_HELP = """Make a trained model smaller at a measured accuracy cost, run it at its non-zero bytes,
 or widen it at the same non-zeros (Fixed Parameter Expansion, FPE: arXiv 2510.04500).
+What each command gained and cost, measured: README.md's goal table and bench/results/.
 
 \b
 Smaller, for a pretrained model: calibrated pruning
   fpewiden convert MODEL --out small --alpha 1 --budget 0.5 --calibration text.txt
-  MiniLM at half its FFN non-zeros, no fine-tuning: cosine to the original 0.983 on
-  text like the calibration's, 0.953-0.956 on other text (magnitude pruning: 0.883 / 0.844).
 \b
-Faster: store it packed and run it on fpewiden's kernels
+Faster: store it packed and run it on fpewiden's kernels (one input at a time; token
+batches are not faster)
   fpewiden pack small --out small-packed     (Python: fpewiden.packed.load("small-packed"))
-  Decode at batch 1: 1.20x the tokens/s of a Llama-shaped model with FFNs at 50%; a
-  Llama-7B FFN matrix at 0.55x torch's latency; token batches are not faster.
   In ONNX Runtime: fpewiden export small-packed --out small.onnx --layout packed, then
-  register fpewiden.packed.ort_library() in the session (Llama-7B FFN pair at 50%: 0.50x
-  ORT's dense latency at batch 1).
+  register fpewiden.packed.ort_library() in the session.
 \b
-Wider at the same non-zeros (FPE), then train:
+Wider at the same non-zeros (FPE), then train: pays on models trained after the
+conversion; on a pretrained MiniLM it stays below calibrated pruning
   fpewiden convert MODEL --out wide --alpha 2 && fpewiden finetune wide --data DATA --out wide-ft
-  Pays on models trained after the conversion (the main job: 0.97 exact match against
-  dense 0.40); on a pretrained MiniLM it stays below calibrated pruning.
 \b
 Measure accuracy, bytes and latency side by side:
   fpewiden bench MODEL small wide --data embed:trec6 --engines torch,ort,packed --plot r.png
@@ -289,9 +285,8 @@ def convert(
         )
     if calibration is not None and alpha > 1 and src.is_dir():
         typer.echo(
-            "note: on a pretrained MiniLM, widening with calibration stayed below calibrated pruning at the same "
-            "non-zeros (--alpha 1: cosine 0.983 against 0.975 with 5% of neurons widened, 0.913 with all; "
-            "bench/results/calibration); compare both on your model",
+            "note: on a pretrained MiniLM, widening with calibration stayed below calibrated pruning (--alpha 1) "
+            "at the same non-zeros (bench/results/calibration); compare both on your model",
             err=True,
         )
 

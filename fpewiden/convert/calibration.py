@@ -147,8 +147,7 @@ class CalibratedTransform:
         if tokens < HF_TOKENS:
             self.warnings.append(
                 f"calibrating on {tokens:,} tokens ({len(chosen)} samples): on MiniLM 4,096 tokens overfitted the "
-                "refits (half budget: cosine 0.978 / 0.940 on TREC / SST-5 against 0.983 / 0.954 from ~22k tokens, "
-                f"bench/results/calibration); give at least {HF_TOKENS:,} tokens"
+                f"refits (bench/results/calibration); give at least {HF_TOKENS:,} tokens"
             )
         weights = [name for spec in self.chosen for name in (*spec.in_weights, spec.out_weight)]
         self.onloaded = (
