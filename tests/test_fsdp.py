@@ -20,7 +20,7 @@ from fpewiden.cli import app
 from fpewiden.convert import ConvertOptions, convert
 from fpewiden.io.checkpoint import open_checkpoint
 from fpewiden.train.trainer import CRASH_ENV
-from tests.helpers import sentences, tiny_causal
+from tests.helpers import sentences, tiny_bert, tiny_causal
 from tests.test_finetune import DNF, dnf_mlp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,6 +130,24 @@ def test_fsdp_distils_a_causal_lm_like_ddp(tmp_path):
     masked = [n for n in ck.shapes if ck.mask(n) is not None]
     assert len(masked) == 6  # gate, up, down of both blocks
     assert_same_training(tmp_path / "ddp", tmp_path / "fsdp", masked)
+
+
+def test_ddp_distils_a_bert_style_model_whose_pooler_the_loss_never_reaches(tmp_path):
+    """Distillation pools the hidden states, so BERT's pooler gets no gradient; DDP waits for one of every
+    trainable parameter and failed ("Expected to have finished reduction…"). The trainer freezes what the loss never
+    reaches before wrapping: the run ends, the pooler is the student's own, the masks hold."""
+    src = tiny_bert(tmp_path / "bert")
+    conv = tmp_path / "fpe"
+    convert(src, conv, ConvertOptions(alpha=2))
+    text = sentences(tmp_path / "text.txt", n=24)
+    torchrun("finetune", str(conv), "--teacher", str(src), "--data", str(text), "--epochs", "1", "--device", "cpu",
+             "--batch-size", "4", "--out", str(tmp_path / "ddp"))  # fmt: skip
+    before, after = open_checkpoint(conv), open_checkpoint(tmp_path / "ddp")
+    pooler = [n for n in before.shapes if "pooler" in n]
+    assert pooler and all(torch.equal(before.get(n), after.get(n)) for n in pooler)
+    masked = [n for n in before.shapes if before.mask(n) is not None]
+    assert masked and all(torch.equal(after.get(n) != 0, before.mask(n)) for n in masked)
+    assert any(not torch.equal(before.get(n), after.get(n)) for n in masked)  # it did train
 
 
 def test_an_mlp_chain_is_sharded_layer_by_layer():

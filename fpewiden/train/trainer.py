@@ -225,6 +225,7 @@ def _train(
         if not fsdp.is_sharded(model):  # finetune loads its shards straight from the checkpoint (load_shards)
             masks = fsdp.shard(model, masks, device)
     elif dist.world > 1:
+        _freeze_unused(model, task, device)
         wrapped = nn.parallel.DistributedDataParallel(
             model, device_ids=[dist.local_rank] if device.type == "cuda" else None
         )
@@ -302,6 +303,23 @@ def _train(
         if state_path is not None:
             _crash_if_asked(epoch + 1, dist)
     return history
+
+
+def _freeze_unused(model: nn.Module, task: Task, device: torch.device) -> list[str]:
+    """Freeze the parameters the task's loss never reaches (a BERT pooler under distillation, which pools the
+    hidden states): DDP waits for a gradient of every trainable parameter and fails without one. One backward pass
+    on two samples finds them, the same on every rank; they would not have changed anyway (no gradient), and
+    DDP's find_unused_parameters would search the graph at every step instead."""
+    model.zero_grad(set_to_none=True)
+    # the probe's dropout draws leave the run's own untouched
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        task.loss(model, torch.arange(min(2, task.n_train)), device).backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    for n, p in model.named_parameters():
+        if n in unused:
+            p.requires_grad_(False)
+    model.zero_grad(set_to_none=True)
+    return unused
 
 
 CRASH_ENV = "FPEWIDEN_CRASH_AFTER_EPOCH"
