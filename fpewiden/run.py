@@ -109,7 +109,8 @@ def run_recipe(recipe: Recipe, out: Path, force: bool = False, inputs: list[Path
         mark_dir(stage, provenance)
         result = _run(recipe, stage, out, provenance)
     console().print(
-        f"wrote {out / 'results.json'}, {out / 'results.md'}" + (", bench.json, bench.png" if result["bench"] else "")
+        f"wrote {out / 'results.json'}, {out / 'results.md'}"
+        + (f", {out / 'bench.json'}, {out / 'bench.png'}" if result["bench"] else "")
     )
     return result
 

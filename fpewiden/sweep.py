@@ -153,7 +153,7 @@ def hf_sweep(
             p.write_text(p.read_text().replace(str(stage), str(out)))
         sweep = {"source": str(source), "budget": budget, "alphas": alphas, "calibration": str(calibration or "")}
         (stage / "sweep.json").write_text(json.dumps({"fpewiden": "bench-sweep", **sweep, "epochs": epochs}) + "\n")
-    console().print(f"wrote {out}/bench.json, bench.md and the models (alpha*/)")
+    console().print(f"wrote {out / 'bench.json'}, {out / 'bench.md'} and the models ({out}/alpha*/)")
     return rows
 
 

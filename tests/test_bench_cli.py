@@ -138,3 +138,13 @@ def test_sweep_from_checkpoint(tmp_path):
     assert all(s["nnz"] == round(0.5 * dense_nnz) for s in result["summary"][1:])
     assert [s["neurons"] for s in result["summary"]] == [8, 8, 16, 32]
     assert len(result["bench"]) == 4 and (tmp_path / "sweep" / "bench.png").is_file()
+
+
+def test_sweep_refuses_report_paths_it_would_not_write(tmp_path):
+    """--json, --markdown and --plot name files the sweep does not write (its reports go to --sweep-out): one line,
+    exit 2, nothing run, rather than silently ignored."""
+    out = tmp_path / "sweep"
+    res = runner.invoke(app, ["bench", "--sweep", "polysemantic", "--sweep-out", str(out), "--markdown",
+                              str(tmp_path / "r.md"), "--plot", str(tmp_path / "r.png")])  # fmt: skip
+    assert res.exit_code == 2 and not out.exists()
+    assert res.stderr.strip() == f"error: --markdown, --plot: --sweep writes its reports into --sweep-out ({out})"
