@@ -583,7 +583,9 @@ def bench(
         Path | None, typer.Option(help="The model the others are compared with (default: the first).")
     ] = None,
     tokenizer: Annotated[Path | None, typer.Option(help="HF models: tokenizer folder (default: a model's).")] = None,
-    engines: Annotated[str, typer.Option(help="torch,ort")] = "torch,ort",
+    engines: Annotated[
+        str, typer.Option(help="Comma-separated, of: torch, ort, packed, ort-packed (fpewiden's packed kernels).")
+    ] = "torch,ort",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda (torch engine)")] = "auto",
     repeat: Annotated[
         int,

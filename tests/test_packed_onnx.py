@@ -206,7 +206,7 @@ def test_export_packed_refusals(tmp_path, monkeypatch):
 
 
 @needs_export
-def test_bench_ort_packed_engine(tmp_path):
+def test_bench_ort_packed_engine(tmp_path, monkeypatch):
     src = write_mlp(tmp_path / "src.safetensors", widths=(16, 32, 6))
     half = tmp_path / "half.safetensors"
     convert(src, half, ConvertOptions(alpha=1, budget=Budget.parse("0.5")))
@@ -222,8 +222,14 @@ def test_bench_ort_packed_engine(tmp_path):
     pk = tmp_path / "pk.safetensors"
     assert runner.invoke(app, ["pack", str(half), "--out", str(pk)]).exit_code == 0
     export([pk, "--out", tmp_path / "p.onnx", "--layout", "packed"])
+    import fpewiden.benchmark.mlp
+
+    def no_loading(*a, **k):
+        raise AssertionError("a model was loaded before the packed export was refused")
+
+    monkeypatch.setattr(fpewiden.benchmark.mlp, "bench", no_loading)
     res = runner.invoke(
-        app, ["bench", str(tmp_path / "p.onnx"), "--data", "dnf:inputs=16,clauses=6", "--engines", "ort"]
+        app, ["bench", str(src), str(tmp_path / "p.onnx"), "--data", "dnf:inputs=16,clauses=6", "--engines", "ort"]
     )
     assert res.exit_code == 2 and "is a packed export: bench the checkpoint it was packed from" in res.stderr
 

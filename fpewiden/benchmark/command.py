@@ -98,6 +98,7 @@ def bench_command(
     provenance = Provenance("bench", lambda: digest([*(data_inputs or [data]), *paths]))
     read = [*paths, *data_inputs, *([tokenizer] if tokenizer else [])]
     check_outputs(outputs, read, force, what="output path", provenance=provenance)
+    _refuse_packed_exports(paths)  # before any model is loaded: a refusal costs nothing
     kinds = {model_kind(p) for p in paths}
     if len(kinds) > 1:
         raise FpewidenError("bench compares MLPs with MLPs and language models with language models, not both")
@@ -120,3 +121,21 @@ def bench_command(
     console().print(table(rows))
     write(rows, json_out, markdown, plot, provenance, {"data": dataset.describe(), **extra})
     return rows
+
+
+def _refuse_packed_exports(paths: list[Path]) -> None:
+    """Every .onnx given checked for fpewiden's packed op from its graph alone (weights left on disk), so a packed
+    export is refused in one line before minutes of loading the models before it."""
+    onnx_files = [p for p in paths if p.suffix == ".onnx" and p.is_file()]
+    if not onnx_files:
+        return
+    import onnx
+
+    from fpewiden.benchmark.measure import refuse_packed_onnx
+
+    for p in onnx_files:
+        try:
+            graph = onnx.load(str(p), load_external_data=False)
+        except Exception:  # onnx raises its own types; loading the model later says what is wrong
+            continue
+        refuse_packed_onnx(p, graph)
