@@ -305,7 +305,7 @@ def inspect(
       fpewiden inspect runs/small --json
     """
     from fpewiden.console import console, inspect_table, pack_table
-    from fpewiden.inspect import inspect_checkpoint
+    from fpewiden.inspect import inspect_checkpoint, shares_line
 
     report = inspect_checkpoint(ckpt)
     if as_json:
@@ -315,6 +315,7 @@ def inspect(
         console().print(pack_table(report))
     else:
         console().print(inspect_table(report))
+        typer.echo(shares_line(report["byte_shares"]))
 
 
 @app.command(cls=PlainUsage, short_help="Train with the zero pattern fixed (or distil from a teacher).")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from fpewiden.arch import find_pairs
@@ -9,6 +10,7 @@ from fpewiden.fpe.expand import count
 from fpewiden.interference import feature_capacity, mean_abs_cosine
 from fpewiden.io.checkpoint import open_checkpoint
 from fpewiden.io.metadata import FpeMetadata
+from fpewiden.io.safetensors_stream import DTYPES
 from fpewiden.packed.reader import is_packed, read_packed
 
 
@@ -69,6 +71,29 @@ def inspect_packed(path: Path) -> dict:
                                                                 if k not in {"layers", "pairs"}}}  # fmt: skip
 
 
+EMBEDDING_NAMES = ("embed", "wte", "wpe", "shared.weight")  # token and position tables across families
+
+
+def byte_shares(ck, pairs) -> dict[str, float]:
+    """Which share of a checkpoint's tensor bytes the conversion can touch (the expandable pairs' matrices), which
+    the embedding tables hold, and the rest (attention, norms, biases), from the headers alone: what bounds how much
+    smaller `convert` can make the file. Masks are not counted."""
+    size = {n: math.prod(shape) * DTYPES[ck.dtypes[n]].itemsize for n, shape in ck.shapes.items()}
+    total = sum(size.values()) or 1
+    pair = {n for p in pairs for n in (*p.in_weights, p.out_weight)}
+    embed = {n for n in size if n not in pair and len(ck.shapes[n]) == 2 and any(k in n for k in EMBEDDING_NAMES)}
+    shares = {"pairs": sum(size[n] for n in pair) / total, "embeddings": sum(size[n] for n in embed) / total}
+    return shares | {"rest": max(0.0, 1.0 - shares["pairs"] - shares["embeddings"])}
+
+
+def shares_line(shares: dict[str, float]) -> str:
+    """`byte_shares` as people read it."""
+    line = f"the pairs convert changes hold {shares['pairs']:.0%} of this checkpoint's weight bytes"
+    if shares["embeddings"] >= 0.005:
+        line += f", embeddings {shares['embeddings']:.0%}"
+    return line + f", everything else {shares['rest']:.0%}"
+
+
 def inspect_checkpoint(path: Path) -> dict:
     """A JSON-ready report. Per layer: the incoming matrices' non-zeros (gate and up together for gated MLPs)
     and the outgoing matrix's, as `convert` reports them; density over both. Totals count each matrix once (in a
@@ -82,7 +107,8 @@ def inspect_checkpoint(path: Path) -> dict:
     tied = meta.tied()  # stored as equal copies per parent, counted once
     layers = []
     seen: dict[str, tuple[int, int]] = {}  # matrix -> (non-zeros, entries)
-    for p in find_pairs(ck):
+    pairs = find_pairs(ck)
+    for p in pairs:
         w_in = None
         for name in (*p.in_weights, p.out_weight):
             if name not in seen or name == p.in_weights[0]:
@@ -121,6 +147,7 @@ def inspect_checkpoint(path: Path) -> dict:
         "what": describe(meta, nnz_total < params_total),
         "fpewiden": {k: v for k, v in meta.public().items() if k not in {"layers", "pairs"}},
         "layers": layers,
+        "byte_shares": byte_shares(ck, pairs),
         "totals": {
             "neurons": sum(r["neurons"] for r in layers),
             "nnz": nnz_total,

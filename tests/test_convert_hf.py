@@ -173,3 +173,25 @@ def test_minilm_converts_and_runs(tmp_path):
     with torch.no_grad():
         out = model(**tok(["a sentence to embed"], return_tensors="pt")).last_hidden_state
     assert out.shape[-1] == 384 and bool(torch.isfinite(out).all())
+
+
+def test_inspect_says_which_share_of_the_bytes_a_conversion_can_touch(tmp_path):
+    """An embedding-heavy model is mostly bytes `convert` never changes: inspect says so from the headers alone."""
+    from typer.testing import CliRunner
+
+    from fpewiden.cli import app
+    from fpewiden.inspect import inspect_checkpoint
+    from tests.helpers import tiny_bert
+
+    src = tiny_bert(tmp_path / "bert")
+    ck = open_checkpoint(src)
+    size = {n: torch.Size(s).numel() * 4 for n, s in ck.shapes.items()}  # fp32
+    ffn = [n for n in size if ("intermediate.dense.weight" in n or "output.dense.weight" in n) and "attention" not in n]
+    embeddings = [n for n in size if "embeddings" in n and n.endswith("_embeddings.weight")]
+    shares = inspect_checkpoint(src)["byte_shares"]
+    assert shares["pairs"] == pytest.approx(sum(size[n] for n in ffn) / sum(size.values()))
+    assert shares["embeddings"] == pytest.approx(sum(size[n] for n in embeddings) / sum(size.values()))
+    assert sum(shares.values()) == pytest.approx(1.0)
+    res = CliRunner().invoke(app, ["inspect", str(src)])
+    assert res.exit_code == 0
+    assert f"the pairs convert changes hold {shares['pairs']:.0%} of this checkpoint's weight bytes" in res.output
