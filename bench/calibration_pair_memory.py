@@ -25,7 +25,8 @@ import json, time, torch
 torch.set_num_threads(2)
 from fpewiden.convert.options import ConvertOptions
 from fpewiden.convert.transform import assignment, pair_seed
-from fpewiden.fpe.calibrated import CalibratedOptions, PairFunction, calibrate_pair
+from fpewiden.fpe.calibrated import CalibratedOptions, calibrate_pair
+from fpewiden.fpe.pair_function import PairFunction
 from fpewiden.fpe.expand import Pair
 try:  # where the commit has it, as convert calls it
     from fpewiden.memory import return_freed_memory

@@ -23,7 +23,8 @@ from pathlib import Path
 
 CHILD = r"""
 import json, sys, time, torch
-from fpewiden.fpe.calibrated import CalibratedOptions, PairFunction, calibrate_pair, pair_output
+from fpewiden.fpe.calibrated import CalibratedOptions, calibrate_pair
+from fpewiden.fpe.pair_function import PairFunction, pair_output
 from fpewiden.fpe.expand import Pair
 from fpewiden.convert.transform import assignment, pair_seed
 from fpewiden.convert.options import ConvertOptions

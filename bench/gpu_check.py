@@ -213,8 +213,9 @@ def check_calibrate(device: str, dry: bool) -> str:
 
     from fpewiden.convert.options import ConvertOptions
     from fpewiden.convert.transform import assignment, pair_seed
-    from fpewiden.fpe.calibrated import CalibratedOptions, PairFunction, calibrate_pair, pair_output
+    from fpewiden.fpe.calibrated import CalibratedOptions, calibrate_pair
     from fpewiden.fpe.expand import Pair
+    from fpewiden.fpe.pair_function import PairFunction, pair_output
 
     hidden, ffn = (256, 704) if dry else (4096, 11008)
     torch.manual_seed(0)

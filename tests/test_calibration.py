@@ -13,20 +13,12 @@ from typer.testing import CliRunner
 from fpewiden.cli import app
 from fpewiden.convert import Budget, Calibration, ConvertOptions, convert
 from fpewiden.fpe import reference
-from fpewiden.fpe.calibrated import (
-    CalibratedOptions,
-    PairFunction,
-    calibrate_pair,
-    expand_selected,
-    normal_quantiles,
-    pair_output,
-    refit_rows,
-    saliency,
-    select_neurons,
-    wasserstein_to_gaussian,
-)
-from fpewiden.fpe.calibrated import _refit as calibrated_refit
+from fpewiden.fpe.calibrated import CalibratedOptions, calibrate_pair
 from fpewiden.fpe.expand import Pair, keep_largest
+from fpewiden.fpe.pair_function import PairFunction, pair_output
+from fpewiden.fpe.ridge import refit as calibrated_refit
+from fpewiden.fpe.selection import expand_selected, normal_quantiles, saliency, select_neurons, wasserstein_to_gaussian
+from fpewiden.fpe.solvers import refit_rows
 from fpewiden.io.checkpoint import open_checkpoint
 from fpewiden.model.chain_mlp import ChainMLP
 from tests.helpers import sentences, tiny_bert, tiny_causal, write_mlp
@@ -111,7 +103,7 @@ def test_refit_rows_solves_each_masked_problem(rows, n, seed, density):
 
 @given(st.integers(1, 6), st.integers(2, 12), st.integers(0, 999), st.floats(0.2, 1.0))
 def test_conjugate_gradients_reach_the_exact_refit(rows, n, seed, density):
-    from fpewiden.fpe.calibrated import refit_cg
+    from fpewiden.fpe.solvers import refit_cg
 
     f, t, mask, prior = masked_problem(rows, n, seed, density, tokens=80)
     exact = refit_rows(f.T @ f, t.T @ f, mask, 1e-2, prior)
@@ -130,7 +122,7 @@ def test_conjugate_gradients_reach_the_exact_refit(rows, n, seed, density):
 
 
 def test_obs_prunes_to_the_mask_and_compensates():
-    from fpewiden.fpe.calibrated import obs_prune
+    from fpewiden.fpe.solvers import obs_prune
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(600, 40, generator=g) @ torch.randn(40, 40, generator=g) * 0.3 + torch.randn(600, 40, generator=g)
@@ -162,15 +154,15 @@ def test_the_scalable_solvers_keep_the_budget_and_approach_the_exact_one(solver)
 
 
 def test_auto_takes_the_exact_solver_only_where_it_is_cheap(monkeypatch):
-    from fpewiden.fpe import calibrated
+    from fpewiden.fpe import solvers
 
     pair, x = pair_and_inputs(h=8, d=12, o=5, tokens=400)
     fn = PairFunction(torch.relu)
     res = calibrate_pair(pair, x, fn, None, CalibratedOptions(alpha=2), random_split, pair.nnz() // 2)
     assert set(res.solvers) == {"exact"}
-    monkeypatch.setattr(calibrated, "EXACT_MAX", 0.0)
+    monkeypatch.setattr(solvers, "EXACT_MAX", 0.0)
     res = calibrate_pair(pair, x, fn, None, CalibratedOptions(alpha=2), random_split, pair.nnz() // 2)
-    assert set(res.solvers) == {calibrated.SCALABLE}
+    assert set(res.solvers) == {solvers.SCALABLE}
 
 
 @pytest.mark.parametrize("solver", ["exact", "cg", "obs"])

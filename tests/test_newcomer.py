@@ -18,7 +18,7 @@ from fpewiden.benchmark.outputs import place_labels, speedup_text
 from fpewiden.cli import app
 from fpewiden.convert import Budget, ConvertOptions, convert
 from fpewiden.errors import FpewidenError
-from fpewiden.fpe import calibrated
+from fpewiden.fpe import ridge
 from fpewiden.io import provenance
 from tests.helpers import sentences, tiny_bert, write_mlp
 
@@ -211,20 +211,20 @@ def test_the_ridge_is_chosen_on_held_out_tokens_and_beats_no_refit_there():
     y = x @ w_true.T + 3.0 * torch.randn(n, r, generator=g)  # noisy: the unregularised fit overfits
     mask = torch.rand(r, p, generator=g) < 0.7
     prior = w_true * mask + 0.3 * torch.randn(r, p, generator=g) * mask
-    fit = calibrated._refit(x, y, mask, None, False, prior)
-    held = slice(n - round(calibrated.HOLDOUT * n), n)
+    fit = ridge.refit(x, y, mask, None, False, prior)
+    held = slice(n - round(ridge.HOLDOUT * n), n)
 
     def err(w):
         return float(((y[held] - x[held] @ w.T) ** 2).sum())
 
-    assert fit.ridge in calibrated.RIDGES
+    assert fit.ridge in ridge.RIDGES
     # the chosen λ's fit on the first tokens predicts the held-out ones at least as well as the prior does
     part = slice(0, held.start)
-    refit_part = calibrated._refit(x[part], y[part], mask, fit.ridge, False, prior).w
+    refit_part = ridge.refit(x[part], y[part], mask, fit.ridge, False, prior).w
     assert err(refit_part) <= err(prior)
     # and where the prior is already right, no refit is made at all
     exact = x @ prior.T
-    assert calibrated._refit(x, exact, mask, None, False, prior).ridge is None
+    assert ridge.refit(x, exact, mask, None, False, prior).ridge is None
 
 
 # 5. export --layout fast on a pruned model worked for a while, then refused

@@ -28,8 +28,10 @@ from fpewiden.convert.options import ConvertOptions
 from fpewiden.convert.transform import Converted, assignment, pair_seed
 from fpewiden.devices import resolve_device
 from fpewiden.errors import FpewidenError
-from fpewiden.fpe.calibrated import CalibratedOptions, PairFunction, activation_split, calibrate_pair
+from fpewiden.fpe.calibrated import CalibratedOptions, calibrate_pair
 from fpewiden.fpe.expand import Pair
+from fpewiden.fpe.pair_function import PairFunction
+from fpewiden.fpe.selection import activation_split
 from fpewiden.io.checkpoint import Checkpoint
 
 # Default calibration sets. On MiniLM 4,096 tokens overfitted the refits (3,072 features per row): at half the FFN

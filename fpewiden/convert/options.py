@@ -88,7 +88,7 @@ class Calibration:
     reconstruct: bool = True
     select: str = "all"
     fraction: float = 0.05
-    ridge: float | None = None  # None: chosen per refit on held-out calibration tokens (fpe/calibrated.py)
+    ridge: float | None = None  # None: chosen per refit on held-out calibration tokens (fpe/ridge.py)
     anchor: bool = True
     refit_incoming: bool = True  # ablations (bench/calibration_domains.py); not flags
     refit_outgoing: bool = True
@@ -110,7 +110,7 @@ class Calibration:
             raise FpewidenError(f"--expand-fraction {self.fraction}: a share of neurons between 0 and 1")
         if self.samples is not None and self.samples < 8:
             raise FpewidenError(f"--calibration-samples {self.samples}: at least 8")
-        from fpewiden.fpe.calibrated import SOLVERS
+        from fpewiden.fpe.solvers import SOLVERS
 
         if self.solver not in SOLVERS:
             raise FpewidenError(f"--solver {self.solver!r}: choose one of {', '.join(SOLVERS)}")
