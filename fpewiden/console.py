@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+import threading
+import time
 from collections.abc import Callable
 
 from rich.console import Console
@@ -24,9 +26,78 @@ def console() -> Console:
     return Console() if sys.stdout.isatty() else Console(width=160)
 
 
+class LoggedProgress(Progress):
+    """A rich Progress that, where stderr is not a terminal (a log file, CI, nohup), says the same in plain lines
+    instead of redrawing nothing: a line per task at most every PERIOD seconds and when it completes, and while no
+    update comes (one long step), a line every HEARTBEAT seconds that it is still at work, so no step is silent."""
+
+    PERIOD = 10.0
+    HEARTBEAT = 25.0
+
+    def __init__(self, *columns, plain: bool, unit: str = "", **kwargs):
+        super().__init__(*columns, **kwargs)
+        self.plain, self.unit = plain, unit
+        self._said: dict = {}
+        self._last = time.monotonic()
+        self._stop = threading.Event()
+        self._beat = threading.Thread(target=self._heartbeat, daemon=True) if plain else None
+
+    def __enter__(self) -> LoggedProgress:
+        super().__enter__()
+        if self._beat is not None:
+            self._beat.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        super().__exit__(*exc)
+
+    def _amount(self, x: float | None) -> str:
+        if x is None:
+            return "?"
+        if self.unit != "bytes":
+            return f"{x:,.0f}"
+        return f"{x / 1e6:,.1f} MB" if x >= 1e5 else f"{x / 1e3:,.1f} kB"
+
+    def _say(self, line: str) -> None:
+        self._last = time.monotonic()
+        print(line, file=sys.stderr, flush=True)
+
+    def _report(self, task_id) -> None:
+        task = self._tasks[task_id]
+        done = task.total is not None and task.completed >= task.total
+        now = time.monotonic()
+        last = self._said.get(task_id)
+        if last == "done" or (last is not None and not done and now - last < self.PERIOD):
+            return
+        self._said[task_id] = "done" if done else now
+        line = f"{task.description}: {self._amount(task.completed)} of {self._amount(task.total)}"
+        elapsed = task.elapsed or 0.0
+        line += f", {elapsed:.0f} s"
+        if not done and task.total and task.completed:
+            line += f", about {elapsed * (task.total - task.completed) / task.completed:.0f} s left"
+        self._say(line)
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(1.0):
+            if time.monotonic() - self._last >= self.HEARTBEAT and self._tasks:
+                task = self._tasks[max(self._tasks)]
+                self._say(f"{task.description}: still at work, {task.elapsed or 0.0:.0f} s")
+
+    def update(self, task_id, **kwargs) -> None:
+        super().update(task_id, **kwargs)
+        if self.plain:
+            self._report(task_id)
+
+    def advance(self, task_id, advance: float = 1) -> None:
+        super().advance(task_id, advance)
+        if self.plain:
+            self._report(task_id)
+
+
 def progress_bar(disable: bool = False) -> Progress:
-    """Progress on stderr, only for a terminal: logs and pipes get the results, not redraw noise."""
-    return Progress(
+    """Progress on stderr: a bar on a terminal, plain periodic lines elsewhere (LoggedProgress)."""
+    return LoggedProgress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -34,12 +105,13 @@ def progress_bar(disable: bool = False) -> Progress:
         console=Console(stderr=True),
         transient=True,
         disable=disable or not sys.stderr.isatty(),
+        plain=not disable and not sys.stderr.isatty(),
     )
 
 
 def bytes_bar(disable: bool = False) -> Progress:
     """Progress in bytes with rate and time left: for work measured in the bytes it reads (convert)."""
-    return Progress(
+    return LoggedProgress(
         TextColumn("{task.description}"),
         BarColumn(),
         DownloadColumn(),
@@ -48,6 +120,8 @@ def bytes_bar(disable: bool = False) -> Progress:
         console=Console(stderr=True),
         transient=True,
         disable=disable or not sys.stderr.isatty(),
+        plain=not disable and not sys.stderr.isatty(),
+        unit="bytes",
     )
 
 
