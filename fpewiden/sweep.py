@@ -59,15 +59,20 @@ def sweep_recipe(source: Path, data: str | None, budget: str, epochs: int = 10) 
     α=1 is magnitude pruning to the budget (with budget `same` it would be the dense baseline, which every run
     has anyway, so it is left out).
     """
-    from fpewiden.recipes import Conversion, ModelSpec, load_recipe
+    from pydantic import ValidationError
+
+    from fpewiden.recipes import Conversion, ModelSpec, load_recipe, schema_error
 
     alphas = [a for a in SWEEP_ALPHAS if not (a == 1 and budget == "same")]
     conversions = [Conversion(alpha=a, split="random", budget=budget) for a in alphas]
     if source.suffix in (".yaml", ".yml") or not source.exists():
         recipe = load_recipe(source)
+        recipe.conversions = conversions  # first: the recipe's own splits may not fit the new data (clause)
         if data:
-            recipe.data = data
-        recipe.conversions = conversions
+            try:
+                recipe.data = data
+            except ValidationError as e:
+                raise FpewidenError(schema_error(e)) from None
         recipe.description = (
             f"α sweep at budget {budget} (α=1: magnitude pruning) on recipe {recipe.name}: {recipe.data}."
         )

