@@ -1,0 +1,150 @@
+"""What a deployment engineer tries first, against fpewiden's packed fp32: one line of dynamic int8 quantization.
+
+The Llama-7B FFN pair 4096→11008→4096 (ReLU, random weights), one process, one thread unless named, rounds in
+random order (bench/packed.py's timer), medians; latency ratios against torch's dense fp32 in the same rounds:
+
+  torch fp32       the dense pair, F.linear
+  torch int8       torch.ao.quantization.quantize_dynamic (int8 weights, activations quantized per call)
+  ORT fp32 / int8  the dense pair as ONNX (MatMul + Add) in ONNX Runtime, and onnxruntime.quantization's
+                   quantize_dynamic of that file (no spinning, intra-op threads as torch's)
+  packed 50%       each matrix with a random half of its weights kept, packed (bitmask) and run by fpewiden's
+                   kernels in the mode crossover.py measured
+
+  python bench/int8_competitors.py [--batches 1,16 --threads 1 --out bench/results/int8_competitors]
+
+The baseline issue 31 asks fpewiden to beat; fpewiden has no quantized format yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from packed import half, timed  # bench/packed.py: the interleaved timer, the 50% matrices
+
+from fpewiden.packed import crossover, kernels
+from fpewiden.packed import format as fmt
+from fpewiden.packed.ops import PackedLinear
+
+HIDDEN, FFN = 4096, 11008
+
+
+class Pair(nn.Module):
+    def __init__(self, up: nn.Module, down: nn.Module):
+        super().__init__()
+        self.up, self.down = up, down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.up(x)))
+
+
+def dense_pair(seed: int) -> tuple[nn.Linear, nn.Linear]:
+    g = torch.Generator().manual_seed(seed)
+    up, down = nn.Linear(HIDDEN, FFN), nn.Linear(FFN, HIDDEN)
+    with torch.no_grad():
+        for lin in (up, down):
+            lin.weight.uniform_(-1, 1, generator=g).div_(lin.in_features**0.5)
+            lin.bias.zero_()
+    return up.requires_grad_(False), down.requires_grad_(False)
+
+
+def onnx_pair(up: nn.Linear, down: nn.Linear, path: Path) -> Path:
+    """The pair as plain ONNX MatMul + Add + Relu, weights as initializers (what an export of it holds)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(a, n) for n, a in (
+        ("w1", up.weight.T.contiguous().numpy()), ("b1", up.bias.numpy()),
+        ("w2", down.weight.T.contiguous().numpy()), ("b2", down.bias.numpy()))]  # fmt: skip
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h0"]), helper.make_node("Add", ["h0", "b1"], ["h1"]),
+             helper.make_node("Relu", ["h1"], ["h2"]), helper.make_node("MatMul", ["h2", "w2"], ["y0"]),
+             helper.make_node("Add", ["y0", "b2"], ["y"])]  # fmt: skip
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["b", HIDDEN]) for n in ("x", "y")]
+    graph = helper.make_graph(nodes, "pair", io[:1], io[1:], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(path), save_as_external_data=True, location=path.name + ".data")
+    return path
+
+
+def ort_session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def file_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--threads", default="1")
+    ap.add_argument("--budget", type=float, default=2.0, help="seconds of interleaved rounds per measurement")
+    ap.add_argument("--out", type=Path, default=Path("bench/results/int8_competitors"))
+    args = ap.parse_args()
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    up, down = dense_pair(0)
+    fp32 = Pair(up, down).eval()
+    int8 = torch.ao.quantization.quantize_dynamic(Pair(up, down), {nn.Linear}, dtype=torch.qint8).eval()
+    g = torch.Generator().manual_seed(1)
+    packed = Pair(PackedLinear(fmt.pack_bitmask(half(FFN, HIDDEN, 2)), up.bias),
+                  PackedLinear(fmt.pack_bitmask(half(HIDDEN, FFN, 3)), down.bias))  # fmt: skip
+    crossover.tune([packed.up, packed.down])
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        dense_onnx = onnx_pair(up, down, Path(tmp) / "dense.onnx")
+        int8_onnx = Path(tmp) / "int8.onnx"
+        quantize_dynamic(str(dense_onnx), str(int8_onnx), weight_type=QuantType.QInt8)
+        sizes = {"ORT fp32": file_bytes(dense_onnx), "ORT int8": file_bytes(int8_onnx)}
+        for threads in map(int, args.threads.split(",")):
+            torch.set_num_threads(threads)
+            sessions = {"ORT fp32": ort_session(dense_onnx, threads), "ORT int8": ort_session(int8_onnx, threads)}
+            for batch in map(int, args.batches.split(",")):
+                x = torch.randn(batch, HIDDEN, generator=g)
+                xn = x.numpy()
+                fns = {
+                    "torch fp32": lambda x=x: fp32(x),
+                    "torch int8": lambda x=x: int8(x),
+                    "ORT fp32": lambda xn=xn, s=sessions: s["ORT fp32"].run(None, {"x": xn}),
+                    "ORT int8": lambda xn=xn, s=sessions: s["ORT int8"].run(None, {"x": xn}),
+                    "packed 50%": lambda x=x: packed(x),
+                }
+                with torch.inference_mode():
+                    t = timed(fns, args.budget)
+                base = t["torch fp32"]["median_ms"]
+                for name, r in t.items():
+                    rows.append({"threads": threads, "batch": batch, "engine": name, "median_ms": r["median_ms"],
+                                 "ratio": r["median_ms"] / base, "rounds": r["rounds"]})  # fmt: skip
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    command = "python bench/int8_competitors.py" + (f" --batches {args.batches}" if args.batches != "1,16" else "")
+    args.out.mkdir(parents=True, exist_ok=True)
+    doc = {"command": command, "cpu": cpu, "kernels": kernels.path(), "file_bytes": sizes, "rows": rows}
+    (args.out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
+    lines = ["# Dynamic int8 quantization against fpewiden's packed fp32 (Llama-7B FFN pair, 4096→11008→4096)", "",
+             f"`{command}`", "", f"CPU: {cpu}; fpewiden kernels: {kernels.path()}; torch {torch.__version__}. Latency "
+             "ratios against torch's dense fp32 in the same interleaved rounds (medians); lower is faster.", "",
+             "| threads | batch | engine | median ms | latency × torch fp32 |", "|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        lines.append(f"| {r['threads']} | {r['batch']} | {r['engine']} | {r['median_ms']:.2f} | {r['ratio']:.2f}× |")
+    mb = {k: v / 1e6 for k, v in sizes.items()}
+    lines += ["", f"ONNX files: fp32 {mb['ORT fp32']:.0f} MB, int8 {mb['ORT int8']:.0f} MB. fpewiden has no quantized "
+              "format yet (issue 31): where int8 is faster than packed 50% above, the competitor wins."]  # fmt: skip
+    (args.out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
