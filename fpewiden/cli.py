@@ -464,13 +464,19 @@ def pack(
     src: Annotated[Path, typer.Argument(help="A checkpoint with zeros: MLP .safetensors/.pt or Hugging Face folder.")],
     out: Annotated[Path, typer.Option("--out", help="Output .safetensors file (MLP) or folder (Hugging Face).")],
     dtype: Annotated[
-        str | None, typer.Option(help="Values as fp32 | bf16 | fp16.", show_default="each matrix's own")
+        str | None,
+        typer.Option(
+            help="Values as fp32 | bf16 | fp16 | int8 (int8: every Linear weight, dense ones too, quantized per row "
+            "to nearest; arithmetic in fp32).",
+            show_default="each matrix's own",
+        ),
     ] = None,
     force: Annotated[bool, FORCE] = False,
 ) -> None:
     """Store every Linear weight that has zeros in its smallest packed format (a bitmask and the non-zeros, or,
     for an FPE-widened incoming matrix, its parent's values and a child id per weight), so it runs at its
-    non-zero bytes: fpewiden.packed.load(OUT) returns a torch module on fpewiden's kernels.
+    non-zero bytes: fpewiden.packed.load(OUT) returns a torch module on fpewiden's kernels. With --dtype int8
+    every Linear weight is stored with int8 values and a scale per row (the mask unchanged).
 
     \b
     Example:
@@ -499,7 +505,8 @@ def unpack(
     out: Annotated[Path, typer.Option("--out", help="Output .safetensors file (MLP) or folder (Hugging Face).")],
     force: Annotated[bool, FORCE] = False,
 ) -> None:
-    """Write the dense checkpoint back (every tensor bit for bit, unless pack cast its values with --dtype); a
+    """Write the dense checkpoint back (every tensor bit for bit, unless pack cast or quantized its values with
+    --dtype: then the weights the kernels multiply by, in the original dtype); a
     Hugging Face folder that transformers' from_pretrained loads.
 
     \b

@@ -113,16 +113,76 @@ def test_every_kernel_path_matches_the_dense_reference(path, dtype):
                 assert err < 1e-5, (pm.format, pm.rows, pm.cols, batch, mode, err)
 
 
+def int8_cases() -> list[fmt.PackedMatrix]:
+    """int8 matrices in all three formats, with ragged shapes (columns past a vector, one row, one column)."""
+    cases = [fmt.pack_bitmask(sparse(r, c, d), torch.int8) for r, c, d in ((37, 53, 0.5), (5, 300, 0.3), (1, 1, 1.0))]
+    cases += [fmt.pack_parent(widened(p, c, a), a, torch.int8) for p, c, a in ((7, 33, 2), (3, 70, 3), (4, 17, 4))]
+    cases += [fmt.pack_dense(sparse(r, c, 1.0, seed=r), torch.int8) for r, c in ((9, 70), (1, 16), (3, 1), (17, 129))]
+    return cases
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_int8_kernels_match_the_dequantized_reference(path):
+    """Every mode on int8 values in every format computes with the weights `unpack` gives (q · scale)."""
+    g = torch.Generator().manual_seed(2)
+    for pm in int8_cases():
+        assert fmt.problem(pm) is None
+        bias = torch.randn(pm.rows, generator=g)
+        layer = PackedLinear(pm, bias, kernel=path)
+        ref_w = fmt.unpack(pm).double()
+        for batch in (1, 3, 9, 70):
+            x = torch.randn(batch, pm.cols, generator=g)
+            ref = x.double() @ ref_w.T + bias.double()
+            for mode in ("gemv", "spmm", "dense") if path != "torch" else (None,):
+                y = layer(x, mode=mode)
+                err = float((y.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+                assert err < 1e-5, (pm.format, pm.rows, pm.cols, batch, mode, err)
+
+
 @pytest.mark.parametrize("path", [p for p in PATHS if p != "torch"])
 def test_every_unpack_matches_the_reference(path):
     cases = [fmt.pack_bitmask(sparse(37, 70, 0.5).to(dt)) for dt in DTYPES]
     cases += [fmt.pack_parent(widened(5, 70, a), a) for a in (2, 3, 4)]
+    cases += int8_cases()
     for pm in cases:
-        args = (pm.values, pm.bits, pm.row_ptr, pm.rows, pm.cols, 0 if pm.format == "bitmask" else 1,
-                fmt.DTYPE_CODES[pm.dtype], pm.alpha, pm.planes, pm.stride)  # fmt: skip
-        fast = torch.ops.fpewiden.packed_unpack(*args, path)
-        assert torch.equal(fast, torch.ops.fpewiden.packed_unpack(*args, "reference"))
+        args = (pm.values, pm.bits, pm.row_ptr, pm.rows, pm.cols, fmt.FORMATS.index(pm.format),
+                fmt.DTYPE_CODES[pm.dtype], pm.alpha, pm.planes, pm.stride, path, pm.scales)  # fmt: skip
+        fast = torch.ops.fpewiden.packed_unpack(*args)
+        assert torch.equal(fast, torch.ops.fpewiden.packed_unpack(*args[:10], "reference", pm.scales))
         assert torch.equal(fast, fmt.unpack(pm).float())
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 40),
+    cols=st.integers(1, 150),
+    density=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+)
+def test_int8_quantization_keeps_the_mask_and_bounds_the_error(rows, cols, density, seed):
+    """Zeros stay exactly zero and the mask is w's own; every kept weight is within half a step of its row's
+    scale; each row's largest weight is exact; the smallest format holds the same weights."""
+    w = sparse(rows, cols, density, seed)
+    scales = (w.abs().amax(1) / 127).clamp_min(1e-30)
+    for pm in (fmt.pack_bitmask(w, torch.int8), fmt.pack_dense(w, torch.int8), fmt.best(w, torch.int8)):
+        assert fmt.problem(pm) is None
+        d = fmt.unpack(pm)
+        assert d.dtype == torch.float32
+        if pm.format == "bitmask":  # the mask is w's own, whatever the kept values round to
+            assert torch.equal(fmt._unpack_bits(pm.bits, rows, cols, pm.stride), w != 0)
+        assert bool((d[w == 0] == 0).all())
+        assert bool(((d - w).abs() <= scales.view(-1, 1) / 2 * (1 + 1e-6)).all())
+        peak = w.abs().argmax(1, keepdim=True)
+        assert torch.allclose(d.gather(1, peak), w.gather(1, peak), rtol=1e-6, atol=0)
+    assert fmt.pack_bitmask(w, torch.int8).nnz == int((w != 0).sum())  # kept values rounding to 0 keep their place
+
+
+def test_int8_matrices_take_a_quarter_of_fp32s_value_bytes():
+    w = sparse(64, 256, 0.5)
+    f32, i8 = fmt.pack_bitmask(w), fmt.pack_bitmask(w, torch.int8)
+    assert i8.nbytes == f32.nbytes - 3 * f32.nnz + 64 * 4  # 1 byte a value instead of 4, plus a scale per row
+    dense = fmt.best(sparse(64, 256, 1.0), torch.int8)
+    assert dense.format == "dense" and dense.nbytes == 64 * 256 + 64 * 4
 
 
 def test_the_op_traces_under_torch_compile():
@@ -235,6 +295,54 @@ def test_pack_a_transformers_model_and_generate(tmp_path, family):
     import transformers
 
     transformers.AutoModel.from_pretrained(str(tmp_path / "back"))  # an ordinary folder again
+
+
+def test_int8_packs_every_linear_and_unpacks_to_what_the_kernels_compute(tmp_path):
+    """pack --dtype int8 on an MLP (pruned: bitmask; FPE: parent and dense) and a Llama (attention dense): every
+    Linear weight is stored int8; the loaded model equals its own unpacked checkpoint run densely; the unpacked
+    folder is an ordinary transformers model; the files hold about a quarter of fp32's value bytes."""
+    src, fpe = mlp_pair(tmp_path)
+    pruned = tmp_path / "half.safetensors"
+    convert(src, pruned, ConvertOptions(alpha=1, budget=Budget.parse("0.5")))
+    for ckpt, formats in ((pruned, {"bitmask", "dense"}), (fpe, {"parent", "dense"})):
+        out, back = tmp_path / f"{ckpt.stem}.i8.safetensors", tmp_path / f"{ckpt.stem}.i8back.safetensors"
+        report = pack_checkpoint(ckpt, out, "int8")
+        assert {m["format"] for m in report["matrices"]} <= formats and len(report["matrices"]) == 2
+        f32 = pack_checkpoint(ckpt, tmp_path / "f32.safetensors", force=True)
+        assert report["packed_bytes"] < f32["packed_bytes"] / 2
+        unpack_checkpoint(out, back)
+        module = __import__("fpewiden.packed", fromlist=["load"]).load(out)
+        x = torch.randn(6, 40)
+        with torch.no_grad():
+            assert torch.allclose(module(x), load_model(back).model.eval()(x), atol=1e-5, rtol=1e-5)
+            y, ref = module(x), load_model(ckpt).model.eval()(x)
+            assert 0 < float((y - ref).norm() / ref.norm()) < 0.02  # int8's rounding, no more
+        a, b = load_file(ckpt), load_file(back)
+        weights = [k for k in a if k.endswith("weight") and "fpewiden" not in k]
+        assert weights and all(bool((b[k][a[k] == 0] == 0).all()) for k in weights)  # no pruned weight revived
+    if "avx512" in PATHS or "avx2" in PATHS:  # the export traces the compiled op
+        onnx_out = tmp_path / "i8.onnx"
+        res = runner.invoke(app, ["export", str(out), "--layout", "packed", "--out", str(onnx_out), "--no-verify"])
+        assert res.exit_code == 2 and "int8 packed matrices have no ONNX Runtime op yet" in res.stderr, res.output
+        assert not onnx_out.exists()
+    src = tiny_causal(tmp_path / "llama", "llama")
+    half = tmp_path / "llama-half"
+    convert(src, half, ConvertOptions(alpha=1, budget=Budget.parse("0.5")))
+    res = runner.invoke(app, ["pack", str(half), "--out", str(tmp_path / "i8"), "--dtype", "int8"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["unpack", str(tmp_path / "i8"), "--out", str(tmp_path / "i8back")])
+    assert res.exit_code == 0, res.output
+    from fpewiden import packed
+
+    model = packed.load(tmp_path / "i8")
+    linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, PackedLinear))]
+    assert all(isinstance(m, PackedLinear) and m.scales is not None for m in linears[:-1])  # the LM head aside
+    ids = torch.randint(5, 90, (2, 7))
+    import transformers
+
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "i8back")).eval()
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
 
 
 def test_bf16_values_halve_the_bytes(tmp_path):

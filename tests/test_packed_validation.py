@@ -53,7 +53,8 @@ def parent(alpha: int = 3, parents: int = 5, cols: int = 70, seed: int = 0) -> f
 
 def edit(pm: fmt.PackedMatrix, **change) -> fmt.PackedMatrix:
     """A copy of `pm` with fields or arrays replaced (arrays copied, so `pm` stays valid)."""
-    arrays = {k: getattr(pm, k).clone() for k in ("values", "bits", "row_ptr") if getattr(pm, k) is not None}
+    roles = ("values", "bits", "row_ptr", "scales")
+    arrays = {k: getattr(pm, k).clone() for k in roles if getattr(pm, k) is not None}
     return dataclasses.replace(pm, **(arrays | change))
 
 
@@ -94,7 +95,17 @@ def corrupt_matrices() -> list[tuple[str, fmt.PackedMatrix, str]]:
     """(what, matrix, the validator's sentence): the issue's cases and every check's own."""
     b, p = bitmask(), parent()
     nnz = b.nnz
+    g = torch.Generator().manual_seed(3)
+    q, qp = fmt.pack_bitmask(fmt.unpack(b), torch.int8), fmt.pack_parent(fmt.unpack(p), 3, torch.int8)
+    d = fmt.pack_dense(torch.randn(6, 40, generator=g), torch.int8)
     return [
+        ("int8 without scales", edit(q, scales=None), "int8 values need one scale per row (parent: per parent)"),
+        ("int8 scales one short", edit(q, scales=q.scales[:-1]), "int8 values need one scale per row"),
+        ("parent int8, a scale per row", edit(qp, scales=torch.ones(qp.rows)), "int8 values need one scale per row"),
+        ("fp32 with scales", edit(b, scales=torch.ones(b.rows)), "scales are for int8 values only"),
+        ("dense values one short", edit(d, values=d.values[:-1]), "the values are not rows x cols plus the padding"),
+        ("dense with bits", edit(d, bits=torch.zeros(8, dtype=torch.uint8)), "a dense matrix has alpha 1, no bits"),
+        ("dense with a stride", edit(d, stride=8), "a dense matrix has alpha 1, no bits and no row offsets"),
         ("offset far past the values", with_offset(b, 4, 10**9), "a row's offset difference is not its number"),
         ("two offsets swapped", swapped(b), "a row's offset difference is not its number of bits"),
         ("the last row's bits all set", last_row_full(b), "a row's offset difference is not its number of bits"),
@@ -119,7 +130,7 @@ def corrupt_matrices() -> list[tuple[str, fmt.PackedMatrix, str]]:
 def run_op(pm: fmt.PackedMatrix, x: torch.Tensor, mode: str = "gemv", isa: str | None = None) -> torch.Tensor:
     return torch.ops.fpewiden.packed_linear(
         x, pm.values, pm.bits, pm.row_ptr, None, pm.rows, pm.cols, FORMAT_CODES[pm.format],
-        DTYPE_CODES[pm.values.dtype], pm.alpha, pm.planes, pm.stride, isa or kernels.path(), mode,
+        DTYPE_CODES[pm.values.dtype], pm.alpha, pm.planes, pm.stride, isa or kernels.path(), mode, pm.scales,
     )  # fmt: skip
 
 
@@ -318,7 +329,9 @@ CHILD = textwrap.dedent(
 
 @needs_op
 def test_edited_onnx_models_are_refused_never_run(tmp_path):
+    # the ONNX op has no int8 values, scales or dense layout yet (its type constraints refuse them)
     cases = [(what, pm) for what, pm, _ in corrupt_matrices() if pm.rows > 0 and pm.cols == 70]
+    cases = [(what, pm) for what, pm in cases if pm.scales is None and pm.values.dtype != torch.int8]
     cases = [c for c in cases if c[0] != "stride of another width"] + [("good", bitmask()), ("good α=3", parent())]
     for i, (_, pm) in enumerate(cases):
         for fed in (False, True):

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fpewiden.errors import FpewidenError
 from fpewiden.export.hf import ModelOutput, output_name
 from fpewiden.export.onnx_edit import Built
 from fpewiden.export.torch_onnx import to_onnx
@@ -69,7 +70,8 @@ def _translation() -> dict:
     register_schema()
     fpw = Opset(DOMAIN, 1)
 
-    def packed_linear(x, values, bits, row_ptr, bias, rows, cols, fmt, dtype, alpha, planes, stride, isa, mode):
+    def packed_linear(x, values, bits, row_ptr, bias, rows, cols, fmt, dtype, alpha, planes, stride, isa, mode,
+                      scales=None):  # fmt: skip
         return getattr(fpw, OP)(
             x, values, bits, row_ptr, bias,
             format=FORMATS[fmt], rows=rows, cols=cols, stride=stride, alpha=alpha, planes=planes,
@@ -89,6 +91,13 @@ def write_packed_onnx(model: nn.Module, kind: str, vocab: int, out: Path) -> Pat
 def packed_graph(model: nn.Module, kind: str, vocab: int, opset: int, what: str) -> Built:
     """The graph of a packed torch module (an MLP chain, or a transformers model with PackedLinear layers), with
     verification inputs of another batch (and sequence length) than the export's."""
+    from fpewiden.packed.ops import PackedLinear
+
+    if any(m.scales is not None for m in model.modules() if isinstance(m, PackedLinear)):
+        raise FpewidenError(
+            f"{what}: int8 packed matrices have no ONNX Runtime op yet; run this file in torch (fpewiden.packed.load)"
+            " or export the fp32 packed file"
+        )
     table = _translation()
     g = torch.Generator().manual_seed(0)
     if kind == "mlp":

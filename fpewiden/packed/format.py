@@ -1,7 +1,7 @@
 """The packed formats of a weight matrix: pure tensor transformations, no I/O (the kernels in csrc/ read exactly
 this layout; the README documents it bit by bit).
 
-A matrix W is packed as used in y = W x: (rows, cols) = (output features, input features). Two formats:
+A matrix W is packed as used in y = W x: (rows, cols) = (output features, input features). Three formats:
 
 - `bitmask`: one bit per element, row-major, each row padded to `stride` bytes (a multiple of 8); bit j of row r
   is bit j % 8 (least significant first) of byte r·stride + j // 8. `values` holds the row's non-zeros in column
@@ -12,11 +12,17 @@ A matrix W is packed as used in y = W x: (rows, cols) = (output features, input 
   ⌈log₂α⌉ bit planes of each weight's child id (plane k of parent i: the row at byte (k·parents + i)·stride),
   laid out like bitmask rows. 1 or 2 bits per parent weight instead of one per widened weight, and one
   multiply-add per parent weight: the paper's per-neuron FPE at the original's cost. For 2 ≤ α ≤ 4.
+- `dense`: every weight, rows × cols row-major, then PAD zeros; no bits. Only for int8 values: what an int8
+  checkpoint stores where skipping zeros would not make a matrix smaller.
 
-Values are stored as fp32, bf16 or fp16 and multiplied in fp32. Zeros are zeros by value; where a matrix stores
--0.0 (multiplying a weight by a 0/1 mask leaves them), `negzero` records those positions in bitmask-row layout,
-so unpacking gives back every bit; the kernels never read it. The format of a matrix is chosen by its size
-(`best`); a matrix that neither format makes smaller stays dense.
+Values are stored as fp32, bf16, fp16 or int8 and multiplied in fp32. int8 values are quantized symmetrically
+(fpewiden/quantize.py) with one fp32 scale per unit in `scales` (a bitmask or dense row; a parent row, shared by
+its children); a weight is q · scale. Only kept weights are quantized: the mask never changes.
+
+Zeros are zeros by value; where a matrix stores -0.0 (multiplying a weight by a 0/1 mask leaves them), `negzero`
+records those positions in bitmask-row layout, so unpacking gives back every bit; the kernels never read it. The
+format of a matrix is chosen by its size (`best`); a matrix that no format makes smaller stays a plain tensor
+(int8: the dense format).
 """
 
 from __future__ import annotations
@@ -27,11 +33,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fpewiden.quantize import dequantize_rows, quantize_rows, row_scales
+
 PAD = 16  # zeros after `values`: the kernels load whole vectors of up to 16 values
-FORMATS = ("bitmask", "parent")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # csrc/fpw_kernels.h
-DTYPE_SIZE = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+FORMATS = ("bitmask", "parent", "dense")  # csrc/fpw_kernels.h's codes, in order
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}  # csrc/fpw_kernels.h
+DTYPE_SIZE = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, torch.int8: 1}
 
 
 @dataclass(frozen=True)
@@ -42,7 +50,7 @@ class PackedMatrix:
     format: str
     rows: int
     cols: int
-    values: torch.Tensor  # 1-D, fp32 / bf16 / fp16, nnz + PAD elements
+    values: torch.Tensor  # 1-D, fp32 / bf16 / fp16 / int8, nnz + PAD elements
     bits: torch.Tensor  # 1-D uint8
     stride: int
     nnz: int
@@ -50,6 +58,7 @@ class PackedMatrix:
     alpha: int = 1  # parent: children per parent
     planes: int = 0  # parent: bit planes of the child id
     negzero: torch.Tensor | None = None  # uint8 rows × stride: where the matrix stored -0.0 (not moved at run time)
+    scales: torch.Tensor | None = None  # int8: fp32, one per unit (rows; parent: rows / α)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -57,9 +66,15 @@ class PackedMatrix:
 
     @property
     def nbytes(self) -> int:
-        """Bytes moved per inference: the stored values (PAD excluded), the bits, the row offsets."""
+        """Bytes moved per inference: the stored values (PAD excluded), the bits, the row offsets, the scales."""
         rp = 0 if self.row_ptr is None else self.row_ptr.numel() * 8
-        return self.nnz * self.values.element_size() + self.bits.numel() + rp
+        sc = 0 if self.scales is None else self.scales.numel() * 4
+        return self.nnz * self.values.element_size() + self.bits.numel() + rp + sc
+
+    @property
+    def units(self) -> int:
+        """Rows the kernels iterate over: parents for the parent format, rows otherwise."""
+        return self.rows // self.alpha if self.format == "parent" else self.rows
 
 
 def bit_stride(cols: int) -> int:
@@ -90,17 +105,37 @@ def _with_pad(values: torch.Tensor) -> torch.Tensor:
     return torch.cat([values.reshape(-1), torch.zeros(PAD, dtype=values.dtype)])
 
 
+def _values_in(w: torch.Tensor, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`w`'s rows as stored: cast to `dtype`, or for int8 quantized per row, with the scales."""
+    if dtype != torch.int8:
+        return w.to(dtype or w.dtype), None
+    scales = row_scales(w)
+    return quantize_rows(w, scales), scales
+
+
 def pack_bitmask(w: torch.Tensor, dtype: torch.dtype | None = None) -> PackedMatrix:
-    """`w` (rows, cols) in the bitmask format, values cast to `dtype` (default: w's own)."""
+    """`w` (rows, cols) in the bitmask format, values cast to `dtype` (default: w's own; int8: quantized per
+    row, the mask still w's non-zeros)."""
     rows, cols = w.shape
     keep = w != 0
     stride = bit_stride(cols)
     counts = keep.sum(1, dtype=torch.int64)
     row_ptr = torch.zeros(rows + 1, dtype=torch.int64)
     torch.cumsum(counts, 0, out=row_ptr[1:])
-    values = w[keep].to(dtype or w.dtype)  # boolean indexing walks row-major: each row's values in column order
+    q, scales = _values_in(w, dtype)
+    values = q[keep]  # boolean indexing walks row-major: each row's values in column order
+    negzero = negative_zeros(w) if scales is None else None  # int8 cannot give back a -0.0 bit for bit anyway
     return PackedMatrix("bitmask", rows, cols, _with_pad(values), _pack_bits(keep, stride), stride, int(counts.sum()),
-                        row_ptr, negzero=negative_zeros(w))  # fmt: skip
+                        row_ptr, negzero=negzero, scales=scales)  # fmt: skip
+
+
+def pack_dense(w: torch.Tensor, dtype: torch.dtype = torch.int8) -> PackedMatrix:
+    """`w` (rows, cols) in the dense format (every weight; for int8 checkpoints' matrices without zeros worth
+    skipping)."""
+    rows, cols = w.shape
+    q, scales = _values_in(w, dtype)
+    return PackedMatrix("dense", rows, cols, _with_pad(q), torch.zeros(0, dtype=torch.uint8), 0, rows * cols,
+                        scales=scales)  # fmt: skip
 
 
 def planes_for(alpha: int) -> int:
@@ -125,13 +160,17 @@ def pack_parent(w: torch.Tensor, alpha: int, dtype: torch.dtype | None = None) -
     stride = bit_stride(cols)
     planes = planes_for(alpha)
     bits = torch.cat([_pack_bits(((child >> k) & 1).bool(), stride) for k in range(planes)])
-    return PackedMatrix("parent", rows, cols, _with_pad(parent.to(dtype or w.dtype)), bits, stride, parents * cols,
-                        None, alpha, planes, negative_zeros(w))  # fmt: skip
+    q, scales = _values_in(parent, dtype)  # int8: one scale per parent row, shared by its children
+    return PackedMatrix("parent", rows, cols, _with_pad(q), bits, stride, parents * cols, None, alpha, planes,
+                        negative_zeros(w) if scales is None else None, scales)  # fmt: skip
 
 
 def unpack(pm: PackedMatrix) -> torch.Tensor:
-    """The dense (rows, cols) matrix in the values' dtype: bit for bit the packed one when no cast happened."""
+    """The dense (rows, cols) matrix in the values' dtype (int8: dequantized to fp32, q · scale as the kernels
+    compute it): bit for bit the packed one when no cast happened."""
     out = _unpack_values(pm)
+    if pm.scales is not None:
+        out = dequantize_rows(out.view(pm.units, -1), pm.scales).view(pm.rows, pm.cols)
     if pm.negzero is not None:  # it signs zeros, never erases a stored weight (the kernels never read it)
         neg = _unpack_bits(pm.negzero, pm.rows, pm.cols, pm.stride)
         out[neg & (out == 0)] = -0.0
@@ -140,6 +179,8 @@ def unpack(pm: PackedMatrix) -> torch.Tensor:
 
 def _unpack_values(pm: PackedMatrix) -> torch.Tensor:
     zero = torch.zeros((pm.rows, pm.cols), dtype=pm.dtype)
+    if pm.format == "dense":
+        return pm.values[: pm.nnz].view(pm.rows, pm.cols).clone()
     if pm.format == "bitmask":
         keep = _unpack_bits(pm.bits, pm.rows, pm.cols, pm.stride)
         zero[keep] = pm.values[: pm.nnz]
@@ -165,6 +206,19 @@ def problem(pm: PackedMatrix) -> str | None:
         return "unknown value type code"
     if pm.rows < 1 or pm.cols < 1:
         return "rows and cols must be positive"
+    if pm.values.dtype == torch.int8:
+        units = pm.rows // pm.alpha if pm.format == "parent" and pm.alpha >= 2 else pm.rows
+        sc = pm.scales
+        if sc is None or sc.dtype != torch.float32 or sc.dim() != 1 or sc.numel() != units:
+            return "int8 values need one scale per row (parent: per parent)"
+    elif pm.scales is not None:
+        return "scales are for int8 values only"
+    if pm.format == "dense":
+        if pm.alpha != 1 or pm.planes != 0 or pm.stride != 0 or pm.bits.numel() != 0 or pm.row_ptr is not None:
+            return "a dense matrix has alpha 1, no bits and no row offsets"
+        if pm.values.numel() != pm.rows * pm.cols + PAD or pm.nnz != pm.rows * pm.cols:
+            return "the values are not rows x cols plus the padding"
+        return None
     if pm.stride != bit_stride(pm.cols):
         return "the bit stride is not the writer's (whole 64-bit words per row)"
     words = pm.bits.numpy().view(np.uint64) if pm.bits.numel() % 8 == 0 else None
@@ -213,21 +267,26 @@ def dense_bytes(rows: int, cols: int, dtype: torch.dtype) -> int:
 
 def best(w: torch.Tensor, dtype: torch.dtype | None = None, alpha: int | None = None) -> PackedMatrix | None:
     """The smallest packed form of `w` (`alpha`: the matrix is an FPE-widened incoming one, so the parent format
-    is tried too), or None when no format is smaller than `w` stored densely in `dtype`."""
+    is tried too), or None when no format is smaller than `w` stored densely in `dtype`. int8 always gives a
+    matrix (the dense format where no other is smaller): the quantized values must be stored somewhere."""
     dtype = dtype or w.dtype
     rows, cols = w.shape
     size = DTYPE_SIZE.get(dtype, torch.empty((), dtype=dtype).element_size())
+    scales = 4 if dtype == torch.int8 else 0  # bytes per unit
     stride = bit_stride(cols)
+    dense = dense_bytes(rows, cols, dtype) + rows * scales
     # sizes first (the parent format's needs no values; its partition check runs only where it would win)
-    bitmask = int(torch.count_nonzero(w)) * size + rows * stride + (rows + 1) * 8
+    bitmask = int(torch.count_nonzero(w)) * size + rows * stride + (rows + 1) * 8 + rows * scales
     parent = None
     if alpha is not None and 2 <= alpha <= 4 and rows % alpha == 0:
-        parent = (rows // alpha) * (cols * size + planes_for(alpha) * stride)
-    if parent is not None and parent < bitmask and parent < dense_bytes(rows, cols, dtype):
+        parent = (rows // alpha) * (cols * size + planes_for(alpha) * stride + scales)
+    if parent is not None and parent < bitmask and parent < dense:
         pm = pack_parent(w, alpha, dtype)  # type: ignore[arg-type]
         if pm is not None:
             return pm
-    return pack_bitmask(w, dtype) if bitmask < dense_bytes(rows, cols, dtype) else None
+    if bitmask < dense:
+        return pack_bitmask(w, dtype)
+    return pack_dense(w, dtype) if dtype == torch.int8 else None
 
 
 def packed_bytes(mask: torch.Tensor, itemsize: int = 4, alpha: int | None = None) -> int:

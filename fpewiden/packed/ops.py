@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from fpewiden.packed import kernels
 from fpewiden.packed.format import DTYPE_CODES, PackedMatrix, unpack
 
-FORMAT_CODES = {"bitmask": 0, "parent": 1}
+FORMAT_CODES = {"bitmask": 0, "parent": 1, "dense": 2}
 MODES = ("gemv", "spmm", "dense")
 
 
@@ -54,6 +54,7 @@ class PackedLinear(nn.Module):
         self.register_buffer("values", _resident(pm.values, self.kernel))
         self.register_buffer("bits", _resident(pm.bits, self.kernel))
         self.register_buffer("row_ptr", pm.row_ptr.contiguous() if pm.row_ptr is not None else None)
+        self.register_buffer("scales", pm.scales.contiguous() if pm.scales is not None else None)
         self.register_buffer("bias", bias.detach().to(torch.float32).contiguous() if bias is not None else None)
         self.register_buffer("dense", unpack(pm).to(torch.float32) if self.kernel == "torch" else None)
         self.table = table
@@ -64,7 +65,7 @@ class PackedLinear(nn.Module):
     def packed(self) -> PackedMatrix:
         return PackedMatrix(
             self.format, self.out_features, self.in_features, self.values, self.bits, self.stride, self.nnz,
-            self.row_ptr, self.alpha, self.planes,
+            self.row_ptr, self.alpha, self.planes, scales=self.scales,
         )  # fmt: skip
 
     def mode(self, n: int) -> str:
@@ -88,6 +89,7 @@ class PackedLinear(nn.Module):
             y = torch.ops.fpewiden.packed_linear(
                 x2, self.values, self.bits, self.row_ptr, self.bias, self.out_features, self.in_features,
                 self._fmt, self._dtype, self.alpha, self.planes, self.stride, self.kernel, mode or self._mode(x2),
+                self.scales,
             )  # fmt: skip
         return y if flat else y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 

@@ -63,11 +63,12 @@ def pack_checkpoint(
     provenance: Provenance | None = None,
     inputs: list[Path] | None = None,
 ) -> dict:
-    """Write the packed form of `src` to `dst`; returns per-matrix formats and bytes. `dtype`: fp32, bf16 or fp16
-    values (None: each matrix keeps its own). `on_matrix(name, done, total)` after each candidate matrix.
+    """Write the packed form of `src` to `dst`; returns per-matrix formats and bytes. `dtype`: fp32, bf16, fp16 or
+    int8 values (None: each matrix keeps its own; int8 stores every Linear weight quantized, dense ones too).
+    `on_matrix(name, done, total)` after each candidate matrix.
     `provenance`: what the output records (default: pack, from `src`); `inputs`: what no output may touch."""
     if dtype is not None and dtype not in fmt.DTYPES:
-        raise FpewidenError(f"--dtype {dtype!r}: choose fp32, bf16 or fp16")
+        raise FpewidenError(f"--dtype {dtype!r}: choose fp32, bf16, fp16 or int8")
     if is_packed(src):
         raise FpewidenError(f"{src} is packed already")
     ck = open_checkpoint(src)

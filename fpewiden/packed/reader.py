@@ -128,7 +128,7 @@ def _check_entry(path: Path, header: Header, name: str, e: Entry) -> None:
     """Everything a kernel would trust (format.problem, the mirror of the kernels' own validator), checked against
     the stored arrays, so a bad file is one line on every path (never a crash, never a silently wrong weight)."""
     bad = f"{path}: packed matrix {name} is corrupt"
-    if e.format not in fmt.FORMATS or e.dtype not in ("F32", "BF16", "F16") or e.source_dtype not in DTYPES:
+    if e.format not in fmt.FORMATS or e.dtype not in ("F32", "BF16", "F16", "I8") or e.source_dtype not in DTYPES:
         raise FpewidenError(f"{bad} (unknown format or value type)")
     if len(e.shape) != 2 or sorted(e.shape) != sorted([e.rows, e.cols]) or e.nnz < 0:
         raise FpewidenError(f"{bad} (its shape is not rows x cols)")
@@ -139,12 +139,14 @@ def _check_entry(path: Path, header: Header, name: str, e: Entry) -> None:
     if e.negzero and (stored["negzero"].dtype != "U8" or stored["negzero"].shape != (e.rows * e.stride,)):
         raise FpewidenError(f"{bad} (its -0.0 positions are not rows x stride bytes)")
     values = stored["values"]
-    if values.dtype != e.dtype or len(values.shape) != 1 or stored["bits"].dtype != "U8":
+    if values.dtype != e.dtype or len(values.shape) != 1 or ("bits" in stored and stored["bits"].dtype != "U8"):
+        raise FpewidenError(f"{bad} (an array has the wrong type)")
+    if "scales" in stored and (stored["scales"].dtype != "F32" or len(stored["scales"].shape) != 1):
         raise FpewidenError(f"{bad} (an array has the wrong type)")
     if "row_ptr" in stored and (stored["row_ptr"].dtype != "I64" or len(stored["row_ptr"].shape) != 1):
         raise FpewidenError(f"{bad} (an array has the wrong type)")
     # the values' length is all the check needs of them: a meta tensor, so they are not read here
-    read = {role: read_tensor(header, arrays[role]).reshape(-1) for role in ("bits", "row_ptr") if role in arrays}
+    read = {r: read_tensor(header, arrays[r]).reshape(-1) for r in ("bits", "row_ptr", "scales") if r in arrays}
     read["values"] = torch.empty(values.shape, dtype=DTYPES[values.dtype], device="meta")
     why = fmt.problem(matrix(e, read))
     if why is not None:

@@ -3,9 +3,10 @@
 A packed checkpoint is plain safetensors. Every Linear weight that a packed format makes smaller (format.py) is
 replaced by its arrays, named by prefix (numpy reads them as they are):
 
-    fpewiden_packed.values.NAME   the values (F32, BF16 or F16), PAD zeros at the end
-    fpewiden_packed.bits.NAME     U8: the bitmask rows, or the parent format's child-id planes
+    fpewiden_packed.values.NAME   the values (F32, BF16, F16 or I8), PAD zeros at the end
+    fpewiden_packed.bits.NAME     U8: the bitmask rows, or the parent format's child-id planes (none for dense)
     fpewiden_packed.row_ptr.NAME  I64, bitmask only: where each row's values start
+    fpewiden_packed.scales.NAME   F32, I8 values only: one scale per row (parent: per parent)
 
 and the metadata key `fpewiden.packed` (JSON) says, per NAME, how: format, rows and cols as used in y = W x, the
 tensor's stored shape and dtype, whether it was transposed (GPT-2's Conv1D stores W as inputs × outputs), α and
@@ -50,8 +51,10 @@ class Entry:
 
     def arrays(self, name: str) -> dict[str, str]:
         """role -> tensor name in the packed file."""
-        roles = ["values", "bits", *(["row_ptr"] if self.format == "bitmask" else [])]
+        roles = ["values", *(["bits"] if self.format != "dense" else [])]
+        roles += ["row_ptr"] if self.format == "bitmask" else []
         roles += ["negzero"] if self.negzero else []
+        roles += ["scales"] if self.dtype == "I8" else []
         return {r: f"{PREFIX}{r}.{name}" for r in roles}
 
 
@@ -62,18 +65,23 @@ def entry_of(pm: fmt.PackedMatrix, shape: tuple[int, ...], source: str, transpos
 
 def arrays_of(pm: fmt.PackedMatrix) -> dict[str, torch.Tensor]:
     out = {"values": pm.values, "bits": pm.bits}
+    if pm.format == "dense":
+        del out["bits"]
     if pm.row_ptr is not None:
         out["row_ptr"] = pm.row_ptr
     if pm.negzero is not None:
         out["negzero"] = pm.negzero
+    if pm.scales is not None:
+        out["scales"] = pm.scales
     return out
 
 
 def matrix(entry: Entry, arrays: dict[str, torch.Tensor]) -> fmt.PackedMatrix:
     """The PackedMatrix of an entry, from its arrays (by role)."""
     e = entry
-    return fmt.PackedMatrix(e.format, e.rows, e.cols, arrays["values"], arrays["bits"], e.stride, e.nnz,
-                            arrays.get("row_ptr"), e.alpha, e.planes, arrays.get("negzero"))  # fmt: skip
+    bits = arrays.get("bits", torch.zeros(0, dtype=torch.uint8))
+    return fmt.PackedMatrix(e.format, e.rows, e.cols, arrays["values"], bits, e.stride, e.nnz, arrays.get("row_ptr"),
+                            e.alpha, e.planes, arrays.get("negzero"), arrays.get("scales"))  # fmt: skip
 
 
 def dense(entry: Entry, pm: fmt.PackedMatrix) -> torch.Tensor:

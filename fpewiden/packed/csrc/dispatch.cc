@@ -36,8 +36,9 @@ extern "C" const FpwKernels* fpw_select(const char* isa) {
   return NULL;
 }
 
-static inline float value_at(const FpwMatrix* w, int64_t i) {
+static inline float value_at(const FpwMatrix* w, int64_t i, int64_t unit) {
   if (w->dtype == FPW_F32) return ((const float*)w->values)[i];
+  if (w->dtype == FPW_I8) return (float)((const int8_t*)w->values)[i] * w->scales[unit];
   const uint16_t h = ((const uint16_t*)w->values)[i];
   return w->dtype == FPW_F16 ? fpw_half_to_float(h) : fpw_bf16_to_float(h);
 }
@@ -46,12 +47,17 @@ static inline int bit_at(const uint8_t* row, int64_t j) { return (row[j >> 3] >>
 
 extern "C" void fpw_unpack(const FpwMatrix* w, float* dense, int64_t u0, int64_t u1) {
   const int64_t n = w->cols;
+  if (w->format == FPW_DENSE) {
+    for (int64_t r = u0; r < u1; r++)
+      for (int64_t j = 0; j < n; j++) dense[r * n + j] = value_at(w, r * n + j, r);
+    return;
+  }
   if (w->format == FPW_BITMASK) {
     for (int64_t r = u0; r < u1; r++) {
       const uint8_t* row = w->bits + r * w->stride;
       int64_t p = w->row_ptr[r];
       float* out = dense + r * n;
-      for (int64_t j = 0; j < n; j++) out[j] = bit_at(row, j) ? value_at(w, p++) : 0.0f;
+      for (int64_t j = 0; j < n; j++) out[j] = bit_at(row, j) ? value_at(w, p++, r) : 0.0f;
     }
     return;
   }
@@ -63,7 +69,7 @@ extern "C" void fpw_unpack(const FpwMatrix* w, float* dense, int64_t u0, int64_t
     memset(out, 0, sizeof(float) * w->alpha * n);
     for (int64_t j = 0; j < n; j++) {
       const int c = bit_at(p0, j) | (w->planes > 1 ? bit_at(p1, j) << 1 : 0);
-      out[c * n + j] = value_at(w, i * n + j);
+      out[c * n + j] = value_at(w, i * n + j, i);
     }
   }
 }

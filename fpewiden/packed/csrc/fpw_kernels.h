@@ -9,7 +9,11 @@
 //            parents' dense rows (rows / alpha x cols, then PAD zeros), `bits` `planes` bit planes of the child
 //            id of every parent weight (plane k of parent i at byte (k * parents + i) * stride); child c of parent
 //            i is output row i * alpha + c.
-// Values are f32, bf16 or f16; arithmetic is f32.
+//   dense:   every weight: `values` rows x cols, row-major, then PAD zeros; no bits, stride 0 (what a quantized
+//            checkpoint stores where no zeros are worth skipping).
+// Values are f32, bf16, f16 or int8; arithmetic is f32. int8 values are symmetric-quantized: weight = q * s, with
+// `scales` holding one f32 s per unit (a bitmask or dense row, a parent row: a parent's children share its scale),
+// so the kernels sum q * x in f32 and scale each unit's sums once.
 //
 // The kernels trust every field and array of a matrix: a binding runs fpw_validate on a matrix before its first
 // call (csrc/torch_ops.cc once per tensor, csrc/ort/ once per initializer), never a kernel on what it refused.
@@ -20,8 +24,8 @@
 extern "C" {
 #endif
 
-enum { FPW_BITMASK = 0, FPW_PARENT = 1 };
-enum { FPW_F32 = 0, FPW_BF16 = 1, FPW_F16 = 2 };
+enum { FPW_BITMASK = 0, FPW_PARENT = 1, FPW_DENSE = 2 };
+enum { FPW_F32 = 0, FPW_BF16 = 1, FPW_F16 = 2, FPW_I8 = 3 };
 #define FPW_PAD 16  // values are followed by this many zero elements: kernels load whole vectors
 
 typedef struct FpwMatrix {
@@ -35,10 +39,11 @@ typedef struct FpwMatrix {
   int64_t stride;          // bytes per row of bits, a multiple of 8
   int32_t alpha;           // parent only: children per parent (2..4)
   int32_t planes;          // parent only: bit planes of the child id
+  const float* scales;     // int8 only: one per unit (rows; parent: rows / alpha)
 } FpwMatrix;
 
 // Few inputs (decode): y[b * ldy + r] = sum_j W[r, j] x[b * ldx + j] + bias[r], b < batch, for the output rows
-// of units [u0, u1) (units: rows for bitmask, parents for parent). Weights are streamed once per 8 inputs.
+// of units [u0, u1) (units: rows for bitmask and dense, parents for parent). Weights are streamed once per 8 inputs.
 typedef void (*FpwGemv)(const FpwMatrix* w, const float* x, int64_t ldx, int64_t batch, const float* bias, float* y,
                         int64_t ldy, int64_t u0, int64_t u1);
 // Token batches (prefill, encoders): the batch in SIMD lanes. xt is the inputs transposed (cols x ldxt), yt the
@@ -54,16 +59,18 @@ typedef void (*FpwUnpack)(const FpwMatrix* w, float* dense, int64_t u0, int64_t 
 // count): what fpw_validate checks the matrix's own fields against.
 typedef struct FpwSizes {
   int64_t values;      // elements of `values`
-  int64_t value_size;  // bytes per element of `values` (4 for f32, 2 for bf16 and f16)
-  int64_t bits;        // bytes of `bits`
+  int64_t value_size;  // bytes per element of `values` (4 for f32, 2 for bf16 and f16, 1 for int8)
+  int64_t bits;        // bytes of `bits` (0 for dense)
   int64_t row_ptr;     // elements of `row_ptr` (bitmask; 0 where there is none)
+  int64_t scales;      // elements of `scales` (int8; 0 where there is none)
 } FpwSizes;
 
 // NULL when every kernel and fpw_unpack can run `w` reading and writing in bounds: the format and value codes,
 // rows, cols and stride (exactly the writer's: whole 64-bit words), every array's length, the bitmask row offsets
 // (0 first, each row's offset difference equal to its popcount, the last the stored values less FPW_PAD), no bit
 // past `cols`, the parent layout's alpha and planes (2 <= alpha <= 4, planes = ceil(log2 alpha), rows divisible
-// by alpha) and every child id below alpha. Else a static sentence saying what is wrong. Linear in the bits:
+// by alpha) and every child id below alpha, the dense layout's rows x cols values, int8's one scale per unit (and
+// no scales for other value types). Else a static sentence saying what is wrong. Linear in the bits:
 // run it once per matrix, not per call.
 const char* fpw_validate(const FpwMatrix* w, const FpwSizes* sizes);
 

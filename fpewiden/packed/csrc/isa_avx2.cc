@@ -42,6 +42,8 @@ struct V {
   template <int DT>
   static reg values(const void* base, int64_t i) {
     if (DT == FPW_F32) return _mm256_loadu_ps((const float*)base + i);
+    if (DT == FPW_I8)
+      return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)((const int8_t*)base + i))));
     const __m128i h = _mm_loadu_si128((const __m128i*)((const uint16_t*)base + i));
     if (DT == FPW_F16) return _mm256_cvtph_ps(h);
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
@@ -49,6 +51,7 @@ struct V {
   template <int DT>
   static float scalar(const void* base, int64_t i) {
     if (DT == FPW_F32) return ((const float*)base)[i];
+    if (DT == FPW_I8) return (float)((const int8_t*)base)[i];
     const uint16_t h = ((const uint16_t*)base)[i];
     if (DT == FPW_F16) return _cvtsh_ss(h);
     const uint32_t u = (uint32_t)h << 16;

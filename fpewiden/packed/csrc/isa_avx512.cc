@@ -30,6 +30,8 @@ struct V {
     reg r;
     if (DT == FPW_F32) {
       r = _mm512_loadu_ps((const float*)base + i);
+    } else if (DT == FPW_I8) {
+      r = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)((const int8_t*)base + i))));
     } else {
       const __m256i h = _mm256_loadu_si256((const __m256i*)((const uint16_t*)base + i));
       r = DT == FPW_BF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
@@ -42,6 +44,7 @@ struct V {
   template <int DT>
   static float scalar(const void* base, int64_t i) {
     if (DT == FPW_F32) return ((const float*)base)[i];
+    if (DT == FPW_I8) return (float)((const int8_t*)base)[i];
     const uint16_t h = ((const uint16_t*)base)[i];
     if (DT == FPW_F16) return _cvtsh_ss(h);
     const uint32_t u = (uint32_t)h << 16;

@@ -21,6 +21,15 @@ inline uint64_t word_at(const uint8_t* p) {
   return w;
 }
 
+constexpr int value_bytes(int dt) { return dt == FPW_F32 ? 4 : dt == FPW_I8 ? 1 : 2; }
+
+// A unit's sums scaled to weights: int8 values are q (weight = q * scales[unit]); other types are the weights.
+template <int DT>
+inline float scaled(const FpwMatrix& w, int64_t unit, float sum) {
+  if constexpr (DT == FPW_I8) return sum * w.scales[unit];
+  return sum;
+}
+
 // ---------------------------------------------------------------- few inputs: stream the weights once per BMAX
 
 template <int R, int B, int DT>
@@ -45,7 +54,7 @@ inline void bitmask_rows(const FpwMatrix& w, const float* x, int64_t ldx, const 
       const mask m = V::bits(row[i], j);
       // R value streams at once outrun the hardware prefetcher: ask 128 values ahead (measured: 7.6 -> 7.1 ms at
       // 11008x4096, 50%, one thread; 64 to 128 ahead were best, 512 worse)
-      __builtin_prefetch((const char*)w.values + (p[i] + 128) * (DT == FPW_F32 ? 4 : 2));
+      __builtin_prefetch((const char*)w.values + (p[i] + 128) * value_bytes(DT));
       const reg wv = V::expand(m, V::template values<DT>(w.values, p[i]));
       p[i] += V::count(m);
       for (int b = 0; b < B; b++) acc[i][b] = V::fma(wv, xv[b], acc[i][b]);
@@ -62,7 +71,38 @@ inline void bitmask_rows(const FpwMatrix& w, const float* x, int64_t ldx, const 
     }
   }
   for (int i = 0; i < R; i++)
-    for (int b = 0; b < B; b++) y[b * ldy + r + i] = V::sum(acc[i][b]) + (bias ? bias[r + i] : 0.0f);
+    for (int b = 0; b < B; b++) y[b * ldy + r + i] = scaled<DT>(w, r + i, V::sum(acc[i][b])) + (bias ? bias[r + i] : 0.0f);
+}
+
+// Dense rows (int8 checkpoints keep rows with no zeros worth skipping this way): R rows, B inputs per pass.
+template <int R, int B, int DT>
+inline void dense_rows(const FpwMatrix& w, const float* x, int64_t ldx, const float* bias, float* y, int64_t ldy,
+                       int64_t r) {
+  using reg = typename V::reg;
+  reg acc[R][B];
+  for (int i = 0; i < R; i++)
+    for (int b = 0; b < B; b++) acc[i][b] = V::zero();
+  const int64_t n = w.cols;
+  int64_t j = 0;
+  for (; j + V::W <= n; j += V::W) {
+    reg xv[B];
+    for (int b = 0; b < B; b++) xv[b] = V::load(x + b * ldx + j);
+    for (int i = 0; i < R; i++) {
+      const reg wv = V::template values<DT>(w.values, (r + i) * n + j);
+      for (int b = 0; b < B; b++) acc[i][b] = V::fma(wv, xv[b], acc[i][b]);
+    }
+  }
+  if (j < n) {  // the last columns: lanes past the row hold the next row's values, kept out by the mask
+    const int t = (int)(n - j);
+    reg xv[B];
+    for (int b = 0; b < B; b++) xv[b] = V::load_n(x + b * ldx + j, t);
+    for (int i = 0; i < R; i++) {
+      const reg wv = V::template values<DT>(w.values, (r + i) * n + j);
+      for (int b = 0; b < B; b++) acc[i][b] = V::mfma(V::tail(t), wv, xv[b], acc[i][b]);
+    }
+  }
+  for (int i = 0; i < R; i++)
+    for (int b = 0; b < B; b++) y[b * ldy + r + i] = scaled<DT>(w, r + i, V::sum(acc[i][b])) + (bias ? bias[r + i] : 0.0f);
 }
 
 template <int A>
@@ -121,7 +161,7 @@ inline void parent_rows(const FpwMatrix& w, const float* x, int64_t ldx, const f
   for (int i = 0; i < R; i++)
     for (int c = 0; c < A; c++) {
       const int64_t row = (i0 + i) * A + c;
-      for (int b = 0; b < B; b++) y[b * ldy + row] = V::sum(acc[i][c][b]) + (bias ? bias[row] : 0.0f);
+      for (int b = 0; b < B; b++) y[b * ldy + row] = scaled<DT>(w, i0 + i, V::sum(acc[i][c][b])) + (bias ? bias[row] : 0.0f);
     }
 }
 
@@ -138,6 +178,15 @@ inline void bitmask_range(const FpwMatrix& w, const float* x, int64_t ldx, const
   for (; r < u1; r++) bitmask_rows<1, B, DT>(w, x, ldx, bias, y, ldy, r);
 }
 
+template <int B, int DT>
+inline void dense_range(const FpwMatrix& w, const float* x, int64_t ldx, const float* bias, float* y, int64_t ldy,
+                        int64_t u0, int64_t u1) {
+  constexpr int R = rows_for(B);
+  int64_t r = u0;
+  for (; r + R <= u1; r += R) dense_rows<R, B, DT>(w, x, ldx, bias, y, ldy, r);
+  for (; r < u1; r++) dense_rows<1, B, DT>(w, x, ldx, bias, y, ldy, r);
+}
+
 template <int B, int DT, int A>
 inline void parent_range(const FpwMatrix& w, const float* x, int64_t ldx, const float* bias, float* y, int64_t ldy,
                          int64_t u0, int64_t u1) {
@@ -151,6 +200,7 @@ template <int B, int DT>
 inline void range_of(const FpwMatrix& w, const float* x, int64_t ldx, const float* bias, float* y, int64_t ldy,
                      int64_t u0, int64_t u1) {
   if (w.format == FPW_BITMASK) return bitmask_range<B, DT>(w, x, ldx, bias, y, ldy, u0, u1);
+  if (w.format == FPW_DENSE) return dense_range<B, DT>(w, x, ldx, bias, y, ldy, u0, u1);
   switch (w.alpha) {
     case 2: return parent_range<B, DT, 2>(w, x, ldx, bias, y, ldy, u0, u1);
     case 3: return parent_range<B, DT, 3>(w, x, ldx, bias, y, ldy, u0, u1);
@@ -182,6 +232,7 @@ inline void gemv_dt(const FpwMatrix& w, const float* x, int64_t ldx, int64_t bat
 void gemv(const FpwMatrix* w, const float* x, int64_t ldx, int64_t batch, const float* bias, float* y, int64_t ldy,
           int64_t u0, int64_t u1) {
   switch (w->dtype) {
+    case FPW_I8: return gemv_dt<FPW_I8>(*w, x, ldx, batch, bias, y, ldy, u0, u1);
     case FPW_BF16: return gemv_dt<FPW_BF16>(*w, x, ldx, batch, bias, y, ldy, u0, u1);
     case FPW_F16: return gemv_dt<FPW_F16>(*w, x, ldx, batch, bias, y, ldy, u0, u1);
     default: return gemv_dt<FPW_F32>(*w, x, ldx, batch, bias, y, ldy, u0, u1);
@@ -205,8 +256,14 @@ constexpr int64_t SPMM_COLS = 1024;
 // index and the input stride to the stack inside this loop (a read-modify-write per non-zero); and the two loops
 // are written apart, since with one loop gcc stored all K sums to the stack at every non-zero.
 template <int K, int DT, bool PARENT>
-__attribute__((noinline)) int64_t spmm_word(uint64_t m, const void* values, int64_t base, const float* xb, int64_t ldxt, float* out) {
+__attribute__((noinline)) int64_t spmm_word(uint64_t m, const void* values, int64_t base, const float* xb, int64_t ldxt,
+                                            float* out, float s) {
   using reg = typename V::reg;
+  // int8: each value times its unit's scale as it is broadcast (the sums go to yt block by block); one product
+  auto value = [&](int64_t i) {
+    if constexpr (DT == FPW_I8) return V::template scalar<DT>(values, i) * s;
+    return V::template scalar<DT>(values, i);
+  };
   if (!m) return base;
   int64_t q = base;
   reg a[K];
@@ -215,7 +272,7 @@ __attribute__((noinline)) int64_t spmm_word(uint64_t m, const void* values, int6
     while (m) {
       const int j = __builtin_ctzll(m);
       m &= m - 1;
-      const reg v = V::set1(V::template scalar<DT>(values, PARENT ? base + j : q++));
+      const reg v = V::set1(value(PARENT ? base + j : q++));
       const float* xr = xb + j * ldxt;
       for (int k = 0; k < K; k++) a[k] = V::fma(v, V::load(xr + k * V::W), a[k]);
     }
@@ -226,13 +283,13 @@ __attribute__((noinline)) int64_t spmm_word(uint64_t m, const void* values, int6
     while (m) {
       int j = __builtin_ctzll(m);
       m &= m - 1;
-      reg v = V::set1(V::template scalar<DT>(values, PARENT ? base + j : q++));
+      reg v = V::set1(value(PARENT ? base + j : q++));
       const float* xr = xb + j * ldxt;
       for (int k = 0; k < K; k++) a[k] = V::fma(v, V::load(xr + k * V::W), a[k]);
       if (!m) break;
       j = __builtin_ctzll(m);
       m &= m - 1;
-      v = V::set1(V::template scalar<DT>(values, PARENT ? base + j : q++));
+      v = V::set1(value(PARENT ? base + j : q++));
       xr = xb + j * ldxt;
       for (int k = 0; k < K; k++) b[k] = V::fma(v, V::load(xr + k * V::W), b[k]);
     }
@@ -253,8 +310,12 @@ inline void spmm_block(const FpwMatrix& w, const float* xt, int64_t ldxt, float*
     if (w.format == FPW_BITMASK) {
       for (int64_t r = u0; r < u1; r++) {
         const uint64_t m = word_at(w.bits + r * w.stride + wi * 8);
-        next[r] = spmm_word<K, DT, false>(m, w.values, next[r], xb, ldxt, yt + r * ldyt);
+        next[r] = spmm_word<K, DT, false>(m, w.values, next[r], xb, ldxt, yt + r * ldyt, scaled<DT>(w, r, 1.0f));
       }
+    } else if (w.format == FPW_DENSE) {
+      const uint64_t m = wi == words - 1 ? last : ~(uint64_t)0;
+      for (int64_t r = u0; r < u1; r++)
+        spmm_word<K, DT, true>(m, w.values, r * n + wi * 64, xb, ldxt, yt + r * ldyt, scaled<DT>(w, r, 1.0f));
     } else {
       const int64_t parents = w.rows / w.alpha;
       for (int64_t i = u0; i < u1; i++) {
@@ -264,7 +325,8 @@ inline void spmm_block(const FpwMatrix& w, const float* xt, int64_t ldxt, float*
           uint64_t m = (c & 1) ? a : ~a;
           if (w.planes > 1) m &= (c & 2) ? b : ~b;
           if (wi == words - 1) m &= last;
-          spmm_word<K, DT, true>(m, w.values, i * n + wi * 64, xb, ldxt, yt + (i * w.alpha + c) * ldyt);
+          spmm_word<K, DT, true>(m, w.values, i * n + wi * 64, xb, ldxt, yt + (i * w.alpha + c) * ldyt,
+                                 scaled<DT>(w, i, 1.0f));
         }
       }
     }
@@ -319,25 +381,40 @@ inline void spmm_dt(const FpwMatrix& w, const float* xt, int64_t ldxt, int64_t b
 
 template <int DT>
 inline void unpack_dt(const FpwMatrix& w, float* dense, int64_t u0, int64_t u1) {
+  using reg = typename V::reg;
   const int64_t n = w.cols;
+  const reg zero = V::zero();
   if (w.format == FPW_BITMASK) {
     for (int64_t r = u0; r < u1; r++) {
       const uint8_t* row = w.bits + r * w.stride;
       int64_t p = w.row_ptr[r];
       float* out = dense + r * n;
+      const reg s = V::set1(scaled<DT>(w, r, 1.0f));  // x 1 is exact: other types come out unchanged
       int64_t j = 0;
       for (; j + V::W <= n; j += V::W) {
         const typename V::mask m = V::bits(row, j);
-        V::store(out + j, V::expand(m, V::template values<DT>(w.values, p)));
+        V::store(out + j, V::fma(V::expand(m, V::template values<DT>(w.values, p)), s, zero));
         p += V::count(m);
       }
-      if (j < n) V::store_n(out + j, V::expand(V::bits(row, j), V::template values<DT>(w.values, p)), (int)(n - j));
+      if (j < n)
+        V::store_n(out + j, V::fma(V::expand(V::bits(row, j), V::template values<DT>(w.values, p)), s, zero),
+                   (int)(n - j));
+    }
+    return;
+  }
+  if (w.format == FPW_DENSE) {
+    for (int64_t r = u0; r < u1; r++) {
+      const reg s = V::set1(scaled<DT>(w, r, 1.0f));
+      float* out = dense + r * n;
+      int64_t j = 0;
+      for (; j + V::W <= n; j += V::W) V::store(out + j, V::fma(V::template values<DT>(w.values, r * n + j), s, zero));
+      if (j < n) V::store_n(out + j, V::fma(V::template values<DT>(w.values, r * n + j), s, zero), (int)(n - j));
     }
     return;
   }
   const int64_t parents = w.rows / w.alpha;
-  const typename V::reg one = V::set1(1.0f), zero = V::zero();
   for (int64_t i = u0; i < u1; i++) {
+    const reg one = V::set1(scaled<DT>(w, i, 1.0f));
     const uint8_t* p0 = w.bits + i * w.stride;
     const uint8_t* p1 = w.bits + (parents + i) * w.stride;
     for (int64_t j = 0; j < n; j += V::W) {
@@ -358,6 +435,7 @@ inline void unpack_dt(const FpwMatrix& w, float* dense, int64_t u0, int64_t u1) 
 
 void unpack(const FpwMatrix* w, float* dense, int64_t u0, int64_t u1) {
   switch (w->dtype) {
+    case FPW_I8: return unpack_dt<FPW_I8>(*w, dense, u0, u1);
     case FPW_BF16: return unpack_dt<FPW_BF16>(*w, dense, u0, u1);
     case FPW_F16: return unpack_dt<FPW_F16>(*w, dense, u0, u1);
     default: return unpack_dt<FPW_F32>(*w, dense, u0, u1);
@@ -367,6 +445,7 @@ void unpack(const FpwMatrix* w, float* dense, int64_t u0, int64_t u1) {
 void spmm(const FpwMatrix* w, const float* xt, int64_t ldxt, int64_t batch, const float* bias, float* yt,
           int64_t ldyt, int64_t u0, int64_t u1) {
   switch (w->dtype) {
+    case FPW_I8: return spmm_dt<FPW_I8>(*w, xt, ldxt, batch, bias, yt, ldyt, u0, u1);
     case FPW_BF16: return spmm_dt<FPW_BF16>(*w, xt, ldxt, batch, bias, yt, ldyt, u0, u1);
     case FPW_F16: return spmm_dt<FPW_F16>(*w, xt, ldxt, batch, bias, yt, ldyt, u0, u1);
     default: return spmm_dt<FPW_F32>(*w, xt, ldxt, batch, bias, yt, ldyt, u0, u1);

@@ -30,9 +30,9 @@ namespace {
 using Weak = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
 
 struct Checked {
-  Weak values, bits, row_ptr;
-  const void* data[3];
-  uint32_t versions[3];
+  Weak values, bits, row_ptr, scales;
+  const void* data[4];
+  uint32_t versions[4];
   FpwMatrix w;
 };
 
@@ -43,25 +43,28 @@ bool same(const FpwMatrix& a, const FpwMatrix& b) {
          a.alpha == b.alpha && a.planes == b.planes;
 }
 
-void validate(const FpwMatrix& w, const at::Tensor& values, const at::Tensor& bits, const at::Tensor& row_ptr) {
+void validate(const FpwMatrix& w, const at::Tensor& values, const at::Tensor& bits, const at::Tensor& row_ptr,
+              const at::Tensor& scales) {
   static std::mutex lock;
   static std::unordered_map<const c10::TensorImpl*, Checked> seen;
   static size_t sweep_at = 64;
-  const void* data[3] = {values.data_ptr(), bits.data_ptr(), row_ptr.defined() ? row_ptr.data_ptr() : nullptr};
-  const uint32_t versions[3] = {version_of(values), version_of(bits), version_of(row_ptr)};
+  const void* data[4] = {values.data_ptr(), bits.data_ptr(), row_ptr.defined() ? row_ptr.data_ptr() : nullptr,
+                         scales.defined() ? scales.data_ptr() : nullptr};
+  const uint32_t versions[4] = {version_of(values), version_of(bits), version_of(row_ptr), version_of(scales)};
   std::lock_guard<std::mutex> guard(lock);
   auto it = seen.find(values.unsafeGetTensorImpl());
   if (it != seen.end()) {
     const Checked& c = it->second;
     const bool hit = c.bits._unsafe_get_target() == bits.unsafeGetTensorImpl() &&
                      c.row_ptr._unsafe_get_target() == row_ptr.unsafeGetTensorImpl() &&
+                     c.scales._unsafe_get_target() == scales.unsafeGetTensorImpl() &&
                      std::memcmp(c.data, data, sizeof data) == 0 &&
                      std::memcmp(c.versions, versions, sizeof versions) == 0 && same(c.w, w);
     if (hit) return;
     seen.erase(it);
   }
   const FpwSizes sizes{values.numel(), (int64_t)values.element_size(), bits.numel(),
-                       row_ptr.defined() ? row_ptr.numel() : 0};
+                       row_ptr.defined() ? row_ptr.numel() : 0, scales.defined() ? scales.numel() : 0};
   const char* why = fpw_validate(&w, &sizes);
   TORCH_CHECK(why == nullptr, "fpewiden: invalid packed matrix: ", why);
   if (seen.size() >= sweep_at) {
@@ -69,27 +72,35 @@ void validate(const FpwMatrix& w, const at::Tensor& values, const at::Tensor& bi
     sweep_at = std::max<size_t>(64, 2 * seen.size());
   }
   Checked c{Weak(values.getIntrusivePtr()), Weak(bits.getIntrusivePtr()), Weak(row_ptr.getIntrusivePtr()),
-            {data[0], data[1], data[2]},
-            {versions[0], versions[1], versions[2]},
+            Weak(scales.getIntrusivePtr()),
+            {data[0], data[1], data[2], data[3]},
+            {versions[0], versions[1], versions[2], versions[3]},
             w};
   seen.emplace(values.unsafeGetTensorImpl(), std::move(c));
 }
 
 // The matrix the tensors and fields describe, validated (fpw_validate) before any kernel may read it.
 FpwMatrix view(const at::Tensor& values, const at::Tensor& bits, const std::optional<at::Tensor>& row_ptr, int64_t rows,
-               int64_t cols, int64_t format, int64_t dtype, int64_t alpha, int64_t planes, int64_t stride) {
+               int64_t cols, int64_t format, int64_t dtype, int64_t alpha, int64_t planes, int64_t stride,
+               const std::optional<at::Tensor>& scales) {
   TORCH_CHECK(values.device().is_cpu() && bits.device().is_cpu(), "fpewiden: packed tensors must be on the CPU");
   TORCH_CHECK(values.is_contiguous() && bits.is_contiguous(), "fpewiden: packed tensors must be contiguous");
   TORCH_CHECK(bits.scalar_type() == at::kByte, "fpewiden: bits must be uint8");
   const at::ScalarType vt = values.scalar_type();
   TORCH_CHECK((dtype == FPW_F32 && vt == at::kFloat) || (dtype == FPW_BF16 && vt == at::kBFloat16) ||
-                  (dtype == FPW_F16 && vt == at::kHalf),
+                  (dtype == FPW_F16 && vt == at::kHalf) || (dtype == FPW_I8 && vt == at::kChar),
               "fpewiden: invalid packed matrix: the value type code does not match the values' dtype");
   at::Tensor rp;
   if (row_ptr.has_value() && format == FPW_BITMASK) {
     rp = *row_ptr;
     TORCH_CHECK(rp.scalar_type() == at::kLong && rp.is_contiguous() && rp.device().is_cpu(),
                 "fpewiden: row_ptr must be a contiguous int64 CPU tensor");
+  }
+  at::Tensor sc;
+  if (scales.has_value()) {
+    sc = *scales;
+    TORCH_CHECK(sc.scalar_type() == at::kFloat && sc.is_contiguous() && sc.device().is_cpu(),
+                "fpewiden: scales must be a contiguous float32 CPU tensor");
   }
   TORCH_CHECK(format >= INT32_MIN && format <= INT32_MAX && alpha >= INT32_MIN && alpha <= INT32_MAX &&
                   planes >= INT32_MIN && planes <= INT32_MAX,
@@ -100,12 +111,13 @@ FpwMatrix view(const at::Tensor& values, const at::Tensor& bits, const std::opti
   w.rows = rows;
   w.cols = cols;
   w.values = values.data_ptr();
-  w.bits = bits.data_ptr<uint8_t>();
+  w.bits = bits.numel() > 0 ? bits.data_ptr<uint8_t>() : nullptr;
   w.row_ptr = rp.defined() ? rp.data_ptr<int64_t>() : nullptr;
   w.stride = stride;
   w.alpha = (int32_t)alpha;
   w.planes = (int32_t)planes;
-  validate(w, values, bits, rp);
+  w.scales = sc.defined() ? sc.data_ptr<float>() : nullptr;
+  validate(w, values, bits, rp, sc);
   return w;
 }
 
@@ -127,10 +139,10 @@ int64_t grain(const FpwMatrix& w, int64_t batch) {
 at::Tensor linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bits,
                   const std::optional<at::Tensor>& row_ptr, const std::optional<at::Tensor>& bias, int64_t rows,
                   int64_t cols, int64_t format, int64_t dtype, int64_t alpha, int64_t planes, int64_t stride,
-                  std::string isa, std::string mode) {
+                  std::string isa, std::string mode, const std::optional<at::Tensor>& scales) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == cols && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "fpewiden: x must be a contiguous float32 (batch, ", cols, ") tensor");
-  const FpwMatrix w = view(values, bits, row_ptr, rows, cols, format, dtype, alpha, planes, stride);
+  const FpwMatrix w = view(values, bits, row_ptr, rows, cols, format, dtype, alpha, planes, stride, scales);
   const FpwKernels* k = kernels(isa);
   const float* b = nullptr;
   if (bias.has_value()) {
@@ -168,8 +180,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& values, const at::Tenso
 
 at::Tensor unpack(const at::Tensor& values, const at::Tensor& bits, const std::optional<at::Tensor>& row_ptr,
                   int64_t rows, int64_t cols, int64_t format, int64_t dtype, int64_t alpha, int64_t planes,
-                  int64_t stride, std::string isa) {
-  const FpwMatrix w = view(values, bits, row_ptr, rows, cols, format, dtype, alpha, planes, stride);
+                  int64_t stride, std::string isa, const std::optional<at::Tensor>& scales) {
+  const FpwMatrix w = view(values, bits, row_ptr, rows, cols, format, dtype, alpha, planes, stride, scales);
   at::Tensor dense = at::empty({rows, cols}, values.options().dtype(at::kFloat));
   float* d = dense.data_ptr<float>();
   if (isa == "reference") {
@@ -203,10 +215,10 @@ bool has_isa(std::string isa) { return fpw_select(isa.c_str()) != nullptr; }
 TORCH_LIBRARY(fpewiden, m) {
   m.def(
       "packed_linear(Tensor x, Tensor values, Tensor bits, Tensor? row_ptr, Tensor? bias, int rows, int cols, int format, "
-      "int dtype, int alpha, int planes, int stride, str isa, str mode) -> Tensor");
+      "int dtype, int alpha, int planes, int stride, str isa, str mode, Tensor? scales=None) -> Tensor");
   m.def(
       "packed_unpack(Tensor values, Tensor bits, Tensor? row_ptr, int rows, int cols, int format, int dtype, int alpha, "
-      "int planes, int stride, str isa) -> Tensor");
+      "int planes, int stride, str isa, Tensor? scales=None) -> Tensor");
   m.def("hugepage_copy(Tensor t) -> Tensor");
   m.def("best_isa() -> str", &best_isa);
   m.def("has_isa(str isa) -> bool", &has_isa);

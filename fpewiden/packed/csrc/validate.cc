@@ -63,18 +63,39 @@ const char* parent(const FpwMatrix* w, const FpwSizes* n) {
   return nullptr;
 }
 
+const char* dense(const FpwMatrix* w, const FpwSizes* n) {
+  if (w->alpha != 1 || w->planes != 0 || w->stride != 0 || n->bits != 0 || w->row_ptr != nullptr || n->row_ptr != 0)
+    return "a dense matrix has alpha 1, no bits and no row offsets";
+  int64_t values;
+  if (!mul(w->rows, w->cols, &values) || values > INT64_MAX - FPW_PAD || n->values != values + FPW_PAD)
+    return "the values are not rows x cols plus the padding";
+  return nullptr;
+}
+
+int64_t value_size(int32_t dtype) { return dtype == FPW_F32 ? 4 : dtype == FPW_I8 ? 1 : 2; }
+
 }  // namespace
 
 extern "C" const char* fpw_validate(const FpwMatrix* w, const FpwSizes* n) {
   if (w == nullptr || n == nullptr) return "no matrix";
-  if (w->format != FPW_BITMASK && w->format != FPW_PARENT) return "unknown format code";
-  if (w->dtype != FPW_F32 && w->dtype != FPW_BF16 && w->dtype != FPW_F16) return "unknown value type code";
-  if (n->value_size != (w->dtype == FPW_F32 ? 4 : 2)) return "the value type does not match the values' element size";
+  if (w->format != FPW_BITMASK && w->format != FPW_PARENT && w->format != FPW_DENSE) return "unknown format code";
+  if (w->dtype != FPW_F32 && w->dtype != FPW_BF16 && w->dtype != FPW_F16 && w->dtype != FPW_I8)
+    return "unknown value type code";
+  if (n->value_size != value_size(w->dtype)) return "the value type does not match the values' element size";
   if (w->rows < 1 || w->cols < 1) return "rows and cols must be positive";
-  int64_t dense;  // fpw_unpack writes rows x cols floats
-  if (!mul(w->rows, w->cols, &dense) || !mul(dense, 4, &dense)) return "rows x cols overflows";
+  int64_t dense_bytes;  // fpw_unpack writes rows x cols floats
+  if (!mul(w->rows, w->cols, &dense_bytes) || !mul(dense_bytes, 4, &dense_bytes)) return "rows x cols overflows";
+  if (w->values == nullptr || n->values < 0 || n->bits < 0 || n->scales < 0) return "an array is missing";
+  if (w->dtype == FPW_I8) {
+    // parent: alpha is checked below, and a count that matches no alpha fails there
+    const int64_t units = w->format == FPW_PARENT && w->alpha >= 2 ? w->rows / w->alpha : w->rows;
+    if (w->scales == nullptr || n->scales != units) return "int8 values need one scale per row (parent: per parent)";
+  } else if (w->scales != nullptr || n->scales != 0) {
+    return "scales are for int8 values only";
+  }
+  if (w->format == FPW_DENSE) return dense(w, n);
   const int64_t words = w->cols / 64 + (w->cols % 64 ? 1 : 0);
   if (w->stride != words * 8) return "the bit stride is not the writer's (whole 64-bit words per row)";
-  if (w->values == nullptr || w->bits == nullptr || n->values < 0 || n->bits < 0) return "an array is missing";
+  if (w->bits == nullptr) return "an array is missing";
   return w->format == FPW_BITMASK ? bitmask(w, n) : parent(w, n);
 }

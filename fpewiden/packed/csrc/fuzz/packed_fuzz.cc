@@ -6,15 +6,16 @@
 //   the input, arrays filled from it) -> fpw_validate -> on success gemv, spmm and unpack on every ISA this CPU
 //   runs, and fpw_unpack. Finds what the validator lets through that a kernel reads or writes out of bounds.
 //   Layout (little-endian): u8 format, u8 dtype, u16 rows, u16 cols, u16 stride, i8 alpha, i8 planes,
-//   u8 batch, u8 pad, u16 value bytes, u16 bit bytes, u16 row offsets, then the arrays' bytes in that order
-//   (short input: zeros).
+//   u8 batch, u8 pad, u16 value bytes, u16 bit bytes, u16 row offsets, then the arrays' bytes in that order,
+//   then u16 scales and their floats (short input: zeros).
 //
 // FPW_FUZZ_KERNELS: bytes -> a consistent matrix of any format and value type (sparsity from the input, row
 //   offsets derived, small integer values so every sum is exact), optionally one corruption chosen by the input
 //   -> fpw_validate -> on success every ISA's gemv (1..10 inputs), spmm (9..128 lanes) and unpack, which must equal
 //   the reference (fpw_unpack and a double-precision product) exactly. An uncorrupted matrix the validator refuses,
 //   or any difference, is a finding (abort).
-//   Layout: u8 kind (bit 0 format, bits 1-2 dtype, bits 3-4 alpha - 2), u8 units, u8 cols, u8 gemv inputs,
+//   Layout: u8 kind (bit 0 parent, else bit 5 dense, else bitmask; bits 1-2 dtype; bits 3-4 alpha - 2; int8
+//   scales are powers of two from bits 6-7, so every product stays exact), u8 units, u8 cols, u8 gemv inputs,
 //   u8 spmm lanes (each mapped to a range below), u8 corruption, u8 its argument, then bit bytes (stride per row or plane row) and value bytes.
 #include <stdint.h>
 #include <stdio.h>
@@ -33,6 +34,7 @@ struct Reader {
   uint8_t u8() { return at < n ? p[at++] : 0; }
   uint16_t u16() { return (uint16_t)(u8() | (u8() << 8)); }
   void fill(void* dst, size_t bytes) {
+    if (bytes == 0) return;  // an empty array may have no storage at all
     const size_t k = at < n ? (n - at < bytes ? n - at : bytes) : 0;
     if (k) memcpy(dst, p + at, k);
     memset((uint8_t*)dst + k, 0, bytes - k);
@@ -102,17 +104,22 @@ int raw(const uint8_t* data, size_t size) {
   const int64_t batch = 1 + in.u8() % 24;
   in.u8();
   const size_t value_bytes = in.u16(), bit_bytes = in.u16(), offsets = in.u16();
-  const int64_t value_size = w.dtype == FPW_F32 ? 4 : 2;
+  const int64_t value_size = w.dtype == FPW_F32 ? 4 : w.dtype == FPW_I8 ? 1 : 2;
   uint8_t* values = exact<uint8_t>(value_bytes);
   uint8_t* bits = exact<uint8_t>(bit_bytes);
   int64_t* row_ptr = offsets ? exact<int64_t>(offsets) : nullptr;
   in.fill(values, value_bytes);
   in.fill(bits, bit_bytes);
   if (row_ptr) in.fill(row_ptr, offsets * sizeof(int64_t));
+  const size_t scale_count = in.u16();
+  float* scales = scale_count ? exact<float>(scale_count) : nullptr;
+  if (scales) in.fill(scales, scale_count * sizeof(float));
   w.values = values;
   w.bits = bits;
   w.row_ptr = row_ptr;
-  const FpwSizes sizes{(int64_t)(value_bytes / value_size), value_size, (int64_t)bit_bytes, (int64_t)offsets};
+  w.scales = scales;
+  const FpwSizes sizes{(int64_t)(value_bytes / value_size), value_size, (int64_t)bit_bytes, (int64_t)offsets,
+                       (int64_t)scale_count};
   if (value_bytes % value_size == 0 && fpw_validate(&w, &sizes) == nullptr) {
     std::vector<float> x(batch * w.cols, 1.0f), bias(w.rows, 0.5f);
     run_all(w, batch, batch + 8, x.data(), bias.data(), nullptr);
@@ -120,6 +127,7 @@ int raw(const uint8_t* data, size_t size) {
   free(values);
   free(bits);
   free(row_ptr);
+  free(scales);
   return 0;
 }
 
@@ -136,8 +144,9 @@ int kernels(const uint8_t* data, size_t size) {
   Reader in{data, size};
   const uint8_t kind = in.u8();
   FpwMatrix w{};
-  w.format = kind & 1 ? FPW_PARENT : FPW_BITMASK;
-  w.dtype = ((kind >> 1) & 3) % 3;
+  w.format = kind & 1 ? FPW_PARENT : kind & 32 ? FPW_DENSE : FPW_BITMASK;
+  w.dtype = (kind >> 1) & 3;
+  const float scale_base = (float)(1 << ((kind >> 6) & 3)) / 2;  // 0.5, 1, 2, 4
   const int alpha = 2 + ((kind >> 3) & 3) % 3;
   // small, so a campaign makes millions of runs, with rare large cases for the paths only they reach: more than
   // 1024 columns (the token-batch kernel's column blocks) and up to 128 lanes (its widest register tile)
@@ -150,13 +159,13 @@ int kernels(const uint8_t* data, size_t size) {
   if (w.cols > 140) units = 1, spmm_batch = 9 + lanes % 16;  // one row of many columns
   if (spmm_batch > 48) w.cols = 1 + w.cols % 70;             // many lanes over few columns
   const int corruption = in.u8() % 16, arg = in.u8();
-  w.stride = (w.cols + 63) / 64 * 8;
+  w.stride = w.format == FPW_DENSE ? 0 : (w.cols + 63) / 64 * 8;
   w.alpha = w.format == FPW_PARENT ? alpha : 1;
   w.planes = w.format == FPW_PARENT ? (alpha == 2 ? 1 : 2) : 0;
   w.rows = units * w.alpha;
   const int64_t words = w.stride / 8;
   const uint64_t valid = w.cols % 64 ? ((uint64_t)1 << (w.cols % 64)) - 1 : ~(uint64_t)0;
-  const int64_t bit_rows = w.format == FPW_PARENT ? w.planes * units : units;
+  const int64_t bit_rows = w.format == FPW_PARENT ? w.planes * units : w.format == FPW_DENSE ? 0 : units;
   std::vector<uint8_t> bits(bit_rows * w.stride);
   in.fill(bits.data(), bits.size());
   for (int64_t r = 0; r < bit_rows; r++) {  // a consistent matrix: nothing past cols, every child id below alpha
@@ -180,22 +189,25 @@ int kernels(const uint8_t* data, size_t size) {
   }
   std::vector<float> vals(stored + FPW_PAD, 0.0f);
   for (int64_t i = 0; i < stored; i++) vals[i] = (float)((int8_t)in.u8() % 9);
+  std::vector<float> scale_of(w.dtype == FPW_I8 ? units : 0);
+  for (int64_t u = 0; u < (int64_t)scale_of.size(); u++) scale_of[u] = scale_base * (float)(1 << (u % 3));
   std::vector<float> x(gemv_batch * w.cols), bias(w.rows);
   for (size_t i = 0; i < x.size(); i++) x[i] = (float)((int)(i * 7 % 9) - 4);
   for (size_t i = 0; i < bias.size(); i++) bias[i] = (float)((int)(i % 5) - 2);
 
   // one corruption, as an edited file would carry it (0..4: none)
   int64_t value_count = stored + FPW_PAD, bit_count = (int64_t)bits.size(), offset_count = (int64_t)row_ptr.size();
+  int64_t scale_count = (int64_t)scale_of.size();
   const bool corrupt = corruption >= 5;
   switch (corruption) {
     case 5: if (!row_ptr.empty()) row_ptr[arg % row_ptr.size()] += (int8_t)arg; break;
     case 6: if (row_ptr.size() > 2) std::swap(row_ptr[1 + arg % (row_ptr.size() - 2)], row_ptr[row_ptr.size() - 1]); break;
-    case 7: bits[(arg % bit_rows) * w.stride + w.stride - 1] |= 0x80; break;
+    case 7: if (bit_rows > 0) bits[(arg % bit_rows) * w.stride + w.stride - 1] |= 0x80; else w.stride = 8; break;
     case 8: value_count -= 1 + arg % 3; break;
-    case 9: bit_count -= 1 + arg % 8; break;
+    case 9: if (bit_count > 0) bit_count -= 1 + arg % 8; else scale_count += w.dtype == FPW_I8 ? 1 : 0; break;
     case 10: if (offset_count > 0) offset_count -= 1; break;
     case 11: w.stride += 8; break;
-    case 12: w.planes = arg % 3; break;
+    case 12: if (w.dtype == FPW_I8) scale_count -= 1 + arg % 2; else w.planes = arg % 3; break;
     case 13: w.alpha = arg % 6; break;
     case 14: w.rows += arg % 2 ? 1 : -1; break;
     case 15: if (w.format == FPW_PARENT && w.planes == 2) { bits[arg % (units * w.stride)] |= 1;
@@ -203,25 +215,32 @@ int kernels(const uint8_t* data, size_t size) {
     default: break;
   }
   // the arrays, each in a heap block of exactly its stated size
-  const int64_t value_size = w.dtype == FPW_F32 ? 4 : 2;
+  if (bit_count < 0) bit_count = 0;
+  if (scale_count < 0) scale_count = 0;
+  const int64_t value_size = w.dtype == FPW_F32 ? 4 : w.dtype == FPW_I8 ? 1 : 2;
   uint8_t* values = exact<uint8_t>(value_count * value_size);
   for (int64_t i = 0; i < value_count; i++) {
     const float v = i < (int64_t)vals.size() ? vals[i] : 0.0f;
     if (w.dtype == FPW_F32) {
       memcpy(values + 4 * i, &v, 4);
+    } else if (w.dtype == FPW_I8) {
+      values[i] = (uint8_t)(int8_t)v;
     } else {
       const uint16_t h = half_of(v, w.dtype);
       memcpy(values + 2 * i, &h, 2);
     }
   }
-  uint8_t* bit_block = exact<uint8_t>(bit_count);
-  memcpy(bit_block, bits.data(), bit_count);
+  uint8_t* bit_block = bit_count ? exact<uint8_t>(bit_count) : nullptr;
+  if (bit_block) memcpy(bit_block, bits.data(), bit_count);
+  float* scales = scale_count ? exact<float>(scale_count) : nullptr;
+  for (int64_t u = 0; u < scale_count; u++) scales[u] = u < (int64_t)scale_of.size() ? scale_of[u] : 1.0f;
   int64_t* offsets = offset_count ? exact<int64_t>(offset_count) : nullptr;
   if (offsets) memcpy(offsets, row_ptr.data(), offset_count * sizeof(int64_t));
   w.values = values;
   w.bits = bit_block;
   w.row_ptr = offsets;
-  const FpwSizes sizes{value_count, value_size, bit_count, w.format == FPW_BITMASK ? offset_count : 0};
+  w.scales = scales;
+  const FpwSizes sizes{value_count, value_size, bit_count, w.format == FPW_BITMASK ? offset_count : 0, scale_count};
   const char* why = fpw_validate(&w, &sizes);
   if (why != nullptr && !corrupt) __builtin_trap();  // the validator refused a consistent matrix
   if (why == nullptr) {
@@ -245,6 +264,7 @@ int kernels(const uint8_t* data, size_t size) {
   free(values);
   free(bit_block);
   free(offsets);
+  free(scales);
   return 0;
 }
 
