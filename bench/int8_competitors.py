@@ -9,8 +9,9 @@ random order (bench/packed.py's timer), medians; latency ratios against torch's 
                    quantize_dynamic of that file (no spinning, intra-op threads as torch's)
   packed 50%       each matrix with a random half of its weights kept, packed (bitmask) and run by fpewiden's
                    kernels in the mode crossover.py measured
-  fpewiden int8    the dense pair packed with int8 values (`pack --dtype int8`: the dense format, a scale per row;
-                   fp32 activations, the values widened in registers)
+  fpewiden int8    the dense pair packed with int8 values (`pack --dtype int8`: the dense format, a scale per row);
+                   up to 8 inputs on AVX-512 VNNI + VBMI2 the inputs are quantized per row to int8 (integer dot
+                   products, as the competitors do), elsewhere fp32 inputs and the values widened in registers
   50% + int8       packed 50%'s matrices with int8 values (bitmask + int8)
   FPE α=2 + int8   the pair converted by fpewiden (α=2, same non-zeros), packed with int8 values (parent layout up,
                    bitmask down); against fpewiden int8 of the original it is the paper's premise at int8 bytes

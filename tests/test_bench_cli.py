@@ -96,6 +96,28 @@ def test_bench_onnx_model(tmp_path):
     assert rows[0]["bytes"]["dense_fp32"] == rows[1]["bytes"]["dense_fp32"]
 
 
+def test_bench_counts_a_quantized_onnx_file_as_stored(tmp_path):
+    """onnxruntime's quantize_dynamic of the export: its int8 weights are counted (bytes as stored, non-zeros of
+    the integer matrices), never as a model of 0 non-zeros."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from fpewiden.benchmark.onnx_weights import initializer_arrays, stored_bytes
+
+    src = models(tmp_path)[0]
+    dense, int8 = tmp_path / "d.onnx", tmp_path / "d.int8.onnx"
+    assert runner.invoke(app, ["export", str(src), "--out", str(dense)]).exit_code == 0
+    quantize_dynamic(str(dense), str(int8), weight_type=QuantType.QInt8)
+    res = runner.invoke(app, ["bench", str(src), str(dense), str(int8), "--data", DATA, "--repeat", "3",
+                              "--engines", "ort", "--json", str(tmp_path / "b.json")])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    _, f32, i8 = json.loads((tmp_path / "b.json").read_text())["benchmarks"]
+    arrays = initializer_arrays(onnx.load(str(int8)))
+    assert i8["best_format"] == "stored" and i8["best_bytes"] == stored_bytes(arrays)
+    assert i8["nnz"] > 0.9 * f32["nnz"]  # the int8 matrices' non-zeros (a weight may round to 0)
+    assert f32["best_bytes"] / 4 < i8["best_bytes"] < f32["best_bytes"] / 2  # int8 values, fp32 biases and scales
+    assert i8["metrics"]["accuracy"] == pytest.approx(f32["metrics"]["accuracy"], abs=0.05)
+
+
 def test_bench_bad_inputs(tmp_path):
     src = models(tmp_path)[0]
     res = runner.invoke(app, ["bench", str(src), "--data", "dnf:inputs=20,clauses=6"])

@@ -127,7 +127,7 @@ def packed_weight_bytes(masks: dict[str, torch.Tensor], alphas: dict[str, int]) 
 def best_format(totals: dict[str, int | None]) -> str:
     """The format with the fewest bytes (fp32-valued formats only: fp16/bf16 change the numbers computed)."""
     exact = {k: v for k, v in totals.items() if v is not None and k not in ("dense_fp16", "dense_bf16")}
-    return min(exact, key=lambda k: (exact[k], FORMATS.index(k)))
+    return min(exact, key=lambda k: (exact[k], FORMATS.index(k) if k in FORMATS else len(FORMATS)))
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:

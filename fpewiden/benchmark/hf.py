@@ -283,17 +283,20 @@ def _twin_alphas(model, twin, param_of: dict, alphas: dict[str, int]) -> dict[in
 
 def _from_onnx(path: Path, engines, device, threads: int) -> tuple[MeasuredModel, Forward]:
     import onnx
-    from onnx import numpy_helper
+
+    from fpewiden.benchmark.onnx_weights import (
+        initializer_arrays,
+        quantized,
+        quantized_bytes,
+        stored_bytes,
+        stored_nonzeros,
+    )
 
     if "ort" not in engines:
         raise FpewidenError(f"{path} is an ONNX file: measure it with --engines ort")
     proto = onnx.load(str(path))
     refuse_packed_onnx(path, proto)
-    arrays = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
-    for sp in proto.graph.sparse_initializer:
-        dense = np.zeros(int(np.prod(sp.dims)), dtype=np.float32)
-        dense[numpy_helper.to_array(sp.indices).reshape(-1)] = numpy_helper.to_array(sp.values)
-        arrays[sp.values.name] = dense.reshape(tuple(sp.dims))
+    arrays = initializer_arrays(proto)
     masks = {
         n: torch.from_numpy(np.asarray(a, dtype=np.float32) != 0)
         for n, a in arrays.items()
@@ -311,6 +314,10 @@ def _from_onnx(path: Path, engines, device, threads: int) -> tuple[MeasuredModel
         bytes_by_group=b["groups"],
         ort_layout="as given",
     )
+    if quantized(arrays):  # integer weights: what the file stores, exactly (the float masks miss them)
+        e.info.update(nnz=stored_nonzeros(arrays), bytes=quantized_bytes(arrays),
+                      bytes_by_group={"as stored": stored_bytes(arrays)},
+                      ort_layout="quantized, as given")  # fmt: skip
     sess = ort_session(path, threads, device)
     e.runners["ort"] = _session_runner(sess)
     return e, Forward(session=sess)

@@ -224,6 +224,8 @@ def weight_bytes(info: dict, engine: str) -> int | None:
     """The weight bytes an engine reads per call: dense fp32 for torch, the fast layout's where ONNX Runtime runs
     it, the packed ones for `packed`."""
     b = info["bytes"]
+    if b.get("stored") is not None:  # a quantized ONNX file: what it stores
+        return b["stored"]
     if engine in ("packed", "ort-packed"):
         return b.get("packed")
     if engine == "ort" and info.get("ort_layout") == "fast":

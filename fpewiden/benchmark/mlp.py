@@ -159,18 +159,20 @@ def _add_semi_structured(e: MeasuredModel, tr, masks: dict[str, torch.Tensor], d
 
 
 def _from_onnx(path: Path, data: Dataset, engines: list[str], threads: int) -> MeasuredModel:
-    from onnx import numpy_helper
+    from fpewiden.benchmark.onnx_weights import (
+        initializer_arrays,
+        quantized,
+        quantized_bytes,
+        stored_nonzeros,
+    )
 
     e = MeasuredModel(path)
     if "ort" not in engines:
         raise FpewidenError(f"{path} is an ONNX file: measure it with --engines ort")
     model = _load_onnx(path)
     refuse_packed_onnx(path, model)
-    arrays = [numpy_helper.to_array(t) for t in model.graph.initializer]
-    for sp in model.graph.sparse_initializer:
-        dense = np.zeros(int(np.prod(sp.dims)), dtype=np.float32)
-        dense[numpy_helper.to_array(sp.indices).reshape(-1)] = numpy_helper.to_array(sp.values)
-        arrays.append(dense.reshape(tuple(sp.dims)))
+    named = initializer_arrays(model)
+    arrays = list(named.values())
     mats = {
         str(i): torch.from_numpy(np.asarray(a, dtype=np.float32) != 0)
         for i, a in enumerate(arrays)
@@ -196,6 +198,8 @@ def _from_onnx(path: Path, data: Dataset, engines: list[str], threads: int) -> M
         metrics=metrics,
         ort_layout="as given",
     )
+    if quantized(named):  # integer weights: what the file stores, exactly (the float masks miss them)
+        e.info.update(nnz=stored_nonzeros(named), bytes=quantized_bytes(named), ort_layout="quantized, as given")
     e.runners["ort"] = run
     return e
 

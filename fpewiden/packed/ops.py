@@ -6,6 +6,11 @@ Modes, chosen per call from the number of input rows (fpewiden/packed/crossover.
 `gemv` streams the packed bytes once per 8 inputs (decode), `spmm` puts the batch in SIMD lanes with work
 proportional to the non-zeros (prefill, encoders), `dense` unpacks to fp32 and calls torch's GEMM (large batches,
 where the GEMM's efficiency beats skipping zeros).
+
+int8 matrices (bitmask or dense layout) on a CPU with AVX-512 VNNI and VBMI2 run `gemv` as `gemv_q8`: the inputs
+quantized to int8 per row (max |x| / 127, as torch's and ONNX Runtime's dynamic int8 do) and integer dot products
+(`activations="int8"`, the default there); elsewhere, and with `activations="fp32"`, int8 values are widened to
+fp32 in registers and the inputs stay fp32.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from fpewiden.packed.format import DTYPE_CODES, PackedMatrix, unpack
 
 FORMAT_CODES = {"bitmask": 0, "parent": 1, "dense": 2}
 MODES = ("gemv", "spmm", "dense")
+Q8_MAX_COLS = 65536  # csrc/fpw_kernels.h FPW_Q8_MAX_COLS: int32 sums stay exact
 
 
 HUGE = 1 << 20  # tensors from this size on go to huge pages
@@ -46,6 +52,7 @@ class PackedLinear(nn.Module):
         bias: torch.Tensor | None = None,
         kernel: str | None = None,
         table: list[tuple[int, str]] | None = None,
+        activations: str | None = None,
     ):
         super().__init__()
         self.in_features, self.out_features = pm.cols, pm.rows
@@ -60,6 +67,20 @@ class PackedLinear(nn.Module):
         self.table = table
         self._fmt, self._dtype = FORMAT_CODES[pm.format], DTYPE_CODES[pm.values.dtype]
         self.nbytes = pm.nbytes
+        self.activations = activations or self._default_activations()
+        if self.activations not in ("fp32", "int8"):
+            raise ValueError(f"activations={self.activations!r}: fp32 or int8")
+        if self.activations == "int8" and not self._q8():
+            raise ValueError("int8 activations need int8 bitmask or dense values and AVX-512 VNNI + VBMI2 kernels")
+
+    def _q8(self) -> bool:
+        """Whether the int8-activation kernel can run this layer."""
+        if self.values.dtype != torch.int8 or self.format == "parent" or self.in_features > Q8_MAX_COLS:
+            return False
+        return self.kernel == "avx512" and bool(torch.ops.fpewiden.has_q8())
+
+    def _default_activations(self) -> str:
+        return "int8" if self._q8() else "fp32"
 
     @property
     def packed(self) -> PackedMatrix:
@@ -86,15 +107,17 @@ class PackedLinear(nn.Module):
         if self.kernel == "torch":
             y = F.linear(x2, self.dense, self.bias)
         else:
+            mode = mode or self._mode(x2)
+            if mode == "gemv" and self.activations == "int8":
+                mode = "gemv_q8"
             y = torch.ops.fpewiden.packed_linear(
                 x2, self.values, self.bits, self.row_ptr, self.bias, self.out_features, self.in_features,
-                self._fmt, self._dtype, self.alpha, self.planes, self.stride, self.kernel, mode or self._mode(x2),
-                self.scales,
+                self._fmt, self._dtype, self.alpha, self.planes, self.stride, self.kernel, mode, self.scales,
             )  # fmt: skip
         return y if flat else y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, "
-            f"dtype={self.values.dtype}, nnz={self.nnz}, kernel={self.kernel}"
+            f"dtype={self.values.dtype}, nnz={self.nnz}, kernel={self.kernel}, activations={self.activations}"
         )

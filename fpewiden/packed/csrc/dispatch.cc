@@ -1,5 +1,6 @@
 // Which ISA variant runs (chosen once from the CPU's features, or forced by name), and the unpack to dense.
 #include <cpuid.h>
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -10,7 +11,7 @@
 // F16C from CPUID leaf 1 (ECX bit 29): clang before 16 has no "f16c" for __builtin_cpu_supports, and the sanitizer
 // builds of the fuzz harness (csrc/fuzz/) use clang.
 struct Features {
-  bool avx512, avx2;
+  bool avx512, avx2, q8;
   Features() {
     __builtin_cpu_init();
     unsigned a, b, c, d;
@@ -19,12 +20,37 @@ struct Features {
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
     avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c && __builtin_cpu_supports("bmi") &&
            __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt");
+    q8 = avx512 && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi2") &&
+         __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt");
   }
 };
 
+static const Features& cpu() {
+  static const Features f;
+  return f;
+}
+
+extern "C" FpwGemvQ8 fpw_select_q8(void) { return cpu().q8 ? fpw_gemv_q8_avx512vnni : NULL; }
+
+extern "C" void fpw_quantize_inputs(const float* x, int64_t ldx, int64_t batch, int64_t cols, uint8_t* xq,
+                                    int64_t ldxq, float* sx) {
+  for (int64_t b = 0; b < batch; b++) {
+    const float* row = x + b * ldx;
+    float peak = 0.0f;
+    for (int64_t j = 0; j < cols; j++) peak = fmaxf(peak, fabsf(row[j]));
+    const float s = peak > 0.0f ? peak / 127.0f : 1.0f;
+    sx[b] = s;
+    uint8_t* out = xq + b * ldxq;
+    for (int64_t j = 0; j < cols; j++) {
+      const float q = fminf(fmaxf(nearbyintf(row[j] / s), -127.0f), 127.0f);  // NaN: fmaxf gives -127
+      out[j] = (uint8_t)((int)q + 128);
+    }
+    memset(out + cols, 128, (size_t)(ldxq - cols));
+  }
+}
+
 extern "C" const FpwKernels* fpw_select(const char* isa) {
-  static const Features cpu;
-  const bool avx512 = cpu.avx512, avx2 = cpu.avx2;
+  const bool avx512 = cpu().avx512, avx2 = cpu().avx2;
   if (isa == NULL || strcmp(isa, "best") == 0) {
     if (avx512) return fpw_kernels_avx512();
     if (avx2) return fpw_kernels_avx2();

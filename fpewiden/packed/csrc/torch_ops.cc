@@ -165,7 +165,25 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& values, const at::Tenso
     });
     return y;
   }
-  TORCH_CHECK(mode == "spmm", "fpewiden: mode is gemv, spmm or dense");
+  if (mode == "gemv_q8") {  // int8 activations (per input row), int8 weights: the VNNI kernel
+    const FpwGemvQ8 q8 = fpw_select_q8();
+    TORCH_CHECK(q8 != nullptr && isa == "avx512", "fpewiden: gemv_q8 needs the avx512 kernels with VNNI and VBMI2");
+    TORCH_CHECK(w.dtype == FPW_I8 && w.format != FPW_PARENT && cols <= FPW_Q8_MAX_COLS,
+                "fpewiden: gemv_q8 runs int8 bitmask or dense matrices of at most ", FPW_Q8_MAX_COLS, " columns");
+    const int64_t ldq = (cols + 63) / 64 * 64;
+    at::Tensor xq = at::empty({n, ldq}, x.options().dtype(at::kByte));
+    at::Tensor sx = at::empty({n}, x.options());
+    fpw_quantize_inputs(x.data_ptr<float>(), cols, n, cols, xq.data_ptr<uint8_t>(), ldq, sx.data_ptr<float>());
+    at::Tensor y = at::empty({n, rows}, x.options());
+    const uint8_t* xp = xq.data_ptr<uint8_t>();
+    const float* sp = sx.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, units(w), grain(w, n), [&](int64_t u0, int64_t u1) {
+      q8(&w, xp, ldq, sp, n, b, yp, rows, u0, u1);
+    });
+    return y;
+  }
+  TORCH_CHECK(mode == "spmm", "fpewiden: mode is gemv, gemv_q8, spmm or dense");
   const int64_t ld = (n + 15) / 16 * 16;  // whole vectors of lanes, the padding zero
   at::Tensor xt = at::zeros({cols, ld}, x.options());
   xt.narrow(1, 0, n).copy_(x.t());
@@ -210,6 +228,8 @@ std::string best_isa() { return fpw_select("best")->isa; }
 
 bool has_isa(std::string isa) { return fpw_select(isa.c_str()) != nullptr; }
 
+bool has_q8() { return fpw_select_q8() != nullptr; }
+
 }  // namespace
 
 TORCH_LIBRARY(fpewiden, m) {
@@ -222,6 +242,7 @@ TORCH_LIBRARY(fpewiden, m) {
   m.def("hugepage_copy(Tensor t) -> Tensor");
   m.def("best_isa() -> str", &best_isa);
   m.def("has_isa(str isa) -> bool", &has_isa);
+  m.def("has_q8() -> bool", &has_q8);
 }
 
 TORCH_LIBRARY_IMPL(fpewiden, CPU, m) {
