@@ -58,7 +58,7 @@ def real_matrices(work: Path) -> list:
             else ConvertOptions(alpha=alpha, outgoing="tied")
         )
         convert(src, conv, opts)
-        for dtype in ("fp32", "bf16", "fp16"):
+        for dtype in ("fp32", "bf16", "fp16", "int8"):
             packed = work / f"a{alpha}-{dtype}.safetensors"
             pack_checkpoint(conv, packed, dtype=dtype)
             pc = read_packed(packed)
@@ -77,6 +77,8 @@ def first_units(pm, small: bool):
         kept = w != 0
         w = (w * 2).round().clamp(-8, 8)
         w[kept & (w == 0)] = 1  # kept weights stay non-zero
+    if pm.format == "dense":
+        return fmt.pack_dense(w, pm.values.dtype)
     sub = fmt.pack_parent(w, alpha, pm.values.dtype) if alpha > 1 else fmt.pack_bitmask(w, pm.values.dtype)
     assert sub is not None
     return sub
@@ -84,26 +86,27 @@ def first_units(pm, small: bool):
 
 def raw_seed(pm) -> bytes:
     """The raw target's layout (csrc/fuzz/packed_fuzz.cc), of the first units of `pm`."""
-    from fpewiden.packed.format import DTYPE_CODES
+    from fpewiden.packed.format import DTYPE_CODES, FORMATS
 
     pm = first_units(pm, small=False)
     values = pm.values.view(torch.uint8).numpy().tobytes()
     bits = pm.bits.numpy().tobytes()
     offsets = b"" if pm.row_ptr is None else pm.row_ptr.numpy().tobytes()
-    fields = ({"bitmask": 0, "parent": 1}[pm.format], DTYPE_CODES[pm.values.dtype], pm.rows, pm.cols, pm.stride)
+    scales = b"" if pm.scales is None else pm.scales.numpy().tobytes()
+    fields = (FORMATS.index(pm.format), DTYPE_CODES[pm.values.dtype], pm.rows, pm.cols, pm.stride)
     sizes = (pm.alpha, pm.planes, 3, 0, len(values), len(bits), len(offsets) // 8)
     head = struct.pack("<BBHHHbbBBHHH", *fields, *sizes)
-    return head + values + bits + offsets
+    return head + values + bits + offsets + struct.pack("<H", len(scales) // 4) + scales
 
 
 def kernels_seed(pm, lanes: int) -> bytes:
     """The kernels target's layout of the first units of `pm` (its sparsity; values as the harness makes them)."""
     sub = first_units(pm, small=True)
     alpha = sub.alpha if sub.format == "parent" else 1
-    dtype = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[sub.values.dtype]
-    kind = (1 if alpha > 1 else 0) | dtype << 1 | (max(alpha, 2) - 2) << 3
+    dtype = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}[sub.values.dtype]
+    kind = (1 if alpha > 1 else 0) | dtype << 1 | (max(alpha, 2) - 2) << 3 | (32 if sub.format == "dense" else 0)
     head = bytes([kind, sub.rows // alpha - 1, sub.cols - 1, 3, lanes, 0, 0])
-    vals = sub.values[: sub.nnz].float().to(torch.int8).numpy().tobytes()
+    vals = sub.values[: sub.nnz].float().to(torch.int8).numpy().tobytes()  # int8: its own bytes, taken % 9
     return head + sub.bits.numpy().tobytes() + vals
 
 
