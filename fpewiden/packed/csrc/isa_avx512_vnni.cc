@@ -71,8 +71,8 @@ inline void rows_q8(const FpwMatrix& w, const uint8_t* xq, int64_t ldxq, const f
 template <int B, bool DENSE>
 inline void range_q8(const FpwMatrix& w, const uint8_t* xq, int64_t ldxq, const float* sx, const float* bias, float* y,
                      int64_t ldy, int64_t u0, int64_t u1) {
-  // rows per pass, measured at 11008x4096, one input, one thread (AMD EPYC, Zen 4): dense 8 rows 2.4 ms against
-  // 2.8 ms for 4 (more streams in flight); bitmask 4 rows 3.0 ms against 3.6 ms for 8
+  // rows per pass: chosen by timing 11008x4096 with one input on one thread (AMD EPYC, Zen 4; ad-hoc runs, to be
+  // redone by a committed script): more rows in flight helped the dense layout, fewer the bitmask one
   constexpr int R = DENSE ? (B <= 2 ? 8 : 4) : (B <= 2 ? 4 : 2);
   int64_t r = u0;
   for (; r + R <= u1; r += R) rows_q8<R, B, DENSE>(w, xq, ldxq, sx, bias, y, ldy, r);
