@@ -85,7 +85,8 @@ def export_packed(
     if verify and reason is not None:
         raise FpewidenError(f"cannot verify a packed export: the ONNX Runtime packed op is {reason}")
     if kernels.path() == "torch":  # the export traces fpewiden's op, which only the compiled library defines
-        raise FpewidenError(f"--layout packed needs fpewiden's compiled kernels ({kernels.native_reason()})")
+        why = kernels.native_reason() or f"{kernels.ENV}=torch forces the pure-torch fallback"
+        raise FpewidenError(f"--layout packed needs fpewiden's compiled kernels ({why})")
     provenance = Provenance("export", lambda: digest([ckpt]))
     check_outputs([out, out.with_name(out.name + ".data")], [ckpt], force, provenance=provenance)
     pc = read_packed(ckpt)

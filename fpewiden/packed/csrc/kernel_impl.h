@@ -32,73 +32,53 @@ inline float scaled(const FpwMatrix& w, int64_t unit, float sum) {
 
 // ---------------------------------------------------------------- few inputs: stream the weights once per BMAX
 
-template <int R, int B, int DT>
-inline void bitmask_rows(const FpwMatrix& w, const float* x, int64_t ldx, const float* bias, float* y, int64_t ldy,
-                         int64_t r) {
+// R rows of the bitmask layout, or (DENSE) of the dense one (int8 checkpoints keep rows with no zeros worth
+// skipping that way), B inputs per pass.
+template <int R, int B, int DT, bool DENSE>
+inline void row_gemv(const FpwMatrix& w, const float* x, int64_t ldx, const float* bias, float* y, int64_t ldy,
+                     int64_t r) {
   using reg = typename V::reg;
   using mask = typename V::mask;
+  const int64_t n = w.cols;
   reg acc[R][B];
-  int64_t p[R];
+  int64_t p[R];  // bitmask: the next value of each row; dense: each row's first value
   const uint8_t* row[R];
   for (int i = 0; i < R; i++) {
-    p[i] = w.row_ptr[r + i];
-    row[i] = w.bits + (r + i) * w.stride;
+    p[i] = DENSE ? (r + i) * n : w.row_ptr[r + i];
+    row[i] = DENSE ? nullptr : w.bits + (r + i) * w.stride;
     for (int b = 0; b < B; b++) acc[i][b] = V::zero();
   }
-  const int64_t n = w.cols;
   int64_t j = 0;
   for (; j + V::W <= n; j += V::W) {
     reg xv[B];
     for (int b = 0; b < B; b++) xv[b] = V::load(x + b * ldx + j);
     for (int i = 0; i < R; i++) {
-      const mask m = V::bits(row[i], j);
-      // R value streams at once outrun the hardware prefetcher: ask 128 values ahead (measured: 7.6 -> 7.1 ms at
-      // 11008x4096, 50%, one thread; 64 to 128 ahead were best, 512 worse)
-      __builtin_prefetch((const char*)w.values + (p[i] + 128) * value_bytes(DT));
-      const reg wv = V::expand(m, V::template values<DT>(w.values, p[i]));
-      p[i] += V::count(m);
+      reg wv;
+      if constexpr (DENSE) {
+        wv = V::template values<DT>(w.values, p[i] + j);
+      } else {
+        const mask m = V::bits(row[i], j);
+        // R value streams at once outrun the hardware prefetcher: ask 128 values ahead (measured: 7.6 -> 7.1 ms at
+        // 11008x4096, 50%, one thread; 64 to 128 ahead were best, 512 worse)
+        __builtin_prefetch((const char*)w.values + (p[i] + 128) * value_bytes(DT));
+        wv = V::expand(m, V::template values<DT>(w.values, p[i]));
+        p[i] += V::count(m);
+      }
       for (int b = 0; b < B; b++) acc[i][b] = V::fma(wv, xv[b], acc[i][b]);
     }
   }
-  if (j < n) {  // the row's last columns: mask bits past the row end are zero, inputs are loaded up to n only
-    const int t = (int)(n - j);
+  if (j < n) {  // the row's last columns: inputs are loaded up to n only, and the weights past the row's end kept
+    const int t = (int)(n - j);  // out: bitmask bits past cols are zero, dense lanes are masked
     reg xv[B];
     for (int b = 0; b < B; b++) xv[b] = V::load_n(x + b * ldx + j, t);
     for (int i = 0; i < R; i++) {
-      const mask m = V::bits(row[i], j);
-      const reg wv = V::expand(m, V::template values<DT>(w.values, p[i]));
-      for (int b = 0; b < B; b++) acc[i][b] = V::fma(wv, xv[b], acc[i][b]);
-    }
-  }
-  for (int i = 0; i < R; i++)
-    for (int b = 0; b < B; b++) y[b * ldy + r + i] = scaled<DT>(w, r + i, V::sum(acc[i][b])) + (bias ? bias[r + i] : 0.0f);
-}
-
-// Dense rows (int8 checkpoints keep rows with no zeros worth skipping this way): R rows, B inputs per pass.
-template <int R, int B, int DT>
-inline void dense_rows(const FpwMatrix& w, const float* x, int64_t ldx, const float* bias, float* y, int64_t ldy,
-                       int64_t r) {
-  using reg = typename V::reg;
-  reg acc[R][B];
-  for (int i = 0; i < R; i++)
-    for (int b = 0; b < B; b++) acc[i][b] = V::zero();
-  const int64_t n = w.cols;
-  int64_t j = 0;
-  for (; j + V::W <= n; j += V::W) {
-    reg xv[B];
-    for (int b = 0; b < B; b++) xv[b] = V::load(x + b * ldx + j);
-    for (int i = 0; i < R; i++) {
-      const reg wv = V::template values<DT>(w.values, (r + i) * n + j);
-      for (int b = 0; b < B; b++) acc[i][b] = V::fma(wv, xv[b], acc[i][b]);
-    }
-  }
-  if (j < n) {  // the last columns: lanes past the row hold the next row's values, kept out by the mask
-    const int t = (int)(n - j);
-    reg xv[B];
-    for (int b = 0; b < B; b++) xv[b] = V::load_n(x + b * ldx + j, t);
-    for (int i = 0; i < R; i++) {
-      const reg wv = V::template values<DT>(w.values, (r + i) * n + j);
-      for (int b = 0; b < B; b++) acc[i][b] = V::mfma(V::tail(t), wv, xv[b], acc[i][b]);
+      if constexpr (DENSE) {
+        const reg wv = V::template values<DT>(w.values, p[i] + j);
+        for (int b = 0; b < B; b++) acc[i][b] = V::mfma(V::tail(t), wv, xv[b], acc[i][b]);
+      } else {
+        const reg wv = V::expand(V::bits(row[i], j), V::template values<DT>(w.values, p[i]));
+        for (int b = 0; b < B; b++) acc[i][b] = V::fma(wv, xv[b], acc[i][b]);
+      }
     }
   }
   for (int i = 0; i < R; i++)
@@ -169,22 +149,13 @@ constexpr int rows_for(int acc_per_row) {
   return V::ACC / acc_per_row < 1 ? 1 : (V::ACC / acc_per_row > 8 ? 8 : V::ACC / acc_per_row);
 }
 
-template <int B, int DT>
-inline void bitmask_range(const FpwMatrix& w, const float* x, int64_t ldx, const float* bias, float* y, int64_t ldy,
-                          int64_t u0, int64_t u1) {
+template <int B, int DT, bool DENSE>
+inline void row_range(const FpwMatrix& w, const float* x, int64_t ldx, const float* bias, float* y, int64_t ldy,
+                      int64_t u0, int64_t u1) {
   constexpr int R = rows_for(B);
   int64_t r = u0;
-  for (; r + R <= u1; r += R) bitmask_rows<R, B, DT>(w, x, ldx, bias, y, ldy, r);
-  for (; r < u1; r++) bitmask_rows<1, B, DT>(w, x, ldx, bias, y, ldy, r);
-}
-
-template <int B, int DT>
-inline void dense_range(const FpwMatrix& w, const float* x, int64_t ldx, const float* bias, float* y, int64_t ldy,
-                        int64_t u0, int64_t u1) {
-  constexpr int R = rows_for(B);
-  int64_t r = u0;
-  for (; r + R <= u1; r += R) dense_rows<R, B, DT>(w, x, ldx, bias, y, ldy, r);
-  for (; r < u1; r++) dense_rows<1, B, DT>(w, x, ldx, bias, y, ldy, r);
+  for (; r + R <= u1; r += R) row_gemv<R, B, DT, DENSE>(w, x, ldx, bias, y, ldy, r);
+  for (; r < u1; r++) row_gemv<1, B, DT, DENSE>(w, x, ldx, bias, y, ldy, r);
 }
 
 template <int B, int DT, int A>
@@ -199,8 +170,8 @@ inline void parent_range(const FpwMatrix& w, const float* x, int64_t ldx, const 
 template <int B, int DT>
 inline void range_of(const FpwMatrix& w, const float* x, int64_t ldx, const float* bias, float* y, int64_t ldy,
                      int64_t u0, int64_t u1) {
-  if (w.format == FPW_BITMASK) return bitmask_range<B, DT>(w, x, ldx, bias, y, ldy, u0, u1);
-  if (w.format == FPW_DENSE) return dense_range<B, DT>(w, x, ldx, bias, y, ldy, u0, u1);
+  if (w.format == FPW_BITMASK) return row_range<B, DT, false>(w, x, ldx, bias, y, ldy, u0, u1);
+  if (w.format == FPW_DENSE) return row_range<B, DT, true>(w, x, ldx, bias, y, ldy, u0, u1);
   switch (w.alpha) {
     case 2: return parent_range<B, DT, 2>(w, x, ldx, bias, y, ldy, u0, u1);
     case 3: return parent_range<B, DT, 3>(w, x, ldx, bias, y, ldy, u0, u1);
