@@ -132,10 +132,10 @@ HAS_Q8 = "avx512" in PATHS and bool(torch.ops.fpewiden.has_q8())
 
 @pytest.mark.skipif(not HAS_Q8, reason="no AVX-512 VNNI + VBMI2 on this CPU")
 def test_int8_activations_compute_exactly_the_quantized_product():
-    """gemv_q8 (the default for int8 bitmask/dense layers where VNNI runs): inputs rounded per row to int8 at
+    """gemv_q8 (the default for int8 layers where VNNI runs, every layout): inputs rounded per row to int8 at
     max |x| / 127, integer sums: equal to the double product of the rounded inputs and the dequantized weights."""
     g = torch.Generator().manual_seed(4)
-    for pm in [c for c in int8_cases() if c.format != "parent"]:
+    for pm in int8_cases():
         bias = torch.randn(pm.rows, generator=g)
         layer = PackedLinear(pm, bias, kernel="avx512")
         assert layer.activations == "int8"

@@ -7,7 +7,7 @@ Modes, chosen per call from the number of input rows (fpewiden/packed/crossover.
 proportional to the non-zeros (prefill, encoders), `dense` unpacks to fp32 and calls torch's GEMM (large batches,
 where the GEMM's efficiency beats skipping zeros).
 
-int8 matrices (bitmask or dense layout) on a CPU with AVX-512 VNNI and VBMI2 run `gemv` as `gemv_q8`: the inputs
+int8 matrices (any layout) on a CPU with AVX-512 VNNI and VBMI2 run `gemv` as `gemv_q8`: the inputs
 quantized to int8 per row (max |x| / 127, as torch's and ONNX Runtime's dynamic int8 do) and integer dot products
 (`activations="int8"`, the default there); elsewhere, and with `activations="fp32"`, int8 values are widened to
 fp32 in registers and the inputs stay fp32.
@@ -71,11 +71,11 @@ class PackedLinear(nn.Module):
         if self.activations not in ("fp32", "int8"):
             raise ValueError(f"activations={self.activations!r}: fp32 or int8")
         if self.activations == "int8" and not self._q8():
-            raise ValueError("int8 activations need int8 bitmask or dense values and AVX-512 VNNI + VBMI2 kernels")
+            raise ValueError("int8 activations need int8 values and AVX-512 VNNI + VBMI2 kernels")
 
     def _q8(self) -> bool:
         """Whether the int8-activation kernel can run this layer."""
-        if self.values.dtype != torch.int8 or self.format == "parent" or self.in_features > Q8_MAX_COLS:
+        if self.values.dtype != torch.int8 or self.in_features > Q8_MAX_COLS:
             return False
         return self.kernel == "avx512" and bool(torch.ops.fpewiden.has_q8())
 

@@ -32,7 +32,7 @@ static const Features& cpu() {
 
 extern "C" FpwGemvQ8 fpw_select_q8(void) { return cpu().q8 ? fpw_gemv_q8_avx512vnni : NULL; }
 
-extern "C" void fpw_quantize_inputs(const float* x, int64_t ldx, int64_t batch, int64_t cols, uint8_t* xq,
+extern "C" void fpw_quantize_inputs(const float* x, int64_t ldx, int64_t batch, int64_t cols, int8_t* xq,
                                     int64_t ldxq, float* sx) {
   for (int64_t b = 0; b < batch; b++) {
     const float* row = x + b * ldx;
@@ -40,12 +40,12 @@ extern "C" void fpw_quantize_inputs(const float* x, int64_t ldx, int64_t batch, 
     for (int64_t j = 0; j < cols; j++) peak = fmaxf(peak, fabsf(row[j]));
     const float s = peak > 0.0f ? peak / 127.0f : 1.0f;
     sx[b] = s;
-    uint8_t* out = xq + b * ldxq;
+    int8_t* out = xq + b * ldxq;
     for (int64_t j = 0; j < cols; j++) {
       const float q = fminf(fmaxf(nearbyintf(row[j] / s), -127.0f), 127.0f);  // NaN: fmaxf gives -127
-      out[j] = (uint8_t)((int)q + 128);
+      out[j] = (int8_t)q;
     }
-    memset(out + cols, 128, (size_t)(ldxq - cols));
+    memset(out + cols, 0, (size_t)(ldxq - cols));
   }
 }
 

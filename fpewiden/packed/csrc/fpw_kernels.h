@@ -52,10 +52,10 @@ typedef void (*FpwGemv)(const FpwMatrix* w, const float* x, int64_t ldx, int64_t
 typedef void (*FpwSpmm)(const FpwMatrix* w, const float* xt, int64_t ldxt, int64_t batch, const float* bias,
                         float* yt, int64_t ldyt, int64_t u0, int64_t u1);
 
-// Few inputs, int8 weights (bitmask or dense layout) times int8 activations, as dynamic int8 quantization runs:
-// xq holds per input b (at xq + b * ldxq, ldxq a multiple of 64) round(x / sx[b]) + 128 as unsigned bytes, the
-// columns past `cols` 128 (fpw_quantize_inputs writes them); y as FpwGemv's. Exact integer sums, for cols <= 65536.
-typedef void (*FpwGemvQ8)(const FpwMatrix* w, const uint8_t* xq, int64_t ldxq, const float* sx, int64_t batch,
+// Few inputs, int8 weights (any layout) times int8 activations, as dynamic int8 quantization runs:
+// xq holds per input b (at xq + b * ldxq, ldxq a multiple of 64) round(x / sx[b]), the columns past `cols` 0
+// (fpw_quantize_inputs writes them); y as FpwGemv's. Exact integer sums, for cols <= 65536.
+typedef void (*FpwGemvQ8)(const FpwMatrix* w, const int8_t* xq, int64_t ldxq, const float* sx, int64_t batch,
                           const float* bias, float* y, int64_t ldy, int64_t u0, int64_t u1);
 #define FPW_Q8_MAX_COLS 65536
 
@@ -96,11 +96,11 @@ const FpwKernels* fpw_kernels_portable(void);
 const FpwKernels* fpw_select(const char* isa);
 // The int8-activation kernel (AVX-512 VNNI + VBMI2), or NULL where this CPU lacks those.
 FpwGemvQ8 fpw_select_q8(void);
-void fpw_gemv_q8_avx512vnni(const FpwMatrix* w, const uint8_t* xq, int64_t ldxq, const float* sx, int64_t batch,
+void fpw_gemv_q8_avx512vnni(const FpwMatrix* w, const int8_t* xq, int64_t ldxq, const float* sx, int64_t batch,
                             const float* bias, float* y, int64_t ldy, int64_t u0, int64_t u1);
 // Per input row b of x (batch x cols, row stride ldx): sx[b] = max |x| / 127 (1 for a row of zeros) and
-// xq[b * ldxq + j] = rint(x / sx[b]) + 128 (ties to even, clamped to +-127), 128 past `cols` up to ldxq.
-void fpw_quantize_inputs(const float* x, int64_t ldx, int64_t batch, int64_t cols, uint8_t* xq, int64_t ldxq,
+// xq[b * ldxq + j] = rint(x / sx[b]) (ties to even, clamped to +-127), 0 past `cols` up to ldxq.
+void fpw_quantize_inputs(const float* x, int64_t ldx, int64_t batch, int64_t cols, int8_t* xq, int64_t ldxq,
                          float* sx);
 // The same, one element at a time: the reference the ISA variants' unpack is tested against.
 void fpw_unpack(const FpwMatrix* w, float* dense, int64_t u0, int64_t u1);

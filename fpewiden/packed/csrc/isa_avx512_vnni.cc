@@ -1,12 +1,14 @@
 // int8 weights times int8 activations for few inputs (decode) on AVX-512 VNNI + VBMI2: what dynamic int8
-// quantization does (activations quantized per input), on the bitmask and dense layouts. Per 64 columns: one
+// quantization does (activations quantized per input), on the bitmask, dense and parent layouts. Per 64 columns: one
 // masked load of the row's packed values, one byte expand (vpexpandb) and one vpdpbusd per input, against four
 // widen-convert-expand-multiply-add sequences of 16 lanes in the f32-activation kernel (Zen 4 runs 512-bit
 // operations in two halves, so the count of vector operations sets the speed there).
 //
-// vpdpbusd multiplies unsigned bytes by signed ones: inputs are stored as u = q + 128, and each row's sum of
-// 128 * w (one more vpdpbusd against a vector of 128s, shared by all inputs) is subtracted at the end. Sums are
-// exact in int32 for cols <= 65536 (|u w| <= 255 * 127); the binding routes wider matrices to the f32 kernel.
+// vpdpbusd multiplies unsigned bytes by signed ones. The inputs stay signed (q) and the weights become unsigned:
+// w + 128 is w with its sign bit flipped (one xor), and a column the layout skips (a zero weight) becomes 128 by
+// the same xor. So each product is (w + 128) q, and 128 times the input's sum, once per input and call, is taken
+// off at the end: one vpdpbusd per weight vector and input, no per-row correction. Sums are exact in int32 for
+// cols <= 65536 (|(w + 128) q| <= 255 * 127); the binding routes wider matrices to the f32 kernel.
 #include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
@@ -27,70 +29,194 @@ inline uint64_t word_at(const uint8_t* p) {
 inline __mmask64 first(int64_t n) { return n >= 64 ? ~(__mmask64)0 : _bzhi_u64(~(uint64_t)0, (unsigned)n); }
 
 template <int R, int B, bool DENSE>
-inline void rows_q8(const FpwMatrix& w, const uint8_t* xq, int64_t ldxq, const float* sx, const float* bias, float* y,
-                    int64_t ldy, int64_t r) {
+inline void rows_q8(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, const float* sx, const int32_t* x128,
+                    const float* bias, float* y, int64_t ldy, int64_t r) {
+  // Every array indexed by constants once unrolled, and no branch in the loop body: GCC then keeps the
+  // accumulators in registers (with the old `first(k)` branch it stored them to the stack every 64 columns).
   const int64_t n = w.cols;
-  const int8_t* values = (const int8_t*)w.values;
   const __m512i c128 = _mm512_set1_epi8((char)0x80);
-  __m512i acc[R][B], corr[R];
-  int64_t p[R];
+  __m512i acc[R][B];
+  const int8_t* vp[R];
+  const uint8_t* bp[R];
+#pragma GCC unroll 8
   for (int i = 0; i < R; i++) {
-    p[i] = DENSE ? (r + i) * n : w.row_ptr[r + i];
-    corr[i] = _mm512_setzero_si512();
+    vp[i] = (const int8_t*)w.values + (DENSE ? (r + i) * n : w.row_ptr[r + i]);
+    bp[i] = DENSE ? nullptr : w.bits + (r + i) * w.stride;
+#pragma GCC unroll 8
     for (int b = 0; b < B; b++) acc[i][b] = _mm512_setzero_si512();
   }
+  // Bitmask: the next pass's values and bits prefetched as one linear stream, a pass ahead. Rows of a few KB are
+  // too short for the hardware prefetcher to train on each (without this the layout streamed at half the dense
+  // layout's rate); the dense layout's longer rows need no help (prefetching them made it slower).
+  const int64_t chunks = (n + 63) / 64;
+  const char* pf = DENSE ? nullptr : (const char*)w.values + w.row_ptr[r + R];
+  const int64_t pf_step = DENSE ? 0 : ((w.row_ptr[r + R] - w.row_ptr[r]) / chunks + 63) & ~(int64_t)63;
+  const char* pfb = DENSE ? nullptr : (const char*)w.bits + (r + R) * w.stride;
   for (int64_t j = 0; j < n; j += 64) {
+    if (!DENSE) {
+      for (int64_t q = 0; q < pf_step; q += 64) _mm_prefetch(pf + q, _MM_HINT_T0);
+      pf += pf_step;
+      if ((j & 511) == 0)
+#pragma GCC unroll 8
+        for (int i = 0; i < R; i++) _mm_prefetch(pfb + i * w.stride + j / 8, _MM_HINT_T0);
+    }
     __m512i xv[B];
+#pragma GCC unroll 8
     for (int b = 0; b < B; b++) xv[b] = _mm512_loadu_si512((const void*)(xq + b * ldxq + j));
+    const __mmask64 tail = DENSE ? first(n - j) : 0;
+#pragma GCC unroll 8
     for (int i = 0; i < R; i++) {
       __m512i wv;
       if (DENSE) {  // a masked load: never past the row's last value
-        wv = _mm512_maskz_loadu_epi8(first(n - j), values + p[i] + j);
+        wv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(tail, vp[i] + j), c128);
       } else {
-        const uint64_t m = word_at(w.bits + (r + i) * w.stride + j / 8);
-        const int k = __builtin_popcountll(m);
-        // the packed values first (a prefix load: never past the stored values), then spread to their columns
-        __builtin_prefetch(values + p[i] + 512);
-        wv = _mm512_maskz_expand_epi8(m, _mm512_maskz_loadu_epi8(first(k), values + p[i]));
-        p[i] += k;
+        const uint64_t m = word_at(bp[i] + j / 8);
+        const uint64_t k = _mm_popcnt_u64(m);
+        // the packed values (a prefix load: never past the stored values; bzhi keeps all 64 bits for k = 64),
+        // made unsigned, then spread to their columns over 128s (the skipped zeros' value); the xor before the
+        // expand rather than after it measured faster on Zen 4
+        const __m512i packed = _mm512_maskz_loadu_epi8(_bzhi_u64(~(uint64_t)0, (unsigned)k), vp[i]);
+        wv = _mm512_mask_expand_epi8(c128, m, _mm512_xor_si512(packed, c128));
+        vp[i] += k;
       }
-      corr[i] = _mm512_dpbusd_epi32(corr[i], c128, wv);
-      for (int b = 0; b < B; b++) acc[i][b] = _mm512_dpbusd_epi32(acc[i][b], xv[b], wv);
+#pragma GCC unroll 8
+      for (int b = 0; b < B; b++) acc[i][b] = _mm512_dpbusd_epi32(acc[i][b], wv, xv[b]);  // u8 weights, s8 inputs
     }
   }
+#pragma GCC unroll 8
   for (int i = 0; i < R; i++) {
-    const int32_t c = _mm512_reduce_add_epi32(corr[i]);
     const float s = w.scales[r + i];
     for (int b = 0; b < B; b++) {
-      const int32_t dot = _mm512_reduce_add_epi32(acc[i][b]) - c;
+      const int32_t dot = _mm512_reduce_add_epi32(acc[i][b]) - x128[b];
       y[b * ldy + r + i] = (float)dot * (s * sx[b]) + (bias ? bias[r + i] : 0.0f);
     }
   }
 }
 
 template <int B, bool DENSE>
-inline void range_q8(const FpwMatrix& w, const uint8_t* xq, int64_t ldxq, const float* sx, const float* bias, float* y,
-                     int64_t ldy, int64_t u0, int64_t u1) {
-  // rows per pass: chosen by timing 11008x4096 with one input on one thread (AMD EPYC, Zen 4; ad-hoc runs, to be
-  // redone by a committed script): more rows in flight helped the dense layout, fewer the bitmask one
-  constexpr int R = DENSE ? (B <= 2 ? 8 : 4) : (B <= 2 ? 4 : 2);
+inline void range_q8(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, const float* sx, const int32_t* x128,
+                     const float* bias, float* y, int64_t ldy, int64_t u0, int64_t u1) {
+  // rows per pass: more rows in flight helped the dense layout at one or two inputs (Zen 4, one thread)
+  constexpr int R = DENSE ? (B <= 2 ? 8 : 4) : 4;
   int64_t r = u0;
-  for (; r + R <= u1; r += R) rows_q8<R, B, DENSE>(w, xq, ldxq, sx, bias, y, ldy, r);
-  for (; r < u1; r++) rows_q8<1, B, DENSE>(w, xq, ldxq, sx, bias, y, ldy, r);
+  for (; r + R <= u1; r += R) rows_q8<R, B, DENSE>(w, xq, ldxq, sx, x128, bias, y, ldy, r);
+  for (; r < u1; r++) rows_q8<1, B, DENSE>(w, xq, ldxq, sx, x128, bias, y, ldy, r);
 }
 
-template <bool DENSE>
-void gemv_layout(const FpwMatrix& w, const uint8_t* xq, int64_t ldxq, const float* sx, int64_t batch,
-                 const float* bias, float* y, int64_t ldy, int64_t u0, int64_t u1) {
+// The parent layout (FPE): R parents' dense int8 rows, each split into A children by the child-id planes. Per 64
+// columns one load of the parent's values (made unsigned once) and, per child, a masked byte move (the child's
+// weights, 128 = zero elsewhere) and its vpdpbusd per input: the parent's values stream once for all children.
+template <int A>
+inline __mmask64 child_q8(const uint64_t* planes, int c) {
+  if (A <= 2) return c ? planes[0] : ~planes[0];
+  const uint64_t m0 = (c & 1) ? planes[0] : ~planes[0];
+  const uint64_t m1 = (c & 2) ? planes[1] : ~planes[1];
+  return m0 & m1;
+}
+
+template <int R, int B, int A>
+inline void parents_q8(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, const float* sx, const int32_t* x128,
+                       const float* bias, float* y, int64_t ldy, int64_t i0) {
+  constexpr int P = A <= 2 ? 1 : 2;
+  const int64_t parents = w.rows / A, n = w.cols;
+  const __m512i c128 = _mm512_set1_epi8((char)0x80);
+  __m512i acc[R][A][B];
+  const int8_t* vp[R];
+  const uint8_t* pl[R][P];
+#pragma GCC unroll 8
+  for (int i = 0; i < R; i++) {
+    vp[i] = (const int8_t*)w.values + (i0 + i) * n;
+#pragma GCC unroll 2
+    for (int k = 0; k < P; k++) pl[i][k] = w.bits + (k * parents + i0 + i) * w.stride;
+#pragma GCC unroll 4
+    for (int c = 0; c < A; c++)
+#pragma GCC unroll 4
+      for (int b = 0; b < B; b++) acc[i][c][b] = _mm512_setzero_si512();
+  }
+  // the next pass's values and planes prefetched a pass ahead, as the bitmask layout's
+  const char* pf = (const char*)w.values + (i0 + R) * n;
+  const char* pfp = (const char*)w.bits + (i0 + R) * w.stride;
+  for (int64_t j = 0; j < n; j += 64) {
+#pragma GCC unroll 8
+    for (int q = 0; q < R; q++) _mm_prefetch(pf + q * n + j, _MM_HINT_T0);
+    if ((j & 511) == 0)
+#pragma GCC unroll 8
+      for (int q = 0; q < R; q++) _mm_prefetch(pfp + q * w.stride + j / 8, _MM_HINT_T0);
+    __m512i xv[B];
+#pragma GCC unroll 4
+    for (int b = 0; b < B; b++) xv[b] = _mm512_loadu_si512((const void*)(xq + b * ldxq + j));
+    const __mmask64 tail = first(n - j);
+#pragma GCC unroll 8
+    for (int i = 0; i < R; i++) {
+      // never past the parent's last value; the lanes past it are 128, times inputs of 0
+      const __m512i pv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(tail, vp[i] + j), c128);
+      uint64_t pb[P];
+#pragma GCC unroll 2
+      for (int k = 0; k < P; k++) pb[k] = word_at(pl[i][k] + j / 8);
+#pragma GCC unroll 4
+      for (int c = 0; c < A; c++) {
+        const __m512i wc = _mm512_mask_mov_epi8(c128, child_q8<A>(pb, c), pv);
+#pragma GCC unroll 4
+        for (int b = 0; b < B; b++) acc[i][c][b] = _mm512_dpbusd_epi32(acc[i][c][b], wc, xv[b]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < R; i++) {
+    const float s = w.scales[i0 + i];
+    for (int c = 0; c < A; c++) {
+      const int64_t row = (i0 + i) * A + c;
+      for (int b = 0; b < B; b++) {
+        const int32_t dot = _mm512_reduce_add_epi32(acc[i][c][b]) - x128[b];
+        y[b * ldy + row] = (float)dot * (s * sx[b]) + (bias ? bias[row] : 0.0f);
+      }
+    }
+  }
+}
+
+template <int B, int A>
+inline void parent_range_q8(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, const float* sx,
+                            const int32_t* x128, const float* bias, float* y, int64_t ldy, int64_t u0, int64_t u1) {
+  // parents per pass: as many as 24 accumulator registers hold (A children x B inputs), at most 4
+  constexpr int R = 24 / (A * B) > 4 ? 4 : 24 / (A * B);
+  int64_t i = u0;
+  for (; i + R <= u1; i += R) parents_q8<R, B, A>(w, xq, ldxq, sx, x128, bias, y, ldy, i);
+  for (; i < u1; i++) parents_q8<1, B, A>(w, xq, ldxq, sx, x128, bias, y, ldy, i);
+}
+
+template <int B>
+inline void range_any(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, const float* sx, const int32_t* x128,
+                      const float* bias, float* y, int64_t ldy, int64_t u0, int64_t u1) {
+  if (w.format == FPW_DENSE) return range_q8<B, true>(w, xq, ldxq, sx, x128, bias, y, ldy, u0, u1);
+  if (w.format == FPW_BITMASK) return range_q8<B, false>(w, xq, ldxq, sx, x128, bias, y, ldy, u0, u1);
+  switch (w.alpha) {
+    case 2: return parent_range_q8<B, 2>(w, xq, ldxq, sx, x128, bias, y, ldy, u0, u1);
+    case 3: return parent_range_q8<B, 3>(w, xq, ldxq, sx, x128, bias, y, ldy, u0, u1);
+    default: return parent_range_q8<B, 4>(w, xq, ldxq, sx, x128, bias, y, ldy, u0, u1);
+  }
+}
+
+// 128 times the sum of an input's quantized values (the columns past `cols` are 0): what the unsigned weights add
+inline int32_t times128_sum(const int8_t* x, int64_t n) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512i acc = _mm512_setzero_si512();
+  for (int64_t j = 0; j < n; j += 64) acc = _mm512_dpbusd_epi32(acc, ones, _mm512_loadu_si512((const void*)(x + j)));
+  return 128 * _mm512_reduce_add_epi32(acc);
+}
+
+void gemv_any(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, const float* sx, int64_t batch, const float* bias,
+              float* y, int64_t ldy, int64_t u0, int64_t u1) {
   for (int64_t b0 = 0; b0 < batch; b0 += 4) {
-    const uint8_t* xb = xq + b0 * ldxq;
+    const int8_t* xb = xq + b0 * ldxq;
     float* yb = y + b0 * ldy;
     const int64_t nb = batch - b0 < 4 ? batch - b0 : 4;
+    int32_t x128[4];
+    for (int64_t b = 0; b < nb; b++) x128[b] = times128_sum(xb + b * ldxq, w.cols);
     switch (nb) {
-      case 1: range_q8<1, DENSE>(w, xb, ldxq, sx + b0, bias, yb, ldy, u0, u1); break;
-      case 2: range_q8<2, DENSE>(w, xb, ldxq, sx + b0, bias, yb, ldy, u0, u1); break;
-      case 3: range_q8<3, DENSE>(w, xb, ldxq, sx + b0, bias, yb, ldy, u0, u1); break;
-      default: range_q8<4, DENSE>(w, xb, ldxq, sx + b0, bias, yb, ldy, u0, u1); break;
+      case 1: range_any<1>(w, xb, ldxq, sx + b0, x128, bias, yb, ldy, u0, u1); break;
+      case 2: range_any<2>(w, xb, ldxq, sx + b0, x128, bias, yb, ldy, u0, u1); break;
+      case 3: range_any<3>(w, xb, ldxq, sx + b0, x128, bias, yb, ldy, u0, u1); break;
+      default: range_any<4>(w, xb, ldxq, sx + b0, x128, bias, yb, ldy, u0, u1); break;
     }
   }
 }
@@ -99,11 +225,8 @@ void gemv_layout(const FpwMatrix& w, const uint8_t* xq, int64_t ldxq, const floa
 
 #pragma GCC pop_options
 
-extern "C" void fpw_gemv_q8_avx512vnni(const FpwMatrix* w, const uint8_t* xq, int64_t ldxq, const float* sx,
+extern "C" void fpw_gemv_q8_avx512vnni(const FpwMatrix* w, const int8_t* xq, int64_t ldxq, const float* sx,
                                        int64_t batch, const float* bias, float* y, int64_t ldy, int64_t u0,
                                        int64_t u1) {
-  if (w->format == FPW_DENSE)
-    gemv_layout<true>(*w, xq, ldxq, sx, batch, bias, y, ldy, u0, u1);
-  else
-    gemv_layout<false>(*w, xq, ldxq, sx, batch, bias, y, ldy, u0, u1);
+  gemv_any(*w, xq, ldxq, sx, batch, bias, y, ldy, u0, u1);
 }

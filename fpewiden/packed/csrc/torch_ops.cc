@@ -168,14 +168,14 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& values, const at::Tenso
   if (mode == "gemv_q8") {  // int8 activations (per input row), int8 weights: the VNNI kernel
     const FpwGemvQ8 q8 = fpw_select_q8();
     TORCH_CHECK(q8 != nullptr && isa == "avx512", "fpewiden: gemv_q8 needs the avx512 kernels with VNNI and VBMI2");
-    TORCH_CHECK(w.dtype == FPW_I8 && w.format != FPW_PARENT && cols <= FPW_Q8_MAX_COLS,
-                "fpewiden: gemv_q8 runs int8 bitmask or dense matrices of at most ", FPW_Q8_MAX_COLS, " columns");
+    TORCH_CHECK(w.dtype == FPW_I8 && cols <= FPW_Q8_MAX_COLS,
+                "fpewiden: gemv_q8 runs int8 matrices of at most ", FPW_Q8_MAX_COLS, " columns");
     const int64_t ldq = (cols + 63) / 64 * 64;
-    at::Tensor xq = at::empty({n, ldq}, x.options().dtype(at::kByte));
+    at::Tensor xq = at::empty({n, ldq}, x.options().dtype(at::kChar));
     at::Tensor sx = at::empty({n}, x.options());
-    fpw_quantize_inputs(x.data_ptr<float>(), cols, n, cols, xq.data_ptr<uint8_t>(), ldq, sx.data_ptr<float>());
+    fpw_quantize_inputs(x.data_ptr<float>(), cols, n, cols, xq.data_ptr<int8_t>(), ldq, sx.data_ptr<float>());
     at::Tensor y = at::empty({n, rows}, x.options());
-    const uint8_t* xp = xq.data_ptr<uint8_t>();
+    const int8_t* xp = xq.data_ptr<int8_t>();
     const float* sp = sx.data_ptr<float>();
     float* yp = y.data_ptr<float>();
     at::parallel_for(0, units(w), grain(w, n), [&](int64_t u0, int64_t u1) {

@@ -84,9 +84,9 @@ void run_all(const FpwMatrix& w, int64_t gemv_batch, int64_t spmm_batch, const f
     }
   }
   const FpwGemvQ8 q8 = fpw_select_q8();  // int8 activations: run for its reads and writes (its sums are rounded
-  if (q8 && w.dtype == FPW_I8 && w.format != FPW_PARENT && w.cols <= FPW_Q8_MAX_COLS) {  // x, not compared here)
+  if (q8 && w.dtype == FPW_I8 && w.cols <= FPW_Q8_MAX_COLS) {  // x, not compared here)
     const int64_t ldq = (w.cols + 63) / 64 * 64;
-    uint8_t* xq = exact<uint8_t>(gemv_batch * ldq);
+    int8_t* xq = exact<int8_t>(gemv_batch * ldq);
     float* sx = exact<float>(gemv_batch);
     fpw_quantize_inputs(x, w.cols, gemv_batch, w.cols, xq, ldq, sx);
     q8(&w, xq, ldq, sx, gemv_batch, bias, y, w.rows, 0, units / 2);
