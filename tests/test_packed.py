@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from fpewiden.cli import app
 from fpewiden.convert import Budget, ConvertOptions, convert
 from fpewiden.errors import FpewidenError
+from fpewiden.io.checkpoint import MASK_PREFIX, MASKS_FILE
 from fpewiden.model.loaded import load_model
 from fpewiden.packed import format as fmt
 from fpewiden.packed import kernels
@@ -275,6 +276,14 @@ def test_pack_and_unpack_an_mlp_bit_for_bit(tmp_path):
         unpack_checkpoint(out, back)
         a, b = load_file(ckpt), load_file(back)
         assert a.keys() == b.keys() and all(torch.equal(bits_of(a[k]), bits_of(b[k])) for k in a)
+        # convert writes pruned weights as +0.0, and the layouts encode the masks: neither is stored twice
+        assert not any(((t == 0) & t.signbit()).any() for t in a.values() if t.is_floating_point())
+        stored = load_file(out)
+        packed_masks = {k[len(MASK_PREFIX) :] for k in stored if k.startswith(MASK_PREFIX)}
+        assert not any("negzero" in k for k in stored) and packed_masks < {
+            k[len(MASK_PREFIX) :] for k in a if k.startswith(MASK_PREFIX)
+        }
+        assert not packed_masks & {m["name"] for m in report["matrices"] if m["format"] != "dense"}
 
 
 @pytest.mark.parametrize("family", ["bert", "llama", "gpt2"])
@@ -305,6 +314,11 @@ def test_pack_a_transformers_model_and_generate(tmp_path, family):
     assert res.exit_code == 0, res.output
     a, b = load_file(half / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(bits_of(a[k]), bits_of(b[k])) for k in a)
+    # the masks the packed layouts encode are left out of the packed folder and derived again by unpack
+    masks = load_file(half / MASKS_FILE)
+    assert len(load_file(tmp_path / "packed" / MASKS_FILE)) < len(masks)
+    back = load_file(tmp_path / "back" / MASKS_FILE)
+    assert back.keys() == masks.keys() and all(torch.equal(back[k], masks[k]) for k in masks)
     import transformers
 
     transformers.AutoModel.from_pretrained(str(tmp_path / "back"))  # an ordinary folder again

@@ -75,7 +75,10 @@ class OutputSink:
         self.nnz_written[name] = nnz // self.tied.get(name, 1)
 
     def emit(self, k: int, name: str, row: int, w: torch.Tensor, m: torch.Tensor, rows: int, transposed: bool) -> None:
-        """Pair k produced rows [row, row + len) of the `rows` rows matrix `name` has in neuron-major form now."""
+        """Pair k produced rows [row, row + len) of the `rows` rows matrix `name` has in neuron-major form now.
+        Pruned weights are written +0.0: a mask multiplying a negative weight leaves -0.0, which a packed file
+        would have to record to give the tensor back bit for bit."""
+        w = w.masked_fill(~m.bool(), 0.0)
         done = row + w.shape[0] == rows
         final = self.plan.last_use[name] <= k
         if final and not transposed:

@@ -177,6 +177,23 @@ def unpack(pm: PackedMatrix) -> torch.Tensor:
     return out
 
 
+def structure(pm: PackedMatrix) -> torch.Tensor | None:
+    """The (rows, cols) boolean pattern a layout encodes beside its values: the bitmask itself, or for the parent
+    layout each weight's child (one True per parent weight among its α rows); None for dense. Where a
+    checkpoint's mask equals it, a packed file need not store the mask again."""
+    if pm.format == "dense":
+        return None
+    if pm.format == "bitmask":
+        return _unpack_bits(pm.bits, pm.rows, pm.cols, pm.stride)
+    parents = pm.rows // pm.alpha
+    child = torch.zeros((parents, pm.cols), dtype=torch.int64)
+    for k in range(pm.planes):
+        plane = pm.bits[k * parents * pm.stride : (k + 1) * parents * pm.stride]
+        child |= _unpack_bits(plane, parents, pm.cols, pm.stride).long() << k
+    ids = torch.arange(pm.alpha).view(1, pm.alpha, 1)
+    return (child.unsqueeze(1) == ids).reshape(pm.rows, pm.cols)
+
+
 def _unpack_values(pm: PackedMatrix) -> torch.Tensor:
     zero = torch.zeros((pm.rows, pm.cols), dtype=pm.dtype)
     if pm.format == "dense":

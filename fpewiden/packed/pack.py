@@ -5,19 +5,18 @@ back, bit for bit where no value was cast. Peak memory while packing is one weig
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
 from fpewiden.errors import FpewidenError
 from fpewiden.io.atomic import atomic_dir, atomic_file
-from fpewiden.io.checkpoint import MASKS_FILE, Checkpoint, open_checkpoint
+from fpewiden.io.checkpoint import MASK_PREFIX, MASKS_FILE, Checkpoint, open_checkpoint, pack_mask
 from fpewiden.io.outputs import check_outputs
 from fpewiden.io.provenance import MARKER, Provenance, mark_dir
-from fpewiden.io.safetensors_stream import DTYPE_NAMES, DTYPES, StreamingWriter, read_header
+from fpewiden.io.safetensors_stream import DTYPE_NAMES, DTYPES, StreamingWriter, read_header, read_tensor
 from fpewiden.io.write import INDEX as DENSE_INDEX
 from fpewiden.io.write import copy_extras, write_hf_extras, write_index
 from fpewiden.packed import format as fmt
@@ -43,6 +42,21 @@ def candidates(ck: Checkpoint) -> dict[str, bool]:
     from fpewiden.model.skeleton import linear_weights
 
     return linear_weights(ck)
+
+
+def encodes_mask(ck: Checkpoint, name: str, pm: fmt.PackedMatrix, transposed: bool) -> bool:
+    """Whether the checkpoint's mask of `name` is exactly what the packed layout encodes (then it is not stored
+    twice: the bitmask or the parent's child planes give it back)."""
+    if name not in ck.packed_masks:
+        return False
+    pattern = fmt.structure(pm)
+    return pattern is not None and torch.equal(pattern.T if transposed else pattern, ck.mask(name))
+
+
+def mask_of(pm: fmt.PackedMatrix, transposed: bool) -> torch.Tensor:
+    """A mask `encodes_mask` left out, bit-packed as the checkpoint stored it."""
+    pattern = fmt.structure(pm)
+    return pack_mask((pattern.T if transposed else pattern).contiguous())
 
 
 def _pack_one(ck: Checkpoint, name: str, transposed: bool, alpha: int | None, dtype: torch.dtype | None):
@@ -81,6 +95,7 @@ def pack_checkpoint(
     widened = widened_alphas(ck)
     rows: list[dict] = []
     done = [0]
+    elided: set[str] = set()  # masks the packed layouts encode
 
     def pack_file(file: str, out: Path) -> None:
         names = [n for n, f in ck.file_of.items() if f == file]
@@ -92,13 +107,17 @@ def pack_checkpoint(
             shape = ck.shapes[name]
             dense_bytes = fmt.dense_bytes(shape[0], shape[1], DTYPES[ck.dtypes[name]])
             if pm is not None:
-                packed[name] = (entry_of(pm, shape, ck.dtypes[name], kinds[name]), arrays_of(pm))
+                entry = entry_of(pm, shape, ck.dtypes[name], kinds[name])
+                if encodes_mask(ck, name, pm, kinds[name]):
+                    entry = replace(entry, mask=True)
+                    elided.add(name)
+                packed[name] = (entry, arrays_of(pm))
             rows.append({"name": name, "format": pm.format if pm else "dense", "dense_bytes": dense_bytes,
                          "packed_bytes": pm.nbytes if pm else dense_bytes, "nnz": pm.nnz if pm else None})  # fmt: skip
             done[0] += 1
             if on_matrix:
                 on_matrix(name, done[0], len(kinds))
-        _write(ck, file, names, packed, out, provenance)
+        _write(ck, file, names, packed, out, provenance, elided)
 
     if ck.kind == "mlp":
         with atomic_file(dst) as tmp:
@@ -110,8 +129,9 @@ def pack_checkpoint(
                 pack_file(f, tmp / packed_name(f))
             write_hf_extras(ck, tmp, ck.config or {}, index=False)
             _packed_index(ck, tmp)
-            if (ck.path / MASKS_FILE).is_file():
-                shutil.copy2(ck.path / MASKS_FILE, tmp / MASKS_FILE)
+            if (ck.path / MASKS_FILE).is_file():  # fpewiden's metadata lives there: kept, with the other masks
+                meta = read_header(ck.path / MASKS_FILE).metadata
+                write_masks(tmp / MASKS_FILE, {n: t for n, t in ck.packed_masks.items() if n not in elided}, meta)
             mark_dir(tmp, provenance)
     dense_total = sum(r["dense_bytes"] for r in rows)
     packed_total = sum(r["packed_bytes"] for r in rows)
@@ -138,8 +158,10 @@ def _write(
     packed: dict[str, tuple[Entry, dict[str, torch.Tensor]]],
     out: Path,
     provenance: Provenance,
+    elided: set[str],
 ) -> None:
-    """One output file: packed matrices as their arrays, every other tensor copied byte for byte."""
+    """One output file: packed matrices as their arrays, every other tensor copied byte for byte, masks the
+    layouts do not encode."""
     layout: dict[str, tuple[str, tuple[int, ...]]] = {}
     for name in names:
         if name in packed:
@@ -149,9 +171,9 @@ def _write(
         else:
             layout[name] = (ck.dtypes[name], ck.shapes[name])
     if ck.kind == "mlp":
-        masks = {n: t for n, t in ck.packed_masks.items()}
+        masks = {n: t for n, t in ck.packed_masks.items() if n not in elided}
         for n, t in masks.items():
-            layout[f"fpewiden_mask.{n}"] = ("U8", tuple(t.shape))
+            layout[f"{MASK_PREFIX}{n}"] = ("U8", tuple(t.shape))
     else:
         masks = {}
     header_meta = _source_metadata(ck, file) | {
@@ -171,7 +193,7 @@ def _write(
             else:
                 writer.write(name, ck.get(name))
         for n, t in masks.items():
-            writer.write(f"fpewiden_mask.{n}", t)
+            writer.write(f"{MASK_PREFIX}{n}", t)
         writer.close()
     except BaseException:
         writer.abort()
@@ -196,24 +218,32 @@ def unpack_checkpoint(src: Path, dst: Path, force: bool = False) -> dict:
     by_file: dict[str, list[str]] = {}
     for n, f in pc.source_file.items():
         by_file.setdefault(f, []).append(n)
+    derived = {n: mask_of(pc.packed(n), e.transposed) for n, e in pc.entries.items() if e.mask}
     if pc.kind == "mlp":
         if dst.suffix != ".safetensors":
             raise FpewidenError(f"--out {dst}: an MLP unpacks to one .safetensors file")
-        masks = [n for n in pc.headers if n.startswith("fpewiden_mask.")]
+        stored = {n[len(MASK_PREFIX) :]: pc.stored(n) for n in pc.headers if n.startswith(MASK_PREFIX)}
         with atomic_file(dst) as tmp:
-            _write_dense(pc, pc.names(), masks, tmp, next(iter(pc.file_metadata.values())) | writer)
+            meta = next(iter(pc.file_metadata.values())) | writer
+            _write_dense(pc, pc.names(), dict(sorted((stored | derived).items())), tmp, meta)
     else:
         with atomic_dir(dst) as tmp:
             for f, names in by_file.items():
-                _write_dense(pc, names, [], tmp / f, pc.file_metadata[f] | writer)
-            copy_extras(src, tmp, {INDEX, MARKER, DENSE_INDEX}, skip_suffix=SUFFIX)
+                _write_dense(pc, names, {}, tmp / f, pc.file_metadata[f] | writer)
+            copy_extras(src, tmp, {INDEX, MARKER, DENSE_INDEX, MASKS_FILE}, skip_suffix=SUFFIX)
+            if (src / MASKS_FILE).is_file():
+                header = read_header(src / MASKS_FILE)
+                stored = {n[len(MASK_PREFIX) :]: read_tensor(header, n) for n in header.entries}
+                write_masks(tmp / MASKS_FILE, dict(sorted((stored | derived).items())), header.metadata)
             # a sharded original (an index, one shard or more): its index back, naming the unpacked files
             write_index(src / INDEX, tmp / DENSE_INDEX, {n: f for f, names in by_file.items() for n in names})
             mark_dir(tmp, provenance)
     return {"src": str(src), "dst": str(dst), "matrices": len(pc.entries)}
 
 
-def _write_dense(pc: PackedCheckpoint, names: list[str], masks: list[str], out: Path, meta: dict[str, str]) -> None:
+def _write_dense(
+    pc: PackedCheckpoint, names: list[str], masks: dict[str, torch.Tensor], out: Path, meta: dict[str, str]
+) -> None:
     layout = {}
     for n in names:
         if n in pc.entries:
@@ -222,16 +252,30 @@ def _write_dense(pc: PackedCheckpoint, names: list[str], masks: list[str], out: 
         else:
             entry = pc.headers[n].entries[n]
             layout[n] = (entry.dtype, entry.shape)
-    for m in masks:
-        entry = pc.headers[m].entries[m]
-        layout[m] = (entry.dtype, entry.shape)
+    for n, t in masks.items():
+        layout[f"{MASK_PREFIX}{n}"] = ("U8", tuple(t.shape))
     writer = StreamingWriter(out, layout, meta)
     try:
-        for n in [*names, *masks]:
+        for n in names:
             if n in pc.entries:
                 writer.write(n, pc.get(n))
             else:
                 writer.copy_raw(n, pc.headers[n], n)
+        for n, t in masks.items():
+            writer.write(f"{MASK_PREFIX}{n}", t)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def write_masks(path: Path, masks: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """A Hugging Face folder's fpewiden_masks.safetensors: bit-packed masks by name, with fpewiden's metadata."""
+    layout = {f"{MASK_PREFIX}{n}": ("U8", tuple(t.shape)) for n, t in masks.items()}
+    writer = StreamingWriter(path, layout, metadata)
+    try:
+        for n, t in masks.items():
+            writer.write(f"{MASK_PREFIX}{n}", t)
         writer.close()
     except BaseException:
         writer.abort()

@@ -11,9 +11,11 @@ replaced by its arrays, named by prefix (numpy reads them as they are):
 and the metadata key `fpewiden.packed` (JSON) says, per NAME, how: format, rows and cols as used in y = W x, the
 tensor's stored shape and dtype, whether it was transposed (GPT-2's Conv1D stores W as inputs × outputs), α and
 bit planes (parent), bit stride and stored values. Everything else (biases, norms, embeddings, attention left
-dense, fpewiden's masks) is copied byte for byte. An MLP file stays one .safetensors; a Hugging Face folder keeps
-its config and tokenizer and renames its weight files `*.packed.safetensors`, so transformers cannot load it
-half-initialised by mistake: fpewiden.packed.load does. pack.py writes it, reader.py reads and checks it.
+dense, fpewiden's masks) is copied byte for byte, except a mask the layout already encodes (a bitmask, the parent
+layout's child planes: `mask` in the entry), which unpack derives again. An MLP file stays one .safetensors; a
+Hugging Face folder keeps its config and tokenizer and renames its weight files `*.packed.safetensors`, so
+transformers cannot load it half-initialised by mistake: fpewiden.packed.load does. pack.py writes it, reader.py
+reads and checks it.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class Entry:
     alpha: int = 1
     planes: int = 0
     negzero: bool = False  # the matrix stored -0.0 somewhere: `fpewiden_packed.negzero.NAME` says where
+    mask: bool = False  # the checkpoint's mask of NAME is this layout's structure (format.structure): not stored
 
     def arrays(self, name: str) -> dict[str, str]:
         """role -> tensor name in the packed file."""
