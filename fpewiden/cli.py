@@ -592,7 +592,11 @@ def bench(
     ] = None,
     tokenizer: Annotated[Path | None, typer.Option(help="HF models: tokenizer folder (default: a model's).")] = None,
     engines: Annotated[
-        str, typer.Option(help="Comma-separated, of: torch, ort, packed, ort-packed (fpewiden's packed kernels).")
+        str,
+        typer.Option(
+            help="Comma-separated, of: torch, ort, packed, ort-packed (fpewiden's packed kernels); ort-int8, "
+            "ort-int4, torch-int8 add the reference's quantized competitors as rows of their own."
+        ),
     ] = "torch,ort",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda (torch engine)")] = "auto",
     repeat: Annotated[

@@ -118,6 +118,31 @@ def test_bench_counts_a_quantized_onnx_file_as_stored(tmp_path):
     assert i8["metrics"]["accuracy"] == pytest.approx(f32["metrics"]["accuracy"], abs=0.05)
 
 
+def test_bench_builds_the_quantized_competitors_of_the_reference(tmp_path):
+    """--engines ort-int8,ort-int4,torch-int8: rows of their own, built from the reference, scored on the same
+    data, bytes as stored, timed in their runtime against the reference there (bench adds the reference's ort)."""
+    src, fpe, _ = models(tmp_path)
+    engines = "torch,ort-int8,ort-int4,torch-int8"
+    res = runner.invoke(app, ["bench", str(src), str(fpe), "--data", DATA, "--repeat", "3", "--warmup", "1",
+                              "--engines", engines, "--json", str(tmp_path / "b.json")])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    ref, wide, i8, i4, t8 = json.loads((tmp_path / "b.json").read_text())["benchmarks"]
+    assert [r["model"] for r in (i8, i4, t8)] == ["dense · ORT int8", "dense · ORT 4-bit", "dense · torch int8"]
+    assert set(ref["latency"]) == {"torch", "ort"} and set(wide["latency"]) == {"torch"}
+    assert set(i8["latency"]) == set(i4["latency"]) == {"ort"} and set(t8["latency"]) == {"torch"}
+    assert all("vs_reference" in r["latency"][e]["32"] for r in (i8, i4, t8) for e in r["latency"])
+    for r in (i8, i4, t8):
+        assert r["best_format"] == "stored" and r["bytes"]["dense_fp32"] == ref["bytes"]["dense_fp32"]
+        assert r["neurons"] == ref["neurons"] and r["best_bytes"] < ref["best_bytes"] / 2
+        assert r["metrics"]["accuracy"] == pytest.approx(ref["metrics"]["accuracy"], abs=0.1)
+    # torch's int8: one int8 byte per weight, 8 bytes of scale and zero point per matrix, fp32 biases
+    assert t8["best_bytes"] == (16 * 8 + 8 * 6) + 2 * 8 + (8 + 6) * 4
+    onnx_ref = tmp_path / "d.onnx"
+    assert runner.invoke(app, ["export", str(src), "--out", str(onnx_ref)]).exit_code == 0
+    res = runner.invoke(app, ["bench", str(onnx_ref), "--data", DATA, "--engines", "ort,torch-int8"])
+    assert res.exit_code == 2 and "torch-int8 quantizes a torch model" in res.output
+
+
 def test_bench_bad_inputs(tmp_path):
     src = models(tmp_path)[0]
     res = runner.invoke(app, ["bench", str(src), "--data", "dnf:inputs=20,clauses=6"])

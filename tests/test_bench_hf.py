@@ -40,10 +40,16 @@ def test_encoder_folders_and_onnx_files_on_text_and_labels(tmp_path):
         tmp_path / "b.md",
         "--plot",
         tmp_path / "b.png",
+        "--engines",
+        "torch,ort,ort-int8",
     )
     doc = json.loads((tmp_path / "b.json").read_text())
-    rows = doc["benchmarks"]
+    rows, int8 = doc["benchmarks"][:3], doc["benchmarks"][3]
     assert [r["model"] for r in rows] == ["bert", "half", "half.onnx"]  # a folder and its export, told apart
+    # the reference's ORT int8 (quantize_dynamic of its export): a row of its own, bytes as stored
+    assert int8["model"] == "bert · ORT int8" and int8["best_format"] == "stored" and set(int8["latency"]) == {"ort"}
+    assert int8["best_bytes"] < rows[0]["bytes"]["dense_fp32"] and int8["metrics"]["cosine"] > 0.9
+    assert "vs_reference" in int8["latency"]["ort"]["4x16"]
     assert rows[0]["metrics"]["cosine"] == pytest.approx(1.0)
     assert rows[1]["metrics"]["cosine"] == pytest.approx(rows[2]["metrics"]["cosine"], abs=1e-4)  # torch = ORT
     assert rows[1]["nnz"] < rows[0]["nnz"]  # the pruned model moves fewer non-zeros
@@ -59,8 +65,9 @@ def test_encoder_folders_and_onnx_files_on_text_and_labels(tmp_path):
     # labelled sentences: one probe on the reference's embeddings, scored on every model
     tsv = tmp_path / "l.tsv"
     tsv.write_text("\n".join(f"{'q' if i % 2 else 'p'}\t{WORDS[i % 30]} {WORDS[(3 * i) % 30]}" for i in range(60)))
-    bench(src, half, "--data", tsv, "--json", tmp_path / "p.json", "--engines", "torch")
+    bench(src, half, "--data", tsv, "--json", tmp_path / "p.json", "--engines", "torch,torch-int8")
     rows = json.loads((tmp_path / "p.json").read_text())["benchmarks"]
+    assert rows[2]["model"] == "bert · torch int8" and set(rows[2]["latency"]) == {"torch"}
     assert all(0.0 <= r["metrics"]["probe_accuracy"] <= 1.0 for r in rows)
     assert rows[0]["metrics"]["probe_accuracy"] >= rows[1]["metrics"]["probe_accuracy"] - 0.2
 

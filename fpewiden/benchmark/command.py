@@ -16,7 +16,7 @@ from fpewiden.errors import FpewidenError
 from fpewiden.io.outputs import check_outputs
 from fpewiden.io.provenance import Provenance, digest
 
-ENGINES = ("torch", "ort", "packed", "ort-packed")
+ENGINES = ("torch", "ort", "packed", "ort-packed", "ort-int8", "ort-int4", "torch-int8")
 
 
 def _ints(flag: str, text: str) -> list[int]:

@@ -21,6 +21,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fpewiden.benchmark.competitors import (
+    adopt_reference,
+    quantize_onnx,
+    reference_engines,
+    split_engines,
+    stored_bytes_table,
+    torch_int8,
+    torch_int8_bytes,
+)
+from fpewiden.benchmark.competitors import label as competitor_label
 from fpewiden.benchmark.formats import model_bytes, pair_layouts
 from fpewiden.benchmark.measure import (
     MeasuredModel,
@@ -231,6 +241,7 @@ def _from_folder(path: Path, engines, device, tmp: Path, threads: int) -> tuple[
         # the fast layout swaps the FFN modules: export a copy, so torch still runs the model as transformers does
         export(path, onnx_path, layout, verify=False, model=copy.deepcopy(loaded) if layout == "fast" else loaded)
         e.info["ort_layout"] = layout
+        e.exported = onnx_path if layout == "dense" else None
         sess = ort_session(onnx_path, threads, device)
         e.runners["ort"] = _session_runner(sess)
     model = loaded.model.eval().to(device)
@@ -255,6 +266,39 @@ def _from_folder(path: Path, engines, device, tmp: Path, threads: int) -> tuple[
         if causal:
             e.decoders["torch"] = model
     return e, Forward(torch_model=model)
+
+
+def _competitor(ref: MeasuredModel, competitor: str, device, tmp: Path, threads: int):
+    """A quantized competitor of the reference (benchmark/competitors.py): its entry and its forward for scoring."""
+    from fpewiden.export.export import export
+    from fpewiden.model.loaded import load_model
+
+    if competitor != "torch-int8":
+        src = ref.path if ref.path.suffix == ".onnx" else ref.exported
+        if src is None:
+            src = tmp / f"{len(list(tmp.iterdir()))}.onnx"
+            export(ref.path, src, "dense", verify=False)
+        out = quantize_onnx(src, tmp / f"{len(list(tmp.iterdir()))}.{competitor}.onnx", competitor)
+        e, fwd = _from_onnx(out, ["ort"], device, threads)
+        adopt_reference(e, ref, competitor)
+        return e, fwd
+    if ref.path.suffix == ".onnx":
+        raise FpewidenError("engine torch-int8 quantizes a torch model: give the reference as a model folder")
+    if device.type != "cpu":
+        raise FpewidenError("engine torch-int8 runs on the CPU only (torch's dynamic int8 kernels): drop --device")
+    from fpewiden.model.skeleton import has_lm_head
+
+    loaded = load_model(ref.path, head=True)
+    q = torch_int8(loaded.model)
+    e = MeasuredModel(ref.path)
+    stored = torch_int8_bytes(q)
+    e.info.update({k: ref.info[k] for k in ("neurons", "nnz", "params")}, kind="quantized", ort_layout=None,
+                  bytes=stored_bytes_table(stored, ref.info["bytes"]["dense_fp32"]),
+                  bytes_by_group={"as stored": stored})  # fmt: skip
+    e.runners["torch"] = _torch_runner(q, torch.device("cpu"))
+    if has_lm_head(loaded.ck.config or {}):
+        e.decoders["torch"] = q
+    return e, Forward(torch_model=q)
 
 
 def _session_runner(sess):
@@ -364,15 +408,26 @@ def bench(
     tok = tokenizer_for(paths, tokenizer)
     eval_batches = tokenize(tok, data.texts, max(seq_lens))
     entries, forwards = [], []
+    plain, competitors = split_engines(engines)
+    labels = model_labels(paths)
     with tempfile.TemporaryDirectory() as d:
-        for i, (p, label) in enumerate(zip(paths, model_labels(paths), strict=True)):
-            say(f"loading {label} ({i + 1}/{len(paths)}; {', '.join(engines)})")
+        for i, (p, label) in enumerate(zip(paths, labels, strict=True)):
+            mine = reference_engines(plain, competitors) if i == 0 else plain
+            say(f"loading {label} ({i + 1}/{len(paths)}; {', '.join(mine)})")
             before = rss_mb()
             e, fwd = (
-                _from_onnx(p, engines, device, threads)
+                _from_onnx(p, mine, device, threads)
                 if p.suffix == ".onnx"
-                else _from_folder(p, engines, device, Path(d), threads)
+                else _from_folder(p, mine, device, Path(d), threads)
             )
+            e.info["memory_mb"] = max(0.0, rss_mb() - before)
+            entries.append(e)
+            forwards.append(fwd)
+        for c in competitors:
+            say(f"building {competitor_label(labels[0], c)}")
+            before = rss_mb()
+            e, fwd = _competitor(entries[0], c, device, Path(d), threads)
+            e.label = competitor_label(labels[0], c)
             e.info["memory_mb"] = max(0.0, rss_mb() - before)
             entries.append(e)
             forwards.append(fwd)
@@ -386,7 +441,7 @@ def bench(
                 raise FpewidenError(f"{paths[0]} has no hidden states to probe (an ONNX export of a causal LM)")
             emb = torch.nn.functional.normalize(train.embeddings, dim=1).numpy()
             probe = LogisticRegression(max_iter=2000, C=10.0).fit(emb, data.train_labels)
-        for e, fwd, label in zip(entries, forwards, model_labels(paths), strict=True):
+        for e, fwd, label in zip(entries, forwards, [*labels, *(e.label for e in entries[len(paths) :])], strict=True):
             say(f"scoring {label} on {data.spec}")
             out = ref if fwd is forwards[0] else evaluate(fwd, eval_batches)
             e.info["metrics"] = metrics(out, ref, probe, data.labels)

@@ -36,6 +36,8 @@ class MeasuredModel:
     runners: dict[str, Callable[[Any], Any]] = field(default_factory=dict)  # engine -> run(workload inputs)
     info: dict = field(default_factory=dict)
     decoders: dict[str, Any] = field(default_factory=dict)  # engine -> a model with .generate (causal LMs)
+    label: str | None = None  # a row bench built itself (a quantized competitor); else named from `path`
+    exported: Path | None = None  # its dense ONNX export, where bench made one (the ORT competitors quantize it)
 
 
 @dataclass(frozen=True)
@@ -259,8 +261,11 @@ def model_labels(paths: list[Path]) -> list[str]:
 def summarise(entries: list[MeasuredModel], threads: int) -> list[dict]:
     """Rows: the first model is the reference for the bytes bound and the measured speed-up."""
     ref = entries[0].info
+    plain = [e for e in entries if e.label is None]
+    names = dict(zip(map(id, plain), model_labels([e.path for e in plain]), strict=True))
     rows = []
-    for e, label in zip(entries, model_labels([e.path for e in entries]), strict=True):
+    for e in entries:
+        label = e.label or names[id(e)]
         i = e.info
         best = best_format(i["bytes"])
         row = {

@@ -11,6 +11,16 @@ import numpy as np
 import torch
 
 from fpewiden.arch import find_pairs
+from fpewiden.benchmark.competitors import (
+    adopt_reference,
+    quantize_onnx,
+    reference_engines,
+    split_engines,
+    stored_bytes_table,
+    torch_int8,
+    torch_int8_bytes,
+)
+from fpewiden.benchmark.competitors import label as competitor_label
 from fpewiden.benchmark.formats import model_bytes, packed_weight_bytes, pair_layouts
 from fpewiden.benchmark.measure import (
     MeasuredModel,
@@ -79,6 +89,7 @@ def _from_checkpoint(
         onnx_path = tmp / f"{len(list(tmp.iterdir()))}.onnx"
         export(path, onnx_path, layout, verify=False, model=tr)
         e.info["ort_layout"] = layout
+        e.exported = onnx_path if layout == "dense" else None
         e.runners["ort"] = _ort_runner(onnx_path, threads, device)
     model = tr.model.eval().to(device)
     e.info["metrics"] = evaluate(model, data.x_val, data.y_val, data.kind)
@@ -222,20 +233,67 @@ def load_entries(
     threads: int,
     say: Callable[[str], None] = lambda _m: None,
 ) -> list[MeasuredModel]:
+    plain, competitors = split_engines(engines)
     entries = []
-    for i, (p, label) in enumerate(zip(paths, model_labels(paths), strict=True)):
+    labels = model_labels(paths)
+    for i, (p, label) in enumerate(zip(paths, labels, strict=True)):
         if not p.exists():
             raise FpewidenError(f"no such model: {p}")
-        say(f"loading and scoring {label} ({i + 1}/{len(paths)}; {', '.join(engines)})")
+        mine = reference_engines(plain, competitors) if i == 0 else plain
+        say(f"loading and scoring {label} ({i + 1}/{len(paths)}; {', '.join(mine)})")
         before = rss_mb()
         e = (
-            _from_onnx(p, data, engines, threads)
+            _from_onnx(p, data, mine, threads)
             if p.suffix == ".onnx"
-            else _from_checkpoint(p, data, engines, device, tmp, threads)
+            else _from_checkpoint(p, data, mine, device, tmp, threads)
         )
         e.info["memory_mb"] = max(0.0, rss_mb() - before)
         entries.append(e)
+    for c in competitors:
+        say(f"building and scoring {competitor_label(labels[0], c)}")
+        before = rss_mb()
+        e = _competitor(entries[0], c, data, device, tmp, threads)
+        e.label = competitor_label(labels[0], c)
+        e.info["memory_mb"] = max(0.0, rss_mb() - before)
+        entries.append(e)
     return entries
+
+
+def _logits(model, x: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(x.cpu())
+
+
+def _competitor(ref: MeasuredModel, competitor: str, data: Dataset, device, tmp: Path, threads: int):
+    """A quantized competitor of the reference (benchmark/competitors.py), scored on the same data."""
+    from fpewiden.export.export import export
+    from fpewiden.model.loaded import load_model
+
+    if competitor != "torch-int8":
+        src = ref.path if ref.path.suffix == ".onnx" else ref.exported
+        if src is None:
+            src = tmp / f"{len(list(tmp.iterdir()))}.onnx"
+            export(ref.path, src, "dense", verify=False)
+        e = _from_onnx(quantize_onnx(src, tmp / f"{len(list(tmp.iterdir()))}.{competitor}.onnx", competitor), data,
+                       ["ort"], threads)  # fmt: skip
+        adopt_reference(e, ref, competitor)
+        return e
+    if ref.path.suffix == ".onnx":
+        raise FpewidenError("engine torch-int8 quantizes a torch model: give the reference as a checkpoint")
+    if device.type != "cpu":
+        raise FpewidenError("engine torch-int8 runs on the CPU only (torch's dynamic int8 kernels): drop --device")
+    q = torch_int8(load_model(ref.path).model)
+    e = MeasuredModel(ref.path)
+    e.info.update({k: ref.info[k] for k in ("neurons", "nnz", "params")}, kind="quantized", ort_layout=None,
+                  bytes=stored_bytes_table(torch_int8_bytes(q), ref.info["bytes"]["dense_fp32"]),
+                  metrics=metrics_from_logits(data.kind, _logits(q, data.x_val), data.y_val))  # fmt: skip
+
+    def run(x: np.ndarray, model=q) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(x)).numpy()
+
+    e.runners["torch"] = run
+    return e
 
 
 def workloads(data: Dataset, batch_sizes: list[int]) -> list[Workload]:
