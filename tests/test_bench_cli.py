@@ -143,6 +143,36 @@ def test_bench_builds_the_quantized_competitors_of_the_reference(tmp_path):
     assert res.exit_code == 2 and "torch-int8 quantizes a torch model" in res.output
 
 
+def test_bench_measures_packed_files_at_their_stored_bytes(tmp_path):
+    """A packed file (fp32 or int8 values) is a model of its own: run by fpewiden's kernels (engine packed),
+    scored on the data, counted at exactly the bytes of its arrays, other tensors at fp32 as loaded."""
+    from safetensors import safe_open
+
+    from fpewiden.packed.pack import pack_checkpoint
+
+    src, _, _ = models(tmp_path)
+    half = tmp_path / "half.safetensors"
+    convert(src, half, ConvertOptions(alpha=1, budget=Budget.parse("0.5")))
+    f32, i8 = tmp_path / "f32.safetensors", tmp_path / "i8.safetensors"
+    pack_checkpoint(half, f32)
+    pack_checkpoint(half, i8, "int8")
+    res = runner.invoke(app, ["bench", str(half), str(f32), str(i8), "--data", DATA, "--repeat", "3",
+                              "--engines", "torch,packed", "--json", str(tmp_path / "b.json")])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    ref, p32, p8 = json.loads((tmp_path / "b.json").read_text())["benchmarks"]
+    for row, path in ((p32, f32), (p8, i8)):
+        with safe_open(str(path), "pt") as f:  # packed arrays as stored, other weights and biases at fp32
+            t = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("fpewiden_mask.")}
+        stored = sum(v.nbytes if k.startswith("fpewiden_packed.") else v.numel() * 4 for k, v in t.items())
+        assert row["best_format"] == "stored" and row["best_bytes"] == stored
+        assert set(row["latency"]) == {"packed"} and row["nnz"] <= ref["nnz"]
+    assert p32["metrics"] == pytest.approx(ref["metrics"]) and p32["nnz"] == ref["nnz"]
+    assert p8["metrics"]["accuracy"] == pytest.approx(ref["metrics"]["accuracy"], abs=0.05)
+    assert p8["best_bytes"] < p32["best_bytes"] / 2
+    res = runner.invoke(app, ["bench", str(half), str(i8), "--data", DATA, "--engines", "torch"])
+    assert res.exit_code == 2 and "measure it with --engines packed" in res.output
+
+
 def test_bench_bad_inputs(tmp_path):
     src = models(tmp_path)[0]
     res = runner.invoke(app, ["bench", str(src), "--data", "dnf:inputs=20,clauses=6"])

@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 from fpewiden.cli import app
 from fpewiden.convert import Budget, ConvertOptions, convert
 from fpewiden.export.export import export
+from fpewiden.packed.pack import pack_checkpoint
 from tests.helpers import WORDS, sentences, tiny_bert, tiny_causal
 
 pytest.importorskip("transformers")
@@ -65,9 +66,13 @@ def test_encoder_folders_and_onnx_files_on_text_and_labels(tmp_path):
     # labelled sentences: one probe on the reference's embeddings, scored on every model
     tsv = tmp_path / "l.tsv"
     tsv.write_text("\n".join(f"{'q' if i % 2 else 'p'}\t{WORDS[i % 30]} {WORDS[(3 * i) % 30]}" for i in range(60)))
-    bench(src, half, "--data", tsv, "--json", tmp_path / "p.json", "--engines", "torch,torch-int8")
+    pack_checkpoint(half, tmp_path / "half-i8", "int8")  # a packed folder: a model of its own, on the kernels
+    bench(src, half, tmp_path / "half-i8", "--data", tsv, "--json", tmp_path / "p.json",
+          "--engines", "torch,packed,torch-int8")  # fmt: skip
     rows = json.loads((tmp_path / "p.json").read_text())["benchmarks"]
-    assert rows[2]["model"] == "bert · torch int8" and set(rows[2]["latency"]) == {"torch"}
+    assert rows[2]["model"] == "half-i8" and set(rows[2]["latency"]) == {"packed"}
+    assert rows[2]["best_format"] == "stored" and rows[2]["metrics"]["cosine"] > 0.9
+    assert rows[3]["model"] == "bert · torch int8" and set(rows[3]["latency"]) == {"torch"}
     assert all(0.0 <= r["metrics"]["probe_accuracy"] <= 1.0 for r in rows)
     assert rows[0]["metrics"]["probe_accuracy"] >= rows[1]["metrics"]["probe_accuracy"] - 0.2
 

@@ -49,6 +49,10 @@ def model_kind(path: Path) -> str:
         if "input_ids" in inputs:
             return "hf"
         raise FpewidenError(f"{path} takes inputs {inputs}: neither an MLP (x) nor a language model (input_ids)")
+    from fpewiden.packed.reader import is_packed, read_packed
+
+    if is_packed(path):
+        return read_packed(path).kind
     ck = open_checkpoint(path)
     find_pairs(ck)
     return ck.kind

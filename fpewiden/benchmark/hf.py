@@ -47,6 +47,7 @@ from fpewiden.errors import FpewidenError
 from fpewiden.model.pooling import mean_pool
 from fpewiden.packed.format import packed_bytes
 from fpewiden.packed.pack import widened_alphas
+from fpewiden.packed.reader import is_packed
 
 EVAL_BATCH = 32
 PROBE_TRAIN = 3000
@@ -268,6 +269,20 @@ def _from_folder(path: Path, engines, device, tmp: Path, threads: int) -> tuple[
     return e, Forward(torch_model=model)
 
 
+def _from_packed(path: Path, engines) -> tuple[MeasuredModel, Forward]:
+    """A packed folder (`fpewiden pack`) on fpewiden's kernels, at the bytes it stores."""
+    from fpewiden.benchmark.packed_files import packed_model
+    from fpewiden.model.skeleton import has_lm_head
+
+    info, model, _ = packed_model(path, engines)
+    e = MeasuredModel(path)
+    e.info.update(info)
+    e.runners["packed"] = _torch_runner(model, torch.device("cpu"))
+    if has_lm_head(json_config(path) or {}):
+        e.decoders["packed"] = model
+    return e, Forward(torch_model=model)
+
+
 def _competitor(ref: MeasuredModel, competitor: str, device, tmp: Path, threads: int):
     """A quantized competitor of the reference (benchmark/competitors.py): its entry and its forward for scoring."""
     from fpewiden.export.export import export
@@ -415,11 +430,12 @@ def bench(
             mine = reference_engines(plain, competitors) if i == 0 else plain
             say(f"loading {label} ({i + 1}/{len(paths)}; {', '.join(mine)})")
             before = rss_mb()
-            e, fwd = (
-                _from_onnx(p, mine, device, threads)
-                if p.suffix == ".onnx"
-                else _from_folder(p, mine, device, Path(d), threads)
-            )
+            if p.suffix == ".onnx":
+                e, fwd = _from_onnx(p, mine, device, threads)
+            elif is_packed(p):
+                e, fwd = _from_packed(p, mine)
+            else:
+                e, fwd = _from_folder(p, mine, device, Path(d), threads)
             e.info["memory_mb"] = max(0.0, rss_mb() - before)
             entries.append(e)
             forwards.append(fwd)

@@ -37,6 +37,7 @@ from fpewiden.data.labels import evaluate, metrics_from_logits
 from fpewiden.data.specs import Dataset
 from fpewiden.errors import FpewidenError
 from fpewiden.packed.pack import widened_alphas
+from fpewiden.packed.reader import is_packed
 
 
 def _check_width(entry: MeasuredModel, n_in: int, data: Dataset, n_out: int | None = None) -> None:
@@ -242,11 +243,12 @@ def load_entries(
         mine = reference_engines(plain, competitors) if i == 0 else plain
         say(f"loading and scoring {label} ({i + 1}/{len(paths)}; {', '.join(mine)})")
         before = rss_mb()
-        e = (
-            _from_onnx(p, data, mine, threads)
-            if p.suffix == ".onnx"
-            else _from_checkpoint(p, data, mine, device, tmp, threads)
-        )
+        if p.suffix == ".onnx":
+            e = _from_onnx(p, data, mine, threads)
+        elif is_packed(p):
+            e = _from_packed(p, data, mine)
+        else:
+            e = _from_checkpoint(p, data, mine, device, tmp, threads)
         e.info["memory_mb"] = max(0.0, rss_mb() - before)
         entries.append(e)
     for c in competitors:
@@ -257,6 +259,26 @@ def load_entries(
         e.info["memory_mb"] = max(0.0, rss_mb() - before)
         entries.append(e)
     return entries
+
+
+def _from_packed(path: Path, data: Dataset, engines: list[str]) -> MeasuredModel:
+    """A packed MLP file (`fpewiden pack`) on fpewiden's kernels, at the bytes it stores."""
+    from fpewiden.benchmark.packed_files import packed_model
+
+    info, model, kind = packed_model(path, engines)
+    if kind != "mlp":
+        raise FpewidenError(f"{path}: fpewiden bench measures MLP checkpoints and MLP ONNX files")
+    e = MeasuredModel(path)
+    first = next(m for m in model.modules() if hasattr(m, "in_features"))
+    _check_width(e, first.in_features, data, None)
+    e.info.update(info, metrics=metrics_from_logits(data.kind, _logits(model, data.x_val), data.y_val))
+
+    def run(x: np.ndarray, model=model) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(x)).numpy()
+
+    e.runners["packed"] = run
+    return e
 
 
 def _logits(model, x: torch.Tensor) -> torch.Tensor:
