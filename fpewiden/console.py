@@ -221,7 +221,7 @@ def status_lines(prefix: str) -> Callable[[str], None]:
 
 
 def pack_table(report: dict) -> Table:
-    """Per Linear weight: the format chosen and the bytes it moves per inference, against dense."""
+    """Per Linear weight (and int8 embedding table): the format chosen and the bytes it stores, against dense."""
     t = Table(title=f"{report['dst']}: packed")
     for col in ("matrix", "format", "non-zeros", "dense bytes", "packed bytes", "ratio"):
         t.add_column(col, justify="left" if col == "matrix" else "right", no_wrap=col == "matrix")
@@ -230,5 +230,8 @@ def pack_table(report: dict) -> Table:
         t.add_row(r["name"], r["format"], nnz, f"{r['dense_bytes']:,}", f"{r['packed_bytes']:,}",
                   f"{r['packed_bytes'] / max(1, r['dense_bytes']):.3f}")  # fmt: skip
     d, p = report["dense_bytes"], report["packed_bytes"]
-    t.add_row("total (Linear weights)", "", "", f"{d:,}", f"{p:,}", f"{p / max(1, d):.3f}", style="bold")
+    what = "Linear weights" + (
+        ", embedding tables" if any(r["format"] == "embedding" for r in report["matrices"]) else ""
+    )
+    t.add_row(f"total ({what})", "", "", f"{d:,}", f"{p:,}", f"{p / max(1, d):.3f}", style="bold")
     return t

@@ -49,7 +49,7 @@ def test_encoder_folders_and_onnx_files_on_text_and_labels(tmp_path):
     assert [r["model"] for r in rows] == ["bert", "half", "half.onnx"]  # a folder and its export, told apart
     # the reference's ORT int8 (quantize_dynamic of its export): a row of its own, bytes as stored
     assert int8["model"] == "bert · ORT int8" and int8["best_format"] == "stored" and set(int8["latency"]) == {"ort"}
-    assert int8["best_bytes"] < rows[0]["bytes"]["dense_fp32"] and int8["metrics"]["cosine"] > 0.9
+    assert int8["best_bytes"] < 0.4 * rows[0]["best_bytes"] and int8["metrics"]["cosine"] > 0.9  # tables left out
     assert "vs_reference" in int8["latency"]["ort"]["4x16"]
     assert rows[0]["metrics"]["cosine"] == pytest.approx(1.0)
     assert rows[1]["metrics"]["cosine"] == pytest.approx(rows[2]["metrics"]["cosine"], abs=1e-4)  # torch = ORT

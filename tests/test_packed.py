@@ -21,6 +21,7 @@ from fpewiden.io.checkpoint import MASK_PREFIX, MASKS_FILE
 from fpewiden.model.loaded import load_model
 from fpewiden.packed import format as fmt
 from fpewiden.packed import kernels
+from fpewiden.packed.embedding import PackedEmbedding
 from fpewiden.packed.ops import PackedLinear
 from fpewiden.packed.pack import pack_checkpoint, unpack_checkpoint
 from fpewiden.packed.reader import read_packed
@@ -366,10 +367,15 @@ def test_int8_packs_every_linear_and_unpacks_to_what_the_kernels_compute(tmp_pat
     model = packed.load(tmp_path / "i8")
     linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, PackedLinear))]
     assert all(isinstance(m, PackedLinear) and m.scales is not None for m in linears[:-1])  # the LM head aside
+    # the (untied) embedding table: int8 rows with a scale each, looked up without a dense copy
+    table = model.get_input_embeddings()
+    assert isinstance(table, PackedEmbedding) and table.values.dtype == torch.int8
+    assert read_packed(tmp_path / "i8").entries["model.embed_tokens.weight"].format == "dense"
     ids = torch.randint(5, 90, (2, 7))
     import transformers
 
     ref = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "i8back")).eval()
+    assert torch.equal(ref.get_input_embeddings()(ids), table(ids))  # unpack wrote q · scale, the lookup's values
     with torch.no_grad():
         a, b = model(input_ids=ids).logits, ref(input_ids=ids).logits
         assert float((a - b).norm() / b.norm()) < (0.01 if HAS_Q8 else 1e-5)

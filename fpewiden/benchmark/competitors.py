@@ -15,7 +15,9 @@ scales, and every float tensor as it is.
 from __future__ import annotations
 
 import copy
+import logging
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -44,6 +46,7 @@ def label(reference: str, competitor: str) -> str:
 
 def quantize_onnx(src: Path, out: Path, competitor: str) -> Path:
     """The ORT competitor of a dense ONNX file, written to `out`."""
+    logging.disable(logging.WARNING)  # the quantizers log advice ("consider pre-processing") to the root logger
     try:
         if competitor == "ort-int8":
             from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -64,6 +67,8 @@ def quantize_onnx(src: Path, out: Path, competitor: str) -> Path:
     except Exception as err:  # onnxruntime's quantizers raise their own types
         why = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise FpewidenError(f"engine {competitor}: ONNX Runtime could not quantize {src.name}: {why}") from None
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def torch_int8(model: nn.Module) -> nn.Module:
@@ -86,18 +91,17 @@ def torch_int8(model: nn.Module) -> nn.Module:
     return q
 
 
-def torch_int8_bytes(q: nn.Module) -> int:
+def torch_int8_bytes(q: nn.Module, moved: Callable[[str], bool] = lambda _n: True) -> int:
     """What the quantized model stores: each quantized Linear's int8 weight, its scale and zero point (one per
-    tensor, torch's default) and fp32 bias; every other parameter and buffer as it is."""
+    tensor, torch's default) and fp32 bias; every other parameter and buffer as it is. `moved`: which tensors
+    (by name) one inference reads (a language model's embedding tables are left out, as for every row)."""
     total = 0
-    for m in q.modules():
-        if isinstance(m, torch.ao.nn.quantized.dynamic.Linear):
+    for name, m in q.named_modules():
+        if isinstance(m, torch.ao.nn.quantized.dynamic.Linear) and moved(f"{name}.weight"):
             bias = m.bias()
             total += m.in_features * m.out_features + 8 + (bias.numel() * 4 if bias is not None else 0)
-    seen = {id(t) for t in q.parameters()}
-    total += sum(t.numel() * t.element_size() for t in q.parameters())
-    total += sum(t.numel() * t.element_size() for t in q.buffers() if id(t) not in seen)
-    return total
+    tensors = {**dict(q.named_buffers()), **dict(q.named_parameters())}
+    return total + sum(t.numel() * t.element_size() for n, t in tensors.items() if moved(n))
 
 
 def adopt_reference(e, ref, competitor: str) -> None:

@@ -125,7 +125,10 @@ def packed_weight_bytes(masks: dict[str, torch.Tensor], alphas: dict[str, int]) 
 
 
 def best_format(totals: dict[str, int | None]) -> str:
-    """The format with the fewest bytes (fp32-valued formats only: fp16/bf16 change the numbers computed)."""
+    """The format with the fewest bytes (fp32-valued formats only: fp16/bf16 change the numbers computed); a
+    quantized model's is what it stores (its `dense_fp32` is only the unquantized reference)."""
+    if totals.get("stored") is not None:
+        return "stored"
     exact = {k: v for k, v in totals.items() if v is not None and k not in ("dense_fp16", "dense_bf16")}
     return min(exact, key=lambda k: (exact[k], FORMATS.index(k) if k in FORMATS else len(FORMATS)))
 

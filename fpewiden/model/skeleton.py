@@ -91,6 +91,19 @@ def linear_weights(ck: Checkpoint, model: nn.Module | None = None) -> dict[str, 
     return out
 
 
+def embedding_weights(ck: Checkpoint, model: nn.Module | None = None) -> list[str]:
+    """Checkpoint tensor names of the nn.Embedding tables no other module shares (a tied LM head reads its table
+    as a Linear weight, so a tied table is left out)."""
+    model = model if model is not None else empty_model(ck.path)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    users: dict[int, int] = {}
+    for p in params.values():
+        users[id(p)] = users.get(id(p), 0) + 1
+    tables = {f"{path}.weight" for path, mod in model.named_modules(remove_duplicate=False)
+              if isinstance(mod, nn.Embedding) and users.get(id(mod.weight), 0) == 1}  # fmt: skip
+    return [n for n in ck.shapes if checkpoint_key(model, n, params) in tables and len(ck.shapes[n]) == 2]
+
+
 def meta_tensors(model: nn.Module) -> list[str]:
     """Parameters and buffers still on the meta device (a loader that left one has lost a weight)."""
     named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]

@@ -98,6 +98,12 @@ def _load_hf(pc: PackedCheckpoint, kernel: str | None) -> nn.Module:
             path = key[: -len(".weight")]
             parent, _, leaf = path.rpartition(".")
             old = model.get_submodule(path)
+            if isinstance(old, nn.Embedding):  # an int8 table (pack --dtype int8)
+                from fpewiden.packed.embedding import PackedEmbedding
+
+                setattr(model.get_submodule(parent) if parent else model, leaf,
+                        PackedEmbedding(pc.packed(name), old.padding_idx))  # fmt: skip
+                continue
             bias = getattr(old, "bias", None)
             bias_name = name[: -len("weight")] + "bias"
             b = pc.get(bias_name) if bias is not None and bias_name in pc.source_file else None

@@ -59,6 +59,22 @@ def mask_of(pm: fmt.PackedMatrix, transposed: bool) -> torch.Tensor:
     return pack_mask((pattern.T if transposed else pattern).contiguous())
 
 
+def embedding_tables(ck: Checkpoint) -> list[str]:
+    """A Hugging Face model's untied embedding tables: with `--dtype int8` they are stored as int8 rows too, so an
+    embedding-heavy model (MiniLM: half its bytes) shrinks as a dynamic-int8 export does."""
+    if ck.kind != "hf":
+        return []
+    from fpewiden.model.skeleton import embedding_weights
+
+    return embedding_weights(ck)
+
+
+def _table(ck: Checkpoint, name: str) -> tuple[Entry, dict[str, torch.Tensor]]:
+    t = ck.get(name)
+    pm = fmt.pack_dense(t.to(torch.float32), torch.int8)
+    return entry_of(pm, ck.shapes[name], ck.dtypes[name], False), arrays_of(pm)
+
+
 def _pack_one(ck: Checkpoint, name: str, transposed: bool, alpha: int | None, dtype: torch.dtype | None):
     t = ck.get(name)
     if not t.is_floating_point() or t.dim() != 2:
@@ -92,6 +108,7 @@ def pack_checkpoint(
     check_outputs([dst], inputs or [src], force, provenance=provenance)
     value_dtype = fmt.DTYPES[dtype] if dtype else None
     kinds = candidates(ck)
+    tables = set(embedding_tables(ck)) if value_dtype == torch.int8 else set()
     widened = widened_alphas(ck)
     rows: list[dict] = []
     done = [0]
@@ -101,6 +118,13 @@ def pack_checkpoint(
         names = [n for n, f in ck.file_of.items() if f == file]
         packed: dict[str, tuple[Entry, dict[str, torch.Tensor]]] = {}
         for name in names:
+            if name in tables:  # int8 rows, dequantized on lookup (packed/embedding.py)
+                entry, arrays = packed[name] = _table(ck, name)
+                dense_bytes = fmt.dense_bytes(*entry.shape, DTYPES[entry.source_dtype])
+                stored = sum(a.nbytes for a in arrays.values())
+                rows.append({"name": name, "format": "embedding", "dense_bytes": dense_bytes, "packed_bytes": stored,
+                             "nnz": None})  # fmt: skip
+                continue
             if name not in kinds:
                 continue
             pm = _pack_one(ck, name, kinds[name], widened.get(name), value_dtype)
