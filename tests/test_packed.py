@@ -154,6 +154,29 @@ def test_int8_activations_compute_exactly_the_quantized_product():
         PackedLinear(fmt.pack_bitmask(sparse(8, 16, 0.5)), activations="int8")
 
 
+@pytest.mark.skipif(not HAS_Q8, reason="no VNNI on this CPU: oneDNN's int8 GEMM would saturate, so never used")
+@pytest.mark.parametrize("path", [p for p in PATHS if p != "torch"])
+def test_token_batches_of_int8_layers_run_torchs_int8_gemm_exactly(path):
+    """int8_mm (int8 layers of 16 inputs or more, VNNI CPUs): inputs rounded per row as gemv_q8 does, exact int32
+    sums from torch._int_mm, equal to the double product of the rounded inputs and the dequantized weights."""
+    g = torch.Generator().manual_seed(5)
+    assert "int8_mm" not in PackedLinear(fmt.pack_dense(sparse(3, 15, 1.0), torch.int8), kernel=path).modes()
+    cases = [c for c in int8_cases() if c.cols >= 16] + [fmt.pack_parent(widened(9, 130, 2), 2, torch.int8)]
+    for pm in cases:  # every layout: the dense one's values as stored, the others unpacked to int8 rows
+        bias = torch.randn(pm.rows, generator=g)
+        layer = PackedLinear(pm, bias, kernel=path)
+        assert "int8_mm" in layer.modes() and layer.activations == "int8"
+        assert "int8_mm" not in PackedLinear(pm, bias, kernel=path, activations="fp32").modes()
+        for batch in (1, 3, 17, 64):
+            x = torch.randn(batch, pm.cols, generator=g) * 4
+            x[0] = 0  # a row of zeros: scale 1, every input 0
+            sx = torch.where(x.abs().amax(1) > 0, x.abs().amax(1) / 127, torch.ones(batch))
+            xq = torch.round(x / sx.view(-1, 1)).clamp(-127, 127)
+            ref = (xq.double() * sx.double().view(-1, 1)) @ fmt.unpack(pm).double().T + bias.double()
+            y = layer(x, mode="int8_mm")
+            assert float((y.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)) < 1e-5
+
+
 @pytest.mark.parametrize("path", [p for p in PATHS if p != "torch"])
 def test_every_unpack_matches_the_reference(path):
     cases = [fmt.pack_bitmask(sparse(37, 70, 0.5).to(dt)) for dt in DTYPES]
@@ -487,7 +510,7 @@ def test_crossover_is_measured_once_per_shape_and_cached(monkeypatch):
     layer = PackedLinear(fmt.pack_bitmask(sparse(48, 80, 0.5)), kernel=PATHS[0])
     crossover.tune([layer])
     assert [n for n, _ in layer.table] == list(crossover.BATCHES)
-    assert {m for _, m in layer.table} <= set(crossover.MODES)
+    assert {m for _, m in layer.table} <= set(layer.modes())
     assert layer.mode(3) == dict(layer.table)[4] and layer.mode(10**6) == layer.table[-1][1]
     assert crossover.key(layer) in json.loads(crossover.cache_file().read_text())
 

@@ -1,10 +1,10 @@
 """Which mode a packed layer runs for n inputs, measured per shape on this machine, never guessed.
 
-For each distinct (kernel, threads, format, dtype, shape, density) the three modes (ops.py: `gemv`, `spmm`,
-`dense` = unpack and GEMM) are timed at BATCHES inputs, round-robin, medians of a few calls; a layer then runs,
-for n inputs, the mode that was fastest at the smallest measured batch ≥ n. Results are cached in
-`~/.cache/fpewiden/crossover.json` (or `$FPEWIDEN_CACHE`), so a shape is measured once per machine, at load time,
-never while a model is being timed.
+For each distinct (kernel, threads, format, dtype, shape, density) the layer's modes (ops.py: `gemv`, `spmm`,
+`dense` = unpack and GEMM; `int8_mm` for dense int8 layers) are timed at BATCHES inputs, round-robin, medians
+of a few calls; a layer then runs, for n inputs, the mode that was fastest at the smallest measured batch ≥ n.
+Results are cached in `~/.cache/fpewiden/crossover.json` (or `$FPEWIDEN_CACHE`), so a shape is measured once per
+machine, at load time, never while a model is being timed.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from fpewiden.packed.ops import MODES, PackedLinear
+from fpewiden.packed.ops import PackedLinear
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 CALLS = 3  # timed calls per mode and batch (after one untimed)
@@ -35,7 +35,7 @@ def key(layer: PackedLinear) -> str:
     density = round(layer.nnz / max(1, layer.out_features * layer.in_features), 1)
     return (
         f"{layer.kernel}|{source_hash()}|threads={torch.get_num_threads()}|{layer.format}|{layer.values.dtype}|"
-        f"{layer.out_features}x{layer.in_features}|density={density}"
+        f"{layer.out_features}x{layer.in_features}|density={density}|{','.join(layer.modes())}"
     )
 
 
@@ -64,15 +64,16 @@ def measure(layer: PackedLinear, batches: tuple[int, ...] = BATCHES) -> list[tup
     out = []
     for n in batches:
         x = torch.randn(n, layer.in_features, generator=g)
-        times: dict[str, list[float]] = {m: [] for m in MODES}
-        for m in MODES:
+        modes = layer.modes()
+        times: dict[str, list[float]] = {m: [] for m in modes}
+        for m in modes:
             layer(x, mode=m)
         for _ in range(CALLS):
-            for m in MODES:
+            for m in modes:
                 t = time.perf_counter()
                 layer(x, mode=m)
                 times[m].append(time.perf_counter() - t)
-        out.append((n, min(MODES, key=lambda m: statistics.median(times[m]))))
+        out.append((n, min(modes, key=lambda m: statistics.median(times[m]))))
     return out
 
 

@@ -8,9 +8,10 @@ proportional to the non-zeros (prefill, encoders), `dense` unpacks to fp32 and c
 where the GEMM's efficiency beats skipping zeros).
 
 int8 matrices (any layout) on a CPU with AVX-512 VNNI and VBMI2 run `gemv` as `gemv_q8`: the inputs
-quantized to int8 per row (max |x| / 127, as torch's and ONNX Runtime's dynamic int8 do) and integer dot products
-(`activations="int8"`, the default there); elsewhere, and with `activations="fp32"`, int8 values are widened to
-fp32 in registers and the inputs stay fp32.
+quantized to int8 per row (max |x| / 127, as torch's and ONNX Runtime's dynamic int8 do) and integer dot products;
+there, token batches also have the mode `int8_mm` (the same input rounding, the int8 values as dense rows, torch's
+int8 GEMM) (`activations="int8"`, the default there). Elsewhere, and with
+`activations="fp32"`, int8 values are widened to fp32 in registers and the inputs stay fp32.
 """
 
 from __future__ import annotations
@@ -67,20 +68,36 @@ class PackedLinear(nn.Module):
         self.table = table
         self._fmt, self._dtype = FORMAT_CODES[pm.format], DTYPE_CODES[pm.values.dtype]
         self.nbytes = pm.nbytes
-        self.activations = activations or self._default_activations()
+        self._gemv_q8 = self._q8()
+        self._int8_mm = self._int8_gemm()
+        self.activations = activations or ("int8" if self._gemv_q8 or self._int8_mm else "fp32")
         if self.activations not in ("fp32", "int8"):
             raise ValueError(f"activations={self.activations!r}: fp32 or int8")
-        if self.activations == "int8" and not self._q8():
+        if self.activations == "int8" and not (self._gemv_q8 or self._int8_mm):
             raise ValueError("int8 activations need int8 values and AVX-512 VNNI + VBMI2 kernels")
+        if self.activations == "fp32":
+            self._gemv_q8 = self._int8_mm = False
 
     def _q8(self) -> bool:
-        """Whether the int8-activation kernel can run this layer."""
+        """Whether the int8-activation kernel can run this layer's few-input calls."""
         if self.values.dtype != torch.int8 or self.in_features > Q8_MAX_COLS:
             return False
         return self.kernel == "avx512" and bool(torch.ops.fpewiden.has_q8())
 
-    def _default_activations(self) -> str:
-        return "int8" if self._q8() else "fp32"
+    def _int8_gemm(self) -> bool:
+        """Whether token batches can run torch's int8 GEMM on the int8 values (the dense layout's as stored, the
+        others unpacked to int8 rows per call; int32 sums exact up to 65,536 inputs). Only where the CPU has VNNI
+        (the unpack is a VNNI + VBMI2 kernel, and without VNNI
+        oneDNN's s8·s8 GEMM saturates 16-bit partial sums: forced to AVX2 with ONEDNN_MAX_CPU_ISA, every one
+        of 100 random products in tests came out wrong; pytorch/pytorch#136746), and never for fewer than 16
+        inputs (torch 2.13's CPU _int_mm returned wrong sums for one input column; pytorch/pytorch#195066)."""
+        return (self.values.dtype == torch.int8 and self.kernel != "torch"
+                and 16 <= self.in_features <= Q8_MAX_COLS and bool(torch.ops.fpewiden.has_q8()))  # fmt: skip
+
+    def modes(self) -> tuple[str, ...]:
+        """The modes this layer can run: MODES, and `int8_mm` (inputs quantized per row, torch._int_mm on the
+        int8 values, each output scaled once) for int8 layers with int8 activations."""
+        return (*MODES, "int8_mm") if self._int8_mm else MODES
 
     @property
     def packed(self) -> PackedMatrix:
@@ -108,7 +125,7 @@ class PackedLinear(nn.Module):
             y = F.linear(x2, self.dense, self.bias)
         else:
             mode = mode or self._mode(x2)
-            if mode == "gemv" and self.activations == "int8":
+            if mode == "gemv" and self._gemv_q8:
                 mode = "gemv_q8"
             y = torch.ops.fpewiden.packed_linear(
                 x2, self.values, self.bits, self.row_ptr, self.bias, self.out_features, self.in_features,

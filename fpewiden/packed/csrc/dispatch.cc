@@ -34,6 +34,7 @@ extern "C" FpwGemvQ8 fpw_select_q8(void) { return cpu().q8 ? fpw_gemv_q8_avx512v
 
 extern "C" void fpw_quantize_inputs(const float* x, int64_t ldx, int64_t batch, int64_t cols, int8_t* xq,
                                     int64_t ldxq, float* sx) {
+  if (cpu().q8) return fpw_quantize_inputs_avx512(x, ldx, batch, cols, xq, ldxq, sx);
   for (int64_t b = 0; b < batch; b++) {
     const float* row = x + b * ldx;
     float peak = 0.0f;

@@ -98,11 +98,17 @@ const FpwKernels* fpw_select(const char* isa);
 FpwGemvQ8 fpw_select_q8(void);
 void fpw_gemv_q8_avx512vnni(const FpwMatrix* w, const int8_t* xq, int64_t ldxq, const float* sx, int64_t batch,
                             const float* bias, float* y, int64_t ldy, int64_t u0, int64_t u1);
+// The int8 values of units [u0, u1) as dense rows (q, the scales not applied; rows x cols, row-major): the
+// matrix torch's int8 GEMM multiplies for token batches. Same CPUs as fpw_gemv_q8_avx512vnni; int8 matrices only.
+void fpw_unpack_q8_avx512vnni(const FpwMatrix* w, int8_t* dense, int64_t u0, int64_t u1);
 // Per input row b of x (batch x cols, row stride ldx): sx[b] = max |x| / 127 (1 for a row of zeros) and
 // xq[b * ldxq + j] = rint(x / sx[b]) (ties to even, clamped to +-127), 0 past `cols` up to ldxq.
 void fpw_quantize_inputs(const float* x, int64_t ldx, int64_t batch, int64_t cols, int8_t* xq, int64_t ldxq,
                          float* sx);
-// The same, one element at a time: the reference the ISA variants' unpack is tested against.
+// fpw_quantize_inputs on AVX-512 (where fpw_select_q8 runs): fpw_quantize_inputs calls it there.
+void fpw_quantize_inputs_avx512(const float* x, int64_t ldx, int64_t batch, int64_t cols, int8_t* xq, int64_t ldxq,
+                                float* sx);
+// A dense f32 copy of units [u0, u1), one element at a time: the reference the ISA variants' unpack is tested against.
 void fpw_unpack(const FpwMatrix* w, float* dense, int64_t u0, int64_t u1);
 
 #ifdef __cplusplus

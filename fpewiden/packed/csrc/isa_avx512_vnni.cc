@@ -221,12 +221,74 @@ void gemv_any(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, const float* s
   }
 }
 
+// One unit's int8 values as dense rows (q, unscaled): what torch's int8 GEMM multiplies for token batches.
+void unpack_unit_q8(const FpwMatrix& w, int8_t* dense, int64_t u) {
+  const int64_t n = w.cols;
+  if (w.format == FPW_DENSE) {
+    memcpy(dense + u * n, (const int8_t*)w.values + u * n, (size_t)n);
+    return;
+  }
+  if (w.format == FPW_BITMASK) {
+    const int8_t* vp = (const int8_t*)w.values + w.row_ptr[u];
+    const uint8_t* bp = w.bits + u * w.stride;
+    for (int64_t j = 0; j < n; j += 64) {
+      const uint64_t m = word_at(bp + j / 8);
+      const uint64_t k = _mm_popcnt_u64(m);
+      const __m512i packed = _mm512_maskz_loadu_epi8(_bzhi_u64(~(uint64_t)0, (unsigned)k), vp);
+      _mm512_mask_storeu_epi8(dense + u * n + j, first(n - j), _mm512_maskz_expand_epi8(m, packed));
+      vp += k;
+    }
+    return;
+  }
+  const int64_t parents = w.rows / w.alpha;
+  for (int64_t j = 0; j < n; j += 64) {
+    const __mmask64 tail = first(n - j);
+    const __m512i pv = _mm512_maskz_loadu_epi8(tail, (const int8_t*)w.values + u * n + j);
+    uint64_t pb[2] = {0, 0};
+    for (int k = 0; k < w.planes; k++) pb[k] = word_at(w.bits + (k * parents + u) * w.stride + j / 8);
+    for (int c = 0; c < w.alpha; c++) {
+      const __mmask64 mc = w.alpha <= 2 ? child_q8<2>(pb, c) : child_q8<4>(pb, c);
+      _mm512_mask_storeu_epi8(dense + (u * w.alpha + c) * n + j, tail, _mm512_maskz_mov_epi8(mc, pv));
+    }
+  }
+}
+
 }  // namespace
 
-#pragma GCC pop_options
+// fpw_quantize_inputs, 16 inputs at a time: the same results bit for bit (division, not a reciprocal; NaN and the
+// clamps as fmaxf/fminf order them; round to nearest even, as nearbyintf under the default rounding mode).
+extern "C" void fpw_quantize_inputs_avx512(const float* x, int64_t ldx, int64_t batch, int64_t cols, int8_t* xq,
+                                           int64_t ldxq, float* sx) {
+  const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+  for (int64_t b = 0; b < batch; b++) {
+    const float* row = x + b * ldx;
+    __m512 peak = _mm512_setzero_ps();
+    for (int64_t j = 0; j < cols; j += 16) {
+      const __mmask16 m = cols - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (cols - j)) - 1);
+      peak = _mm512_max_ps(_mm512_abs_ps(_mm512_maskz_loadu_ps(m, row + j)), peak);  // a NaN lane keeps the peak
+    }
+    const float top = _mm512_reduce_max_ps(peak);
+    const float s = top > 0.0f ? top / 127.0f : 1.0f;
+    sx[b] = s;
+    const __m512 vs = _mm512_set1_ps(s);
+    int8_t* out = xq + b * ldxq;
+    for (int64_t j = 0; j < cols; j += 16) {
+      const __mmask16 m = cols - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (cols - j)) - 1);
+      const __m512 q = _mm512_min_ps(_mm512_max_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(m, row + j), vs), lo), hi);
+      _mm512_mask_cvtsepi32_storeu_epi8(out + j, m, _mm512_cvtps_epi32(q));
+    }
+    memset(out + cols, 0, (size_t)(ldxq - cols));
+  }
+}
+
+extern "C" void fpw_unpack_q8_avx512vnni(const FpwMatrix* w, int8_t* dense, int64_t u0, int64_t u1) {
+  for (int64_t u = u0; u < u1; u++) unpack_unit_q8(*w, dense, u);
+}
 
 extern "C" void fpw_gemv_q8_avx512vnni(const FpwMatrix* w, const int8_t* xq, int64_t ldxq, const float* sx,
                                        int64_t batch, const float* bias, float* y, int64_t ldy, int64_t u0,
                                        int64_t u1) {
   gemv_any(*w, xq, ldxq, sx, batch, bias, y, ldy, u0, u1);
 }
+
+#pragma GCC pop_options

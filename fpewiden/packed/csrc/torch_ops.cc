@@ -3,6 +3,7 @@
 // Defined in C++ so a call costs one dispatch, not a Python custom op's (about 30 us, measured).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_int_mm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/linear.h>
@@ -183,7 +184,29 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& values, const at::Tenso
     });
     return y;
   }
-  TORCH_CHECK(mode == "spmm", "fpewiden: mode is gemv, gemv_q8, spmm or dense");
+  if (mode == "int8_mm") {  // token batches: inputs quantized per row, torch's int8 GEMM on the int8 values
+    TORCH_CHECK(fpw_select_q8() != nullptr, "fpewiden: int8_mm needs VNNI (without it oneDNN's int8 GEMM saturates)");
+    TORCH_CHECK(w.dtype == FPW_I8 && cols <= FPW_Q8_MAX_COLS && cols >= 16,
+                "fpewiden: int8_mm runs int8 matrices of 16 to ", FPW_Q8_MAX_COLS, " columns");
+    at::Tensor xq = at::empty({n, cols}, x.options().dtype(at::kChar));
+    at::Tensor sx = at::empty({n}, x.options());
+    fpw_quantize_inputs(x.data_ptr<float>(), cols, n, cols, xq.data_ptr<int8_t>(), cols, sx.data_ptr<float>());
+    at::Tensor wq;
+    if (w.format == FPW_DENSE) {
+      wq = values.narrow(0, 0, rows * cols).view({rows, cols});
+    } else {
+      wq = at::empty({rows, cols}, values.options());
+      int8_t* d = wq.data_ptr<int8_t>();
+      at::parallel_for(0, units(w), grain(w, 1), [&](int64_t u0, int64_t u1) {
+        fpw_unpack_q8_avx512vnni(&w, d, u0, u1);
+      });
+    }
+    at::Tensor row_scales = scales->narrow(0, 0, units(w));
+    if (w.format == FPW_PARENT) row_scales = row_scales.repeat_interleave(alpha);
+    at::Tensor y = at::_int_mm(xq, wq.t()).to(at::kFloat).mul_(sx.unsqueeze(1).mul(row_scales.unsqueeze(0)));
+    return bias.has_value() ? y.add_(*bias) : y;
+  }
+  TORCH_CHECK(mode == "spmm", "fpewiden: mode is gemv, gemv_q8, int8_mm, spmm or dense");
   const int64_t ld = (n + 15) / 16 * 16;  // whole vectors of lanes, the padding zero
   at::Tensor xt = at::zeros({cols, ld}, x.options());
   xt.narrow(1, 0, n).copy_(x.t());

@@ -22,6 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <cmath>
 #include <vector>
 
 #include "../fpw_kernels.h"
@@ -93,6 +94,21 @@ void run_all(const FpwMatrix& w, int64_t gemv_batch, int64_t spmm_batch, const f
     q8(&w, xq, ldq, sx, gemv_batch, bias, y, w.rows, units / 2, units);
     free(xq);
     free(sx);
+    // the int8 rows torch's int8 GEMM multiplies: q * scale is the reference unpack's value, exactly (the
+    // reference computes the same product; a raw matrix's infinite or NaN scales are left out)
+    int8_t* q = exact<int8_t>(w.rows * w.cols);
+    fpw_unpack_q8_avx512vnni(&w, q, 0, units / 2);
+    fpw_unpack_q8_avx512vnni(&w, q, units / 2, units);
+    fpw_unpack(&w, dense, 0, units);
+    for (int64_t r = 0; r < w.rows; r++) {
+      const float s = w.scales[w.format == FPW_PARENT ? r / w.alpha : r];
+      for (int64_t j = 0; j < w.cols; j++) {
+        const int8_t v = q[r * w.cols + j];
+        const float want = dense[r * w.cols + j];  // a skipped weight is 0 there, whatever its scale
+        if (std::isfinite(want) && (v == 0 ? want != 0.0f : want != (float)v * s)) __builtin_trap();
+      }
+    }
+    free(q);
   }
   fpw_unpack(&w, dense, 0, units);
   free(x);
