@@ -368,6 +368,8 @@ def test_int8_packs_every_linear_and_unpacks_to_what_the_kernels_compute(tmp_pat
             # the unpacked weights exactly, up to the inputs' own int8 rounding where int8 activations run
             ref8 = load_model(back).model.eval()(x)
             assert float((module(x) - ref8).norm() / ref8.norm()) < (0.01 if HAS_Q8 else 1e-6)
+            exact = __import__("fpewiden.packed", fromlist=["load"]).load(out, activations="fp32")  # inputs kept
+            assert float((exact(x) - ref8).norm() / ref8.norm()) < 1e-6
             y, ref = module(x), load_model(ckpt).model.eval()(x)
             assert 0 < float((y - ref).norm() / ref.norm()) < 0.02  # int8's rounding, no more
         a, b = load_file(ckpt), load_file(back)

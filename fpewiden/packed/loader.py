@@ -119,14 +119,20 @@ def _load_hf(pc: PackedCheckpoint, kernel: str | None) -> nn.Module:
     return model.eval()
 
 
-def load_packed(path: Path, kernel: str | None = None, tune: bool = True) -> nn.Module:
+def load_packed(path: Path, kernel: str | None = None, tune: bool = True, activations: str | None = None) -> nn.Module:
     """See fpewiden.packed.load."""
-    return module_of(read_packed(path), kernel, tune)
+    return module_of(read_packed(path), kernel, tune, activations)
 
 
-def module_of(pc: PackedCheckpoint, kernel: str | None = None, tune: bool = True) -> nn.Module:
+def module_of(
+    pc: PackedCheckpoint, kernel: str | None = None, tune: bool = True, activations: str | None = None
+) -> nn.Module:
     """The torch module of a packed checkpoint already read (load_packed's work after the read)."""
     model = _load_mlp(pc, kernel) if pc.kind == "mlp" else _load_hf(pc, kernel)
+    if activations is not None:
+        for m in model.modules():
+            if isinstance(m, PackedLinear) and m.values.dtype == torch.int8:
+                m.set_activations(activations)
     if tune:
         from fpewiden.packed.crossover import tune as measure
 

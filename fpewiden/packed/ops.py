@@ -68,6 +68,11 @@ class PackedLinear(nn.Module):
         self.table = table
         self._fmt, self._dtype = FORMAT_CODES[pm.format], DTYPE_CODES[pm.values.dtype]
         self.nbytes = pm.nbytes
+        self.set_activations(activations)
+
+    def set_activations(self, activations: str | None) -> None:
+        """`int8`: inputs quantized per row where an int8 path runs (gemv_q8, int8_mm); `fp32`: inputs stay fp32
+        (the int8 values widened in registers: slower, closer to the unquantized model); None: int8 where it runs."""
         self._gemv_q8 = self._q8()
         self._int8_mm = self._int8_gemm()
         self.activations = activations or ("int8" if self._gemv_q8 or self._int8_mm else "fp32")

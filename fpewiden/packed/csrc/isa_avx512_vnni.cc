@@ -93,19 +93,27 @@ inline void rows_q8(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, const fl
   }
 }
 
-template <int B, bool DENSE>
-inline void range_q8(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, const float* sx, const int32_t* x128,
-                     const float* bias, float* y, int64_t ldy, int64_t u0, int64_t u1) {
-  // rows per pass: more rows in flight helped the dense layout at one or two inputs (Zen 4, one thread)
-  constexpr int R = DENSE ? (B <= 2 ? 8 : 4) : 4;
+template <int R, int B, bool DENSE>
+inline void rows_in_passes(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, const float* sx, const int32_t* x128,
+                           const float* bias, float* y, int64_t ldy, int64_t u0, int64_t u1) {
   int64_t r = u0;
   for (; r + R <= u1; r += R) rows_q8<R, B, DENSE>(w, xq, ldxq, sx, x128, bias, y, ldy, r);
   for (; r < u1; r++) rows_q8<1, B, DENSE>(w, xq, ldxq, sx, x128, bias, y, ldy, r);
 }
 
-// The parent layout (FPE): R parents' dense int8 rows, each split into A children by the child-id planes. Per 64
-// columns one load of the parent's values (made unsigned once) and, per child, a masked byte move (the child's
-// weights, 128 = zero elsewhere) and its vpdpbusd per input: the parent's values stream once for all children.
+template <int B, bool DENSE>
+inline void range_q8(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, const float* sx, const int32_t* x128,
+                     const float* bias, float* y, int64_t ldy, int64_t u0, int64_t u1) {
+  // Rows per pass, from interleaved runs of streamed (larger than cache) matrices on one thread (Zen 4): the
+  // dense layout's rows of up to 4 KB one at a time, so the values are one sequential stream (a 32000 x 2048 LM
+  // head: ~3.6 ms against ~4.5 ms at 8 rows per pass), longer rows 8 at a time; bitmask rows 2 at a time for one
+  // or two inputs (11008 x 4096 at 50%: ~1.3 ms against ~1.7 ms at 4), 4 for more.
+  if (DENSE && B <= 2 && w.cols <= 4096)
+    return rows_in_passes<1, B, DENSE>(w, xq, ldxq, sx, x128, bias, y, ldy, u0, u1);
+  constexpr int R = DENSE ? (B <= 2 ? 8 : 4) : (B <= 2 ? 2 : 4);
+  rows_in_passes<R, B, DENSE>(w, xq, ldxq, sx, x128, bias, y, ldy, u0, u1);
+}
+
 template <int A>
 inline __mmask64 child_q8(const uint64_t* planes, int c) {
   if (A <= 2) return c ? planes[0] : ~planes[0];
