@@ -261,6 +261,10 @@ def convert(
         overlap=overlap,
         calibration=Calibration(calibration, **calibrated) if calibration is not None else None,
     )
+    from fpewiden.inspect import convert_note
+
+    if (note := convert_note(src)) is not None:  # before the work: a long conversion is no way to learn it
+        typer.echo(f"note: {note}", err=True)
     if calibration is not None:  # a process-wide setting: the command's to make, never the library's
         from fpewiden.memory import return_freed_memory
 

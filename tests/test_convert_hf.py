@@ -181,7 +181,7 @@ def test_inspect_says_which_share_of_the_bytes_a_conversion_can_touch(tmp_path):
 
     from fpewiden.cli import app
     from fpewiden.inspect import inspect_checkpoint
-    from tests.helpers import tiny_bert
+    from tests.helpers import tiny_bert, write_mlp
 
     src = tiny_bert(tmp_path / "bert")
     ck = open_checkpoint(src)
@@ -195,3 +195,10 @@ def test_inspect_says_which_share_of_the_bytes_a_conversion_can_touch(tmp_path):
     res = CliRunner().invoke(app, ["inspect", str(src)])
     assert res.exit_code == 0
     assert f"the pairs convert changes hold {shares['pairs']:.0%} of this checkpoint's weight bytes" in res.output
+    # convert says it before the work (the pairs hold under 60% here), an MLP (all pairs) never
+    res = CliRunner().invoke(app, ["convert", str(src), "--out", str(tmp_path / "half"), "--alpha", "1",
+                                   "--budget", "0.5"])  # fmt: skip
+    assert res.exit_code == 0 and f"note: the pairs convert changes hold {shares['pairs']:.0%}" in res.stderr
+    mlp = write_mlp(tmp_path / "m.safetensors", widths=(12, 16, 3))
+    res = CliRunner().invoke(app, ["convert", str(mlp), "--out", str(tmp_path / "w.safetensors")])
+    assert res.exit_code == 0 and "note:" not in res.stderr
