@@ -263,8 +263,7 @@ def convert(
     )
     from fpewiden.inspect import convert_note
 
-    if (note := convert_note(src)) is not None:  # before the work: a long conversion is no way to learn it
-        typer.echo(f"note: {note}", err=True)
+    note = [convert_note]  # said once the work starts (a refused command stays one line), not after it
     if calibration is not None:  # a process-wide setting: the command's to make, never the library's
         from fpewiden.memory import return_freed_memory
 
@@ -273,6 +272,8 @@ def convert(
         task = bar.add_task("converting", total=None)
 
         def step(name: str, done: int, total: int) -> None:
+            if note and (line := note.pop()(src)) is not None:
+                typer.echo(f"note: {line}", err=True)
             bar.update(task, completed=done, total=total, description=f"converted {name}")
 
         report = run_convert(src, out, opts, on_pair=step, force=force, clauses_path=clauses, packed=packed)

@@ -220,8 +220,9 @@ def plot(rows: list[dict], path: Path, title: str = "", provenance: Provenance |
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(6))
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.margins(x=0.15, y=0.12)
-    how = "best format; quantized: stored" if any(r["best_format"] == "stored" for r in rows) else "best exact format"
-    ax.set_xlabel(f"weight bytes per inference, {unit} ({how})")
+    stored = any(r.get("best_format") == "stored" for r in rows)
+    how = "best format; quantized: stored" if stored else "best exact format"
+    ax.set_xlabel(f"weight bytes moved per inference, {unit} ({how})")
     ax.set_ylabel(metric + (" (lower is better)" if metric in LOWER_IS_BETTER else ""))
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
