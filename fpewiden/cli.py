@@ -640,11 +640,7 @@ def bench(
     if sweep:
         from fpewiden.sweep import sweep_command
 
-        given = [flag for flag, v in (("--json", json_out), ("--markdown", markdown), ("--plot", plot)) if v]
-        if given:  # not yet written where named: say so rather than ignore them
-            raise FpewidenError(f"{', '.join(given)}: --sweep writes its reports into --sweep-out ({sweep_out})")
-
-        sweep_command(models, data, budget, sweep_out, calibration, epochs, force, options)
+        sweep_command(models, data, budget, sweep_out, calibration, epochs, force, options, (json_out, markdown, plot))
         return
     from fpewiden.benchmark.command import bench_command
 

@@ -29,25 +29,53 @@ def sweep_command(
     epochs: int,
     force: bool,
     bench_options: dict,
+    reports: tuple[Path | None, Path | None, Path | None] = (None, None, None),
 ) -> None:
     """`bench --sweep`: a recipe or checkpoint is trained for each α (sweep_recipe); a Hugging Face folder is
-    converted, optionally calibrated and distilled (hf_sweep)."""
+    converted, optionally calibrated and distilled (hf_sweep). `reports`: bench's --json, --markdown and --plot,
+    written from the sweep's bench once it is done (checked before any work)."""
     from fpewiden.data.specs import data_file
+    from fpewiden.io.outputs import check_outputs
     from fpewiden.recipes import recipe_path
     from fpewiden.run import run_recipe
 
     if len(models) != 1:
         raise FpewidenError("--sweep takes one recipe, checkpoint or Hugging Face folder")
+    asked = [p for p in reports if p is not None]
+    if reports[2] is not None:
+        from fpewiden.benchmark.outputs import check_plot_path
+
+        check_plot_path(reports[2])
+        if not _has_matplotlib():
+            raise FpewidenError("--plot needs matplotlib: pip install 'fpewiden[plot]'")
+    source = models[0] if models[0].exists() or models[0].is_dir() else recipe_path(models[0])
+    inputs = [source, *([p] if data and (p := data_file(data)) else []), *([calibration] if calibration else [])]
+    if any(p.resolve() == out.resolve() or out.resolve() in p.resolve().parents for p in asked):
+        raise FpewidenError(f"{asked[0]}: a report inside --sweep-out ({out}) would be replaced with it; name another")
+    check_outputs(asked, inputs, force, what="output path")
     if models[0].is_dir():  # a Hugging Face folder: converted (and distilled), not trained from scratch
         if data is None:
             raise FpewidenError("--sweep of a Hugging Face folder needs --data (text, TSV or embed:...)")
         hf_sweep(models[0], data, budget, out, calibration, epochs, force, bench_options)
-        return
-    if calibration is not None or epochs:
-        raise FpewidenError("--calibration and --epochs apply to --sweep of a Hugging Face folder")
-    source = models[0] if models[0].exists() else recipe_path(models[0])
-    inputs = [source, *([p] if data and (p := data_file(data)) else [])]
-    run_recipe(sweep_recipe(models[0], data, budget), out, force=force, inputs=inputs)
+    else:
+        if calibration is not None or epochs:
+            raise FpewidenError("--calibration and --epochs apply to --sweep of a Hugging Face folder")
+        run_recipe(sweep_recipe(models[0], data, budget), out, force=force, inputs=inputs)
+    if asked:
+        _write_reports(out, reports, inputs)
+
+
+def _write_reports(out: Path, reports: tuple[Path | None, Path | None, Path | None], inputs: list[Path]) -> None:
+    """The sweep's bench (out/bench.json) written where --json, --markdown and --plot name, and said where."""
+    from fpewiden.benchmark.outputs import write
+    from fpewiden.console import console
+    from fpewiden.io.provenance import Provenance, digest
+
+    doc = json.loads((out / "bench.json").read_text())
+    rows = doc["benchmarks"]
+    extra = {k: v for k, v in doc.items() if k not in ("benchmarks", "fpewiden")}
+    write(rows, *reports, Provenance("bench-sweep", lambda: digest(inputs)), extra)
+    console().print("wrote " + ", ".join(str(p) for p in reports if p is not None))
 
 
 SWEEP_ALPHAS = (1, 2, 4, 8)

@@ -192,10 +192,16 @@ def test_bench_bad_inputs(tmp_path):
 
 def test_sweep_from_checkpoint(tmp_path):
     src = models(tmp_path)[0]
-    res = runner.invoke(
-        app, ["bench", str(src), "--sweep", "--data", DATA, "--budget", "0.5", "--sweep-out", str(tmp_path / "sweep")]
-    )
+    reports = [tmp_path / "r.json", tmp_path / "r.md", tmp_path / "r.svg"]
+    res = runner.invoke(app, ["bench", str(src), "--sweep", "--data", DATA, "--budget", "0.5", "--sweep-out",
+                              str(tmp_path / "sweep"), "--json", str(reports[0]), "--markdown", str(reports[1]),
+                              "--plot", str(reports[2])])  # fmt: skip
     assert res.exit_code == 0, res.output
+    # the sweep's bench also where --json, --markdown and --plot name, and the command says where, in full
+    assert f"wrote {reports[0]}, {reports[1]}, {reports[2]}" in res.stdout.replace("\n", "")
+    assert json.loads(reports[0].read_text())["benchmarks"] == json.loads((tmp_path / "sweep" / "bench.json")
+                                                                         .read_text())["benchmarks"]  # fmt: skip
+    assert "Pareto" in reports[1].read_text() and reports[2].read_text().startswith("<?xml")
     result = json.loads((tmp_path / "sweep" / "results.json").read_text())
     labels = [s["model"] for s in result["summary"]]
     assert labels == [
@@ -217,11 +223,13 @@ def test_sweep_from_checkpoint(tmp_path):
     assert len(result["bench"]) == 4 and (tmp_path / "sweep" / "bench.png").is_file()
 
 
-def test_sweep_refuses_report_paths_it_would_not_write(tmp_path):
-    """--json, --markdown and --plot name files the sweep does not write (its reports go to --sweep-out): one line,
-    exit 2, nothing run, rather than silently ignored."""
+def test_sweep_refuses_report_paths_before_any_work(tmp_path):
+    """A report inside --sweep-out (replaced with it) or a plot format nobody writes: one line, exit 2, nothing
+    run."""
     out = tmp_path / "sweep"
     res = runner.invoke(app, ["bench", "--sweep", "polysemantic", "--sweep-out", str(out), "--markdown",
-                              str(tmp_path / "r.md"), "--plot", str(tmp_path / "r.png")])  # fmt: skip
-    assert res.exit_code == 2 and not out.exists()
-    assert res.stderr.strip() == f"error: --markdown, --plot: --sweep writes its reports into --sweep-out ({out})"
+                              str(out / "r.md")])  # fmt: skip
+    assert res.exit_code == 2 and not out.exists() and "inside --sweep-out" in res.stderr
+    res = runner.invoke(app, ["bench", "--sweep", "polysemantic", "--sweep-out", str(out), "--plot",
+                              str(tmp_path / "r.gif")])  # fmt: skip
+    assert res.exit_code == 2 and not out.exists() and len(res.stderr.strip().splitlines()) == 1
