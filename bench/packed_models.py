@@ -35,13 +35,16 @@ from packed import cpu_name, timed
 
 
 def linear_bytes(model: torch.nn.Module) -> int:
-    """Weight bytes the model's Linear (and packed) layers read per token."""
+    """Weight bytes the model's Linear (and packed) layers read per token: packed arrays as stored, torch's dynamic
+    int8 weights (a byte each, a scale and zero point), fp32 Linear weights."""
     from fpewiden.packed.ops import PackedLinear
 
     total = 0
     for m in model.modules():
         if isinstance(m, PackedLinear):
             total += m.nbytes
+        elif isinstance(m, torch.ao.nn.quantized.dynamic.Linear):
+            total += m.in_features * m.out_features + 8
         elif isinstance(m, torch.nn.Linear):
             total += m.weight.numel() * m.weight.element_size()
     return total

@@ -36,23 +36,7 @@ from fpewiden.packed.pack import pack_checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
 from packed import cpu_name, timed
-from packed_models import llama
-
-
-def linear_bytes(model: torch.nn.Module) -> int:
-    """Weight bytes the linear layers read per token: packed arrays as stored, torch's int8 weights (one byte
-    each, a scale and zero point, fp32 bias), fp32 Linear weights."""
-    from fpewiden.packed.ops import PackedLinear
-
-    total = 0
-    for m in model.modules():
-        if isinstance(m, PackedLinear):
-            total += m.nbytes
-        elif isinstance(m, torch.ao.nn.quantized.dynamic.Linear):
-            total += m.in_features * m.out_features + 8
-        elif isinstance(m, torch.nn.Linear):
-            total += m.weight.numel() * m.weight.element_size()
-    return total
+from packed_models import linear_bytes, llama
 
 
 def models(work: Path, layers: int) -> dict[str, torch.nn.Module]:

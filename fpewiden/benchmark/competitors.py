@@ -120,3 +120,31 @@ def stored_bytes_table(stored: int, dense_fp32: int) -> dict[str, int | None]:
     from fpewiden.benchmark.formats import FORMATS
 
     return {f: None for f in FORMATS} | {"dense_fp32": dense_fp32, "stored": stored}
+
+
+def quantized_export(ref, competitor: str, tmp: Path) -> Path:
+    """The ORT competitor's file: the reference's dense ONNX export (the one bench already made, else a new one;
+    an ONNX reference as it is) quantized into `tmp`."""
+    from fpewiden.export.export import export
+
+    src = ref.path if ref.path.suffix == ".onnx" else ref.exported
+    if src is None:
+        src = tmp / f"{len(list(tmp.iterdir()))}.onnx"
+        export(ref.path, src, "dense", verify=False)
+    return quantize_onnx(src, tmp / f"{len(list(tmp.iterdir()))}.{competitor}.onnx", competitor)
+
+
+def torch_int8_entry(ref, device, load: Callable[[], nn.Module], moved: Callable[[str], bool] = lambda _n: True):
+    """(the torch-int8 competitor's measured model, its quantized module) from the reference's torch model (`load`
+    gives it): what it shares with the reference and the bytes it stores; the caller adds runner and scores."""
+    from fpewiden.benchmark.measure import MeasuredModel
+
+    if ref.path.suffix == ".onnx":
+        raise FpewidenError("engine torch-int8 quantizes a torch model: give the reference as a checkpoint or folder")
+    if device.type != "cpu":
+        raise FpewidenError("engine torch-int8 runs on the CPU only (torch's dynamic int8 kernels): drop --device")
+    q = torch_int8(load())
+    e = MeasuredModel(ref.path)
+    e.info.update({k: ref.info[k] for k in ("neurons", "nnz", "params")}, kind="quantized", ort_layout=None,
+                  bytes=stored_bytes_table(torch_int8_bytes(q, moved), ref.info["bytes"]["dense_fp32"]))  # fmt: skip
+    return e, q

@@ -23,12 +23,10 @@ import torch
 
 from fpewiden.benchmark.competitors import (
     adopt_reference,
-    quantize_onnx,
+    quantized_export,
     reference_engines,
     split_engines,
-    stored_bytes_table,
-    torch_int8,
-    torch_int8_bytes,
+    torch_int8_entry,
 )
 from fpewiden.benchmark.competitors import label as competitor_label
 from fpewiden.benchmark.formats import model_bytes, pair_layouts
@@ -285,33 +283,18 @@ def _from_packed(path: Path, engines) -> tuple[MeasuredModel, Forward]:
 
 def _competitor(ref: MeasuredModel, competitor: str, device, tmp: Path, threads: int):
     """A quantized competitor of the reference (benchmark/competitors.py): its entry and its forward for scoring."""
-    from fpewiden.export.export import export
     from fpewiden.model.loaded import load_model
-
-    if competitor != "torch-int8":
-        src = ref.path if ref.path.suffix == ".onnx" else ref.exported
-        if src is None:
-            src = tmp / f"{len(list(tmp.iterdir()))}.onnx"
-            export(ref.path, src, "dense", verify=False)
-        out = quantize_onnx(src, tmp / f"{len(list(tmp.iterdir()))}.{competitor}.onnx", competitor)
-        e, fwd = _from_onnx(out, ["ort"], device, threads)
-        adopt_reference(e, ref, competitor)
-        return e, fwd
-    if ref.path.suffix == ".onnx":
-        raise FpewidenError("engine torch-int8 quantizes a torch model: give the reference as a model folder")
-    if device.type != "cpu":
-        raise FpewidenError("engine torch-int8 runs on the CPU only (torch's dynamic int8 kernels): drop --device")
     from fpewiden.model.skeleton import has_lm_head
 
-    loaded = load_model(ref.path, head=True)
-    q = torch_int8(loaded.model)
-    e = MeasuredModel(ref.path)
-    stored = torch_int8_bytes(q, lambda n: group_of(n, set()) != "embeddings")
-    e.info.update({k: ref.info[k] for k in ("neurons", "nnz", "params")}, kind="quantized", ort_layout=None,
-                  bytes=stored_bytes_table(stored, ref.info["bytes"]["dense_fp32"]),
-                  bytes_by_group={"as stored": stored})  # fmt: skip
+    if competitor != "torch-int8":
+        e, fwd = _from_onnx(quantized_export(ref, competitor, tmp), ["ort"], device, threads)
+        adopt_reference(e, ref, competitor)
+        return e, fwd
+    e, q = torch_int8_entry(ref, device, lambda: load_model(ref.path, head=True).model,
+                            lambda n: group_of(n, set()) != "embeddings")  # fmt: skip
+    e.info["bytes_by_group"] = {"as stored": e.info["bytes"]["stored"]}
     e.runners["torch"] = _torch_runner(q, torch.device("cpu"))
-    if has_lm_head(loaded.ck.config or {}):
+    if has_lm_head(json_config(ref.path) or {}):
         e.decoders["torch"] = q
     return e, Forward(torch_model=q)
 

@@ -13,12 +13,10 @@ import torch
 from fpewiden.arch import find_pairs
 from fpewiden.benchmark.competitors import (
     adopt_reference,
-    quantize_onnx,
+    quantized_export,
     reference_engines,
     split_engines,
-    stored_bytes_table,
-    torch_int8,
-    torch_int8_bytes,
+    torch_int8_entry,
 )
 from fpewiden.benchmark.competitors import label as competitor_label
 from fpewiden.benchmark.formats import model_bytes, packed_weight_bytes, pair_layouts
@@ -288,27 +286,14 @@ def _logits(model, x: torch.Tensor) -> torch.Tensor:
 
 def _competitor(ref: MeasuredModel, competitor: str, data: Dataset, device, tmp: Path, threads: int):
     """A quantized competitor of the reference (benchmark/competitors.py), scored on the same data."""
-    from fpewiden.export.export import export
     from fpewiden.model.loaded import load_model
 
     if competitor != "torch-int8":
-        src = ref.path if ref.path.suffix == ".onnx" else ref.exported
-        if src is None:
-            src = tmp / f"{len(list(tmp.iterdir()))}.onnx"
-            export(ref.path, src, "dense", verify=False)
-        e = _from_onnx(quantize_onnx(src, tmp / f"{len(list(tmp.iterdir()))}.{competitor}.onnx", competitor), data,
-                       ["ort"], threads)  # fmt: skip
+        e = _from_onnx(quantized_export(ref, competitor, tmp), data, ["ort"], threads)
         adopt_reference(e, ref, competitor)
         return e
-    if ref.path.suffix == ".onnx":
-        raise FpewidenError("engine torch-int8 quantizes a torch model: give the reference as a checkpoint")
-    if device.type != "cpu":
-        raise FpewidenError("engine torch-int8 runs on the CPU only (torch's dynamic int8 kernels): drop --device")
-    q = torch_int8(load_model(ref.path).model)
-    e = MeasuredModel(ref.path)
-    e.info.update({k: ref.info[k] for k in ("neurons", "nnz", "params")}, kind="quantized", ort_layout=None,
-                  bytes=stored_bytes_table(torch_int8_bytes(q), ref.info["bytes"]["dense_fp32"]),
-                  metrics=metrics_from_logits(data.kind, _logits(q, data.x_val), data.y_val))  # fmt: skip
+    e, q = torch_int8_entry(ref, device, lambda: load_model(ref.path).model)
+    e.info["metrics"] = metrics_from_logits(data.kind, _logits(q, data.x_val), data.y_val)
 
     def run(x: np.ndarray, model=q) -> np.ndarray:
         with torch.inference_mode():

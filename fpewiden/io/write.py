@@ -24,6 +24,12 @@ def _write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str
         os.fsync(f.fileno())
 
 
+def write_masks(path: Path, masks: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """A Hugging Face folder's fpewiden_masks.safetensors: bit-packed masks by tensor name, with fpewiden's
+    metadata (pack keeps only the masks its layouts do not encode; unpack writes them all back)."""
+    _write(path, {f"{MASK_PREFIX}{n}": m for n, m in masks.items()}, metadata)
+
+
 def write_like(
     ck: Checkpoint,
     dst: Path,
@@ -60,7 +66,7 @@ def write_like(
             by_file.setdefault(ck.file_of[n], {})[n] = t
         for f, ts in by_file.items():
             _write(tmp / f, ts, metadata)
-        _write(tmp / MASKS_FILE, masks, metadata)
+        write_masks(tmp / MASKS_FILE, packed_masks, metadata)
         write_hf_extras(ck, tmp, config or ck.config or {})
         mark_dir(tmp, provenance)
 

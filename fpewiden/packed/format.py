@@ -185,13 +185,18 @@ def structure(pm: PackedMatrix) -> torch.Tensor | None:
         return None
     if pm.format == "bitmask":
         return _unpack_bits(pm.bits, pm.rows, pm.cols, pm.stride)
+    ids = torch.arange(pm.alpha).view(1, pm.alpha, 1)
+    return (_child_ids(pm).unsqueeze(1) == ids).reshape(pm.rows, pm.cols)
+
+
+def _child_ids(pm: PackedMatrix) -> torch.Tensor:
+    """The parent layout's child id of every parent weight, (parents, cols), from its bit planes."""
     parents = pm.rows // pm.alpha
     child = torch.zeros((parents, pm.cols), dtype=torch.int64)
     for k in range(pm.planes):
         plane = pm.bits[k * parents * pm.stride : (k + 1) * parents * pm.stride]
         child |= _unpack_bits(plane, parents, pm.cols, pm.stride).long() << k
-    ids = torch.arange(pm.alpha).view(1, pm.alpha, 1)
-    return (child.unsqueeze(1) == ids).reshape(pm.rows, pm.cols)
+    return child
 
 
 def _unpack_values(pm: PackedMatrix) -> torch.Tensor:
@@ -203,13 +208,9 @@ def _unpack_values(pm: PackedMatrix) -> torch.Tensor:
         zero[keep] = pm.values[: pm.nnz]
         return zero
     parents = pm.rows // pm.alpha
-    child = torch.zeros((parents, pm.cols), dtype=torch.int64)
-    for k in range(pm.planes):
-        plane = pm.bits[k * parents * pm.stride : (k + 1) * parents * pm.stride]
-        child |= _unpack_bits(plane, parents, pm.cols, pm.stride).long() << k
     parent = pm.values[: pm.nnz].view(parents, pm.cols)
     out = zero.view(parents, pm.alpha, pm.cols)
-    out.scatter_(1, child.unsqueeze(1), parent.unsqueeze(1))
+    out.scatter_(1, _child_ids(pm).unsqueeze(1), parent.unsqueeze(1))
     return zero
 
 

@@ -18,7 +18,7 @@ from fpewiden.io.outputs import check_outputs
 from fpewiden.io.provenance import MARKER, Provenance, mark_dir
 from fpewiden.io.safetensors_stream import DTYPE_NAMES, DTYPES, StreamingWriter, read_header, read_tensor
 from fpewiden.io.write import INDEX as DENSE_INDEX
-from fpewiden.io.write import copy_extras, write_hf_extras, write_index
+from fpewiden.io.write import copy_extras, write_hf_extras, write_index, write_masks
 from fpewiden.packed import format as fmt
 from fpewiden.packed.reader import PackedCheckpoint, is_packed, read_packed
 from fpewiden.packed.schema import INDEX, PACKED_KEY, SUFFIX, Entry, arrays_of, entry_of, packed_name
@@ -285,19 +285,6 @@ def _write_dense(
                 writer.write(n, pc.get(n))
             else:
                 writer.copy_raw(n, pc.headers[n], n)
-        for n, t in masks.items():
-            writer.write(f"{MASK_PREFIX}{n}", t)
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-
-
-def write_masks(path: Path, masks: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """A Hugging Face folder's fpewiden_masks.safetensors: bit-packed masks by name, with fpewiden's metadata."""
-    layout = {f"{MASK_PREFIX}{n}": ("U8", tuple(t.shape)) for n, t in masks.items()}
-    writer = StreamingWriter(path, layout, metadata)
-    try:
         for n, t in masks.items():
             writer.write(f"{MASK_PREFIX}{n}", t)
         writer.close()
