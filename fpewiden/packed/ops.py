@@ -92,10 +92,9 @@ class PackedLinear(nn.Module):
     def _int8_gemm(self) -> bool:
         """Whether token batches can run torch's int8 GEMM on the int8 values (the dense layout's as stored, the
         others unpacked to int8 rows per call; int32 sums exact up to 65,536 inputs). Only where the CPU has VNNI
-        (the unpack is a VNNI + VBMI2 kernel, and without VNNI
-        oneDNN's s8·s8 GEMM saturates 16-bit partial sums: forced to AVX2 with ONEDNN_MAX_CPU_ISA, every one
-        of 100 random products in tests came out wrong; pytorch/pytorch#136746), and never for fewer than 16
-        inputs (torch 2.13's CPU _int_mm returned wrong sums for one input column; pytorch/pytorch#195066)."""
+        (the unpack is a VNNI + VBMI2 kernel, and without VNNI oneDNN's s8·s8 GEMM saturates 16-bit partial
+        sums; pytorch/pytorch#136746), and never for fewer than 16 inputs (torch 2.13's CPU _int_mm is wrong for
+        one input column). bench/int_mm_check.py measures both (bench/results/int_mm_check)."""
         return (self.values.dtype == torch.int8 and self.kernel != "torch"
                 and 16 <= self.in_features <= Q8_MAX_COLS and bool(torch.ops.fpewiden.has_q8()))  # fmt: skip
 

@@ -104,10 +104,10 @@ inline void rows_in_passes(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, c
 template <int B, bool DENSE>
 inline void range_q8(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, const float* sx, const int32_t* x128,
                      const float* bias, float* y, int64_t ldy, int64_t u0, int64_t u1) {
-  // Rows per pass, from interleaved runs of streamed (larger than cache) matrices on one thread (Zen 4): the
-  // dense layout's rows of up to 4 KB one at a time, so the values are one sequential stream (a 32000 x 2048 LM
-  // head: ~3.6 ms against ~4.5 ms at 8 rows per pass), longer rows 8 at a time; bitmask rows 2 at a time for one
-  // or two inputs (11008 x 4096 at 50%: ~1.3 ms against ~1.7 ms at 4), 4 for more.
+  // Rows per pass: the dense layout's rows of up to 4 KB one at a time, so the values are one sequential stream
+  // (8 short rows in flight outran the prefetcher), longer rows 8 at a time; bitmask rows 2 at a time for one or
+  // two inputs, 4 for more. Chosen on Zen 4 from ad-hoc runs; bench/quantized_decode.py and
+  // bench/int8_competitors.py are the committed measure of the result.
   if (DENSE && B <= 2 && w.cols <= 4096)
     return rows_in_passes<1, B, DENSE>(w, xq, ldxq, sx, x128, bias, y, ldy, u0, u1);
   constexpr int R = DENSE ? (B <= 2 ? 8 : 4) : (B <= 2 ? 2 : 4);
