@@ -211,6 +211,16 @@ def convert(
         str | None,
         typer.Option(help="Where the calibrated refits run: auto | cpu | cuda.", show_default="auto"),
     ] = None,
+    quantize: Annotated[
+        str | None,
+        typer.Option(
+            help="int8 | int4: put the converted layers' weights on that grid, rounding errors compensated on "
+            "the calibration data (GPTQ); needs --calibration. int8 with --packed stores exactly these values."
+        ),
+    ] = None,
+    group_size: Annotated[
+        int | None, typer.Option(help="With --quantize int4: inputs per scale.", show_default="32")
+    ] = None,
     packed: Annotated[
         bool, typer.Option("--packed", help="Write the packed checkpoint (see fpewiden pack) instead of the dense one.")
     ] = False,
@@ -228,7 +238,7 @@ def convert(
       fpewiden convert mlp.safetensors --out wide.safetensors --alpha 2 --split random
     """
     from fpewiden.console import bytes_bar, console, convert_table, pack_table
-    from fpewiden.convert import Budget, Calibration, ConvertOptions, load_clauses
+    from fpewiden.convert import Budget, Calibration, ConvertOptions, Quantization, load_clauses
     from fpewiden.convert import convert as run_convert
 
     flags = {
@@ -260,6 +270,7 @@ def convert(
         outgoing=outgoing,
         overlap=overlap,
         calibration=Calibration(calibration, **calibrated) if calibration is not None else None,
+        quantize=Quantization.of(quantize, group_size),
     )
     from fpewiden.inspect import convert_note
 

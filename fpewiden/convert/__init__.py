@@ -4,7 +4,24 @@ options (what is asked, validated) → plan (pairs, output shapes, budgets; from
 transform (the paper's FPE, or a calibrated method) → the sink (streaming writes) → pipeline (the loop).
 """
 
-from fpewiden.convert.options import ACTIVATIONS, SPLITS, Budget, Calibration, ConvertOptions, load_clauses
+from fpewiden.convert.options import (
+    ACTIVATIONS,
+    SPLITS,
+    Budget,
+    Calibration,
+    ConvertOptions,
+    Quantization,
+    load_clauses,
+)
 from fpewiden.convert.pipeline import convert
 
-__all__ = ["ACTIVATIONS", "SPLITS", "Budget", "Calibration", "ConvertOptions", "convert", "load_clauses"]
+__all__ = [
+    "ACTIVATIONS",
+    "SPLITS",
+    "Budget",
+    "Calibration",
+    "ConvertOptions",
+    "Quantization",
+    "convert",
+    "load_clauses",
+]

@@ -31,6 +31,7 @@ from fpewiden.errors import FpewidenError
 from fpewiden.fpe.calibrated import CalibratedOptions, calibrate_pair
 from fpewiden.fpe.expand import Pair
 from fpewiden.fpe.pair_function import PairFunction
+from fpewiden.fpe.quantized_pair import quantize_pair
 from fpewiden.fpe.selection import activation_split
 from fpewiden.io.checkpoint import Checkpoint
 
@@ -71,6 +72,9 @@ class CalibratedTransform:
             str(resolve_device(c.device)),
         )
         self.chosen, self.scratch = chosen, scratch
+        # a matrix is quantized by the last pair that converts it (in a chain a hidden matrix is one pair's
+        # outgoing and the next one's incoming: quantized values would not survive the next pair's refit)
+        self.last_use = {n: k for k, p in enumerate(chosen) for n in (*p.in_weights, p.out_weight)}
         self.stats: list[dict] = []
         self.warnings: list[str] = []  # printed by the CLI after the conversion
         if ck.kind == "mlp":
@@ -213,6 +217,7 @@ class CalibratedTransform:
             "ridge": c.ridge if c.ridge is not None else "chosen per refit on held-out tokens",
             "solver": c.solver,
             "device": self.copts.device,
+            **({"quantization": self.opts.quantize.summary()} if self.opts.quantize else {}),
             "layers": self.stats,
         }
 
@@ -248,7 +253,15 @@ class CalibratedTransform:
         res = calibrate_pair(
             f32, x, fn, None if b_out is None else b_out.float(), self.copts, self._split(spec, x), budget, release=True
         )
-        out = res.pair
+        out, scales = res.pair, None
+        if self.opts.quantize is not None:
+            q = self.opts.quantize
+            which = [self.last_use[n] == k for n in (*spec.in_weights, spec.out_weight)]
+            # an FPE pair whose every neuron is widened is stored in the parent layout: children share a scale
+            unit = self.copts.alpha if self.copts.alpha > 1 and self.copts.fraction >= 1 else 1
+            quantized = quantize_pair(out, x, fn, q.grid(), which, q.compensate, unit)
+            out, scales = quantized.pair, quantized.scales
+            quant_errors = quantized.errors
         if self.ck.kind == "mlp":
             self.layers[i][1:] = [out.w_in[0], out.b_in[0]]
             self.layers[i + 1][1] = out.w_out
@@ -264,6 +277,7 @@ class CalibratedTransform:
                 "output_error": res.error_after,
                 "ridges": res.ridges,
                 "solvers": res.solvers,
+                **({"quantization_errors": quant_errors} if scales is not None else {}),
             }
         )
         blocks = [
@@ -271,7 +285,7 @@ class CalibratedTransform:
             for i, (w, m, dt) in enumerate(zip([*out.w_in, out.w_out], [*out.m_in, out.m_out], dtypes, strict=True))
         ]
         in_biases = [None if b is None else b.to(dt) for b, dt in zip(out.b_in, in_dtypes, strict=True)]
-        return Converted(blocks, in_biases, res.b_out if b_out is not None else None, 0)
+        return Converted(blocks, in_biases, res.b_out if b_out is not None else None, 0, scales)
 
 
 def _forward_args(model: nn.Module) -> set[str]:

@@ -118,6 +118,52 @@ class Calibration:
             raise FpewidenError(f"ridge {self.ridge}: must be positive")
 
 
+GROUP_SIZE = 32  # int4's default: one scale per 32 inputs, as ORT's MatMulNBits default block
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """`--quantize`: the converted pairs' weights on an int8 or 4-bit grid (fpewiden/quantize.py), GPTQ-compensated
+    on the calibration data (gptq.py). int8: one scale per output row; int4: one per `group_size` inputs. The
+    scales are recorded beside the weights, so `pack --dtype int8` stores exactly these values."""
+
+    bits: str
+    group_size: int | None = None
+    compensate: bool = True  # GPTQ; False rounds to nearest (the ablation bench/quantized_quality.py measures)
+
+    @staticmethod
+    def of(bits: str | None, group_size: int | None) -> Quantization | None:
+        """From the flags: None without --quantize (--group-size alone is refused); int4's default group."""
+        if bits is None:
+            if group_size is not None:
+                raise FpewidenError("--group-size needs --quantize int4")
+            return None
+        return Quantization(bits, GROUP_SIZE if bits == "int4" and group_size is None else group_size)
+
+    def grid(self):
+        from fpewiden.quantize import BITS, Grid
+
+        return Grid(BITS[self.bits], self.group_size)
+
+    def validate(self) -> None:
+        from fpewiden.quantize import BITS
+
+        if self.bits not in BITS:
+            raise FpewidenError(f"--quantize {self.bits!r}: choose one of {', '.join(BITS)}")
+        if self.bits == "int8" and self.group_size is not None:
+            raise FpewidenError("--group-size is for --quantize int4; int8 has one scale per output row")
+        if self.group_size is not None and self.group_size < 1:
+            raise FpewidenError(f"--group-size {self.group_size}: at least 1 input per scale")
+
+    def summary(self) -> dict:
+        return {
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "scales": "per output row" if self.group_size is None else f"per {self.group_size} inputs of a row",
+            "method": "gptq" if self.compensate else "round to nearest",
+        }
+
+
 @dataclass
 class ConvertOptions:
     """α=1 expands nothing: with a budget below `same` the conversion is magnitude pruning of the same matrices,
@@ -133,6 +179,7 @@ class ConvertOptions:
     outgoing: str = "copy"
     overlap: float = 0.0  # the paper's control: share of inputs that also reach a second child (not FPE when > 0)
     calibration: Calibration | None = None
+    quantize: Quantization | None = None
 
     @property
     def groups(self) -> int | None:
@@ -179,6 +226,13 @@ class ConvertOptions:
                 raise FpewidenError("--calibration selects weights for a budget: --budget all keeps every weight")
             if self.overlap or self.outgoing != "copy":
                 raise FpewidenError("--calibration converts with copied outgoing weights and no overlap")
+        if self.quantize is not None:
+            self.quantize.validate()
+            if self.calibration is None:
+                raise FpewidenError(
+                    "--quantize compensates rounding errors on calibration data: give --calibration FILE (to round "
+                    "to nearest without data, `fpewiden pack --dtype int8` quantizes every matrix)"
+                )
         if self.outgoing == "tied" and self.overlap:
             raise FpewidenError("--outgoing tied sums a parent's children: --overlap does not apply")
 

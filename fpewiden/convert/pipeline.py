@@ -172,6 +172,9 @@ def _stream_pairs(ck, plan, opts, transform, meta, sink, on_pair, provenance) ->
                         f"--budget {opts.budget} leaves layer {spec.name} with no weights in {name}; choose a larger "
                         "--budget"
                     )
+            for name, scales in zip(names, result.scales or [], strict=False):
+                if scales is not None:
+                    sink.set_scales(name, scales)
             for b, tensor in zip(spec.in_biases, result.in_biases, strict=True):
                 if b and tensor is not None:
                     sink.set_bias(b, tensor)
@@ -262,6 +265,7 @@ def convert(
         budget_spec=str(opts.budget),
         source=str(src),
     )
+    scales = quantized_shapes(plan, opts)
     if transform is None and opts.calibration is not None:
         from fpewiden.convert.calibration import CalibratedTransform
 
@@ -270,11 +274,13 @@ def convert(
     base = {"format": "pt", **meta.strings()}
     if ck.kind == "mlp":
         with atomic_file(dst) as tmp:
-            sink = OutputSink(ck, plan, {ck.file_of[n]: tmp for n in ck.shapes}, None, base, tied)
+            sink = OutputSink(ck, plan, {ck.file_of[n]: tmp for n in ck.shapes}, None, base, tied, scales)
             report = _stream(ck, plan, opts, transform, meta, sink, on_pair, provenance)
     else:
         with atomic_dir(dst) as tmp:
-            sink = OutputSink(ck, plan, {f: tmp / f for f in set(ck.file_of.values())}, tmp / MASKS_FILE, base, tied)
+            sink = OutputSink(
+                ck, plan, {f: tmp / f for f in set(ck.file_of.values())}, tmp / MASKS_FILE, base, tied, scales
+            )
             report = _stream(ck, plan, opts, transform, meta, sink, on_pair, provenance)
             config = json.loads(json.dumps(ck.config))
             for p in chosen:
@@ -283,6 +289,19 @@ def convert(
             write_hf_extras(ck, tmp, config)
             mark_dir(tmp, provenance)
     return {"src": str(src), "dst": str(dst), **report, "metadata": meta.public()}
+
+
+def quantized_shapes(plan: Plan, opts: ConvertOptions) -> dict[str, tuple[int, int]]:
+    """With --quantize: every converted matrix's scales, (output rows, groups) in its Linear orientation."""
+    if opts.quantize is None:
+        return {}
+    grid = opts.quantize.grid()
+    out = {}
+    for p in plan.chosen:
+        for n in (*p.in_weights, p.out_weight):
+            rows, cols = plan.shapes[n][::-1] if p.transposed else plan.shapes[n]
+            out[n] = (rows, grid.groups(cols))
+    return out
 
 
 def _convert_packed(src, dst, opts, on_pair, force, clauses_path, transform) -> dict:
@@ -302,5 +321,6 @@ def _convert_packed(src, dst, opts, on_pair, force, clauses_path, transform) -> 
         dense = Path(stage) / f"converted{suffix}"
         report = convert(src, dense, opts, on_pair, False, clauses_path, transform)
         provenance.known(report["metadata"]["source_sha256"])
-        packing = pack_checkpoint(dense, dst, force=True, provenance=provenance, inputs=[*inputs, dense])
+        dtype = "int8" if opts.quantize is not None and opts.quantize.bits == "int8" else None
+        packing = pack_checkpoint(dense, dst, dtype, force=True, provenance=provenance, inputs=[*inputs, dense])
     return {**report, "dst": str(dst), "packed": packing}

@@ -15,7 +15,7 @@ import torch
 
 from fpewiden.convert.plan import Plan
 from fpewiden.fpe.expand import count
-from fpewiden.io.checkpoint import MASK_PREFIX, Checkpoint, pack_mask, packed_size
+from fpewiden.io.checkpoint import MASK_PREFIX, SCALE_PREFIX, Checkpoint, pack_mask, packed_size
 from fpewiden.io.safetensors_stream import StreamingWriter
 
 
@@ -32,10 +32,12 @@ class OutputSink:
         masks_path: Path | None,
         meta: dict,
         tied: dict[str, int] | None = None,
+        scales: dict[str, tuple[int, int]] | None = None,
     ):
         """`paths`: output path per weight file of the checkpoint; masks go inside the single weights file when
         `masks_path` is None (MLP outputs), else into their own file (Hugging Face folders). `tied`: outgoing
-        matrices stored as α equal copies per parent (counted once)."""
+        matrices stored as α equal copies per parent (counted once). `scales`: the quantization scales each
+        quantized matrix will have (fp32, (output rows, groups)), stored where the masks are."""
         self.ck, self.plan = ck, plan
         self.tied = tied or {}
         self.mask_names = sorted(set(plan.matrices) | set(ck.packed_masks))
@@ -43,6 +45,9 @@ class OutputSink:
         for name in ck.shapes:
             by_file.setdefault(ck.file_of[name], {})[name] = (ck.dtypes[name], plan.shapes[name])
         mask_layout = {f"{MASK_PREFIX}{n}": ("U8", (packed_size(plan.shapes[n]),)) for n in self.mask_names}
+        self.scale_shapes = scales or {}
+        mask_layout.update({f"{SCALE_PREFIX}{n}": ("F32", shape) for n, shape in self.scale_shapes.items()})
+        self.scales: dict[str, torch.Tensor] = {}
         if masks_path is None:
             (only,) = by_file
             by_file[only].update(mask_layout)
@@ -101,6 +106,12 @@ class OutputSink:
             self.writers[self.ck.file_of[name]].write(name, w_all)
             self._finish(name, pack_mask(m_all), count(m_all))
 
+    def set_scales(self, name: str, scales: torch.Tensor) -> None:
+        """A quantized matrix's scales (written with the masks at the end)."""
+        if tuple(scales.shape) != self.scale_shapes.get(name):
+            raise AssertionError(f"scales of {name}: {tuple(scales.shape)}, planned {self.scale_shapes.get(name)}")
+        self.scales[name] = scales.to(torch.float32).contiguous()
+
     def set_bias(self, name: str, tensor: torch.Tensor) -> None:
         """A bias the conversion changed (children's biases; a refitted outgoing bias)."""
         self.biases[name] = tensor
@@ -124,6 +135,11 @@ class OutputSink:
                     writer.write(name, self.ck.get(name))
             for n in self.mask_names:
                 self.writers[self.mask_file].write(f"{MASK_PREFIX}{n}", self.packed[n])
+            missing = set(self.scale_shapes) - set(self.scales)
+            if missing:
+                raise AssertionError(f"no scales for {sorted(missing)}")
+            for n, t in self.scales.items():
+                self.writers[self.mask_file].write(f"{SCALE_PREFIX}{n}", t)
             for w in self.writers.values():
                 w.set_metadata(metadata)
                 w.close()

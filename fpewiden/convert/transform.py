@@ -35,6 +35,7 @@ class Converted:
     in_biases: list[torch.Tensor | None]
     out_bias: torch.Tensor | None = None
     short_neurons: int = 0  # neurons with fewer non-zero inputs than α (their extra children are empty)
+    scales: list[torch.Tensor | None] | None = None  # per matrix, where it was quantized: (out rows, groups)
 
 
 class PairTransform(Protocol):

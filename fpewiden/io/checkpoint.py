@@ -25,6 +25,7 @@ from fpewiden.io.provenance import hash_file
 from fpewiden.io.safetensors_stream import DTYPE_NAMES, Header, read_header, read_rows, read_tensor
 
 MASK_PREFIX = "fpewiden_mask."
+SCALE_PREFIX = "fpewiden_scale."  # a quantized matrix's scales (convert --quantize), beside its mask
 MASKS_FILE = "fpewiden_masks.safetensors"
 PICKLE_SUFFIXES = {".pt", ".pth", ".bin"}
 
@@ -58,6 +59,7 @@ class Checkpoint:
     headers: dict[str, Header] = field(default_factory=dict)  # tensor name -> safetensors header, when on disk
     memory: dict[str, torch.Tensor] = field(default_factory=dict)  # tensors loaded from a pickle
     packed_masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    scales: dict[str, torch.Tensor] = field(default_factory=dict)  # quantized matrices: (output rows, groups)
     files: list[Path] = field(default_factory=list)  # weight files, for hashing
 
     def get(self, name: str) -> torch.Tensor:
@@ -115,8 +117,12 @@ def open_checkpoint(path: Path) -> Checkpoint:
 
 
 def _split_masks(ck: Checkpoint, tensors: dict[str, torch.Tensor] | None) -> None:
-    for name in [n for n in ck.shapes if n.startswith(MASK_PREFIX)]:
-        ck.packed_masks[name[len(MASK_PREFIX) :]] = tensors[name] if tensors is not None else ck.get(name)
+    for name in [n for n in ck.shapes if n.startswith((MASK_PREFIX, SCALE_PREFIX))]:
+        t = tensors[name] if tensors is not None else ck.get(name)
+        if name.startswith(MASK_PREFIX):
+            ck.packed_masks[name[len(MASK_PREFIX) :]] = t
+        else:
+            ck.scales[name[len(SCALE_PREFIX) :]] = t
         for d in (ck.shapes, ck.dtypes, ck.file_of, ck.headers, ck.memory):
             d.pop(name, None)
 
@@ -242,5 +248,6 @@ def _open_hf_dir(path: Path) -> Checkpoint:
     if masks.is_file():
         mh = read_header(masks)
         ck.metadata = mh.metadata
-        ck.packed_masks = {n[len(MASK_PREFIX) :]: read_tensor(mh, n) for n in mh.entries}
+        ck.packed_masks = {n[len(MASK_PREFIX) :]: read_tensor(mh, n) for n in mh.entries if n.startswith(MASK_PREFIX)}
+        ck.scales = {n[len(SCALE_PREFIX) :]: read_tensor(mh, n) for n in mh.entries if n.startswith(SCALE_PREFIX)}
     return ck

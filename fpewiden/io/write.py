@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from fpewiden.errors import FpewidenError
 from fpewiden.io.atomic import atomic_dir, atomic_file
-from fpewiden.io.checkpoint import MASK_PREFIX, MASKS_FILE, Checkpoint, save_pt
+from fpewiden.io.checkpoint import MASK_PREFIX, MASKS_FILE, SCALE_PREFIX, Checkpoint, save_pt
 from fpewiden.io.provenance import MARKER, Provenance, mark_dir
 from fpewiden.io.safetensors_stream import DTYPES
 
@@ -24,10 +24,15 @@ def _write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str
         os.fsync(f.fileno())
 
 
-def write_masks(path: Path, masks: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+def write_masks(
+    path: Path, masks: dict[str, torch.Tensor], metadata: dict[str, str], scales: dict[str, torch.Tensor] | None = None
+) -> None:
     """A Hugging Face folder's fpewiden_masks.safetensors: bit-packed masks by tensor name, with fpewiden's
-    metadata (pack keeps only the masks its layouts do not encode; unpack writes them all back)."""
-    _write(path, {f"{MASK_PREFIX}{n}": m for n, m in masks.items()}, metadata)
+    metadata (pack keeps only the masks its layouts do not encode; unpack writes them all back), and the
+    quantization scales convert --quantize recorded."""
+    tensors = {f"{MASK_PREFIX}{n}": m for n, m in masks.items()}
+    tensors.update({f"{SCALE_PREFIX}{n}": s for n, s in (scales or {}).items()})
+    _write(path, tensors, metadata)
 
 
 def write_like(

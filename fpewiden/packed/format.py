@@ -105,15 +105,18 @@ def _with_pad(values: torch.Tensor) -> torch.Tensor:
     return torch.cat([values.reshape(-1), torch.zeros(PAD, dtype=values.dtype)])
 
 
-def _values_in(w: torch.Tensor, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`w`'s rows as stored: cast to `dtype`, or for int8 quantized per row, with the scales."""
+def _values_in(
+    w: torch.Tensor, dtype: torch.dtype | None, scales: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`w`'s rows as stored: cast to `dtype`, or for int8 quantized per row, with the scales (`scales`: the ones
+    convert --quantize recorded, one per row, which `w` lies on; None: rounded to nearest)."""
     if dtype != torch.int8:
         return w.to(dtype or w.dtype), None
-    scales = row_scales(w)
+    scales = row_scales(w) if scales is None else scales.reshape(-1).to(torch.float32)
     return quantize_rows(w, scales), scales
 
 
-def pack_bitmask(w: torch.Tensor, dtype: torch.dtype | None = None) -> PackedMatrix:
+def pack_bitmask(w: torch.Tensor, dtype: torch.dtype | None = None, scales: torch.Tensor | None = None) -> PackedMatrix:
     """`w` (rows, cols) in the bitmask format, values cast to `dtype` (default: w's own; int8: quantized per
     row, the mask still w's non-zeros)."""
     rows, cols = w.shape
@@ -122,18 +125,18 @@ def pack_bitmask(w: torch.Tensor, dtype: torch.dtype | None = None) -> PackedMat
     counts = keep.sum(1, dtype=torch.int64)
     row_ptr = torch.zeros(rows + 1, dtype=torch.int64)
     torch.cumsum(counts, 0, out=row_ptr[1:])
-    q, scales = _values_in(w, dtype)
+    q, scales = _values_in(w, dtype, scales)
     values = q[keep]  # boolean indexing walks row-major: each row's values in column order
     negzero = negative_zeros(w) if scales is None else None  # int8 cannot give back a -0.0 bit for bit anyway
     return PackedMatrix("bitmask", rows, cols, _with_pad(values), _pack_bits(keep, stride), stride, int(counts.sum()),
                         row_ptr, negzero=negzero, scales=scales)  # fmt: skip
 
 
-def pack_dense(w: torch.Tensor, dtype: torch.dtype = torch.int8) -> PackedMatrix:
+def pack_dense(w: torch.Tensor, dtype: torch.dtype = torch.int8, scales: torch.Tensor | None = None) -> PackedMatrix:
     """`w` (rows, cols) in the dense format (every weight; for int8 checkpoints' matrices without zeros worth
     skipping)."""
     rows, cols = w.shape
-    q, scales = _values_in(w, dtype)
+    q, scales = _values_in(w, dtype, scales)
     return PackedMatrix("dense", rows, cols, _with_pad(q), torch.zeros(0, dtype=torch.uint8), 0, rows * cols,
                         scales=scales)  # fmt: skip
 
@@ -142,13 +145,21 @@ def planes_for(alpha: int) -> int:
     return max(1, math.ceil(math.log2(alpha)))
 
 
-def pack_parent(w: torch.Tensor, alpha: int, dtype: torch.dtype | None = None) -> PackedMatrix | None:
+def pack_parent(
+    w: torch.Tensor, alpha: int, dtype: torch.dtype | None = None, scales: torch.Tensor | None = None
+) -> PackedMatrix | None:
     """`w` (parents·α, cols), an FPE-widened incoming matrix, in the parent format; None when its children do not
-    partition their parent's row (some input feeds two children of one parent) or α is outside 2..4."""
+    partition their parent's row (some input feeds two children of one parent), α is outside 2..4, or the
+    recorded int8 `scales` (one per row) differ between children of a parent (one row holds one scale)."""
     rows, cols = w.shape
     if not 2 <= alpha <= 4 or rows % alpha:
         return None
     parents = rows // alpha
+    if scales is not None:
+        per_child = scales.reshape(parents, alpha)
+        if not bool((per_child == per_child[:, :1]).all()):
+            return None
+        scales = per_child[:, 0]
     held = (w != 0).view(parents, alpha, cols)
     if bool((held.sum(1) > 1).any()):
         return None
@@ -160,7 +171,7 @@ def pack_parent(w: torch.Tensor, alpha: int, dtype: torch.dtype | None = None) -
     stride = bit_stride(cols)
     planes = planes_for(alpha)
     bits = torch.cat([_pack_bits(((child >> k) & 1).bool(), stride) for k in range(planes)])
-    q, scales = _values_in(parent, dtype)  # int8: one scale per parent row, shared by its children
+    q, scales = _values_in(parent, dtype, scales)  # int8: one scale per parent row, shared by its children
     return PackedMatrix("parent", rows, cols, _with_pad(q), bits, stride, parents * cols, None, alpha, planes,
                         negative_zeros(w) if scales is None else None, scales)  # fmt: skip
 
@@ -283,28 +294,31 @@ def dense_bytes(rows: int, cols: int, dtype: torch.dtype) -> int:
     return rows * cols * torch.empty((), dtype=dtype).element_size()
 
 
-def best(w: torch.Tensor, dtype: torch.dtype | None = None, alpha: int | None = None) -> PackedMatrix | None:
+def best(
+    w: torch.Tensor, dtype: torch.dtype | None = None, alpha: int | None = None, scales: torch.Tensor | None = None
+) -> PackedMatrix | None:
     """The smallest packed form of `w` (`alpha`: the matrix is an FPE-widened incoming one, so the parent format
     is tried too), or None when no format is smaller than `w` stored densely in `dtype`. int8 always gives a
-    matrix (the dense format where no other is smaller): the quantized values must be stored somewhere."""
+    matrix (the dense format where no other is smaller): the quantized values must be stored somewhere.
+    `scales`: int8 scales, one per row, that `w` already lies on (convert --quantize); None: round to nearest."""
     dtype = dtype or w.dtype
     rows, cols = w.shape
     size = DTYPE_SIZE.get(dtype, torch.empty((), dtype=dtype).element_size())
-    scales = 4 if dtype == torch.int8 else 0  # bytes per unit
+    per_unit = 4 if dtype == torch.int8 else 0  # scale bytes per unit
     stride = bit_stride(cols)
-    dense = dense_bytes(rows, cols, dtype) + rows * scales
+    dense = dense_bytes(rows, cols, dtype) + rows * per_unit
     # sizes first (the parent format's needs no values; its partition check runs only where it would win)
-    bitmask = int(torch.count_nonzero(w)) * size + rows * stride + (rows + 1) * 8 + rows * scales
+    bitmask = int(torch.count_nonzero(w)) * size + rows * stride + (rows + 1) * 8 + rows * per_unit
     parent = None
     if alpha is not None and 2 <= alpha <= 4 and rows % alpha == 0:
-        parent = (rows // alpha) * (cols * size + planes_for(alpha) * stride + scales)
+        parent = (rows // alpha) * (cols * size + planes_for(alpha) * stride + per_unit)
     if parent is not None and parent < bitmask and parent < dense:
-        pm = pack_parent(w, alpha, dtype)  # type: ignore[arg-type]
+        pm = pack_parent(w, alpha, dtype, scales)  # type: ignore[arg-type]
         if pm is not None:
             return pm
     if bitmask < dense:
-        return pack_bitmask(w, dtype)
-    return pack_dense(w, dtype) if dtype == torch.int8 else None
+        return pack_bitmask(w, dtype, scales)
+    return pack_dense(w, dtype, scales) if dtype == torch.int8 else None
 
 
 def packed_bytes(mask: torch.Tensor, itemsize: int = 4, alpha: int | None = None) -> int:

@@ -13,7 +13,7 @@ import torch
 
 from fpewiden.errors import FpewidenError
 from fpewiden.io.atomic import atomic_dir, atomic_file
-from fpewiden.io.checkpoint import MASK_PREFIX, MASKS_FILE, Checkpoint, open_checkpoint, pack_mask
+from fpewiden.io.checkpoint import MASK_PREFIX, MASKS_FILE, SCALE_PREFIX, Checkpoint, open_checkpoint, pack_mask
 from fpewiden.io.outputs import check_outputs
 from fpewiden.io.provenance import MARKER, Provenance, mark_dir
 from fpewiden.io.safetensors_stream import DTYPE_NAMES, DTYPES, StreamingWriter, read_header, read_tensor
@@ -75,13 +75,30 @@ def _table(ck: Checkpoint, name: str) -> tuple[Entry, dict[str, torch.Tensor]]:
     return entry_of(pm, ck.shapes[name], ck.dtypes[name], False), arrays_of(pm)
 
 
+# How far from an integer a recorded int8 value may read once stored in the checkpoint's dtype: q · s rounded to
+# bf16 (8 significant bits) is within 127 · 2⁻⁸ of q; fp16 (11 bits) 127 · 2⁻¹¹; fp32 a few ulps.
+GRID_TOLERANCE = {"F32": 1e-3, "F16": 0.07, "BF16": 0.499}
+
+
+def recorded_scales(ck: Checkpoint, name: str, w: torch.Tensor) -> torch.Tensor | None:
+    """The int8 row scales convert --quantize recorded for `name` (Linear orientation `w`), where the weights
+    still lie on them; None where there are none, they are 4-bit groups, or the weights moved (fine-tuned)."""
+    from fpewiden.quantize import Grid, on_grid
+
+    s = ck.scales.get(name)
+    if s is None or s.dim() != 2 or s.shape[1] != 1:
+        return None
+    return s[:, 0] if on_grid(w, s, Grid(), GRID_TOLERANCE.get(ck.dtypes[name], 1e-3)) else None
+
+
 def _pack_one(ck: Checkpoint, name: str, transposed: bool, alpha: int | None, dtype: torch.dtype | None):
     t = ck.get(name)
     if not t.is_floating_point() or t.dim() != 2:
         return None
     w = (t.T if transposed else t).contiguous()
     value_dtype = dtype or (t.dtype if t.dtype in fmt.DTYPE_CODES else torch.float32)
-    return fmt.best(w, value_dtype, alpha)
+    scales = recorded_scales(ck, name, w) if value_dtype == torch.int8 else None
+    return fmt.best(w, value_dtype, alpha, scales)
 
 
 def pack_checkpoint(
@@ -155,7 +172,8 @@ def pack_checkpoint(
             _packed_index(ck, tmp)
             if (ck.path / MASKS_FILE).is_file():  # fpewiden's metadata lives there: kept, with the other masks
                 meta = read_header(ck.path / MASKS_FILE).metadata
-                write_masks(tmp / MASKS_FILE, {n: t for n, t in ck.packed_masks.items() if n not in elided}, meta)
+                masks = {n: t for n, t in ck.packed_masks.items() if n not in elided}
+                write_masks(tmp / MASKS_FILE, masks, meta, ck.scales)
             mark_dir(tmp, provenance)
     dense_total = sum(r["dense_bytes"] for r in rows)
     packed_total = sum(r["packed_bytes"] for r in rows)
@@ -194,10 +212,11 @@ def _write(
                 layout[tname] = (DTYPE_NAMES[arrays[role].dtype], tuple(arrays[role].shape))
         else:
             layout[name] = (ck.dtypes[name], ck.shapes[name])
-    if ck.kind == "mlp":
-        masks = {n: t for n, t in ck.packed_masks.items() if n not in elided}
+    if ck.kind == "mlp":  # masks and scales inside the one file (Hugging Face folders: in the masks file)
+        masks = {f"{MASK_PREFIX}{n}": t for n, t in ck.packed_masks.items() if n not in elided}
+        masks.update({f"{SCALE_PREFIX}{n}": t for n, t in ck.scales.items()})
         for n, t in masks.items():
-            layout[f"{MASK_PREFIX}{n}"] = ("U8", tuple(t.shape))
+            layout[n] = (DTYPE_NAMES[t.dtype], tuple(t.shape))
     else:
         masks = {}
     header_meta = _source_metadata(ck, file) | {
@@ -217,7 +236,7 @@ def _write(
             else:
                 writer.write(name, ck.get(name))
         for n, t in masks.items():
-            writer.write(f"{MASK_PREFIX}{n}", t)
+            writer.write(n, t)
         writer.close()
     except BaseException:
         writer.abort()
@@ -247,9 +266,10 @@ def unpack_checkpoint(src: Path, dst: Path, force: bool = False) -> dict:
         if dst.suffix != ".safetensors":
             raise FpewidenError(f"--out {dst}: an MLP unpacks to one .safetensors file")
         stored = {n[len(MASK_PREFIX) :]: pc.stored(n) for n in pc.headers if n.startswith(MASK_PREFIX)}
+        scales = {n[len(SCALE_PREFIX) :]: pc.stored(n) for n in pc.headers if n.startswith(SCALE_PREFIX)}
         with atomic_file(dst) as tmp:
             meta = next(iter(pc.file_metadata.values())) | writer
-            _write_dense(pc, pc.names(), dict(sorted((stored | derived).items())), tmp, meta)
+            _write_dense(pc, pc.names(), dict(sorted((stored | derived).items())), tmp, meta, scales)
     else:
         with atomic_dir(dst) as tmp:
             for f, names in by_file.items():
@@ -257,8 +277,10 @@ def unpack_checkpoint(src: Path, dst: Path, force: bool = False) -> dict:
             copy_extras(src, tmp, {INDEX, MARKER, DENSE_INDEX, MASKS_FILE}, skip_suffix=SUFFIX)
             if (src / MASKS_FILE).is_file():
                 header = read_header(src / MASKS_FILE)
-                stored = {n[len(MASK_PREFIX) :]: read_tensor(header, n) for n in header.entries}
-                write_masks(tmp / MASKS_FILE, dict(sorted((stored | derived).items())), header.metadata)
+                tensors = {n: read_tensor(header, n) for n in header.entries}
+                stored = {n[len(MASK_PREFIX) :]: t for n, t in tensors.items() if n.startswith(MASK_PREFIX)}
+                scales = {n[len(SCALE_PREFIX) :]: t for n, t in tensors.items() if n.startswith(SCALE_PREFIX)}
+                write_masks(tmp / MASKS_FILE, dict(sorted((stored | derived).items())), header.metadata, scales)
             # a sharded original (an index, one shard or more): its index back, naming the unpacked files
             write_index(src / INDEX, tmp / DENSE_INDEX, {n: f for f, names in by_file.items() for n in names})
             mark_dir(tmp, provenance)
@@ -266,7 +288,12 @@ def unpack_checkpoint(src: Path, dst: Path, force: bool = False) -> dict:
 
 
 def _write_dense(
-    pc: PackedCheckpoint, names: list[str], masks: dict[str, torch.Tensor], out: Path, meta: dict[str, str]
+    pc: PackedCheckpoint,
+    names: list[str],
+    masks: dict[str, torch.Tensor],
+    out: Path,
+    meta: dict[str, str],
+    scales: dict[str, torch.Tensor] | None = None,
 ) -> None:
     layout = {}
     for n in names:
@@ -276,8 +303,10 @@ def _write_dense(
         else:
             entry = pc.headers[n].entries[n]
             layout[n] = (entry.dtype, entry.shape)
-    for n, t in masks.items():
-        layout[f"{MASK_PREFIX}{n}"] = ("U8", tuple(t.shape))
+    extra = {f"{MASK_PREFIX}{n}": t for n, t in masks.items()}
+    extra.update({f"{SCALE_PREFIX}{n}": t for n, t in (scales or {}).items()})
+    for n, t in extra.items():
+        layout[n] = (DTYPE_NAMES[t.dtype], tuple(t.shape))
     writer = StreamingWriter(out, layout, meta)
     try:
         for n in names:
@@ -285,8 +314,8 @@ def _write_dense(
                 writer.write(n, pc.get(n))
             else:
                 writer.copy_raw(n, pc.headers[n], n)
-        for n, t in masks.items():
-            writer.write(f"{MASK_PREFIX}{n}", t)
+        for n, t in extra.items():
+            writer.write(n, t)
         writer.close()
     except BaseException:
         writer.abort()

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from fpewiden.errors import FpewidenError
-from fpewiden.io.checkpoint import MASKS_FILE
+from fpewiden.io.checkpoint import MASK_PREFIX, MASKS_FILE, SCALE_PREFIX
 from fpewiden.io.metadata import FpeMetadata
 from fpewiden.io.safetensors_stream import DTYPES, Header, read_header, read_tensor
 from fpewiden.packed import format as fmt
@@ -113,7 +113,7 @@ def read_packed(path: Path) -> PackedCheckpoint:
         for n in header.entries:
             if n in arrays:
                 continue
-            if not n.startswith("fpewiden_mask."):
+            if not n.startswith((MASK_PREFIX, SCALE_PREFIX)):
                 pc.source_file[n] = source
         for n in entries:
             pc.source_file[n] = source
