@@ -215,7 +215,7 @@ def convert(
         str | None,
         typer.Option(
             help="int8 | int4: put the converted layers' weights on that grid, rounding errors compensated on "
-            "the calibration data (GPTQ); needs --calibration. int8 with --packed stores exactly these values."
+            "the calibration data (GPTQ); needs --calibration. --packed (or pack --dtype) stores exactly these."
         ),
     ] = None,
     group_size: Annotated[
@@ -482,17 +482,21 @@ def pack(
     dtype: Annotated[
         str | None,
         typer.Option(
-            help="Values as fp32 | bf16 | fp16 | int8 (int8: every Linear weight, dense ones too, quantized per row "
-            "to nearest; arithmetic in fp32).",
+            help="Values as fp32 | bf16 | fp16 | int8 | int4 (int8, int4: every Linear weight, dense ones too, "
+            "quantized to nearest, or to the scales convert --quantize recorded; arithmetic in fp32).",
             show_default="each matrix's own",
         ),
+    ] = None,
+    group_size: Annotated[
+        int | None, typer.Option(help="With --dtype int4: columns per scale (16, 32, 64, ...).", show_default="32")
     ] = None,
     force: Annotated[bool, FORCE] = False,
 ) -> None:
     """Store every Linear weight that has zeros in its smallest packed format (a bitmask and the non-zeros, or,
     for an FPE-widened incoming matrix, its parent's values and a child id per weight), so it runs at its
     non-zero bytes: fpewiden.packed.load(OUT) returns a torch module on fpewiden's kernels. With --dtype int8
-    every Linear weight is stored with int8 values and a scale per row (the mask unchanged).
+    every Linear weight is stored with int8 values and a scale per row (the mask unchanged); with --dtype int4,
+    4-bit values and a scale per row and --group-size columns (embedding tables: int8 rows).
 
     \b
     Example:
@@ -508,7 +512,7 @@ def pack(
         def step(name: str, done: int, total: int) -> None:
             bar.update(task, completed=done, total=total, description=f"packed {name}")
 
-        report = pack_checkpoint(src, out, dtype, force, on_matrix=step)
+        report = pack_checkpoint(src, out, dtype, force, on_matrix=step, group_size=group_size)
     console().print(pack_table(report))
     reason = kernels.native_reason()
     typer.echo(f"kernels: {kernels.path()}" if reason is None else f"kernels: {reason}; the pure-torch fallback runs")

@@ -25,6 +25,7 @@ from fpewiden.packed.embedding import PackedEmbedding
 from fpewiden.packed.ops import PackedLinear
 from fpewiden.packed.pack import pack_checkpoint, unpack_checkpoint
 from fpewiden.packed.reader import read_packed
+from fpewiden.quantize import Grid, dequantize, expand_scales, quantize
 from tests.helpers import tiny_bert, tiny_causal, write_mlp
 
 runner = CliRunner()
@@ -104,14 +105,34 @@ def int8_cases() -> list[fmt.PackedMatrix]:
     return cases
 
 
+def int4_cases() -> list[fmt.PackedMatrix]:
+    """int4 matrices in all three formats, groups of 16 to 128 columns, ragged shapes: odd value counts (a row's
+    values start mid-byte), columns past a vector and past a group, one row, one column."""
+    I4 = fmt.INT4
+    cases = [
+        fmt.pack_bitmask(sparse(r, c, d), I4, group=g)
+        for r, c, d, g in ((37, 53, 0.5, 16), (5, 300, 0.3, 32), (1, 1, 1.0, 16), (6, 129, 0.7, 128))
+    ]
+    cases += [
+        fmt.pack_parent(widened(p, c, a), a, I4, group=g)
+        for p, c, a, g in ((7, 33, 2, 16), (3, 70, 3, 32), (4, 17, 4, 64))
+    ]
+    cases += [fmt.pack_dense(sparse(r, c, 1.0, seed=r), I4, group=g)
+              for r, c in ((9, 71), (1, 16), (3, 1), (17, 129))
+              for g in (16, 64)]  # fmt: skip
+    return cases
+
+
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("dtype", (*DTYPES, torch.int8))
+@pytest.mark.parametrize("dtype", (*DTYPES, torch.int8, fmt.INT4), ids=str)
 def test_every_kernel_path_matches_the_dense_reference(path, dtype):
-    """Every mode of every path, on every value type and format, computes with the weights `unpack` gives (int8:
-    q · scale, with fp32 inputs)."""
+    """Every mode of every path, on every value type and format, computes with the weights `unpack` gives (int8,
+    int4: q · scale, with fp32 inputs)."""
     g = torch.Generator().manual_seed(1)
     if dtype == torch.int8:
         cases = int8_cases()
+    elif dtype == fmt.INT4:
+        cases = int4_cases()
     else:
         cases = [fmt.pack_bitmask(sparse(r, c, d).to(dtype)) for r, c, d in ((37, 53, 0.5), (5, 300, 0.3), (1, 1, 1.0))]
         cases += [fmt.pack_parent(widened(p, c, a).to(dtype), a) for p, c, a in ((7, 33, 2), (3, 70, 3), (4, 17, 4))]
@@ -181,12 +202,12 @@ def test_token_batches_of_int8_layers_run_torchs_int8_gemm_exactly(path):
 def test_every_unpack_matches_the_reference(path):
     cases = [fmt.pack_bitmask(sparse(37, 70, 0.5).to(dt)) for dt in DTYPES]
     cases += [fmt.pack_parent(widened(5, 70, a), a) for a in (2, 3, 4)]
-    cases += int8_cases()
+    cases += int8_cases() + int4_cases()
     for pm in cases:
         args = (pm.values, pm.bits, pm.row_ptr, pm.rows, pm.cols, fmt.FORMATS.index(pm.format),
-                fmt.DTYPE_CODES[pm.dtype], pm.alpha, pm.planes, pm.stride, path, pm.scales)  # fmt: skip
+                fmt.DTYPE_CODES[pm.dtype], pm.alpha, pm.planes, pm.stride, path, pm.scales, pm.group)  # fmt: skip
         fast = torch.ops.fpewiden.packed_unpack(*args)
-        assert torch.equal(fast, torch.ops.fpewiden.packed_unpack(*args[:10], "reference", pm.scales))
+        assert torch.equal(fast, torch.ops.fpewiden.packed_unpack(*args[:10], "reference", pm.scales, pm.group))
         assert torch.equal(fast, fmt.unpack(pm).float())
 
 
@@ -213,6 +234,38 @@ def test_int8_quantization_keeps_the_mask_and_bounds_the_error(rows, cols, densi
         peak = w.abs().argmax(1, keepdim=True)
         assert torch.allclose(d.gather(1, peak), w.gather(1, peak), rtol=1e-6, atol=0)
     assert fmt.pack_bitmask(w, torch.int8).nnz == int((w != 0).sum())  # kept values rounding to 0 keep their place
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 24),
+    cols=st.integers(1, 150),
+    density=st.floats(0.0, 1.0),
+    group=st.sampled_from([16, 32, 128]),
+    seed=st.integers(0, 2**16),
+)
+def test_int4_values_round_trip_their_nibbles_and_keep_the_mask(rows, cols, density, group, seed):
+    """Two values a byte, odd counts included: unpack gives q · scale for exactly the kept weights, every weight
+    within half a step of its group's scale, each group's largest exact; the smallest format holds the same."""
+    w = sparse(rows, cols, density, seed)
+    pm = fmt.pack_bitmask(w, fmt.INT4, group=group)
+    assert fmt.problem(pm) is None
+    assert pm.values.numel() == (pm.nnz + 1) // 2 + fmt.PAD and pm.scales.numel() == rows * -(-cols // group)
+    back = fmt.unpack(pm)
+    assert torch.equal(back != 0, (back != 0) & (w != 0))
+    step = expand_scales(pm.scales.view(rows, -1), cols, Grid(7, group))
+    assert bool(((back - w).abs() <= step / 2 + 1e-6).all())
+    q = quantize(back, pm.scales.view(rows, -1), Grid(7, group))
+    assert bool((q.abs() <= 7).all()) and torch.equal(dequantize(q, pm.scales.view(rows, -1), Grid(7, group)),
+                                                      back)  # fmt: skip
+    small = fmt.best(w, fmt.INT4, group=group)
+    assert torch.equal(fmt.unpack(small), back)
+
+
+def test_int4_matrices_take_an_eighth_of_fp32s_value_bytes():
+    w = sparse(64, 256, 0.5)
+    f32, i4 = fmt.pack_bitmask(w), fmt.pack_bitmask(w, fmt.INT4, group=32)
+    assert i4.nbytes == f32.nbytes - 4 * f32.nnz + (f32.nnz + 1) // 2 + 64 * 8 * 4  # plus 8 scales per row
 
 
 def test_int8_matrices_take_a_quarter_of_fp32s_value_bytes():
@@ -378,7 +431,9 @@ def test_int8_packs_every_linear_and_unpacks_to_what_the_kernels_compute(tmp_pat
     if kernels.path() != "torch":  # the export traces the compiled op
         onnx_out = tmp_path / "i8.onnx"
         res = runner.invoke(app, ["export", str(out), "--layout", "packed", "--out", str(onnx_out), "--no-verify"])
-        assert res.exit_code == 2 and "int8 packed matrices have no ONNX Runtime op yet" in res.stderr, res.output
+        assert res.exit_code == 2 and "int8 and int4 packed matrices have no ONNX Runtime op yet" in res.stderr, (
+            res.output
+        )
         assert not onnx_out.exists()
     src = tiny_causal(tmp_path / "llama", "llama")
     half = tmp_path / "llama-half"

@@ -98,11 +98,21 @@ def corrupt_matrices() -> list[tuple[str, fmt.PackedMatrix, str]]:
     g = torch.Generator().manual_seed(3)
     q, qp = fmt.pack_bitmask(fmt.unpack(b), torch.int8), fmt.pack_parent(fmt.unpack(p), 3, torch.int8)
     d = fmt.pack_dense(torch.randn(6, 40, generator=g), torch.int8)
+    q4 = fmt.pack_bitmask(fmt.unpack(b), fmt.INT4, group=16)
+    d4 = fmt.pack_dense(torch.randn(6, 41, generator=g), fmt.INT4, group=32)
     return [
+        ("int4 without a group", edit(q4, group=0), "int4 values need a group of a power of two from 16 columns"),
+        ("int4 group of 24", edit(q4, group=24), "int4 values need a group of a power of two from 16 columns"),
+        ("int4 group of 8", edit(q4, group=8), "int4 values need a group of a power of two from 16 columns"),
+        ("int4 a scale per row", edit(q4, scales=torch.ones(q4.rows)), "int4 values need one scale per unit and"),
+        ("int4 group doubled", edit(q4, group=32), "int4 values need one scale per unit and group"),
+        ("int4 values a byte short", edit(q4, values=q4.values[:-1]), "the values are not the rows' bits plus the"),
+        ("int4 dense a byte short", edit(d4, values=d4.values[:-1]), "the values are not rows x cols plus the pad"),
+        ("int8 with a group", edit(q, group=16), "a group is for int4 values only"),
         ("int8 without scales", edit(q, scales=None), "int8 values need one scale per row (parent: per parent)"),
         ("int8 scales one short", edit(q, scales=q.scales[:-1]), "int8 values need one scale per row"),
         ("parent int8, a scale per row", edit(qp, scales=torch.ones(qp.rows)), "int8 values need one scale per row"),
-        ("fp32 with scales", edit(b, scales=torch.ones(b.rows)), "scales are for int8 values only"),
+        ("fp32 with scales", edit(b, scales=torch.ones(b.rows)), "scales are for int8 and int4 values only"),
         ("dense values one short", edit(d, values=d.values[:-1]), "the values are not rows x cols plus the padding"),
         ("dense with bits", edit(d, bits=torch.zeros(8, dtype=torch.uint8)), "a dense matrix has alpha 1, no bits"),
         ("dense with a stride", edit(d, stride=8), "a dense matrix has alpha 1, no bits and no row offsets"),
@@ -131,6 +141,7 @@ def run_op(pm: fmt.PackedMatrix, x: torch.Tensor, mode: str = "gemv", isa: str |
     return torch.ops.fpewiden.packed_linear(
         x, pm.values, pm.bits, pm.row_ptr, None, pm.rows, pm.cols, FORMAT_CODES[pm.format],
         DTYPE_CODES[pm.values.dtype], pm.alpha, pm.planes, pm.stride, isa or kernels.path(), mode, pm.scales,
+        pm.group,
     )  # fmt: skip
 
 

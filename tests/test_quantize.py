@@ -170,15 +170,33 @@ def test_convert_quantize_int4_puts_each_group_on_its_grid(tmp_path):
 
     src, cal = _mlp_with_calibration(tmp_path)
     out = tmp_path / "q4.safetensors"
-    args = ("--alpha", 1, "--budget", "0.5", "--calibration", cal, "--quantize", "int4", "--group-size", 4)
+    args = ("--alpha", 1, "--budget", "0.5", "--calibration", cal, "--quantize", "int4", "--group-size", 16)
     res = _cli("convert", src, "--out", out, *args)
     assert res.exit_code == 0, res.output
     ck = open_checkpoint(out)
     assert ck.meta.budget == round(0.5 * ck.meta.nnz_before)
     for name, s in ck.scales.items():
         w = ck.get(name)
-        assert s.shape == (w.shape[0], -(-w.shape[1] // 4))
-        assert on_grid(w, s, Grid(7, 4), tol=1e-4), name
+        assert s.shape == (w.shape[0], -(-w.shape[1] // 16))
+        assert on_grid(w, s, Grid(7, 16), tol=1e-4), name
+    # pack stores exactly these values at 4 bits (another group size rounds again), and the kernels run them
+    from fpewiden.packed import load
+    from fpewiden.packed.reader import read_packed
+
+    packed = tmp_path / "p4.safetensors"
+    assert _cli("pack", out, "--out", packed, "--dtype", "int4", "--group-size", 16).exit_code == 0
+    pc = read_packed(packed)
+    for name in ck.scales:
+        assert pc.entries[name].dtype == "U8" and pc.entries[name].group == 16
+        assert torch.equal(pc.get(name), ck.get(name)), name
+    from fpewiden.model.loaded import load_model
+
+    x = torch.randn(5, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(load(packed, tune=False)(x), load_model(out).model(x), rtol=1e-5, atol=1e-5)
+    other = tmp_path / "p4-64.safetensors"
+    assert _cli("pack", out, "--out", other, "--dtype", "int4", "--group-size", 64).exit_code == 0
+    assert read_packed(other).entries["0.weight"].group == 64
 
 
 def test_a_fine_tuned_checkpoint_is_rounded_again_not_trusted(tmp_path):

@@ -152,8 +152,9 @@ class Quantization:
             raise FpewidenError(f"--quantize {self.bits!r}: choose one of {', '.join(BITS)}")
         if self.bits == "int8" and self.group_size is not None:
             raise FpewidenError("--group-size is for --quantize int4; int8 has one scale per output row")
-        if self.group_size is not None and self.group_size < 1:
-            raise FpewidenError(f"--group-size {self.group_size}: at least 1 input per scale")
+        g = self.group_size
+        if g is not None and not (16 <= g <= 1 << 20 and g & (g - 1) == 0):
+            raise FpewidenError(f"--group-size {g}: a power of two from 16 (the packed kernels scale whole vectors)")
 
     def summary(self) -> dict:
         return {

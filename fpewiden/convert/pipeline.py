@@ -321,6 +321,7 @@ def _convert_packed(src, dst, opts, on_pair, force, clauses_path, transform) -> 
         dense = Path(stage) / f"converted{suffix}"
         report = convert(src, dense, opts, on_pair, False, clauses_path, transform)
         provenance.known(report["metadata"]["source_sha256"])
-        dtype = "int8" if opts.quantize is not None and opts.quantize.bits == "int8" else None
-        packing = pack_checkpoint(dense, dst, dtype, force=True, provenance=provenance, inputs=[*inputs, dense])
+        q = opts.quantize
+        packing = pack_checkpoint(dense, dst, q.bits if q else None, force=True, provenance=provenance,
+                                  inputs=[*inputs, dense], group_size=q.group_size if q else None)  # fmt: skip
     return {**report, "dst": str(dst), "packed": packing}

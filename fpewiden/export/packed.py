@@ -71,7 +71,7 @@ def _translation() -> dict:
     fpw = Opset(DOMAIN, 1)
 
     def packed_linear(x, values, bits, row_ptr, bias, rows, cols, fmt, dtype, alpha, planes, stride, isa, mode,
-                      scales=None):  # fmt: skip
+                      scales=None, group=0):  # fmt: skip
         return getattr(fpw, OP)(
             x, values, bits, row_ptr, bias,
             format=FORMATS[fmt], rows=rows, cols=cols, stride=stride, alpha=alpha, planes=planes,
@@ -95,8 +95,8 @@ def packed_graph(model: nn.Module, kind: str, vocab: int, opset: int, what: str)
 
     if any(m.scales is not None for m in model.modules() if isinstance(m, PackedLinear)):
         raise FpewidenError(
-            f"{what}: int8 packed matrices have no ONNX Runtime op yet; run this file in torch (fpewiden.packed.load)"
-            " or export the fp32 packed file"
+            f"{what}: int8 and int4 packed matrices have no ONNX Runtime op yet; run this file in torch "
+            "(fpewiden.packed.load) or export the fp32 packed file"
         )
     table = _translation()
     g = torch.Generator().manual_seed(0)

@@ -15,9 +15,12 @@ A matrix W is packed as used in y = W x: (rows, cols) = (output features, input 
 - `dense`: every weight, rows × cols row-major, then PAD zeros; no bits. Only for int8 values: what an int8
   checkpoint stores where skipping zeros would not make a matrix smaller.
 
-Values are stored as fp32, bf16, fp16 or int8 and multiplied in fp32. int8 values are quantized symmetrically
-(fpewiden/quantize.py) with one fp32 scale per unit in `scales` (a bitmask or dense row; a parent row, shared by
-its children); a weight is q · scale. Only kept weights are quantized: the mask never changes.
+Values are stored as fp32, bf16, fp16, int8 or int4 and multiplied in fp32. int8 values are quantized
+symmetrically (fpewiden/quantize.py) with one fp32 scale per unit in `scales` (a bitmask or dense row; a parent
+row, shared by its children); a weight is q · scale. int4 values (q in -7..7) are two per byte, element 2k in the
+low nibble of byte k, two's complement, held in a uint8 tensor of ⌈n/2⌉ + PAD bytes; `scales` holds one fp32 per
+unit and `group` consecutive columns (unit-major; `group` a power of two ≥ 16). Only kept weights are quantized:
+the mask never changes.
 
 Zeros are zeros by value; where a matrix stores -0.0 (multiplying a weight by a 0/1 mask leaves them), `negzero`
 records those positions in bitmask-row layout, so unpacking gives back every bit; the kernels never read it. The
@@ -33,13 +36,21 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fpewiden.quantize import dequantize_rows, quantize_rows, row_scales
+from fpewiden.quantize import BITS, Grid, dequantize_rows, expand_scales, quantize, quantize_rows, row_scales, scales_of
 
 PAD = 16  # zeros after `values`: the kernels load whole vectors of up to 16 values
 FORMATS = ("bitmask", "parent", "dense")  # csrc/fpw_kernels.h's codes, in order
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}  # csrc/fpw_kernels.h
-DTYPE_SIZE = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, torch.int8: 1}
+INT4 = torch.uint8  # the values tensor of int4 matrices holds their nibbles as bytes
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8, "int4": INT4}
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3, INT4: 4}  # csrc/fpw_kernels.h
+DTYPE_SIZE = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, torch.int8: 1, INT4: 0.5}
+QUANTIZED = (torch.int8, INT4)
+GROUP_SIZE = 32  # int4's default columns per scale: bench/results/quantized/quality measures 32 against 128
+
+
+def stored_values(n: int, dtype: torch.dtype) -> int:
+    """Bytes of `n` values (PAD excluded)."""
+    return (n + 1) // 2 if dtype == INT4 else n * torch.empty((), dtype=dtype).element_size()
 
 
 @dataclass(frozen=True)
@@ -58,7 +69,8 @@ class PackedMatrix:
     alpha: int = 1  # parent: children per parent
     planes: int = 0  # parent: bit planes of the child id
     negzero: torch.Tensor | None = None  # uint8 rows × stride: where the matrix stored -0.0 (not moved at run time)
-    scales: torch.Tensor | None = None  # int8: fp32, one per unit (rows; parent: rows / α)
+    scales: torch.Tensor | None = None  # int8: fp32, one per unit (rows; parent: rows / α); int4: per unit, group
+    group: int = 0  # int4: columns per scale
 
     @property
     def dtype(self) -> torch.dtype:
@@ -69,7 +81,7 @@ class PackedMatrix:
         """Bytes moved per inference: the stored values (PAD excluded), the bits, the row offsets, the scales."""
         rp = 0 if self.row_ptr is None else self.row_ptr.numel() * 8
         sc = 0 if self.scales is None else self.scales.numel() * 4
-        return self.nnz * self.values.element_size() + self.bits.numel() + rp + sc
+        return stored_values(self.nnz, self.dtype) + self.bits.numel() + rp + sc
 
     @property
     def units(self) -> int:
@@ -101,22 +113,42 @@ def _unpack_bits(bits: torch.Tensor, rows: int, cols: int, stride: int) -> torch
     return torch.from_numpy(np.unpackbits(b, axis=1, bitorder="little")[:, :cols].astype(bool))
 
 
-def _with_pad(values: torch.Tensor) -> torch.Tensor:
+def _with_pad(values: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The values as stored, then PAD zeros; int4 (`dtype` INT4, `values` int8 q): two per byte."""
+    if dtype == INT4:
+        q = values.reshape(-1).to(torch.uint8) & 15
+        if q.numel() % 2:
+            q = torch.cat([q, torch.zeros(1, dtype=torch.uint8)])
+        return torch.cat([q[0::2] | (q[1::2] << 4), torch.zeros(PAD, dtype=torch.uint8)])
     return torch.cat([values.reshape(-1), torch.zeros(PAD, dtype=values.dtype)])
 
 
+def nibbles(values: torch.Tensor, n: int) -> torch.Tensor:
+    """The first `n` int4 values of a stored uint8 tensor, as int8 q."""
+    b = values[: (n + 1) // 2]
+    q = torch.stack([b & 15, b >> 4], dim=1).reshape(-1)[:n].to(torch.int16)
+    return ((q ^ 8) - 8).to(torch.int8)
+
+
 def _values_in(
-    w: torch.Tensor, dtype: torch.dtype | None, scales: torch.Tensor | None = None
+    w: torch.Tensor, dtype: torch.dtype | None, scales: torch.Tensor | None = None, group: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`w`'s rows as stored: cast to `dtype`, or for int8 quantized per row, with the scales (`scales`: the ones
-    convert --quantize recorded, one per row, which `w` lies on; None: rounded to nearest)."""
+    """`w`'s rows as stored: cast to `dtype`, or for int8 quantized per row (int4: per `group` columns of a row),
+    with the scales (`scales`: the ones convert --quantize recorded, which `w` lies on; None: rounded to nearest).
+    int4 gives q as int8 (_with_pad packs them two per byte)."""
+    if dtype == INT4:
+        grid = Grid(BITS["int4"], group)
+        s = scales_of(w, grid) if scales is None else scales.reshape(w.shape[0], -1).to(torch.float32)
+        return quantize(w, s, grid), s.reshape(-1).contiguous()
     if dtype != torch.int8:
         return w.to(dtype or w.dtype), None
     scales = row_scales(w) if scales is None else scales.reshape(-1).to(torch.float32)
     return quantize_rows(w, scales), scales
 
 
-def pack_bitmask(w: torch.Tensor, dtype: torch.dtype | None = None, scales: torch.Tensor | None = None) -> PackedMatrix:
+def pack_bitmask(
+    w: torch.Tensor, dtype: torch.dtype | None = None, scales: torch.Tensor | None = None, group: int = 0
+) -> PackedMatrix:
     """`w` (rows, cols) in the bitmask format, values cast to `dtype` (default: w's own; int8: quantized per
     row, the mask still w's non-zeros)."""
     rows, cols = w.shape
@@ -125,20 +157,23 @@ def pack_bitmask(w: torch.Tensor, dtype: torch.dtype | None = None, scales: torc
     counts = keep.sum(1, dtype=torch.int64)
     row_ptr = torch.zeros(rows + 1, dtype=torch.int64)
     torch.cumsum(counts, 0, out=row_ptr[1:])
-    q, scales = _values_in(w, dtype, scales)
+    q, scales = _values_in(w, dtype, scales, group)
     values = q[keep]  # boolean indexing walks row-major: each row's values in column order
     negzero = negative_zeros(w) if scales is None else None  # int8 cannot give back a -0.0 bit for bit anyway
-    return PackedMatrix("bitmask", rows, cols, _with_pad(values), _pack_bits(keep, stride), stride, int(counts.sum()),
-                        row_ptr, negzero=negzero, scales=scales)  # fmt: skip
+    return PackedMatrix("bitmask", rows, cols, _with_pad(values, dtype), _pack_bits(keep, stride), stride,
+                        int(counts.sum()), row_ptr, negzero=negzero, scales=scales,
+                        group=group if dtype == INT4 else 0)  # fmt: skip
 
 
-def pack_dense(w: torch.Tensor, dtype: torch.dtype = torch.int8, scales: torch.Tensor | None = None) -> PackedMatrix:
+def pack_dense(
+    w: torch.Tensor, dtype: torch.dtype = torch.int8, scales: torch.Tensor | None = None, group: int = 0
+) -> PackedMatrix:
     """`w` (rows, cols) in the dense format (every weight; for int8 checkpoints' matrices without zeros worth
     skipping)."""
     rows, cols = w.shape
-    q, scales = _values_in(w, dtype, scales)
-    return PackedMatrix("dense", rows, cols, _with_pad(q), torch.zeros(0, dtype=torch.uint8), 0, rows * cols,
-                        scales=scales)  # fmt: skip
+    q, scales = _values_in(w, dtype, scales, group)
+    return PackedMatrix("dense", rows, cols, _with_pad(q, dtype), torch.zeros(0, dtype=torch.uint8), 0, rows * cols,
+                        scales=scales, group=group if dtype == INT4 else 0)  # fmt: skip
 
 
 def planes_for(alpha: int) -> int:
@@ -146,7 +181,7 @@ def planes_for(alpha: int) -> int:
 
 
 def pack_parent(
-    w: torch.Tensor, alpha: int, dtype: torch.dtype | None = None, scales: torch.Tensor | None = None
+    w: torch.Tensor, alpha: int, dtype: torch.dtype | None = None, scales: torch.Tensor | None = None, group: int = 0
 ) -> PackedMatrix | None:
     """`w` (parents·α, cols), an FPE-widened incoming matrix, in the parent format; None when its children do not
     partition their parent's row (some input feeds two children of one parent), α is outside 2..4, or the
@@ -156,10 +191,10 @@ def pack_parent(
         return None
     parents = rows // alpha
     if scales is not None:
-        per_child = scales.reshape(parents, alpha)
+        per_child = scales.reshape(parents, alpha, -1)
         if not bool((per_child == per_child[:, :1]).all()):
             return None
-        scales = per_child[:, 0]
+        scales = per_child[:, 0].reshape(parents, -1) if dtype == INT4 else per_child[:, 0, 0]
     held = (w != 0).view(parents, alpha, cols)
     if bool((held.sum(1) > 1).any()):
         return None
@@ -171,16 +206,21 @@ def pack_parent(
     stride = bit_stride(cols)
     planes = planes_for(alpha)
     bits = torch.cat([_pack_bits(((child >> k) & 1).bool(), stride) for k in range(planes)])
-    q, scales = _values_in(parent, dtype, scales)  # int8: one scale per parent row, shared by its children
-    return PackedMatrix("parent", rows, cols, _with_pad(q), bits, stride, parents * cols, None, alpha, planes,
-                        negative_zeros(w) if scales is None else None, scales)  # fmt: skip
+    q, scales = _values_in(parent, dtype, scales, group)  # quantized: parent rows' scales, shared by their children
+    return PackedMatrix("parent", rows, cols, _with_pad(q, dtype), bits, stride, parents * cols, None, alpha, planes,
+                        negative_zeros(w) if scales is None else None, scales,
+                        group if dtype == INT4 else 0)  # fmt: skip
 
 
 def unpack(pm: PackedMatrix) -> torch.Tensor:
     """The dense (rows, cols) matrix in the values' dtype (int8: dequantized to fp32, q · scale as the kernels
     compute it): bit for bit the packed one when no cast happened."""
     out = _unpack_values(pm)
-    if pm.scales is not None:
+    if pm.dtype == INT4:
+        per_unit = expand_scales(pm.scales.view(pm.units, -1), pm.cols, Grid(BITS["int4"], pm.group))
+        a = pm.alpha if pm.format == "parent" else 1
+        out = (out.view(pm.units, a, pm.cols).to(torch.float32) * per_unit.unsqueeze(1)).view(pm.rows, pm.cols)
+    elif pm.scales is not None:
         out = dequantize_rows(out.view(pm.units, -1), pm.scales).view(pm.rows, pm.cols)
     if pm.negzero is not None:  # it signs zeros, never erases a stored weight (the kernels never read it)
         neg = _unpack_bits(pm.negzero, pm.rows, pm.cols, pm.stride)
@@ -211,15 +251,17 @@ def _child_ids(pm: PackedMatrix) -> torch.Tensor:
 
 
 def _unpack_values(pm: PackedMatrix) -> torch.Tensor:
-    zero = torch.zeros((pm.rows, pm.cols), dtype=pm.dtype)
+    """The stored values at their places (int4: q as int8)."""
+    values = nibbles(pm.values, pm.nnz) if pm.dtype == INT4 else pm.values[: pm.nnz]
+    zero = torch.zeros((pm.rows, pm.cols), dtype=values.dtype)
     if pm.format == "dense":
-        return pm.values[: pm.nnz].view(pm.rows, pm.cols).clone()
+        return values.view(pm.rows, pm.cols).clone()
     if pm.format == "bitmask":
         keep = _unpack_bits(pm.bits, pm.rows, pm.cols, pm.stride)
-        zero[keep] = pm.values[: pm.nnz]
+        zero[keep] = values
         return zero
     parents = pm.rows // pm.alpha
-    parent = pm.values[: pm.nnz].view(parents, pm.cols)
+    parent = values.view(parents, pm.cols)
     out = zero.view(parents, pm.alpha, pm.cols)
     out.scatter_(1, _child_ids(pm).unsqueeze(1), parent.unsqueeze(1))
     return zero
@@ -235,17 +277,26 @@ def problem(pm: PackedMatrix) -> str | None:
         return "unknown value type code"
     if pm.rows < 1 or pm.cols < 1:
         return "rows and cols must be positive"
+    units = pm.rows // pm.alpha if pm.format == "parent" and pm.alpha >= 2 else pm.rows
+    sc = pm.scales
+    bad_scales = sc is not None and (sc.dtype != torch.float32 or sc.dim() != 1)
+    if pm.values.dtype == INT4:
+        g = pm.group
+        if not (isinstance(g, int) and 16 <= g <= 1 << 20 and g & (g - 1) == 0):
+            return "int4 values need a group of a power of two from 16 columns"
+        if sc is None or bad_scales or sc.numel() != units * -(-pm.cols // g):
+            return "int4 values need one scale per unit and group"
+    elif pm.group != 0:
+        return "a group is for int4 values only"
     if pm.values.dtype == torch.int8:
-        units = pm.rows // pm.alpha if pm.format == "parent" and pm.alpha >= 2 else pm.rows
-        sc = pm.scales
-        if sc is None or sc.dtype != torch.float32 or sc.dim() != 1 or sc.numel() != units:
+        if sc is None or bad_scales or sc.numel() != units:
             return "int8 values need one scale per row (parent: per parent)"
-    elif pm.scales is not None:
-        return "scales are for int8 values only"
+    elif pm.values.dtype != INT4 and sc is not None:
+        return "scales are for int8 and int4 values only"
     if pm.format == "dense":
         if pm.alpha != 1 or pm.planes != 0 or pm.stride != 0 or pm.bits.numel() != 0 or pm.row_ptr is not None:
             return "a dense matrix has alpha 1, no bits and no row offsets"
-        if pm.values.numel() != pm.rows * pm.cols + PAD or pm.nnz != pm.rows * pm.cols:
+        if pm.values.numel() != _padded(pm, pm.rows * pm.cols) or pm.nnz != pm.rows * pm.cols:
             return "the values are not rows x cols plus the padding"
         return None
     if pm.stride != bit_stride(pm.cols):
@@ -268,7 +319,7 @@ def problem(pm: PackedMatrix) -> str | None:
         counts = np.unpackbits(pm.bits.numpy().reshape(pm.rows, pm.stride), axis=1).sum(1, dtype=np.int64)
         if not (np.diff(ptr) == counts).all():
             return "a row's offset difference is not its number of bits"
-        if pm.values.numel() != int(ptr[-1]) + PAD or pm.nnz != int(ptr[-1]):
+        if pm.values.numel() != _padded(pm, int(ptr[-1])) or pm.nnz != int(ptr[-1]):
             return "the values are not the rows' bits plus the padding"
         return None
     if not 2 <= pm.alpha <= 4:
@@ -280,7 +331,7 @@ def problem(pm: PackedMatrix) -> str | None:
     parents = pm.rows // pm.alpha
     if pm.bits.numel() != pm.planes * parents * pm.stride or words is None:
         return "the bits are not planes x parents x stride bytes"
-    if pm.values.numel() != parents * pm.cols + PAD or pm.nnz != parents * pm.cols:
+    if pm.values.numel() != _padded(pm, parents * pm.cols) or pm.nnz != parents * pm.cols:
         return "the values are not parents x cols plus the padding"
     planes = words.reshape(pm.planes, parents, pm.stride // 8)
     if (planes[:, :, -1] & tail).any():
@@ -290,35 +341,46 @@ def problem(pm: PackedMatrix) -> str | None:
     return None
 
 
+def _padded(pm: PackedMatrix, n: int) -> int:
+    """The stored length of `n` values and PAD (int4: bytes)."""
+    return (n + 1) // 2 + PAD if pm.values.dtype == INT4 else n + PAD
+
+
 def dense_bytes(rows: int, cols: int, dtype: torch.dtype) -> int:
-    return rows * cols * torch.empty((), dtype=dtype).element_size()
+    return stored_values(rows * cols, dtype)
 
 
 def best(
-    w: torch.Tensor, dtype: torch.dtype | None = None, alpha: int | None = None, scales: torch.Tensor | None = None
+    w: torch.Tensor,
+    dtype: torch.dtype | None = None,
+    alpha: int | None = None,
+    scales: torch.Tensor | None = None,
+    group: int = GROUP_SIZE,
 ) -> PackedMatrix | None:
     """The smallest packed form of `w` (`alpha`: the matrix is an FPE-widened incoming one, so the parent format
-    is tried too), or None when no format is smaller than `w` stored densely in `dtype`. int8 always gives a
-    matrix (the dense format where no other is smaller): the quantized values must be stored somewhere.
-    `scales`: int8 scales, one per row, that `w` already lies on (convert --quantize); None: round to nearest."""
+    is tried too), or None when no format is smaller than `w` stored densely in `dtype`. Quantized types always
+    give a matrix (the dense format where no other is smaller): the quantized values must be stored somewhere.
+    `scales`: scales that `w` already lies on (convert --quantize; int8 one per row, int4 per row and `group`);
+    None: round to nearest."""
     dtype = dtype or w.dtype
     rows, cols = w.shape
     size = DTYPE_SIZE.get(dtype, torch.empty((), dtype=dtype).element_size())
-    per_unit = 4 if dtype == torch.int8 else 0  # scale bytes per unit
+    # scale bytes per unit
+    per_unit = 4 if dtype == torch.int8 else 4 * -(-cols // group) if dtype == INT4 else 0
     stride = bit_stride(cols)
     dense = dense_bytes(rows, cols, dtype) + rows * per_unit
     # sizes first (the parent format's needs no values; its partition check runs only where it would win)
-    bitmask = int(torch.count_nonzero(w)) * size + rows * stride + (rows + 1) * 8 + rows * per_unit
+    bitmask = int(int(torch.count_nonzero(w)) * size) + rows * stride + (rows + 1) * 8 + rows * per_unit
     parent = None
     if alpha is not None and 2 <= alpha <= 4 and rows % alpha == 0:
-        parent = (rows // alpha) * (cols * size + planes_for(alpha) * stride + per_unit)
+        parent = (rows // alpha) * (int(cols * size) + planes_for(alpha) * stride + per_unit)
     if parent is not None and parent < bitmask and parent < dense:
-        pm = pack_parent(w, alpha, dtype, scales)  # type: ignore[arg-type]
+        pm = pack_parent(w, alpha, dtype, scales, group)  # type: ignore[arg-type]
         if pm is not None:
             return pm
     if bitmask < dense:
-        return pack_bitmask(w, dtype, scales)
-    return pack_dense(w, dtype, scales) if dtype == torch.int8 else None
+        return pack_bitmask(w, dtype, scales, group)
+    return pack_dense(w, dtype, scales, group) if dtype in QUANTIZED else None
 
 
 def packed_bytes(mask: torch.Tensor, itemsize: int = 4, alpha: int | None = None) -> int:

@@ -39,7 +39,8 @@ def _native() -> str | None:
         return f"cannot be loaded ({str(e).splitlines()[0][:160]})"
 
     @torch.library.register_fake("fpewiden::packed_linear")
-    def _(x, values, bits, row_ptr, bias, rows, cols, fmt, dtype, alpha, planes, stride, isa, mode, scales=None):
+    def _(x, values, bits, row_ptr, bias, rows, cols, fmt, dtype, alpha, planes, stride, isa, mode, scales=None,
+          group=0):  # fmt: skip
         return x.new_empty((x.shape[0], rows))
 
     _register_cuda()

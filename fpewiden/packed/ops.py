@@ -11,7 +11,8 @@ int8 matrices (any layout) on a CPU with AVX-512 VNNI and VBMI2 run `gemv` as `g
 quantized to int8 per row (max |x| / 127, as torch's and ONNX Runtime's dynamic int8 do) and integer dot products;
 there, token batches also have the mode `int8_mm` (the same input rounding, the int8 values as dense rows, torch's
 int8 GEMM) (`activations="int8"`, the default there). Elsewhere, and with
-`activations="fp32"`, int8 values are widened to fp32 in registers and the inputs stay fp32.
+`activations="fp32"`, int8 values are widened to fp32 in registers and the inputs stay fp32. int4 values always
+are (each vector of values times its group's scale as it is loaded): the inputs stay fp32.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = pm.cols, pm.rows
         self.format, self.alpha, self.planes, self.stride, self.nnz = pm.format, pm.alpha, pm.planes, pm.stride, pm.nnz
+        self.group = pm.group
         self.kernel = kernel or kernels.path()
         self.register_buffer("values", _resident(pm.values, self.kernel))
         self.register_buffer("bits", _resident(pm.bits, self.kernel))
@@ -107,7 +109,7 @@ class PackedLinear(nn.Module):
     def packed(self) -> PackedMatrix:
         return PackedMatrix(
             self.format, self.out_features, self.in_features, self.values, self.bits, self.stride, self.nnz,
-            self.row_ptr, self.alpha, self.planes, scales=self.scales,
+            self.row_ptr, self.alpha, self.planes, scales=self.scales, group=self.group,
         )  # fmt: skip
 
     def mode(self, n: int) -> str:
@@ -134,11 +136,13 @@ class PackedLinear(nn.Module):
             y = torch.ops.fpewiden.packed_linear(
                 x2, self.values, self.bits, self.row_ptr, self.bias, self.out_features, self.in_features,
                 self._fmt, self._dtype, self.alpha, self.planes, self.stride, self.kernel, mode, self.scales,
+                self.group,
             )  # fmt: skip
         return y if flat else y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, "
-            f"dtype={self.values.dtype}, nnz={self.nnz}, kernel={self.kernel}, activations={self.activations}"
+            f"dtype={'int4' if self.group else self.values.dtype}, "
+            f"nnz={self.nnz}, kernel={self.kernel}, activations={self.activations}"
         )

@@ -80,25 +80,34 @@ def _table(ck: Checkpoint, name: str) -> tuple[Entry, dict[str, torch.Tensor]]:
 GRID_TOLERANCE = {"F32": 1e-3, "F16": 0.07, "BF16": 0.499}
 
 
-def recorded_scales(ck: Checkpoint, name: str, w: torch.Tensor) -> torch.Tensor | None:
-    """The int8 row scales convert --quantize recorded for `name` (Linear orientation `w`), where the weights
-    still lie on them; None where there are none, they are 4-bit groups, or the weights moved (fine-tuned)."""
-    from fpewiden.quantize import Grid, on_grid
+def recorded_scales(ck: Checkpoint, name: str, w: torch.Tensor, group: int | None = None) -> torch.Tensor | None:
+    """The scales convert --quantize recorded for `name` (Linear orientation `w`) on the grid pack stores (int8
+    rows; `group`: int4 with that many columns per scale), where the weights still lie on them; None where there
+    are none, they are another grid's, or the weights moved (fine-tuned)."""
+    from fpewiden.quantize import BITS, Grid, on_grid
 
     s = ck.scales.get(name)
-    if s is None or s.dim() != 2 or s.shape[1] != 1:
+    grid = Grid() if group is None else Grid(BITS["int4"], group)
+    if s is None or s.dim() != 2 or s.shape != (w.shape[0], grid.groups(w.shape[1])):
         return None
-    return s[:, 0] if on_grid(w, s, Grid(), GRID_TOLERANCE.get(ck.dtypes[name], 1e-3)) else None
+    tol = GRID_TOLERANCE.get(ck.dtypes[name], 1e-3) * (grid.qmax / 127)
+    if not on_grid(w, s, grid, max(tol, 1e-3)):
+        return None
+    return s[:, 0] if group is None else s
 
 
-def _pack_one(ck: Checkpoint, name: str, transposed: bool, alpha: int | None, dtype: torch.dtype | None):
+def _pack_one(
+    ck: Checkpoint, name: str, transposed: bool, alpha: int | None, dtype: torch.dtype | None, group: int
+) -> fmt.PackedMatrix | None:
     t = ck.get(name)
     if not t.is_floating_point() or t.dim() != 2:
         return None
     w = (t.T if transposed else t).contiguous()
     value_dtype = dtype or (t.dtype if t.dtype in fmt.DTYPE_CODES else torch.float32)
-    scales = recorded_scales(ck, name, w) if value_dtype == torch.int8 else None
-    return fmt.best(w, value_dtype, alpha, scales)
+    scales = None
+    if value_dtype in fmt.QUANTIZED:
+        scales = recorded_scales(ck, name, w, group if value_dtype == fmt.INT4 else None)
+    return fmt.best(w, value_dtype, alpha, scales, group)
 
 
 def pack_checkpoint(
@@ -109,13 +118,20 @@ def pack_checkpoint(
     on_matrix: Callable[[str, int, int], None] | None = None,
     provenance: Provenance | None = None,
     inputs: list[Path] | None = None,
+    group_size: int | None = None,
 ) -> dict:
-    """Write the packed form of `src` to `dst`; returns per-matrix formats and bytes. `dtype`: fp32, bf16, fp16 or
-    int8 values (None: each matrix keeps its own; int8 stores every Linear weight quantized, dense ones too).
-    `on_matrix(name, done, total)` after each candidate matrix.
-    `provenance`: what the output records (default: pack, from `src`); `inputs`: what no output may touch."""
+    """Write the packed form of `src` to `dst`; returns per-matrix formats and bytes. `dtype`: fp32, bf16, fp16,
+    int8 or int4 values (None: each matrix keeps its own; int8 and int4 store every Linear weight quantized, dense
+    ones too; int4 with a scale per row and `group_size` columns). `on_matrix(name, done, total)` after each
+    candidate matrix. `provenance`: what the output records (default: pack, from `src`); `inputs`: what no output
+    may touch."""
     if dtype is not None and dtype not in fmt.DTYPES:
-        raise FpewidenError(f"--dtype {dtype!r}: choose fp32, bf16, fp16 or int8")
+        raise FpewidenError(f"--dtype {dtype!r}: choose fp32, bf16, fp16, int8 or int4")
+    if group_size is not None and dtype != "int4":
+        raise FpewidenError("--group-size is for --dtype int4 (int8 has one scale per row)")
+    group = fmt.GROUP_SIZE if group_size is None else group_size
+    if not (16 <= group <= 1 << 20 and group & (group - 1) == 0):
+        raise FpewidenError(f"--group-size {group}: a power of two from 16 (the kernels scale whole vectors)")
     if is_packed(src):
         raise FpewidenError(f"{src} is packed already")
     ck = open_checkpoint(src)
@@ -125,7 +141,7 @@ def pack_checkpoint(
     check_outputs([dst], inputs or [src], force, provenance=provenance)
     value_dtype = fmt.DTYPES[dtype] if dtype else None
     kinds = candidates(ck)
-    tables = set(embedding_tables(ck)) if value_dtype == torch.int8 else set()
+    tables = set(embedding_tables(ck)) if value_dtype in fmt.QUANTIZED else set()
     widened = widened_alphas(ck)
     rows: list[dict] = []
     done = [0]
@@ -144,7 +160,7 @@ def pack_checkpoint(
                 continue
             if name not in kinds:
                 continue
-            pm = _pack_one(ck, name, kinds[name], widened.get(name), value_dtype)
+            pm = _pack_one(ck, name, kinds[name], widened.get(name), value_dtype, group)
             shape = ck.shapes[name]
             dense_bytes = fmt.dense_bytes(shape[0], shape[1], DTYPES[ck.dtypes[name]])
             if pm is not None:

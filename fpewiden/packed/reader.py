@@ -128,7 +128,7 @@ def _check_entry(path: Path, header: Header, name: str, e: Entry) -> None:
     """Everything a kernel would trust (format.problem, the mirror of the kernels' own validator), checked against
     the stored arrays, so a bad file is one line on every path (never a crash, never a silently wrong weight)."""
     bad = f"{path}: packed matrix {name} is corrupt"
-    if e.format not in fmt.FORMATS or e.dtype not in ("F32", "BF16", "F16", "I8") or e.source_dtype not in DTYPES:
+    if e.format not in fmt.FORMATS or e.dtype not in ("F32", "BF16", "F16", "I8", "U8") or e.source_dtype not in DTYPES:
         raise FpewidenError(f"{bad} (unknown format or value type)")
     if len(e.shape) != 2 or sorted(e.shape) != sorted([e.rows, e.cols]) or e.nnz < 0:
         raise FpewidenError(f"{bad} (its shape is not rows x cols)")

@@ -3,10 +3,11 @@
 A packed checkpoint is plain safetensors. Every Linear weight that a packed format makes smaller (format.py) is
 replaced by its arrays, named by prefix (numpy reads them as they are):
 
-    fpewiden_packed.values.NAME   the values (F32, BF16, F16 or I8), PAD zeros at the end
+    fpewiden_packed.values.NAME   the values (F32, BF16, F16, I8; int4: U8, two per byte), PAD zeros at the end
     fpewiden_packed.bits.NAME     U8: the bitmask rows, or the parent format's child-id planes (none for dense)
     fpewiden_packed.row_ptr.NAME  I64, bitmask only: where each row's values start
-    fpewiden_packed.scales.NAME   F32, I8 values only: one scale per row (parent: per parent)
+    fpewiden_packed.scales.NAME   F32, quantized values only: one scale per row (parent: per parent); int4: per
+                                  row (parent) and `group` columns
 
 and the metadata key `fpewiden.packed` (JSON) says, per NAME, how: format, rows and cols as used in y = W x, the
 tensor's stored shape and dtype, whether it was transposed (GPT-2's Conv1D stores W as inputs × outputs), α and
@@ -51,19 +52,20 @@ class Entry:
     planes: int = 0
     negzero: bool = False  # the matrix stored -0.0 somewhere: `fpewiden_packed.negzero.NAME` says where
     mask: bool = False  # the checkpoint's mask of NAME is this layout's structure (format.structure): not stored
+    group: int = 0  # int4 (dtype U8): columns per scale
 
     def arrays(self, name: str) -> dict[str, str]:
         """role -> tensor name in the packed file."""
         roles = ["values", *(["bits"] if self.format != "dense" else [])]
         roles += ["row_ptr"] if self.format == "bitmask" else []
         roles += ["negzero"] if self.negzero else []
-        roles += ["scales"] if self.dtype == "I8" else []
+        roles += ["scales"] if self.dtype in ("I8", "U8") else []
         return {r: f"{PREFIX}{r}.{name}" for r in roles}
 
 
 def entry_of(pm: fmt.PackedMatrix, shape: tuple[int, ...], source: str, transposed: bool) -> Entry:
     return Entry(pm.format, pm.rows, pm.cols, list(shape), DTYPE_NAMES[pm.dtype], source, transposed, pm.stride,
-                 pm.nnz, pm.alpha, pm.planes, pm.negzero is not None)  # fmt: skip
+                 pm.nnz, pm.alpha, pm.planes, pm.negzero is not None, group=pm.group)  # fmt: skip
 
 
 def arrays_of(pm: fmt.PackedMatrix) -> dict[str, torch.Tensor]:
@@ -84,7 +86,7 @@ def matrix(entry: Entry, arrays: dict[str, torch.Tensor]) -> fmt.PackedMatrix:
     e = entry
     bits = arrays.get("bits", torch.zeros(0, dtype=torch.uint8))
     return fmt.PackedMatrix(e.format, e.rows, e.cols, arrays["values"], bits, e.stride, e.nnz, arrays.get("row_ptr"),
-                            e.alpha, e.planes, arrays.get("negzero"), arrays.get("scales"))  # fmt: skip
+                            e.alpha, e.planes, arrays.get("negzero"), arrays.get("scales"), e.group)  # fmt: skip
 
 
 def dense(entry: Entry, pm: fmt.PackedMatrix) -> torch.Tensor:

@@ -181,14 +181,17 @@ def linear(
     isa: str = "triton",
     mode: str = "",
     scales: torch.Tensor | None = None,
+    group: int = 0,
 ) -> torch.Tensor:
     """y = x Wᵀ + bias for x (n, cols) fp32 on the tensors' device: the signature of `fpewiden::packed_linear`
     (`format` 0 bitmask, 1 parent; `dtype` and `isa` are implied by the tensors here; `mode` "gemv" or "spmm",
     anything else, such as the CPU's "dense", chosen by n)."""
     if x.dim() != 2 or x.shape[1] != cols or x.dtype != torch.float32:
         raise ValueError(f"fpewiden: x must be a float32 (batch, {cols}) tensor")
-    if scales is not None or format == 2 or values.dtype == torch.int8:
-        raise RuntimeError("fpewiden: int8 and dense packed matrices have no GPU kernels yet; run them on the CPU")
+    if scales is not None or group or format == 2 or values.dtype in (torch.int8, torch.uint8):
+        raise RuntimeError(
+            "fpewiden: int8, int4 and dense packed matrices have no GPU kernels yet; run them on the CPU"
+        )
     _validate(values, bits, row_ptr, (rows, cols, format, dtype, alpha, planes, stride))
     x = x.contiguous()
     n = x.shape[0]

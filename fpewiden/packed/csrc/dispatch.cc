@@ -63,9 +63,13 @@ extern "C" const FpwKernels* fpw_select(const char* isa) {
   return NULL;
 }
 
-static inline float value_at(const FpwMatrix* w, int64_t i, int64_t unit) {
+// Element i of unit `unit`'s column j, as a weight.
+static inline float value_at(const FpwMatrix* w, int64_t i, int64_t unit, int64_t j) {
   if (w->dtype == FPW_F32) return ((const float*)w->values)[i];
   if (w->dtype == FPW_I8) return (float)((const int8_t*)w->values)[i] * w->scales[unit];
+  if (w->dtype == FPW_I4)
+    return (float)fpw_nibble((const uint8_t*)w->values, i) *
+           w->scales[unit * ((w->cols + w->group - 1) / w->group) + j / w->group];
   const uint16_t h = ((const uint16_t*)w->values)[i];
   return w->dtype == FPW_F16 ? fpw_half_to_float(h) : fpw_bf16_to_float(h);
 }
@@ -76,7 +80,7 @@ extern "C" void fpw_unpack(const FpwMatrix* w, float* dense, int64_t u0, int64_t
   const int64_t n = w->cols;
   if (w->format == FPW_DENSE) {
     for (int64_t r = u0; r < u1; r++)
-      for (int64_t j = 0; j < n; j++) dense[r * n + j] = value_at(w, r * n + j, r);
+      for (int64_t j = 0; j < n; j++) dense[r * n + j] = value_at(w, r * n + j, r, j);
     return;
   }
   if (w->format == FPW_BITMASK) {
@@ -84,7 +88,7 @@ extern "C" void fpw_unpack(const FpwMatrix* w, float* dense, int64_t u0, int64_t
       const uint8_t* row = w->bits + r * w->stride;
       int64_t p = w->row_ptr[r];
       float* out = dense + r * n;
-      for (int64_t j = 0; j < n; j++) out[j] = bit_at(row, j) ? value_at(w, p++, r) : 0.0f;
+      for (int64_t j = 0; j < n; j++) out[j] = bit_at(row, j) ? value_at(w, p++, r, j) : 0.0f;
     }
     return;
   }
@@ -96,7 +100,7 @@ extern "C" void fpw_unpack(const FpwMatrix* w, float* dense, int64_t u0, int64_t
     memset(out, 0, sizeof(float) * w->alpha * n);
     for (int64_t j = 0; j < n; j++) {
       const int c = bit_at(p0, j) | (w->planes > 1 ? bit_at(p1, j) << 1 : 0);
-      out[c * n + j] = value_at(w, i * n + j, i);
+      out[c * n + j] = value_at(w, i * n + j, i, j);
     }
   }
 }

@@ -11,9 +11,13 @@
 //            i is output row i * alpha + c.
 //   dense:   every weight: `values` rows x cols, row-major, then PAD zeros; no bits, stride 0 (what a quantized
 //            checkpoint stores where no zeros are worth skipping).
-// Values are f32, bf16, f16 or int8; arithmetic is f32. int8 values are symmetric-quantized: weight = q * s, with
-// `scales` holding one f32 s per unit (a bitmask or dense row, a parent row: a parent's children share its scale),
-// so the kernels sum q * x in f32 and scale each unit's sums once.
+// Values are f32, bf16, f16, int8 or int4; arithmetic is f32. int8 values are symmetric-quantized: weight = q * s,
+// with `scales` holding one f32 s per unit (a bitmask or dense row, a parent row: a parent's children share its
+// scale), so the kernels sum q * x in f32 and scale each unit's sums once. int4 values are two per byte (element
+// 2k in the low nibble of byte k, two's complement, -7..7), `values` holding ceil(n / 2) + FPW_PAD bytes for n
+// elements; `scales` holds one f32 per unit and group of `group` consecutive columns (unit-major, ceil(cols /
+// group) per unit; group a power of two >= 16, so a vector of columns never straddles two groups): weight =
+// q * scales[unit * groups + j / group], applied to each vector of values as it is loaded.
 //
 // The kernels trust every field and array of a matrix: a binding runs fpw_validate on a matrix before its first
 // call (csrc/torch_ops.cc once per tensor, csrc/ort/ once per initializer), never a kernel on what it refused.
@@ -25,8 +29,8 @@ extern "C" {
 #endif
 
 enum { FPW_BITMASK = 0, FPW_PARENT = 1, FPW_DENSE = 2 };
-enum { FPW_F32 = 0, FPW_BF16 = 1, FPW_F16 = 2, FPW_I8 = 3 };
-#define FPW_PAD 16  // values are followed by this many zero elements: kernels load whole vectors
+enum { FPW_F32 = 0, FPW_BF16 = 1, FPW_F16 = 2, FPW_I8 = 3, FPW_I4 = 4 };
+#define FPW_PAD 16  // values are followed by this many zero elements (int4: bytes): kernels load whole vectors
 
 typedef struct FpwMatrix {
   int32_t format;
@@ -39,7 +43,8 @@ typedef struct FpwMatrix {
   int64_t stride;          // bytes per row of bits, a multiple of 8
   int32_t alpha;           // parent only: children per parent (2..4)
   int32_t planes;          // parent only: bit planes of the child id
-  const float* scales;     // int8 only: one per unit (rows; parent: rows / alpha)
+  const float* scales;     // int8: one per unit (rows; parent: rows / alpha); int4: one per unit and group
+  int32_t group;           // int4 only: columns per scale (a power of two >= 16); 0 otherwise
 } FpwMatrix;
 
 // Few inputs (decode): y[b * ldy + r] = sum_j W[r, j] x[b * ldx + j] + bias[r], b < batch, for the output rows
@@ -65,8 +70,8 @@ typedef void (*FpwUnpack)(const FpwMatrix* w, float* dense, int64_t u0, int64_t 
 // How long the arrays behind a matrix are, as its holder knows them (a tensor's numel, an initializer's element
 // count): what fpw_validate checks the matrix's own fields against.
 typedef struct FpwSizes {
-  int64_t values;      // elements of `values`
-  int64_t value_size;  // bytes per element of `values` (4 for f32, 2 for bf16 and f16, 1 for int8)
+  int64_t values;      // elements of `values` (int4: bytes)
+  int64_t value_size;  // bytes per element of `values` (4 for f32, 2 for bf16 and f16, 1 for int8 and int4's bytes)
   int64_t bits;        // bytes of `bits` (0 for dense)
   int64_t row_ptr;     // elements of `row_ptr` (bitmask; 0 where there is none)
   int64_t scales;      // elements of `scales` (int8; 0 where there is none)
@@ -76,8 +81,8 @@ typedef struct FpwSizes {
 // rows, cols and stride (exactly the writer's: whole 64-bit words), every array's length, the bitmask row offsets
 // (0 first, each row's offset difference equal to its popcount, the last the stored values less FPW_PAD), no bit
 // past `cols`, the parent layout's alpha and planes (2 <= alpha <= 4, planes = ceil(log2 alpha), rows divisible
-// by alpha) and every child id below alpha, the dense layout's rows x cols values, int8's one scale per unit (and
-// no scales for other value types). Else a static sentence saying what is wrong. Linear in the bits:
+// by alpha) and every child id below alpha, the dense layout's rows x cols values, int8's one scale per unit,
+// int4's group (a power of two >= 16) and one scale per unit and group (no scales for other value types). Else a static sentence saying what is wrong. Linear in the bits:
 // run it once per matrix, not per call.
 const char* fpw_validate(const FpwMatrix* w, const FpwSizes* sizes);
 

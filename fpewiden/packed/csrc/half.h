@@ -1,4 +1,4 @@
-// bf16 and IEEE fp16 to f32 without intrinsics (the portable kernels and the unpack path).
+// bf16, IEEE fp16 and int4 nibbles to numbers without intrinsics (the portable kernels and the unpack path).
 #pragma once
 #include <stdint.h>
 #include <string.h>
@@ -31,4 +31,10 @@ static inline float fpw_half_to_float(uint16_t h) {
   float f;
   memcpy(&f, &u, 4);
   return f;
+}
+
+// Element i of int4 values (two per byte, element 2k in the low nibble of byte k, two's complement).
+static inline int fpw_nibble(const uint8_t* p, int64_t i) {
+  const int v = (p[i >> 1] >> ((i & 1) * 4)) & 15;
+  return (v ^ 8) - 8;
 }

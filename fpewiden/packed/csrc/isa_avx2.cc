@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "fpw_kernels.h"
+#include "half.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c,bmi,bmi2,popcnt")
@@ -44,6 +45,15 @@ struct V {
     if (DT == FPW_F32) return _mm256_loadu_ps((const float*)base + i);
     if (DT == FPW_I8)
       return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)((const int8_t*)base + i))));
+    if (DT == FPW_I4) {  // 8 nibbles from element i: 32 bits from byte i / 2, a nibble later where i is odd
+      uint64_t lo;
+      memcpy(&lo, (const uint8_t*)base + (i >> 1), 8);
+      const __m256i d = _mm256_set1_epi32((int)(uint32_t)(lo >> ((i & 1) * 4)));
+      const __m256i q = _mm256_and_si256(_mm256_srlv_epi32(d, _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
+                                         _mm256_set1_epi32(15));
+      const __m256i eight = _mm256_set1_epi32(8);  // (q ^ 8) - 8: the nibble's two's complement value
+      return _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_xor_si256(q, eight), eight));
+    }
     const __m128i h = _mm_loadu_si128((const __m128i*)((const uint16_t*)base + i));
     if (DT == FPW_F16) return _mm256_cvtph_ps(h);
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
@@ -52,6 +62,7 @@ struct V {
   static float scalar(const void* base, int64_t i) {
     if (DT == FPW_F32) return ((const float*)base)[i];
     if (DT == FPW_I8) return (float)((const int8_t*)base)[i];
+    if (DT == FPW_I4) return (float)fpw_nibble((const uint8_t*)base, i);
     const uint16_t h = ((const uint16_t*)base)[i];
     if (DT == FPW_F16) return _cvtsh_ss(h);
     const uint32_t u = (uint32_t)h << 16;

@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "fpw_kernels.h"
+#include "half.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,bmi,bmi2,popcnt")
@@ -32,6 +33,18 @@ struct V {
       r = _mm512_loadu_ps((const float*)base + i);
     } else if (DT == FPW_I8) {
       r = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)((const int8_t*)base + i))));
+    } else if (DT == FPW_I4) {  // 16 nibbles from element i: 64 bits from byte i / 2, a nibble later where i is odd
+      const uint8_t* p = (const uint8_t*)base + (i >> 1);
+      uint64_t lo, hi;
+      memcpy(&lo, p, 8);
+      memcpy(&hi, p + 8, 8);
+      const uint64_t v = (lo >> ((i & 1) * 4)) | ((hi << 60) & (0 - (uint64_t)(i & 1)));
+      const __m512i d = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32((int)(uint32_t)v)),
+                                           _mm256_set1_epi32((int)(uint32_t)(v >> 32)), 1);
+      const __m512i shifts = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
+      const __m512i q = _mm512_and_si512(_mm512_srlv_epi32(d, shifts), _mm512_set1_epi32(15));
+      const __m512i eight = _mm512_set1_epi32(8);  // (q ^ 8) - 8: the nibble's two's complement value
+      r = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_xor_si512(q, eight), eight));
     } else {
       const __m256i h = _mm256_loadu_si256((const __m256i*)((const uint16_t*)base + i));
       r = DT == FPW_BF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
@@ -45,6 +58,7 @@ struct V {
   static float scalar(const void* base, int64_t i) {
     if (DT == FPW_F32) return ((const float*)base)[i];
     if (DT == FPW_I8) return (float)((const int8_t*)base)[i];
+    if (DT == FPW_I4) return (float)fpw_nibble((const uint8_t*)base, i);
     const uint16_t h = ((const uint16_t*)base)[i];
     if (DT == FPW_F16) return _cvtsh_ss(h);
     const uint32_t u = (uint32_t)h << 16;

@@ -23,6 +23,7 @@ struct V {
   static float scalar(const void* base, int64_t i) {
     if (DT == FPW_F32) return ((const float*)base)[i];
     if (DT == FPW_I8) return (float)((const int8_t*)base)[i];
+    if (DT == FPW_I4) return (float)fpw_nibble((const uint8_t*)base, i);
     const uint16_t h = ((const uint16_t*)base)[i];
     return DT == FPW_F16 ? fpw_half_to_float(h) : fpw_bf16_to_float(h);
   }

@@ -23,6 +23,36 @@ inline uint64_t word_at(const uint8_t* p) {
 
 constexpr int value_bytes(int dt) { return dt == FPW_F32 ? 4 : dt == FPW_I8 ? 1 : 2; }
 
+// The byte where element i lies (int4: two elements per byte).
+template <int DT>
+constexpr int64_t value_offset(int64_t i) {
+  return DT == FPW_I4 ? i / 2 : i * value_bytes(DT);
+}
+
+// int4's scales: one per unit and group of 2^shift columns. A vector of W columns lies in one group (groups are
+// powers of two >= 16 >= W), so each vector of values is scaled once as it is loaded.
+struct Groups {
+  int shift = 0;
+  int64_t per_unit = 0;
+};
+
+template <int DT>
+inline Groups groups_of(const FpwMatrix& w) {
+  Groups g;
+  if constexpr (DT == FPW_I4) {
+    g.shift = __builtin_ctz((unsigned)w.group);
+    g.per_unit = (w.cols + w.group - 1) >> g.shift;
+  }
+  return g;
+}
+
+// The values of columns j.. of `unit` as weights: int4's times their group's scale, others unchanged.
+template <int DT>
+inline typename V::reg group_scaled(const FpwMatrix& w, const Groups& g, int64_t unit, int64_t j, typename V::reg v) {
+  if constexpr (DT == FPW_I4) return V::fma(v, V::set1(w.scales[unit * g.per_unit + (j >> g.shift)]), V::zero());
+  return v;
+}
+
 // A unit's sums scaled to weights: int8 values are q (weight = q * scales[unit]); other types are the weights.
 template <int DT>
 inline float scaled(const FpwMatrix& w, int64_t unit, float sum) {
@@ -40,6 +70,7 @@ inline void row_gemv(const FpwMatrix& w, const float* x, int64_t ldx, const floa
   using reg = typename V::reg;
   using mask = typename V::mask;
   const int64_t n = w.cols;
+  const Groups g = groups_of<DT>(w);
   reg acc[R][B];
   int64_t p[R];  // bitmask: the next value of each row; dense: each row's first value
   const uint8_t* row[R];
@@ -60,10 +91,11 @@ inline void row_gemv(const FpwMatrix& w, const float* x, int64_t ldx, const floa
         const mask m = V::bits(row[i], j);
         // R value streams at once outrun the hardware prefetcher: ask 128 values ahead (measured: 7.6 -> 7.1 ms at
         // 11008x4096, 50%, one thread; 64 to 128 ahead were best, 512 worse)
-        __builtin_prefetch((const char*)w.values + (p[i] + 128) * value_bytes(DT));
+        __builtin_prefetch((const char*)w.values + value_offset<DT>(p[i] + 128));
         wv = V::expand(m, V::template values<DT>(w.values, p[i]));
         p[i] += V::count(m);
       }
+      wv = group_scaled<DT>(w, g, r + i, j, wv);
       for (int b = 0; b < B; b++) acc[i][b] = V::fma(wv, xv[b], acc[i][b]);
     }
   }
@@ -73,11 +105,12 @@ inline void row_gemv(const FpwMatrix& w, const float* x, int64_t ldx, const floa
     for (int b = 0; b < B; b++) xv[b] = V::load_n(x + b * ldx + j, t);
     for (int i = 0; i < R; i++) {
       if constexpr (DENSE) {
-        const reg wv = V::template values<DT>(w.values, p[i] + j);
+        const reg wv = group_scaled<DT>(w, g, r + i, j, V::template values<DT>(w.values, p[i] + j));
         for (int b = 0; b < B; b++) acc[i][b] = V::mfma(V::tail(t), wv, xv[b], acc[i][b]);
       } else {
         const reg wv = V::expand(V::bits(row[i], j), V::template values<DT>(w.values, p[i]));
-        for (int b = 0; b < B; b++) acc[i][b] = V::fma(wv, xv[b], acc[i][b]);
+        const reg sv = group_scaled<DT>(w, g, r + i, j, wv);
+        for (int b = 0; b < B; b++) acc[i][b] = V::fma(sv, xv[b], acc[i][b]);
       }
     }
   }
@@ -100,6 +133,7 @@ inline void parent_rows(const FpwMatrix& w, const float* x, int64_t ldx, const f
   using mask = typename V::mask;
   constexpr int P = A <= 2 ? 1 : 2;
   const int64_t parents = w.rows / A, n = w.cols;
+  const Groups g = groups_of<DT>(w);
   reg acc[R][A][B];
   const uint8_t* pl[R][P];
   int64_t base[R];
@@ -114,7 +148,7 @@ inline void parent_rows(const FpwMatrix& w, const float* x, int64_t ldx, const f
     reg xv[B];
     for (int b = 0; b < B; b++) xv[b] = V::load(x + b * ldx + j);
     for (int i = 0; i < R; i++) {
-      const reg pv = V::template values<DT>(w.values, base[i] + j);
+      const reg pv = group_scaled<DT>(w, g, i0 + i, j, V::template values<DT>(w.values, base[i] + j));
       mask pb[P];
       for (int k = 0; k < P; k++) pb[k] = V::bits(pl[i][k], j);
       for (int c = 0; c < A; c++) {
@@ -129,7 +163,7 @@ inline void parent_rows(const FpwMatrix& w, const float* x, int64_t ldx, const f
     reg xv[B];
     for (int b = 0; b < B; b++) xv[b] = V::load_n(x + b * ldx + j, t);
     for (int i = 0; i < R; i++) {
-      const reg pv = V::template values<DT>(w.values, base[i] + j);
+      const reg pv = group_scaled<DT>(w, g, i0 + i, j, V::template values<DT>(w.values, base[i] + j));
       mask pb[P];
       for (int k = 0; k < P; k++) pb[k] = V::bits(pl[i][k], j);
       for (int c = 0; c < A; c++) {
@@ -204,6 +238,7 @@ void gemv(const FpwMatrix* w, const float* x, int64_t ldx, int64_t batch, const 
           int64_t u0, int64_t u1) {
   switch (w->dtype) {
     case FPW_I8: return gemv_dt<FPW_I8>(*w, x, ldx, batch, bias, y, ldy, u0, u1);
+    case FPW_I4: return gemv_dt<FPW_I4>(*w, x, ldx, batch, bias, y, ldy, u0, u1);
     case FPW_BF16: return gemv_dt<FPW_BF16>(*w, x, ldx, batch, bias, y, ldy, u0, u1);
     case FPW_F16: return gemv_dt<FPW_F16>(*w, x, ldx, batch, bias, y, ldy, u0, u1);
     default: return gemv_dt<FPW_F32>(*w, x, ldx, batch, bias, y, ldy, u0, u1);
@@ -226,13 +261,17 @@ constexpr int64_t SPMM_COLS = 1024;
 // memory: a store-to-load chain per non-zero). Not inlined: inlined into the block loops, gcc spilled the value
 // index and the input stride to the stack inside this loop (a read-modify-write per non-zero); and the two loops
 // are written apart, since with one loop gcc stored all K sums to the stack at every non-zero.
+// int4: `gs` the scales of the word's first column's group and those after it, `jshift` log2 of the group
+// capped at 6 (a group of 64 columns or more holds the whole word: column j's scale is gs[j >> 6] = gs[0]).
 template <int K, int DT, bool PARENT>
 __attribute__((noinline)) int64_t spmm_word(uint64_t m, const void* values, int64_t base, const float* xb, int64_t ldxt,
-                                            float* out, float s) {
+                                            float* out, float s, const float* gs, int jshift) {
   using reg = typename V::reg;
-  // int8: each value times its unit's scale as it is broadcast (the sums go to yt block by block); one product
-  auto value = [&](int64_t i) {
+  // int8: each value times its unit's scale as it is broadcast (the sums go to yt block by block); one product;
+  // int4: times its group's scale
+  auto value = [&](int64_t i, int j) {
     if constexpr (DT == FPW_I8) return V::template scalar<DT>(values, i) * s;
+    if constexpr (DT == FPW_I4) return V::template scalar<DT>(values, i) * gs[j >> jshift];
     return V::template scalar<DT>(values, i);
   };
   if (!m) return base;
@@ -243,7 +282,7 @@ __attribute__((noinline)) int64_t spmm_word(uint64_t m, const void* values, int6
     while (m) {
       const int j = __builtin_ctzll(m);
       m &= m - 1;
-      const reg v = V::set1(value(PARENT ? base + j : q++));
+      const reg v = V::set1(value(PARENT ? base + j : q++, j));
       const float* xr = xb + j * ldxt;
       for (int k = 0; k < K; k++) a[k] = V::fma(v, V::load(xr + k * V::W), a[k]);
     }
@@ -254,13 +293,13 @@ __attribute__((noinline)) int64_t spmm_word(uint64_t m, const void* values, int6
     while (m) {
       int j = __builtin_ctzll(m);
       m &= m - 1;
-      reg v = V::set1(value(PARENT ? base + j : q++));
+      reg v = V::set1(value(PARENT ? base + j : q++, j));
       const float* xr = xb + j * ldxt;
       for (int k = 0; k < K; k++) a[k] = V::fma(v, V::load(xr + k * V::W), a[k]);
       if (!m) break;
       j = __builtin_ctzll(m);
       m &= m - 1;
-      v = V::set1(value(PARENT ? base + j : q++));
+      v = V::set1(value(PARENT ? base + j : q++, j));
       xr = xb + j * ldxt;
       for (int k = 0; k < K; k++) b[k] = V::fma(v, V::load(xr + k * V::W), b[k]);
     }
@@ -276,17 +315,26 @@ inline void spmm_block(const FpwMatrix& w, const float* xt, int64_t ldxt, float*
                        int64_t u1, int64_t w0, int64_t w1, int64_t* next) {
   const int64_t n = w.cols, words = (n + 63) / 64;
   const uint64_t last = (n % 64) ? ((uint64_t)1 << (n % 64)) - 1 : ~(uint64_t)0;
+  const Groups g = groups_of<DT>(w);
+  const int jshift = g.shift < 6 ? g.shift : 6;
+  // int4: the scales of unit u's groups from the word's first column on (nothing for other types)
+  auto gs = [&](int64_t u, int64_t wi) -> const float* {
+    if constexpr (DT == FPW_I4) return w.scales + u * g.per_unit + ((wi * 64) >> g.shift);
+    return nullptr;
+  };
   for (int64_t wi = w0; wi < w1; wi++) {
     const float* xb = xt + wi * 64 * ldxt;
     if (w.format == FPW_BITMASK) {
       for (int64_t r = u0; r < u1; r++) {
         const uint64_t m = word_at(w.bits + r * w.stride + wi * 8);
-        next[r] = spmm_word<K, DT, false>(m, w.values, next[r], xb, ldxt, yt + r * ldyt, scaled<DT>(w, r, 1.0f));
+        next[r] = spmm_word<K, DT, false>(m, w.values, next[r], xb, ldxt, yt + r * ldyt, scaled<DT>(w, r, 1.0f),
+                                          gs(r, wi), jshift);
       }
     } else if (w.format == FPW_DENSE) {
       const uint64_t m = wi == words - 1 ? last : ~(uint64_t)0;
       for (int64_t r = u0; r < u1; r++)
-        spmm_word<K, DT, true>(m, w.values, r * n + wi * 64, xb, ldxt, yt + r * ldyt, scaled<DT>(w, r, 1.0f));
+        spmm_word<K, DT, true>(m, w.values, r * n + wi * 64, xb, ldxt, yt + r * ldyt, scaled<DT>(w, r, 1.0f),
+                               gs(r, wi), jshift);
     } else {
       const int64_t parents = w.rows / w.alpha;
       for (int64_t i = u0; i < u1; i++) {
@@ -297,7 +345,7 @@ inline void spmm_block(const FpwMatrix& w, const float* xt, int64_t ldxt, float*
           if (w.planes > 1) m &= (c & 2) ? b : ~b;
           if (wi == words - 1) m &= last;
           spmm_word<K, DT, true>(m, w.values, i * n + wi * 64, xb, ldxt, yt + (i * w.alpha + c) * ldyt,
-                                 scaled<DT>(w, i, 1.0f));
+                                 scaled<DT>(w, i, 1.0f), gs(i, wi), jshift);
         }
       }
     }
@@ -355,6 +403,7 @@ inline void unpack_dt(const FpwMatrix& w, float* dense, int64_t u0, int64_t u1) 
   using reg = typename V::reg;
   const int64_t n = w.cols;
   const reg zero = V::zero();
+  const Groups g = groups_of<DT>(w);
   if (w.format == FPW_BITMASK) {
     for (int64_t r = u0; r < u1; r++) {
       const uint8_t* row = w.bits + r * w.stride;
@@ -364,12 +413,14 @@ inline void unpack_dt(const FpwMatrix& w, float* dense, int64_t u0, int64_t u1) 
       int64_t j = 0;
       for (; j + V::W <= n; j += V::W) {
         const typename V::mask m = V::bits(row, j);
-        V::store(out + j, V::fma(V::expand(m, V::template values<DT>(w.values, p)), s, zero));
+        const reg v = group_scaled<DT>(w, g, r, j, V::expand(m, V::template values<DT>(w.values, p)));
+        V::store(out + j, V::fma(v, s, zero));
         p += V::count(m);
       }
-      if (j < n)
-        V::store_n(out + j, V::fma(V::expand(V::bits(row, j), V::template values<DT>(w.values, p)), s, zero),
-                   (int)(n - j));
+      if (j < n) {
+        const reg v = group_scaled<DT>(w, g, r, j, V::expand(V::bits(row, j), V::template values<DT>(w.values, p)));
+        V::store_n(out + j, V::fma(v, s, zero), (int)(n - j));
+      }
     }
     return;
   }
@@ -378,8 +429,11 @@ inline void unpack_dt(const FpwMatrix& w, float* dense, int64_t u0, int64_t u1) 
       const reg s = V::set1(scaled<DT>(w, r, 1.0f));
       float* out = dense + r * n;
       int64_t j = 0;
-      for (; j + V::W <= n; j += V::W) V::store(out + j, V::fma(V::template values<DT>(w.values, r * n + j), s, zero));
-      if (j < n) V::store_n(out + j, V::fma(V::template values<DT>(w.values, r * n + j), s, zero), (int)(n - j));
+      for (; j + V::W <= n; j += V::W)
+        V::store(out + j, V::fma(group_scaled<DT>(w, g, r, j, V::template values<DT>(w.values, r * n + j)), s, zero));
+      if (j < n)
+        V::store_n(out + j, V::fma(group_scaled<DT>(w, g, r, j, V::template values<DT>(w.values, r * n + j)), s, zero),
+                   (int)(n - j));
     }
     return;
   }
@@ -389,7 +443,7 @@ inline void unpack_dt(const FpwMatrix& w, float* dense, int64_t u0, int64_t u1) 
     const uint8_t* p0 = w.bits + i * w.stride;
     const uint8_t* p1 = w.bits + (parents + i) * w.stride;
     for (int64_t j = 0; j < n; j += V::W) {
-      const typename V::reg pv = V::template values<DT>(w.values, i * n + j);
+      const typename V::reg pv = group_scaled<DT>(w, g, i, j, V::template values<DT>(w.values, i * n + j));
       typename V::mask pb[2] = {V::bits(p0, j), w.planes > 1 ? V::bits(p1, j) : (typename V::mask)0};
       for (int c = 0; c < w.alpha; c++) {
         typename V::mask mc = w.planes > 1 ? child_mask<4>(pb, c) : child_mask<2>(pb, c);
@@ -407,6 +461,7 @@ inline void unpack_dt(const FpwMatrix& w, float* dense, int64_t u0, int64_t u1) 
 void unpack(const FpwMatrix* w, float* dense, int64_t u0, int64_t u1) {
   switch (w->dtype) {
     case FPW_I8: return unpack_dt<FPW_I8>(*w, dense, u0, u1);
+    case FPW_I4: return unpack_dt<FPW_I4>(*w, dense, u0, u1);
     case FPW_BF16: return unpack_dt<FPW_BF16>(*w, dense, u0, u1);
     case FPW_F16: return unpack_dt<FPW_F16>(*w, dense, u0, u1);
     default: return unpack_dt<FPW_F32>(*w, dense, u0, u1);
@@ -417,6 +472,7 @@ void spmm(const FpwMatrix* w, const float* xt, int64_t ldxt, int64_t batch, cons
           int64_t ldyt, int64_t u0, int64_t u1) {
   switch (w->dtype) {
     case FPW_I8: return spmm_dt<FPW_I8>(*w, xt, ldxt, batch, bias, yt, ldyt, u0, u1);
+    case FPW_I4: return spmm_dt<FPW_I4>(*w, xt, ldxt, batch, bias, yt, ldyt, u0, u1);
     case FPW_BF16: return spmm_dt<FPW_BF16>(*w, xt, ldxt, batch, bias, yt, ldyt, u0, u1);
     case FPW_F16: return spmm_dt<FPW_F16>(*w, xt, ldxt, batch, bias, yt, ldyt, u0, u1);
     default: return spmm_dt<FPW_F32>(*w, xt, ldxt, batch, bias, yt, ldyt, u0, u1);

@@ -41,7 +41,7 @@ uint32_t version_of(const at::Tensor& t) { return t.defined() && !t.is_inference
 
 bool same(const FpwMatrix& a, const FpwMatrix& b) {
   return a.format == b.format && a.dtype == b.dtype && a.rows == b.rows && a.cols == b.cols && a.stride == b.stride &&
-         a.alpha == b.alpha && a.planes == b.planes;
+         a.alpha == b.alpha && a.planes == b.planes && a.group == b.group;
 }
 
 void validate(const FpwMatrix& w, const at::Tensor& values, const at::Tensor& bits, const at::Tensor& row_ptr,
@@ -83,13 +83,14 @@ void validate(const FpwMatrix& w, const at::Tensor& values, const at::Tensor& bi
 // The matrix the tensors and fields describe, validated (fpw_validate) before any kernel may read it.
 FpwMatrix view(const at::Tensor& values, const at::Tensor& bits, const std::optional<at::Tensor>& row_ptr, int64_t rows,
                int64_t cols, int64_t format, int64_t dtype, int64_t alpha, int64_t planes, int64_t stride,
-               const std::optional<at::Tensor>& scales) {
+               const std::optional<at::Tensor>& scales, int64_t group) {
   TORCH_CHECK(values.device().is_cpu() && bits.device().is_cpu(), "fpewiden: packed tensors must be on the CPU");
   TORCH_CHECK(values.is_contiguous() && bits.is_contiguous(), "fpewiden: packed tensors must be contiguous");
   TORCH_CHECK(bits.scalar_type() == at::kByte, "fpewiden: bits must be uint8");
   const at::ScalarType vt = values.scalar_type();
   TORCH_CHECK((dtype == FPW_F32 && vt == at::kFloat) || (dtype == FPW_BF16 && vt == at::kBFloat16) ||
-                  (dtype == FPW_F16 && vt == at::kHalf) || (dtype == FPW_I8 && vt == at::kChar),
+                  (dtype == FPW_F16 && vt == at::kHalf) || (dtype == FPW_I8 && vt == at::kChar) ||
+                  (dtype == FPW_I4 && vt == at::kByte),
               "fpewiden: invalid packed matrix: the value type code does not match the values' dtype");
   at::Tensor rp;
   if (row_ptr.has_value() && format == FPW_BITMASK) {
@@ -104,7 +105,7 @@ FpwMatrix view(const at::Tensor& values, const at::Tensor& bits, const std::opti
                 "fpewiden: scales must be a contiguous float32 CPU tensor");
   }
   TORCH_CHECK(format >= INT32_MIN && format <= INT32_MAX && alpha >= INT32_MIN && alpha <= INT32_MAX &&
-                  planes >= INT32_MIN && planes <= INT32_MAX,
+                  planes >= INT32_MIN && planes <= INT32_MAX && group >= 0 && group <= INT32_MAX,
               "fpewiden: invalid packed matrix: a field is out of range");
   FpwMatrix w;
   w.format = (int32_t)format;
@@ -118,6 +119,7 @@ FpwMatrix view(const at::Tensor& values, const at::Tensor& bits, const std::opti
   w.alpha = (int32_t)alpha;
   w.planes = (int32_t)planes;
   w.scales = sc.defined() ? sc.data_ptr<float>() : nullptr;
+  w.group = (int32_t)group;
   validate(w, values, bits, rp, sc);
   return w;
 }
@@ -140,10 +142,10 @@ int64_t grain(const FpwMatrix& w, int64_t batch) {
 at::Tensor linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bits,
                   const std::optional<at::Tensor>& row_ptr, const std::optional<at::Tensor>& bias, int64_t rows,
                   int64_t cols, int64_t format, int64_t dtype, int64_t alpha, int64_t planes, int64_t stride,
-                  std::string isa, std::string mode, const std::optional<at::Tensor>& scales) {
+                  std::string isa, std::string mode, const std::optional<at::Tensor>& scales, int64_t group) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == cols && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "fpewiden: x must be a contiguous float32 (batch, ", cols, ") tensor");
-  const FpwMatrix w = view(values, bits, row_ptr, rows, cols, format, dtype, alpha, planes, stride, scales);
+  const FpwMatrix w = view(values, bits, row_ptr, rows, cols, format, dtype, alpha, planes, stride, scales, group);
   const FpwKernels* k = kernels(isa);
   const float* b = nullptr;
   if (bias.has_value()) {
@@ -221,8 +223,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& values, const at::Tenso
 
 at::Tensor unpack(const at::Tensor& values, const at::Tensor& bits, const std::optional<at::Tensor>& row_ptr,
                   int64_t rows, int64_t cols, int64_t format, int64_t dtype, int64_t alpha, int64_t planes,
-                  int64_t stride, std::string isa, const std::optional<at::Tensor>& scales) {
-  const FpwMatrix w = view(values, bits, row_ptr, rows, cols, format, dtype, alpha, planes, stride, scales);
+                  int64_t stride, std::string isa, const std::optional<at::Tensor>& scales, int64_t group) {
+  const FpwMatrix w = view(values, bits, row_ptr, rows, cols, format, dtype, alpha, planes, stride, scales, group);
   at::Tensor dense = at::empty({rows, cols}, values.options().dtype(at::kFloat));
   float* d = dense.data_ptr<float>();
   if (isa == "reference") {
@@ -258,10 +260,10 @@ bool has_q8() { return fpw_select_q8() != nullptr; }
 TORCH_LIBRARY(fpewiden, m) {
   m.def(
       "packed_linear(Tensor x, Tensor values, Tensor bits, Tensor? row_ptr, Tensor? bias, int rows, int cols, int format, "
-      "int dtype, int alpha, int planes, int stride, str isa, str mode, Tensor? scales=None) -> Tensor");
+      "int dtype, int alpha, int planes, int stride, str isa, str mode, Tensor? scales=None, int group=0) -> Tensor");
   m.def(
       "packed_unpack(Tensor values, Tensor bits, Tensor? row_ptr, int rows, int cols, int format, int dtype, int alpha, "
-      "int planes, int stride, str isa, Tensor? scales=None) -> Tensor");
+      "int planes, int stride, str isa, Tensor? scales=None, int group=0) -> Tensor");
   m.def("hugepage_copy(Tensor t) -> Tensor");
   m.def("best_isa() -> str", &best_isa);
   m.def("has_isa(str isa) -> bool", &has_isa);

@@ -21,6 +21,11 @@ uint64_t word_at(const uint8_t* p) {
 // weights past the row's values).
 uint64_t past_cols(int64_t cols) { return cols % 64 ? ~(((uint64_t)1 << (cols % 64)) - 1) : 0; }
 
+// The stored length of `elements` values and the padding: int4 holds two per byte.
+int64_t stored(const FpwMatrix* w, int64_t elements) {
+  return (w->dtype == FPW_I4 ? elements / 2 + elements % 2 : elements) + FPW_PAD;
+}
+
 const char* bitmask(const FpwMatrix* w, const FpwSizes* n) {
   if (w->alpha != 1 || w->planes != 0) return "a bitmask matrix has alpha 1 and no child-id planes";
   int64_t bits;
@@ -37,7 +42,7 @@ const char* bitmask(const FpwMatrix* w, const FpwSizes* n) {
     for (int64_t k = 0; k < words; k++) at += __builtin_popcountll(word_at(row + 8 * k));
     if (w->row_ptr[r + 1] != at) return "a row's offset difference is not its number of bits";
   }
-  if (n->values != at + FPW_PAD) return "the values are not the rows' bits plus the padding";
+  if (n->values != stored(w, at)) return "the values are not the rows' bits plus the padding";
   return nullptr;
 }
 
@@ -49,7 +54,7 @@ const char* parent(const FpwMatrix* w, const FpwSizes* n) {
   int64_t plane, bits, values;
   if (!mul(parents, w->stride, &plane) || !mul(plane, w->planes, &bits) || n->bits != bits)
     return "the bits are not planes x parents x stride bytes";
-  if (!mul(parents, w->cols, &values) || values > INT64_MAX - FPW_PAD || n->values != values + FPW_PAD)
+  if (!mul(parents, w->cols, &values) || values > INT64_MAX - FPW_PAD || n->values != stored(w, values))
     return "the values are not parents x cols plus the padding";
   const int64_t words = w->stride / 8;
   const uint64_t tail = past_cols(w->cols);
@@ -67,31 +72,40 @@ const char* dense(const FpwMatrix* w, const FpwSizes* n) {
   if (w->alpha != 1 || w->planes != 0 || w->stride != 0 || n->bits != 0 || w->row_ptr != nullptr || n->row_ptr != 0)
     return "a dense matrix has alpha 1, no bits and no row offsets";
   int64_t values;
-  if (!mul(w->rows, w->cols, &values) || values > INT64_MAX - FPW_PAD || n->values != values + FPW_PAD)
+  if (!mul(w->rows, w->cols, &values) || values > INT64_MAX - FPW_PAD || n->values != stored(w, values))
     return "the values are not rows x cols plus the padding";
   return nullptr;
 }
 
-int64_t value_size(int32_t dtype) { return dtype == FPW_F32 ? 4 : dtype == FPW_I8 ? 1 : 2; }
+int64_t value_size(int32_t dtype) { return dtype == FPW_F32 ? 4 : dtype == FPW_I8 || dtype == FPW_I4 ? 1 : 2; }
 
 }  // namespace
 
 extern "C" const char* fpw_validate(const FpwMatrix* w, const FpwSizes* n) {
   if (w == nullptr || n == nullptr) return "no matrix";
   if (w->format != FPW_BITMASK && w->format != FPW_PARENT && w->format != FPW_DENSE) return "unknown format code";
-  if (w->dtype != FPW_F32 && w->dtype != FPW_BF16 && w->dtype != FPW_F16 && w->dtype != FPW_I8)
+  if (w->dtype != FPW_F32 && w->dtype != FPW_BF16 && w->dtype != FPW_F16 && w->dtype != FPW_I8 && w->dtype != FPW_I4)
     return "unknown value type code";
   if (n->value_size != value_size(w->dtype)) return "the value type does not match the values' element size";
   if (w->rows < 1 || w->cols < 1) return "rows and cols must be positive";
   int64_t dense_bytes;  // fpw_unpack writes rows x cols floats
   if (!mul(w->rows, w->cols, &dense_bytes) || !mul(dense_bytes, 4, &dense_bytes)) return "rows x cols overflows";
   if (w->values == nullptr || n->values < 0 || n->bits < 0 || n->scales < 0) return "an array is missing";
+  // parent: alpha is checked below, and a count that matches no alpha fails there
+  const int64_t units = w->format == FPW_PARENT && w->alpha >= 2 ? w->rows / w->alpha : w->rows;
+  if (w->dtype == FPW_I4) {
+    if (w->group < 16 || w->group > (1 << 20) || (w->group & (w->group - 1)))
+      return "int4 values need a group of a power of two from 16 columns";
+    int64_t scales;
+    if (!mul(units, (w->cols + w->group - 1) / w->group, &scales) || w->scales == nullptr || n->scales != scales)
+      return "int4 values need one scale per unit and group";
+  } else if (w->group != 0) {
+    return "a group is for int4 values only";
+  }
   if (w->dtype == FPW_I8) {
-    // parent: alpha is checked below, and a count that matches no alpha fails there
-    const int64_t units = w->format == FPW_PARENT && w->alpha >= 2 ? w->rows / w->alpha : w->rows;
     if (w->scales == nullptr || n->scales != units) return "int8 values need one scale per row (parent: per parent)";
-  } else if (w->scales != nullptr || n->scales != 0) {
-    return "scales are for int8 values only";
+  } else if (w->dtype != FPW_I4 && (w->scales != nullptr || n->scales != 0)) {
+    return "scales are for int8 and int4 values only";
   }
   if (w->format == FPW_DENSE) return dense(w, n);
   const int64_t words = w->cols / 64 + (w->cols % 64 ? 1 : 0);
