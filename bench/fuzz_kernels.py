@@ -58,7 +58,7 @@ def real_matrices(work: Path) -> list:
             else ConvertOptions(alpha=alpha, outgoing="tied")
         )
         convert(src, conv, opts)
-        for dtype in ("fp32", "bf16", "fp16", "int8"):
+        for dtype in ("fp32", "bf16", "fp16", "int8", "int4"):
             packed = work / f"a{alpha}-{dtype}.safetensors"
             pack_checkpoint(conv, packed, dtype=dtype)
             pc = read_packed(packed)
@@ -94,7 +94,8 @@ def raw_seed(pm) -> bytes:
     offsets = b"" if pm.row_ptr is None else pm.row_ptr.numpy().tobytes()
     scales = b"" if pm.scales is None else pm.scales.numpy().tobytes()
     fields = (FORMATS.index(pm.format), DTYPE_CODES[pm.values.dtype], pm.rows, pm.cols, pm.stride)
-    sizes = (pm.alpha, pm.planes, 3, 0, len(values), len(bits), len(offsets) // 8)
+    group = {0: 0, 16: 25, 32: 5, 64: 27}[pm.group]  # the harness's group byte: odd g is 1 << (g % 21)
+    sizes = (pm.alpha, pm.planes, 3, group, len(values), len(bits), len(offsets) // 8)
     head = struct.pack("<BBHHHbbBBHHH", *fields, *sizes)
     return head + values + bits + offsets + struct.pack("<H", len(scales) // 4) + scales
 
@@ -103,10 +104,16 @@ def kernels_seed(pm, lanes: int) -> bytes:
     """The kernels target's layout of the first units of `pm` (its sparsity; values as the harness makes them)."""
     sub = first_units(pm, small=True)
     alpha = sub.alpha if sub.format == "parent" else 1
-    dtype = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}[sub.values.dtype]
+    dtype = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3, torch.uint8: 3}[sub.values.dtype]
     kind = (1 if alpha > 1 else 0) | dtype << 1 | (max(alpha, 2) - 2) << 3 | (32 if sub.format == "dense" else 0)
+    kind |= 128 if sub.values.dtype == torch.uint8 else 0  # int4
     head = bytes([kind, sub.rows // alpha - 1, sub.cols - 1, 3, lanes, 0, 0])
-    vals = sub.values[: sub.nnz].float().to(torch.int8).numpy().tobytes()  # int8: its own bytes, taken % 9
+    if sub.values.dtype == torch.uint8:  # int4: its values as bytes, taken % 8
+        from fpewiden.packed.format import nibbles
+
+        vals = nibbles(sub.values, sub.nnz).numpy().tobytes()
+    else:
+        vals = sub.values[: sub.nnz].float().to(torch.int8).numpy().tobytes()  # int8: its own bytes, taken % 9
     return head + sub.bits.numpy().tobytes() + vals
 
 

@@ -15,6 +15,10 @@ random order (bench/packed.py's timer), medians; latency ratios against torch's 
   50% + int8       packed 50%'s matrices with int8 values (bitmask + int8)
   FPE α=2 + int8   the pair converted by fpewiden (α=2, same non-zeros), packed with int8 values (parent layout up,
                    bitmask down); against fpewiden int8 of the original it is the paper's premise at int8 bytes
+  ORT 4-bit        MatMulNBits (symmetric, blocks of 32 inputs) of the dense export, what bench's ort-int4 builds
+  fpewiden int4    the dense pair packed with 4-bit values (`pack --dtype int4`: a scale per 32 inputs of a row),
+                   int8 inputs where VNNI runs, as fpewiden int8
+  50% + int4       packed 50%'s matrices with 4-bit values (bitmask + int4)
 
   python bench/int8_competitors.py [--batches 1,16 --threads 1 --out bench/results/int8_competitors]
 
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -35,6 +40,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from packed import half, timed  # bench/packed.py: the interleaved timer, the 50% matrices
 
+from fpewiden.benchmark.competitors import quantize_onnx
 from fpewiden.packed import crossover, kernels
 from fpewiden.packed import format as fmt
 from fpewiden.packed.ops import PackedLinear
@@ -128,19 +134,27 @@ def main() -> int:
                PackedLinear(fmt.pack_dense(down.weight, torch.int8), down.bias))  # fmt: skip
     half8 = Pair(PackedLinear(fmt.pack_bitmask(halves[0], torch.int8), up.bias),
                  PackedLinear(fmt.pack_bitmask(halves[1], torch.int8), down.bias))  # fmt: skip
+    own4 = Pair(PackedLinear(fmt.pack_dense(up.weight, fmt.INT4), up.bias),
+                PackedLinear(fmt.pack_dense(down.weight, fmt.INT4), down.bias))  # fmt: skip
+    half4 = Pair(PackedLinear(fmt.pack_bitmask(halves[0], fmt.INT4), up.bias),
+                 PackedLinear(fmt.pack_bitmask(halves[1], fmt.INT4), down.bias))  # fmt: skip
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         fpe8 = fpe_int8(up, down, Path(tmp))
-        models = {"packed 50%": packed, "fpewiden int8": own, "50% + int8": half8, "FPE α=2 + int8": fpe8}
+        models = {"packed 50%": packed, "fpewiden int8": own, "50% + int8": half8, "FPE α=2 + int8": fpe8,
+                  "fpewiden int4": own4, "50% + int4": half4}  # fmt: skip
         crossover.tune([m for pair in models.values() for m in (pair.up, pair.down)])
         weight_bytes = {k: pair.up.nbytes + pair.down.nbytes for k, pair in models.items()}
         dense_onnx = onnx_pair(up, down, Path(tmp) / "dense.onnx")
         int8_onnx = Path(tmp) / "int8.onnx"
         quantize_dynamic(str(dense_onnx), str(int8_onnx), weight_type=QuantType.QInt8)
-        sizes = {"ORT fp32": file_bytes(dense_onnx), "ORT int8": file_bytes(int8_onnx)}
+        int4_onnx = quantize_onnx(dense_onnx, Path(tmp) / "int4.onnx", "ort-int4")
+        sizes = {"ORT fp32": file_bytes(dense_onnx), "ORT int8": file_bytes(int8_onnx),
+                 "ORT 4-bit": file_bytes(int4_onnx)}  # fmt: skip
         for threads in map(int, args.threads.split(",")):
             torch.set_num_threads(threads)
-            sessions = {"ORT fp32": ort_session(dense_onnx, threads), "ORT int8": ort_session(int8_onnx, threads)}
+            sessions = {"ORT fp32": ort_session(dense_onnx, threads), "ORT int8": ort_session(int8_onnx, threads),
+                        "ORT 4-bit": ort_session(int4_onnx, threads)}  # fmt: skip
             for batch in map(int, args.batches.split(",")):
                 x = torch.randn(batch, HIDDEN, generator=g)
                 xn = x.numpy()
@@ -149,6 +163,7 @@ def main() -> int:
                     "torch int8": lambda x=x: int8(x),
                     "ORT fp32": lambda xn=xn, s=sessions: s["ORT fp32"].run(None, {"x": xn}),
                     "ORT int8": lambda xn=xn, s=sessions: s["ORT int8"].run(None, {"x": xn}),
+                    "ORT 4-bit": lambda xn=xn, s=sessions: s["ORT 4-bit"].run(None, {"x": xn}),
                 }
                 fns |= {name: (lambda x=x, m=m: m(x)) for name, m in models.items()}
                 with torch.inference_mode():
@@ -158,12 +173,13 @@ def main() -> int:
                     rows.append({"threads": threads, "batch": batch, "engine": name, "median_ms": r["median_ms"],
                                  "ratio": r["median_ms"] / base, "rounds": r["rounds"]})  # fmt: skip
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    command = "python bench/int8_competitors.py" + (f" --batches {args.batches}" if args.batches != "1,16" else "")
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     args.out.mkdir(parents=True, exist_ok=True)
     doc = {"command": command, "cpu": cpu, "kernels": kernels.path(), "file_bytes": sizes,
            "weight_bytes": weight_bytes, "rows": rows}  # fmt: skip
     (args.out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
-    lines = ["# Dynamic int8 quantization against fpewiden's packed formats (Llama-7B FFN pair, 4096→11008→4096)", "",
+    lines = ["# Dynamic int8 and 4-bit quantization against fpewiden's packed formats (Llama-7B FFN pair, "
+             "4096→11008→4096)", "",
              f"`{command}`", "", f"CPU: {cpu}; fpewiden kernels: {kernels.path()}; torch {torch.__version__}. Latency "
              "ratios against torch's dense fp32 in the same interleaved rounds (medians); lower is faster.", "",
              "| threads | batch | engine | median ms | latency × torch fp32 |", "|---|---|---|---|---|"]  # fmt: skip
@@ -171,7 +187,8 @@ def main() -> int:
         lines.append(f"| {r['threads']} | {r['batch']} | {r['engine']} | {r['median_ms']:.2f} | {r['ratio']:.2f}× |")
     mb = {k: v / 1e6 for k, v in sizes.items()}
     own_mb = ", ".join(f"{k} {v / 1e6:.0f} MB" for k, v in weight_bytes.items())
-    lines += ["", f"ONNX files: fp32 {mb['ORT fp32']:.0f} MB, int8 {mb['ORT int8']:.0f} MB. fpewiden's weight bytes "
+    onnx_mb = ", ".join(f"{k[4:]} {v:.0f} MB" for k, v in mb.items())
+    lines += ["", f"ONNX files: {onnx_mb}. fpewiden's weight bytes "
               f"(values, bits, offsets, scales): {own_mb}. Where a competitor's ratio is below fpewiden's at a "
               "batch, the competitor wins there."]  # fmt: skip
     (args.out / "results.md").write_text("\n".join(lines) + "\n")

@@ -56,7 +56,9 @@ def embeddings(folder: Path, texts: list[str], rtn: tuple[str, int | None] | Non
     out = []
     for i in range(0, len(texts), 64):
         enc = tok(texts[i : i + 64], padding=True, truncation=True, max_length=128, return_tensors="pt")
-        out.append(torch.nn.functional.normalize(mean_pool(model(**enc).last_hidden_state, enc["attention_mask"]), dim=1))
+        out.append(
+            torch.nn.functional.normalize(mean_pool(model(**enc).last_hidden_state, enc["attention_mask"]), dim=1)
+        )
     return torch.cat(out)
 
 

@@ -153,12 +153,15 @@ def test_every_kernel_path_matches_the_dense_reference(path, dtype):
 HAS_Q8 = "avx512" in PATHS and bool(torch.ops.fpewiden.has_q8())
 
 
-@pytest.mark.skipif(not HAS_Q8, reason="no AVX-512 VNNI + VBMI2 on this CPU")
+@pytest.mark.skipif(not HAS_Q8, reason="no AVX-512 VNNI + VBMI + VBMI2 on this CPU")
 def test_int8_activations_compute_exactly_the_quantized_product():
-    """gemv_q8 (the default for int8 layers where VNNI runs, every layout): inputs rounded per row to int8 at
-    max |x| / 127, integer sums: equal to the double product of the rounded inputs and the dequantized weights."""
+    """gemv_q8 (the default for int8 and int4 layers where VNNI runs, every layout): inputs rounded per row to int8
+    at max |x| / 127, integer sums (int4: each 64 columns' sums times their groups' scales): equal to the double
+    product of the rounded inputs and the dequantized weights."""
     g = torch.Generator().manual_seed(4)
-    for pm in int8_cases():
+    big = [fmt.pack_dense(sparse(5, 300, 1.0), fmt.INT4, group=16), fmt.pack_bitmask(sparse(6, 257, 0.4), fmt.INT4)]
+    big += [fmt.pack_parent(widened(3, 201, 2), 2, fmt.INT4, group=128)]  # odd columns: rows start mid-byte
+    for pm in int8_cases() + int4_cases() + big:
         bias = torch.randn(pm.rows, generator=g)
         layer = PackedLinear(pm, bias, kernel="avx512")
         assert layer.activations == "int8"

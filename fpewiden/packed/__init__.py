@@ -20,7 +20,7 @@ def load(path: Path | str, kernel: str | None = None, tune: bool = True, activat
     """A packed MLP file as its chain (`module(x)`, x of shape [batch, in]), or a packed Hugging Face folder as the
     transformers model (e.g. LlamaForCausalLM, with `.generate`) whose packed Linear layers run the kernels.
     `kernel` forces a path (see fpewiden/packed/kernels.py); `tune` measures, once per shape and machine, where
-    each kernel mode wins (fpewiden/packed/crossover.py); `activations` for int8 files: "int8" (the default
+    each kernel mode wins (fpewiden/packed/crossover.py); `activations` for int8 and int4 files: "int8" (the default
     where the CPU has VNNI: inputs quantized per row, the fast path) or "fp32" (inputs kept, closer to the
     unquantized model, slower)."""
     from pathlib import Path

@@ -131,7 +131,7 @@ def nibbles(values: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _values_in(
-    w: torch.Tensor, dtype: torch.dtype | None, scales: torch.Tensor | None = None, group: int = 0
+    w: torch.Tensor, dtype: torch.dtype | None, scales: torch.Tensor | None = None, group: int = GROUP_SIZE
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`w`'s rows as stored: cast to `dtype`, or for int8 quantized per row (int4: per `group` columns of a row),
     with the scales (`scales`: the ones convert --quantize recorded, which `w` lies on; None: rounded to nearest).
@@ -147,7 +147,7 @@ def _values_in(
 
 
 def pack_bitmask(
-    w: torch.Tensor, dtype: torch.dtype | None = None, scales: torch.Tensor | None = None, group: int = 0
+    w: torch.Tensor, dtype: torch.dtype | None = None, scales: torch.Tensor | None = None, group: int = GROUP_SIZE
 ) -> PackedMatrix:
     """`w` (rows, cols) in the bitmask format, values cast to `dtype` (default: w's own; int8: quantized per
     row, the mask still w's non-zeros)."""
@@ -166,7 +166,7 @@ def pack_bitmask(
 
 
 def pack_dense(
-    w: torch.Tensor, dtype: torch.dtype = torch.int8, scales: torch.Tensor | None = None, group: int = 0
+    w: torch.Tensor, dtype: torch.dtype = torch.int8, scales: torch.Tensor | None = None, group: int = GROUP_SIZE
 ) -> PackedMatrix:
     """`w` (rows, cols) in the dense format (every weight; for int8 checkpoints' matrices without zeros worth
     skipping)."""
@@ -181,7 +181,11 @@ def planes_for(alpha: int) -> int:
 
 
 def pack_parent(
-    w: torch.Tensor, alpha: int, dtype: torch.dtype | None = None, scales: torch.Tensor | None = None, group: int = 0
+    w: torch.Tensor,
+    alpha: int,
+    dtype: torch.dtype | None = None,
+    scales: torch.Tensor | None = None,
+    group: int = GROUP_SIZE,
 ) -> PackedMatrix | None:
     """`w` (parents·α, cols), an FPE-widened incoming matrix, in the parent format; None when its children do not
     partition their parent's row (some input feeds two children of one parent), α is outside 2..4, or the

@@ -31,7 +31,8 @@ ISA_FLAGS = {
     "isa_avx2.cc": ["-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2", "-mpopcnt"],
     "isa_avx512.cc": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-mbmi", "-mbmi2",
                       "-mpopcnt"],
-    "isa_avx512_vnni.cc": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx512vbmi2",
+    "isa_avx512_vnni.cc": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx512vbmi",
+                           "-mavx512vbmi2",
                            "-mbmi", "-mbmi2", "-mpopcnt"],
 }  # fmt: skip
 

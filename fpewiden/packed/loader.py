@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fpewiden.errors import FpewidenError
+from fpewiden.packed.format import QUANTIZED
 from fpewiden.packed.ops import PackedLinear
 from fpewiden.packed.reader import PackedCheckpoint, read_packed
 
@@ -131,7 +132,7 @@ def module_of(
     model = _load_mlp(pc, kernel) if pc.kind == "mlp" else _load_hf(pc, kernel)
     if activations is not None:
         for m in model.modules():
-            if isinstance(m, PackedLinear) and m.values.dtype == torch.int8:
+            if isinstance(m, PackedLinear) and m.values.dtype in QUANTIZED:
                 m.set_activations(activations)
     if tune:
         from fpewiden.packed.crossover import tune as measure

@@ -11,8 +11,9 @@ int8 matrices (any layout) on a CPU with AVX-512 VNNI and VBMI2 run `gemv` as `g
 quantized to int8 per row (max |x| / 127, as torch's and ONNX Runtime's dynamic int8 do) and integer dot products;
 there, token batches also have the mode `int8_mm` (the same input rounding, the int8 values as dense rows, torch's
 int8 GEMM) (`activations="int8"`, the default there). Elsewhere, and with
-`activations="fp32"`, int8 values are widened to fp32 in registers and the inputs stay fp32. int4 values always
-are (each vector of values times its group's scale as it is loaded): the inputs stay fp32.
+`activations="fp32"`, int8 values are widened to fp32 in registers and the inputs stay fp32. int4 matrices run
+`gemv_q8` too (the nibbles spread to bytes, each 64 columns' integer sums scaled by their groups' scales); their
+token batches run with fp32 inputs (each vector of values times its group's scale as it is loaded).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fpewiden.packed import kernels
-from fpewiden.packed.format import DTYPE_CODES, PackedMatrix, unpack
+from fpewiden.packed.format import DTYPE_CODES, INT4, PackedMatrix, unpack
 
 FORMAT_CODES = {"bitmask": 0, "parent": 1, "dense": 2}
 MODES = ("gemv", "spmm", "dense")
@@ -81,13 +82,13 @@ class PackedLinear(nn.Module):
         if self.activations not in ("fp32", "int8"):
             raise ValueError(f"activations={self.activations!r}: fp32 or int8")
         if self.activations == "int8" and not (self._gemv_q8 or self._int8_mm):
-            raise ValueError("int8 activations need int8 values and AVX-512 VNNI + VBMI2 kernels")
+            raise ValueError("int8 activations need int8 or int4 values and AVX-512 VNNI + VBMI2 kernels")
         if self.activations == "fp32":
             self._gemv_q8 = self._int8_mm = False
 
     def _q8(self) -> bool:
         """Whether the int8-activation kernel can run this layer's few-input calls."""
-        if self.values.dtype != torch.int8 or self.in_features > Q8_MAX_COLS:
+        if self.values.dtype not in (torch.int8, INT4) or self.in_features > Q8_MAX_COLS:
             return False
         return self.kernel == "avx512" and bool(torch.ops.fpewiden.has_q8())
 

@@ -20,7 +20,8 @@ struct Features {
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
     avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c && __builtin_cpu_supports("bmi") &&
            __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt");
-    q8 = avx512 && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi2") &&
+    q8 = avx512 && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi") &&
+         __builtin_cpu_supports("avx512vbmi2") &&
          __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt");
   }
 };

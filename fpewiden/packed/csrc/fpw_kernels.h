@@ -57,7 +57,7 @@ typedef void (*FpwGemv)(const FpwMatrix* w, const float* x, int64_t ldx, int64_t
 typedef void (*FpwSpmm)(const FpwMatrix* w, const float* xt, int64_t ldxt, int64_t batch, const float* bias,
                         float* yt, int64_t ldyt, int64_t u0, int64_t u1);
 
-// Few inputs, int8 weights (any layout) times int8 activations, as dynamic int8 quantization runs:
+// Few inputs, int8 or int4 weights (any layout) times int8 activations, as dynamic int8 quantization runs:
 // xq holds per input b (at xq + b * ldxq, ldxq a multiple of 64) round(x / sx[b]), the columns past `cols` 0
 // (fpw_quantize_inputs writes them); y as FpwGemv's. Exact integer sums, for cols <= 65536.
 typedef void (*FpwGemvQ8)(const FpwMatrix* w, const int8_t* xq, int64_t ldxq, const float* sx, int64_t batch,
@@ -99,7 +99,7 @@ const FpwKernels* fpw_kernels_portable(void);
 // The kernels for an ISA name ("avx512", "avx2", "portable"), or NULL where this CPU lacks it; "best": the widest
 // this CPU runs.
 const FpwKernels* fpw_select(const char* isa);
-// The int8-activation kernel (AVX-512 VNNI + VBMI2), or NULL where this CPU lacks those.
+// The int8-activation kernel (AVX-512 VNNI + VBMI + VBMI2), or NULL where this CPU lacks those.
 FpwGemvQ8 fpw_select_q8(void);
 void fpw_gemv_q8_avx512vnni(const FpwMatrix* w, const int8_t* xq, int64_t ldxq, const float* sx, int64_t batch,
                             const float* bias, float* y, int64_t ldy, int64_t u0, int64_t u1);

@@ -28,6 +28,20 @@ struct Lut {
 };
 constexpr Lut LUT{};
 
+// int4 values: the byte each of 8 lanes reads and the shift that tops its nibble (isa_avx512.cc explains)
+struct I4Tables {
+  alignas(16) uint8_t bytes[2][16];
+  alignas(32) int32_t shifts[2][8];
+  constexpr I4Tables() : bytes(), shifts() {
+    for (int odd = 0; odd < 2; odd++)
+      for (int l = 0; l < 16; l++) {
+        bytes[odd][l] = (uint8_t)(l < 8 ? (l + odd) / 2 : 0x80);
+        if (l < 8) shifts[odd][l] = ((l + odd) % 2) ? 24 : 28;
+      }
+  }
+};
+constexpr I4Tables I4{};
+
 struct V {
   static constexpr int W = 8, BMAX = 4, ACC = 8;
   using reg = __m256;
@@ -45,14 +59,12 @@ struct V {
     if (DT == FPW_F32) return _mm256_loadu_ps((const float*)base + i);
     if (DT == FPW_I8)
       return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)((const int8_t*)base + i))));
-    if (DT == FPW_I4) {  // 8 nibbles from element i: 32 bits from byte i / 2, a nibble later where i is odd
-      uint64_t lo;
-      memcpy(&lo, (const uint8_t*)base + (i >> 1), 8);
-      const __m256i d = _mm256_set1_epi32((int)(uint32_t)(lo >> ((i & 1) * 4)));
-      const __m256i q = _mm256_and_si256(_mm256_srlv_epi32(d, _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
-                                         _mm256_set1_epi32(15));
-      const __m256i eight = _mm256_set1_epi32(8);  // (q ^ 8) - 8: the nibble's two's complement value
-      return _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_xor_si256(q, eight), eight));
+    if (DT == FPW_I4) {  // 8 nibbles from element i, as the AVX-512 variant reads 16 (isa_avx512.cc)
+      const int odd = (int)(i & 1);
+      const __m128i b = _mm_loadl_epi64((const __m128i*)((const uint8_t*)base + (i >> 1)));
+      const __m128i twice = _mm_shuffle_epi8(b, _mm_load_si128((const __m128i*)I4.bytes[odd]));
+      const __m256i top = _mm256_sllv_epi32(_mm256_cvtepu8_epi32(twice), _mm256_load_si256((const __m256i*)I4.shifts[odd]));
+      return _mm256_cvtepi32_ps(_mm256_srai_epi32(top, 28));
     }
     const __m128i h = _mm_loadu_si128((const __m128i*)((const uint16_t*)base + i));
     if (DT == FPW_F16) return _mm256_cvtph_ps(h);

@@ -11,6 +11,21 @@
 
 namespace fpw_avx512 {
 
+// int4 values: which byte each of 16 lanes reads, and the shift that puts its nibble at the lane's top bits
+// (low nibble 28, high 24), for a run starting at a low nibble (even element) or a high one (odd)
+struct I4Tables {
+  alignas(16) uint8_t bytes[2][16];
+  alignas(64) int32_t shifts[2][16];
+  constexpr I4Tables() : bytes(), shifts() {
+    for (int odd = 0; odd < 2; odd++)
+      for (int l = 0; l < 16; l++) {
+        bytes[odd][l] = (uint8_t)((l + odd) / 2);
+        shifts[odd][l] = ((l + odd) % 2) ? 24 : 28;
+      }
+  }
+};
+constexpr I4Tables I4{};
+
 struct V {
   static constexpr int W = 16, BMAX = 8, ACC = 16;
   using reg = __m512;
@@ -33,18 +48,15 @@ struct V {
       r = _mm512_loadu_ps((const float*)base + i);
     } else if (DT == FPW_I8) {
       r = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)((const int8_t*)base + i))));
-    } else if (DT == FPW_I4) {  // 16 nibbles from element i: 64 bits from byte i / 2, a nibble later where i is odd
-      const uint8_t* p = (const uint8_t*)base + (i >> 1);
-      uint64_t lo, hi;
-      memcpy(&lo, p, 8);
-      memcpy(&hi, p + 8, 8);
-      const uint64_t v = (lo >> ((i & 1) * 4)) | ((hi << 60) & (0 - (uint64_t)(i & 1)));
-      const __m512i d = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32((int)(uint32_t)v)),
-                                           _mm256_set1_epi32((int)(uint32_t)(v >> 32)), 1);
-      const __m512i shifts = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
-      const __m512i q = _mm512_and_si512(_mm512_srlv_epi32(d, shifts), _mm512_set1_epi32(15));
-      const __m512i eight = _mm512_set1_epi32(8);  // (q ^ 8) - 8: the nibble's two's complement value
-      r = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_xor_si512(q, eight), eight));
+    } else if (DT == FPW_I4) {
+      // 16 nibbles from element i: each byte from i / 2 on given to the lanes of its nibbles, each nibble shifted
+      // to the top of its lane and arithmetically down again (its two's complement value); odd i starts at the
+      // first byte's high nibble
+      const int odd = (int)(i & 1);
+      const __m128i b = _mm_loadu_si128((const __m128i*)((const uint8_t*)base + (i >> 1)));
+      const __m128i twice = _mm_shuffle_epi8(b, _mm_load_si128((const __m128i*)I4.bytes[odd]));
+      const __m512i top = _mm512_sllv_epi32(_mm512_cvtepu8_epi32(twice), _mm512_load_si512(I4.shifts[odd]));
+      r = _mm512_cvtepi32_ps(_mm512_srai_epi32(top, 28));
     } else {
       const __m256i h = _mm256_loadu_si256((const __m256i*)((const uint16_t*)base + i));
       r = DT == FPW_BF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);

@@ -16,7 +16,7 @@
 #include "fpw_kernels.h"
 
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi2,bmi,bmi2,popcnt")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,avx512vbmi2,bmi,bmi2,popcnt")
 
 namespace {
 
@@ -212,8 +212,256 @@ inline int32_t times128_sum(const int8_t* x, int64_t n) {
   return 128 * _mm512_reduce_add_epi32(acc);
 }
 
+// ---------------------------------------------------------------- int4 weights (csrc/fpw_kernels.h's layout)
+//
+// Per 64 columns: the row's 64 nibbles (32 or 33 bytes, a masked load) spread one per byte by vpermb, each byte's
+// nibble selected and made unsigned (q + 8, one vpternlog), one vpdpbusd per input. A group's scale cannot wait
+// for the row's end, so each 64 columns' int32 sums (exact) are converted and multiplied by their lanes' group
+// scales into an f32 sum: lane l holds columns j + 4l .. j + 4l + 3, all in one group (groups are >= 16
+// columns). The sums start at -8 times each lane's four inputs, which takes the + 8 off again: the columns a
+// layout skips are filled with 8 (q = 0) and the columns past `cols` meet inputs of 0, so no other correction.
+
+struct Nibbles {
+  alignas(64) uint8_t index[2][64];  // the byte each lane reads, for a run from an even (low) or odd nibble
+  uint64_t high[2];                  // the lanes that take their byte's high nibble
+  constexpr Nibbles() : index(), high() {
+    for (int odd = 0; odd < 2; odd++)
+      for (int t = 0; t < 64; t++) {
+        index[odd][t] = (uint8_t)((odd + t) / 2);
+        if ((odd + t) % 2) high[odd] |= (uint64_t)1 << t;
+      }
+  }
+};
+constexpr Nibbles NIB{};
+
+// Elements e .. e + count - 1 (count <= 64) of int4 values as unsigned bytes q + 8; lanes past count are 8 or
+// arbitrary (a bitmask row's next values: the expand drops them). Reads only the bytes those elements lie in.
+inline __m512i nibbles_u8(const uint8_t* base, int64_t e, int64_t count) {
+  const int odd = (int)(e & 1);
+  const int64_t bytes = (e + count + 1) / 2 - e / 2;
+  const __m512i raw = _mm512_maskz_loadu_epi8(_bzhi_u64(~(uint64_t)0, (unsigned)bytes), base + e / 2);
+  const __m512i spread = _mm512_permutexvar_epi8(_mm512_load_si512(NIB.index[odd]), raw);
+  const __m512i nib = _mm512_mask_mov_epi8(spread, NIB.high[odd], _mm512_srli_epi16(spread, 4));
+  // (nib & 15) ^ 8: the low nibble, its sign bit flipped (q + 8)
+  return _mm512_ternarylogic_epi32(nib, _mm512_set1_epi8(15), _mm512_set1_epi8(8), 0x6A);
+}
+
+// A run of 64 nibbles whose parity is known ahead (a dense or parent row's whole 64 columns): the byte mask, the
+// spread and the high-nibble lanes hoisted out of the column loop.
+struct Run {
+  __mmask64 bytes;
+  __m512i index;
+  __mmask64 high;
+  explicit Run(int64_t first) {
+    const int odd = (int)(first & 1);
+    bytes = _bzhi_u64(~(uint64_t)0, 32u + (unsigned)odd);
+    index = _mm512_load_si512(NIB.index[odd]);
+    high = NIB.high[odd];
+  }
+  __m512i at(const uint8_t* base, int64_t e) const {
+    const __m512i spread = _mm512_permutexvar_epi8(index, _mm512_maskz_loadu_epi8(bytes, base + e / 2));
+    const __m512i nib = _mm512_mask_mov_epi8(spread, high, _mm512_srli_epi16(spread, 4));
+    return _mm512_ternarylogic_epi32(nib, _mm512_set1_epi8(15), _mm512_set1_epi8(8), 0x6A);
+  }
+};
+
+// The scales of the group of each int32 lane of 64 columns (lane l: columns j + 4l ..): one masked load of the
+// 64 / group scales the columns span (one, for groups of 64 or more) and a permute. `Scales` holds what does not
+// change along a row; `last` loads only the unit's remaining groups (the lanes past `cols` get 0: their sums are 0).
+struct Scales {
+  int shift;
+  int64_t groups;
+  __mmask16 span;
+  __m512i lane;
+  explicit Scales(const FpwMatrix& w) {
+    shift = __builtin_ctz((unsigned)w.group);
+    groups = (w.cols + w.group - 1) >> shift;
+    const int per = shift >= 6 ? 1 : 64 >> shift;
+    span = (__mmask16)((1u << per) - 1);
+    const __m512i l4 = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 52, 56, 60);
+    lane = shift >= 6 ? _mm512_setzero_si512() : _mm512_srli_epi32(l4, shift);
+  }
+  template <bool WIDE>
+  __m512 at(const float* unit, int64_t j) const {
+    if (WIDE) return _mm512_set1_ps(unit[j >> shift]);  // a group of 64 columns or more: one broadcast load
+    return _mm512_permutexvar_ps(lane, _mm512_maskz_loadu_ps(span, unit + (j >> shift)));
+  }
+  __m512 last(const float* unit, int64_t j) const {
+    const int64_t g = j >> shift, left = groups - g;
+    const __mmask16 m = left >= 16 ? span : (__mmask16)(span & ((1u << left) - 1));
+    return _mm512_permutexvar_ps(lane, _mm512_maskz_loadu_ps(m, unit + g));
+  }
+};
+
+template <int R, int B, bool DENSE, bool WIDE>
+inline void rows_q4(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, const float* sx, const int32_t* minus8,
+                    const float* bias, float* y, int64_t ldy, int64_t r) {
+  const int64_t n = w.cols;
+  const Scales sc(w);
+  const uint8_t* values = (const uint8_t*)w.values;
+  const __m512i c8 = _mm512_set1_epi8(8);
+  __m512 acc[R][B];
+  int64_t e[R];
+  const uint8_t* bp[R];
+  const float* srow[R];
+#pragma GCC unroll 8
+  for (int i = 0; i < R; i++) {
+    e[i] = DENSE ? (r + i) * n : w.row_ptr[r + i];
+    bp[i] = DENSE ? nullptr : w.bits + (r + i) * w.stride;
+    srow[i] = w.scales + (r + i) * sc.groups;
+#pragma GCC unroll 4
+    for (int b = 0; b < B; b++) acc[i][b] = _mm512_setzero_ps();
+  }
+  // dense rows: every row's parity is its first element's (a row's 64-column runs all start at that parity)
+  const Run run(DENSE ? r * n : 0), run1(DENSE ? (r + 1) * n : 0);
+  for (int64_t j = 0; j < n; j += 64) {
+    const bool full = j + 64 <= n;
+    __m512i xv[B], start[B];
+#pragma GCC unroll 4
+    for (int b = 0; b < B; b++) {
+      xv[b] = _mm512_loadu_si512((const void*)(xq + b * ldxq + j));
+      start[b] = _mm512_loadu_si512((const void*)(minus8 + b * (ldxq / 4) + j / 4));
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < R; i++) {
+      __m512i wv;
+      if (DENSE) {
+        wv = full ? (i % 2 ? run1 : run).at(values, e[i] + j) : nibbles_u8(values, e[i] + j, n - j);
+      } else {
+        const uint64_t m = word_at(bp[i] + j / 8);
+        const int64_t k = _mm_popcnt_u64(m);
+        wv = _mm512_mask_expand_epi8(c8, m, nibbles_u8(values, e[i], k));
+        e[i] += k;
+      }
+      const __m512 sv = full ? sc.template at<WIDE>(srow[i], j) : sc.last(srow[i], j);
+#pragma GCC unroll 4
+      for (int b = 0; b < B; b++)
+        acc[i][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start[b], wv, xv[b])), sv, acc[i][b]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < R; i++)
+    for (int b = 0; b < B; b++)
+      y[b * ldy + r + i] = _mm512_reduce_add_ps(acc[i][b]) * sx[b] + (bias ? bias[r + i] : 0.0f);
+}
+
+template <int R, int B, int A, bool WIDE>
+inline void parents_q4(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, const float* sx, const int32_t* minus8,
+                       const float* bias, float* y, int64_t ldy, int64_t i0) {
+  constexpr int P = A <= 2 ? 1 : 2;
+  const int64_t parents = w.rows / A, n = w.cols;
+  const Scales sc(w);
+  const __m512i c8 = _mm512_set1_epi8(8);
+  const Run run(i0 * n), run1((i0 + 1) * n);
+  __m512 acc[R][A][B];
+#pragma GCC unroll 4
+  for (int i = 0; i < R; i++)
+#pragma GCC unroll 4
+    for (int c = 0; c < A; c++)
+#pragma GCC unroll 4
+      for (int b = 0; b < B; b++) acc[i][c][b] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 64) {
+    const bool full = j + 64 <= n;
+    __m512i xv[B], start[B];
+#pragma GCC unroll 4
+    for (int b = 0; b < B; b++) {
+      xv[b] = _mm512_loadu_si512((const void*)(xq + b * ldxq + j));
+      start[b] = _mm512_loadu_si512((const void*)(minus8 + b * (ldxq / 4) + j / 4));
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < R; i++) {
+      const int64_t e = (i0 + i) * n + j;
+      const __m512i pv = full ? (i % 2 ? run1 : run).at((const uint8_t*)w.values, e)
+                              : nibbles_u8((const uint8_t*)w.values, e, n - j);
+      uint64_t pb[P];
+#pragma GCC unroll 2
+      for (int k = 0; k < P; k++) pb[k] = word_at(w.bits + (k * parents + i0 + i) * w.stride + j / 8);
+      const float* unit = w.scales + (i0 + i) * sc.groups;
+      const __m512 sv = full ? sc.template at<WIDE>(unit, j) : sc.last(unit, j);
+#pragma GCC unroll 4
+      for (int c = 0; c < A; c++) {
+        const __m512i wc = _mm512_mask_mov_epi8(c8, child_q8<A>(pb, c), pv);
+#pragma GCC unroll 4
+        for (int b = 0; b < B; b++)
+          acc[i][c][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start[b], wc, xv[b])), sv, acc[i][c][b]);
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < R; i++)
+    for (int c = 0; c < A; c++) {
+      const int64_t row = (i0 + i) * A + c;
+      for (int b = 0; b < B; b++)
+        y[b * ldy + row] = _mm512_reduce_add_ps(acc[i][c][b]) * sx[b] + (bias ? bias[row] : 0.0f);
+    }
+}
+
+template <int B, bool WIDE>
+inline void range_q4(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, const float* sx, const int32_t* minus8,
+                     const float* bias, float* y, int64_t ldy, int64_t u0, int64_t u1) {
+  // rows per pass: 8 (dense and bitmask) for one or two inputs, else 2; parents 2 (alpha 2) or 1
+  int64_t u = u0;
+  if (w.format == FPW_PARENT) {
+    switch (w.alpha) {
+      case 2:
+        for (; u + 2 <= u1; u += 2) parents_q4<2, B, 2, WIDE>(w, xq, ldxq, sx, minus8, bias, y, ldy, u);
+        for (; u < u1; u++) parents_q4<1, B, 2, WIDE>(w, xq, ldxq, sx, minus8, bias, y, ldy, u);
+        return;
+      case 3:
+        for (; u < u1; u++) parents_q4<1, B, 3, WIDE>(w, xq, ldxq, sx, minus8, bias, y, ldy, u);
+        return;
+      default:
+        for (; u < u1; u++) parents_q4<1, B, 4, WIDE>(w, xq, ldxq, sx, minus8, bias, y, ldy, u);
+        return;
+    }
+  }
+  constexpr int R = B <= 2 ? 8 : 2;
+  if (w.format == FPW_DENSE) {
+    for (; u + R <= u1; u += R) rows_q4<R, B, true, WIDE>(w, xq, ldxq, sx, minus8, bias, y, ldy, u);
+    for (; u < u1; u++) rows_q4<1, B, true, WIDE>(w, xq, ldxq, sx, minus8, bias, y, ldy, u);
+    return;
+  }
+  for (; u + R <= u1; u += R) rows_q4<R, B, false, WIDE>(w, xq, ldxq, sx, minus8, bias, y, ldy, u);
+  for (; u < u1; u++) rows_q4<1, B, false, WIDE>(w, xq, ldxq, sx, minus8, bias, y, ldy, u);
+}
+
+template <int B>
+inline void range_q4(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, const float* sx, const int32_t* minus8,
+                     const float* bias, float* y, int64_t ldy, int64_t u0, int64_t u1) {
+  if (w.group >= 64) return range_q4<B, true>(w, xq, ldxq, sx, minus8, bias, y, ldy, u0, u1);
+  range_q4<B, false>(w, xq, ldxq, sx, minus8, bias, y, ldy, u0, u1);
+}
+
+// Per input, -8 times the sum of each four consecutive quantized inputs (ldxq / 4 int32s): each lane's start.
+void minus8_sums(const int8_t* x, int64_t ldxq, int32_t* out) {
+  const __m512i eights = _mm512_set1_epi8(8);
+  for (int64_t j = 0; j < ldxq; j += 64) {
+    const __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), eights, _mm512_loadu_si512((const void*)(x + j)));
+    _mm512_storeu_si512((void*)(out + j / 4), _mm512_sub_epi32(_mm512_setzero_si512(), s));
+  }
+}
+
+void gemv_q4(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, const float* sx, int64_t batch, const float* bias,
+             float* y, int64_t ldy, int64_t u0, int64_t u1) {
+  int32_t* minus8 = new int32_t[4 * (ldxq / 4)];
+  for (int64_t b0 = 0; b0 < batch; b0 += 4) {
+    const int8_t* xb = xq + b0 * ldxq;
+    float* yb = y + b0 * ldy;
+    const int64_t nb = batch - b0 < 4 ? batch - b0 : 4;
+    for (int64_t b = 0; b < nb; b++) minus8_sums(xb + b * ldxq, ldxq, minus8 + b * (ldxq / 4));
+    switch (nb) {
+      case 1: range_q4<1>(w, xb, ldxq, sx + b0, minus8, bias, yb, ldy, u0, u1); break;
+      case 2: range_q4<2>(w, xb, ldxq, sx + b0, minus8, bias, yb, ldy, u0, u1); break;
+      case 3: range_q4<3>(w, xb, ldxq, sx + b0, minus8, bias, yb, ldy, u0, u1); break;
+      default: range_q4<4>(w, xb, ldxq, sx + b0, minus8, bias, yb, ldy, u0, u1); break;
+    }
+  }
+  delete[] minus8;
+}
+
 void gemv_any(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, const float* sx, int64_t batch, const float* bias,
               float* y, int64_t ldy, int64_t u0, int64_t u1) {
+  if (w.dtype == FPW_I4) return gemv_q4(w, xq, ldxq, sx, batch, bias, y, ldy, u0, u1);
   for (int64_t b0 = 0; b0 < batch; b0 += 4) {
     const int8_t* xb = xq + b0 * ldxq;
     float* yb = y + b0 * ldy;

@@ -171,8 +171,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& values, const at::Tenso
   if (mode == "gemv_q8") {  // int8 activations (per input row), int8 weights: the VNNI kernel
     const FpwGemvQ8 q8 = fpw_select_q8();
     TORCH_CHECK(q8 != nullptr && isa == "avx512", "fpewiden: gemv_q8 needs the avx512 kernels with VNNI and VBMI2");
-    TORCH_CHECK(w.dtype == FPW_I8 && cols <= FPW_Q8_MAX_COLS,
-                "fpewiden: gemv_q8 runs int8 matrices of at most ", FPW_Q8_MAX_COLS, " columns");
+    TORCH_CHECK((w.dtype == FPW_I8 || w.dtype == FPW_I4) && cols <= FPW_Q8_MAX_COLS,
+                "fpewiden: gemv_q8 runs int8 and int4 matrices of at most ", FPW_Q8_MAX_COLS, " columns");
     const int64_t ldq = (cols + 63) / 64 * 64;
     at::Tensor xq = at::empty({n, ldq}, x.options().dtype(at::kChar));
     at::Tensor sx = at::empty({n}, x.options());

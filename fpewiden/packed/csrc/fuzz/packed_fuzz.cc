@@ -6,16 +6,17 @@
 //   the input, arrays filled from it) -> fpw_validate -> on success gemv, spmm and unpack on every ISA this CPU
 //   runs, and fpw_unpack. Finds what the validator lets through that a kernel reads or writes out of bounds.
 //   Layout (little-endian): u8 format, u8 dtype, u16 rows, u16 cols, u16 stride, i8 alpha, i8 planes,
-//   u8 batch, u8 pad, u16 value bytes, u16 bit bytes, u16 row offsets, then the arrays' bytes in that order,
-//   then u16 scales and their floats (short input: zeros).
+//   u8 batch, u8 group (int4's columns per scale: 0, a power of two or not), u16 value bytes, u16 bit bytes,
+//   u16 row offsets, then the arrays' bytes in that order, then u16 scales and their floats (short input: zeros).
 //
 // FPW_FUZZ_KERNELS: bytes -> a consistent matrix of any format and value type (sparsity from the input, row
 //   offsets derived, small integer values so every sum is exact), optionally one corruption chosen by the input
 //   -> fpw_validate -> on success every ISA's gemv (1..10 inputs), spmm (9..128 lanes) and unpack, which must equal
 //   the reference (fpw_unpack and a double-precision product) exactly. An uncorrupted matrix the validator refuses,
 //   or any difference, is a finding (abort).
-//   Layout: u8 kind (bit 0 parent, else bit 5 dense, else bitmask; bits 1-2 dtype; bits 3-4 alpha - 2; int8
-//   scales are powers of two from bits 6-7, so every product stays exact), u8 units, u8 cols, u8 gemv inputs,
+//   Layout: u8 kind (bit 0 parent, else bit 5 dense, else bitmask; bits 1-2 dtype, int8 made int4 by bit 7;
+//   bits 3-4 alpha - 2; int8 and int4 scales are powers of two from bits 6-7, so every product stays exact; int4's
+//   group 16, 32 or 64 from the units), u8 units, u8 cols, u8 gemv inputs,
 //   u8 spmm lanes (each mapped to a range below), u8 corruption, u8 its argument, then bit bytes (stride per row or plane row) and value bytes.
 #include <stdint.h>
 #include <stdio.h>
@@ -85,7 +86,7 @@ void run_all(const FpwMatrix& w, int64_t gemv_batch, int64_t spmm_batch, const f
     }
   }
   const FpwGemvQ8 q8 = fpw_select_q8();  // int8 activations: run for its reads and writes (its sums are rounded
-  if (q8 && w.dtype == FPW_I8 && w.cols <= FPW_Q8_MAX_COLS) {  // x, not compared here)
+  if (q8 && (w.dtype == FPW_I8 || w.dtype == FPW_I4) && w.cols <= FPW_Q8_MAX_COLS) {  // x, not compared here)
     const int64_t ldq = (w.cols + 63) / 64 * 64;
     int8_t* xq = exact<int8_t>(gemv_batch * ldq);
     float* sx = exact<float>(gemv_batch);
@@ -94,6 +95,8 @@ void run_all(const FpwMatrix& w, int64_t gemv_batch, int64_t spmm_batch, const f
     q8(&w, xq, ldq, sx, gemv_batch, bias, y, w.rows, units / 2, units);
     free(xq);
     free(sx);
+  }
+  if (q8 && w.dtype == FPW_I8) {
     // the int8 rows torch's int8 GEMM multiplies: q * scale is the reference unpack's value, exactly (the
     // reference computes the same product; a raw matrix's infinite or NaN scales are left out)
     int8_t* q = exact<int8_t>(w.rows * w.cols);
@@ -129,9 +132,10 @@ int raw(const uint8_t* data, size_t size) {
   w.alpha = (int8_t)in.u8();
   w.planes = (int8_t)in.u8();
   const int64_t batch = 1 + in.u8() % 24;
-  in.u8();
+  const uint8_t g = in.u8();
+  w.group = g == 0 ? 0 : g & 1 ? 1 << (g % 21) : g;
   const size_t value_bytes = in.u16(), bit_bytes = in.u16(), offsets = in.u16();
-  const int64_t value_size = w.dtype == FPW_F32 ? 4 : w.dtype == FPW_I8 ? 1 : 2;
+  const int64_t value_size = w.dtype == FPW_F32 ? 4 : w.dtype == FPW_I8 || w.dtype == FPW_I4 ? 1 : 2;
   uint8_t* values = exact<uint8_t>(value_bytes);
   uint8_t* bits = exact<uint8_t>(bit_bytes);
   int64_t* row_ptr = offsets ? exact<int64_t>(offsets) : nullptr;
@@ -173,6 +177,7 @@ int kernels(const uint8_t* data, size_t size) {
   FpwMatrix w{};
   w.format = kind & 1 ? FPW_PARENT : kind & 32 ? FPW_DENSE : FPW_BITMASK;
   w.dtype = (kind >> 1) & 3;
+  if (w.dtype == FPW_I8 && (kind & 128)) w.dtype = FPW_I4;
   const float scale_base = (float)(1 << ((kind >> 6) & 3)) / 2;  // 0.5, 1, 2, 4
   const int alpha = 2 + ((kind >> 3) & 3) % 3;
   // small, so a campaign makes millions of runs, with rare large cases for the paths only they reach: more than
@@ -190,6 +195,7 @@ int kernels(const uint8_t* data, size_t size) {
   w.alpha = w.format == FPW_PARENT ? alpha : 1;
   w.planes = w.format == FPW_PARENT ? (alpha == 2 ? 1 : 2) : 0;
   w.rows = units * w.alpha;
+  if (w.dtype == FPW_I4) w.group = 16 << (units % 3);
   const int64_t words = w.stride / 8;
   const uint64_t valid = w.cols % 64 ? ((uint64_t)1 << (w.cols % 64)) - 1 : ~(uint64_t)0;
   const int64_t bit_rows = w.format == FPW_PARENT ? w.planes * units : w.format == FPW_DENSE ? 0 : units;
@@ -215,15 +221,16 @@ int kernels(const uint8_t* data, size_t size) {
     stored = row_ptr.back();
   }
   std::vector<float> vals(stored + FPW_PAD, 0.0f);
-  for (int64_t i = 0; i < stored; i++) vals[i] = (float)((int8_t)in.u8() % 9);
-  std::vector<float> scale_of(w.dtype == FPW_I8 ? units : 0);
+  for (int64_t i = 0; i < stored; i++) vals[i] = (float)((int8_t)in.u8() % (w.dtype == FPW_I4 ? 8 : 9));
+  const int64_t groups = w.dtype == FPW_I4 ? (w.cols + w.group - 1) / w.group : 1;
+  std::vector<float> scale_of(w.dtype == FPW_I8 || w.dtype == FPW_I4 ? units * groups : 0);
   for (int64_t u = 0; u < (int64_t)scale_of.size(); u++) scale_of[u] = scale_base * (float)(1 << (u % 3));
   std::vector<float> x(gemv_batch * w.cols), bias(w.rows);
   for (size_t i = 0; i < x.size(); i++) x[i] = (float)((int)(i * 7 % 9) - 4);
   for (size_t i = 0; i < bias.size(); i++) bias[i] = (float)((int)(i % 5) - 2);
 
   // one corruption, as an edited file would carry it (0..4: none)
-  int64_t value_count = stored + FPW_PAD, bit_count = (int64_t)bits.size(), offset_count = (int64_t)row_ptr.size();
+  int64_t value_count = (w.dtype == FPW_I4 ? (stored + 1) / 2 : stored) + FPW_PAD, bit_count = (int64_t)bits.size(), offset_count = (int64_t)row_ptr.size();
   int64_t scale_count = (int64_t)scale_of.size();
   const bool corrupt = corruption >= 5;
   switch (corruption) {
@@ -231,10 +238,10 @@ int kernels(const uint8_t* data, size_t size) {
     case 6: if (row_ptr.size() > 2) std::swap(row_ptr[1 + arg % (row_ptr.size() - 2)], row_ptr[row_ptr.size() - 1]); break;
     case 7: if (bit_rows > 0) bits[(arg % bit_rows) * w.stride + w.stride - 1] |= 0x80; else w.stride = 8; break;
     case 8: value_count -= 1 + arg % 3; break;
-    case 9: if (bit_count > 0) bit_count -= 1 + arg % 8; else scale_count += w.dtype == FPW_I8 ? 1 : 0; break;
+    case 9: if (bit_count > 0) bit_count -= 1 + arg % 8; else scale_count += scale_of.empty() ? 0 : 1; break;
     case 10: if (offset_count > 0) offset_count -= 1; break;
-    case 11: w.stride += 8; break;
-    case 12: if (w.dtype == FPW_I8) scale_count -= 1 + arg % 2; else w.planes = arg % 3; break;
+    case 11: if (w.dtype == FPW_I4 && arg % 2) w.group = arg % 4 == 1 ? 24 : 8; else w.stride += 8; break;
+    case 12: if (!scale_of.empty()) scale_count -= 1 + arg % 2; else w.planes = arg % 3; break;
     case 13: w.alpha = arg % 6; break;
     case 14: w.rows += arg % 2 ? 1 : -1; break;
     case 15: if (w.format == FPW_PARENT && w.planes == 2) { bits[arg % (units * w.stride)] |= 1;
@@ -244,11 +251,15 @@ int kernels(const uint8_t* data, size_t size) {
   // the arrays, each in a heap block of exactly its stated size
   if (bit_count < 0) bit_count = 0;
   if (scale_count < 0) scale_count = 0;
-  const int64_t value_size = w.dtype == FPW_F32 ? 4 : w.dtype == FPW_I8 ? 1 : 2;
+  const int64_t value_size = w.dtype == FPW_F32 ? 4 : w.dtype == FPW_I8 || w.dtype == FPW_I4 ? 1 : 2;
   uint8_t* values = exact<uint8_t>(value_count * value_size);
   for (int64_t i = 0; i < value_count; i++) {
     const float v = i < (int64_t)vals.size() ? vals[i] : 0.0f;
-    if (w.dtype == FPW_F32) {
+    if (w.dtype == FPW_I4) {  // two per byte, element 2i in the low nibble
+      const float v1 = 2 * i + 1 < (int64_t)vals.size() ? vals[2 * i + 1] : 0.0f;
+      const float v0 = 2 * i < (int64_t)vals.size() ? vals[2 * i] : 0.0f;
+      values[i] = (uint8_t)(((int)v0 & 15) | (((int)v1 & 15) << 4));
+    } else if (w.dtype == FPW_F32) {
       memcpy(values + 4 * i, &v, 4);
     } else if (w.dtype == FPW_I8) {
       values[i] = (uint8_t)(int8_t)v;
