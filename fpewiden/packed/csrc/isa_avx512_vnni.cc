@@ -293,9 +293,19 @@ struct Scales {
   }
 };
 
+// A bitmask row's values as q + 8 bytes, into `out` (count bytes, then 64 bytes of slack the loads may touch):
+// the nibble stream decoded once per row, 64 at a time at the row's fixed parity, so the column loop reads
+// bytes as the int8 kernel does (the per-64-columns decode of a variable, odd or even, start cost twice as much).
+inline void decode_row(const uint8_t* values, int64_t e, int64_t count, uint8_t* out) {
+  const Run run(e);
+  int64_t t = 0;
+  for (; t + 64 <= count; t += 64) _mm512_storeu_si512((void*)(out + t), run.at(values, e + t));
+  if (t < count) _mm512_storeu_si512((void*)(out + t), nibbles_u8(values, e + t, count - t));
+}
+
 template <int R, int B, bool DENSE, bool WIDE>
 inline void rows_q4(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, const float* sx, const int32_t* minus8,
-                    const float* bias, float* y, int64_t ldy, int64_t r) {
+                    const float* bias, float* y, int64_t ldy, int64_t r, uint8_t* scratch) {
   const int64_t n = w.cols;
   const Scales sc(w);
   const uint8_t* values = (const uint8_t*)w.values;
@@ -309,6 +319,10 @@ inline void rows_q4(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, const fl
     e[i] = DENSE ? (r + i) * n : w.row_ptr[r + i];
     bp[i] = DENSE ? nullptr : w.bits + (r + i) * w.stride;
     srow[i] = w.scales + (r + i) * sc.groups;
+    if (!DENSE) {  // the row's values decoded into its scratch bytes; e counts from there on
+      decode_row(values, e[i], w.row_ptr[r + i + 1] - e[i], scratch + i * (n + 128));
+      e[i] = 0;
+    }
 #pragma GCC unroll 4
     for (int b = 0; b < B; b++) acc[i][b] = _mm512_setzero_ps();
   }
@@ -330,7 +344,8 @@ inline void rows_q4(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, const fl
       } else {
         const uint64_t m = word_at(bp[i] + j / 8);
         const int64_t k = _mm_popcnt_u64(m);
-        wv = _mm512_mask_expand_epi8(c8, m, nibbles_u8(values, e[i], k));
+        const uint8_t* row = scratch + i * (n + 128);
+        wv = _mm512_mask_expand_epi8(c8, m, _mm512_loadu_si512((const void*)(row + e[i])));
         e[i] += k;
       }
       const __m512 sv = full ? sc.template at<WIDE>(srow[i], j) : sc.last(srow[i], j);
@@ -417,12 +432,15 @@ inline void range_q4(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, const f
   }
   constexpr int R = B <= 2 ? 8 : 2;
   if (w.format == FPW_DENSE) {
-    for (; u + R <= u1; u += R) rows_q4<R, B, true, WIDE>(w, xq, ldxq, sx, minus8, bias, y, ldy, u);
-    for (; u < u1; u++) rows_q4<1, B, true, WIDE>(w, xq, ldxq, sx, minus8, bias, y, ldy, u);
+    for (; u + R <= u1; u += R) rows_q4<R, B, true, WIDE>(w, xq, ldxq, sx, minus8, bias, y, ldy, u, nullptr);
+    for (; u < u1; u++) rows_q4<1, B, true, WIDE>(w, xq, ldxq, sx, minus8, bias, y, ldy, u, nullptr);
     return;
   }
-  for (; u + R <= u1; u += R) rows_q4<R, B, false, WIDE>(w, xq, ldxq, sx, minus8, bias, y, ldy, u);
-  for (; u < u1; u++) rows_q4<1, B, false, WIDE>(w, xq, ldxq, sx, minus8, bias, y, ldy, u);
+  // bitmask rows: R rows' values decoded to bytes at a time (R x (cols + 128) bytes: 32 KB at 4096 columns)
+  uint8_t* scratch = new uint8_t[R * (w.cols + 128)];
+  for (; u + R <= u1; u += R) rows_q4<R, B, false, WIDE>(w, xq, ldxq, sx, minus8, bias, y, ldy, u, scratch);
+  for (; u < u1; u++) rows_q4<1, B, false, WIDE>(w, xq, ldxq, sx, minus8, bias, y, ldy, u, scratch);
+  delete[] scratch;
 }
 
 template <int B>
