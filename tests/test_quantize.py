@@ -158,6 +158,7 @@ def test_convert_quantize_int8_records_scales_that_pack_stores_exactly(tmp_path)
     assert _cli("pack", out, "--out", packed, "--dtype", "int8").exit_code == 0
     pc = read_packed(packed)
     assert pc.entries["0.weight"].format == "parent"
+    assert not [n for n in pc.headers if n.startswith("fpewiden_scale.")]  # the packed values hold them
     for name in ck.scales:
         assert torch.equal(pc.get(name), ck.get(name)), name  # q · s, bit for bit
     back = tmp_path / "back.safetensors"

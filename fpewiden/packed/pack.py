@@ -44,19 +44,33 @@ def candidates(ck: Checkpoint) -> dict[str, bool]:
     return linear_weights(ck)
 
 
+def _pattern(pm: fmt.PackedMatrix) -> torch.Tensor:
+    """The mask a layout gives back: its structure (bitmask, parent), or every weight for the dense layout (a
+    quantized matrix nothing was pruned from keeps its mask of ones)."""
+    pattern = fmt.structure(pm)
+    return torch.ones(pm.rows, pm.cols, dtype=torch.bool) if pattern is None else pattern
+
+
 def encodes_mask(ck: Checkpoint, name: str, pm: fmt.PackedMatrix, transposed: bool) -> bool:
     """Whether the checkpoint's mask of `name` is exactly what the packed layout encodes (then it is not stored
-    twice: the bitmask or the parent's child planes give it back)."""
+    twice: the bitmask, the parent's child planes or the dense layout's every weight give it back)."""
     if name not in ck.packed_masks:
         return False
-    pattern = fmt.structure(pm)
-    return pattern is not None and torch.equal(pattern.T if transposed else pattern, ck.mask(name))
+    pattern = _pattern(pm)
+    return torch.equal(pattern.T if transposed else pattern, ck.mask(name))
 
 
 def mask_of(pm: fmt.PackedMatrix, transposed: bool) -> torch.Tensor:
     """A mask `encodes_mask` left out, bit-packed as the checkpoint stored it."""
-    pattern = fmt.structure(pm)
+    pattern = _pattern(pm)
     return pack_mask((pattern.T if transposed else pattern).contiguous())
+
+
+def scales_of(pm: fmt.PackedMatrix) -> torch.Tensor:
+    """A quantized matrix's scales as convert --quantize records them, (rows, groups): what unpack writes back, so
+    packing the unpacked checkpoint again stores the same values."""
+    per_unit = pm.scales.view(pm.units, -1)
+    return per_unit.repeat_interleave(pm.alpha, dim=0) if pm.format == "parent" else per_unit.clone()
 
 
 def embedding_tables(ck: Checkpoint) -> list[str]:
@@ -146,6 +160,7 @@ def pack_checkpoint(
     rows: list[dict] = []
     done = [0]
     elided: set[str] = set()  # masks the packed layouts encode
+    quantized: set[str] = set()  # matrices stored with quantized values: their scales are in the packed arrays
 
     def pack_file(file: str, out: Path) -> None:
         names = [n for n, f in ck.file_of.items() if f == file]
@@ -168,13 +183,15 @@ def pack_checkpoint(
                 if encodes_mask(ck, name, pm, kinds[name]):
                     entry = replace(entry, mask=True)
                     elided.add(name)
+                if pm.dtype in fmt.QUANTIZED:
+                    quantized.add(name)
                 packed[name] = (entry, arrays_of(pm))
             rows.append({"name": name, "format": pm.format if pm else "dense", "dense_bytes": dense_bytes,
                          "packed_bytes": pm.nbytes if pm else dense_bytes, "nnz": pm.nnz if pm else None})  # fmt: skip
             done[0] += 1
             if on_matrix:
                 on_matrix(name, done[0], len(kinds))
-        _write(ck, file, names, packed, out, provenance, elided)
+        _write(ck, file, names, packed, out, provenance, elided, quantized)
 
     if ck.kind == "mlp":
         with atomic_file(dst) as tmp:
@@ -189,7 +206,7 @@ def pack_checkpoint(
             if (ck.path / MASKS_FILE).is_file():  # fpewiden's metadata lives there: kept, with the other masks
                 meta = read_header(ck.path / MASKS_FILE).metadata
                 masks = {n: t for n, t in ck.packed_masks.items() if n not in elided}
-                write_masks(tmp / MASKS_FILE, masks, meta, ck.scales)
+                write_masks(tmp / MASKS_FILE, masks, meta, {n: t for n, t in ck.scales.items() if n not in quantized})
             mark_dir(tmp, provenance)
     dense_total = sum(r["dense_bytes"] for r in rows)
     packed_total = sum(r["packed_bytes"] for r in rows)
@@ -217,9 +234,10 @@ def _write(
     out: Path,
     provenance: Provenance,
     elided: set[str],
+    quantized: set[str],
 ) -> None:
     """One output file: packed matrices as their arrays, every other tensor copied byte for byte, masks the
-    layouts do not encode."""
+    layouts do not encode, recorded scales the packed values do not hold."""
     layout: dict[str, tuple[str, tuple[int, ...]]] = {}
     for name in names:
         if name in packed:
@@ -230,7 +248,7 @@ def _write(
             layout[name] = (ck.dtypes[name], ck.shapes[name])
     if ck.kind == "mlp":  # masks and scales inside the one file (Hugging Face folders: in the masks file)
         masks = {f"{MASK_PREFIX}{n}": t for n, t in ck.packed_masks.items() if n not in elided}
-        masks.update({f"{SCALE_PREFIX}{n}": t for n, t in ck.scales.items()})
+        masks.update({f"{SCALE_PREFIX}{n}": t for n, t in ck.scales.items() if n not in quantized})
         for n, t in masks.items():
             layout[n] = (DTYPE_NAMES[t.dtype], tuple(t.shape))
     else:
@@ -278,11 +296,12 @@ def unpack_checkpoint(src: Path, dst: Path, force: bool = False) -> dict:
     for n, f in pc.source_file.items():
         by_file.setdefault(f, []).append(n)
     derived = {n: mask_of(pc.packed(n), e.transposed) for n, e in pc.entries.items() if e.mask}
+    quantized = {n: scales_of(pc.packed(n)) for n, e in pc.entries.items() if e.dtype in ("I8", "U8")}
     if pc.kind == "mlp":
         if dst.suffix != ".safetensors":
             raise FpewidenError(f"--out {dst}: an MLP unpacks to one .safetensors file")
         stored = {n[len(MASK_PREFIX) :]: pc.stored(n) for n in pc.headers if n.startswith(MASK_PREFIX)}
-        scales = {n[len(SCALE_PREFIX) :]: pc.stored(n) for n in pc.headers if n.startswith(SCALE_PREFIX)}
+        scales = {n[len(SCALE_PREFIX) :]: pc.stored(n) for n in pc.headers if n.startswith(SCALE_PREFIX)} | quantized
         with atomic_file(dst) as tmp:
             meta = next(iter(pc.file_metadata.values())) | writer
             _write_dense(pc, pc.names(), dict(sorted((stored | derived).items())), tmp, meta, scales)
@@ -296,6 +315,7 @@ def unpack_checkpoint(src: Path, dst: Path, force: bool = False) -> dict:
                 tensors = {n: read_tensor(header, n) for n in header.entries}
                 stored = {n[len(MASK_PREFIX) :]: t for n, t in tensors.items() if n.startswith(MASK_PREFIX)}
                 scales = {n[len(SCALE_PREFIX) :]: t for n, t in tensors.items() if n.startswith(SCALE_PREFIX)}
+                scales |= quantized
                 write_masks(tmp / MASKS_FILE, dict(sorted((stored | derived).items())), header.metadata, scales)
             # a sharded original (an index, one shard or more): its index back, naming the unpacked files
             write_index(src / INDEX, tmp / DENSE_INDEX, {n: f for f, names in by_file.items() for n in names})
