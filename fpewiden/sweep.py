@@ -134,7 +134,7 @@ def hf_sweep(
     bench_options: dict,
 ) -> list[dict]:
     """Convert (and distil) `source` for every α into the folder `out`, then bench them all; returns bench rows."""
-    from fpewiden.benchmark.hf import load_eval
+    from fpewiden.benchmark.hf_eval import load_eval
     from fpewiden.convert import Budget, Calibration, ConvertOptions, convert
     from fpewiden.data.specs import data_file
     from fpewiden.io.atomic import atomic_dir

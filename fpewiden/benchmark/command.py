@@ -117,7 +117,8 @@ def bench_command(
         dataset = load_data(data, seed)
         rows = bench(paths, dataset, sizes, engine_list, dev, repeat, warmup, threads, say)
     else:
-        from fpewiden.benchmark.hf import bench, load_eval
+        from fpewiden.benchmark.hf import bench
+        from fpewiden.benchmark.hf_eval import load_eval
 
         dataset = load_eval(data, seed)
         rows = bench(paths, dataset, sizes, lens, engine_list, dev, repeat, warmup, threads, tokenizer, say)
