@@ -180,3 +180,21 @@ def pair_layouts(loaded, masks: dict[str, torch.Tensor]) -> tuple[list[PairLayou
             masks[out] = m.view(m.shape[0], -1, meta.alpha)[:, :, 0]
         layouts.append(PairLayout(tuple(p["in"]), out, meta.alpha, found.get(p["name"]), out in tied))
     return layouts, masks
+
+
+GROUPS = ("attention", "ffn", "head", "embeddings", "other")
+
+
+def group_of(name: str, ffn: set[str]) -> str:
+    """Which group a Hugging Face tensor's bytes count in (`ffn`: the converted pairs' names, whatever they are
+    called); embeddings are counted apart, since a lookup reads only the rows it needs."""
+    n = name.lower()
+    if name in ffn or any(k in n for k in ("intermediate", "mlp", "fc1", "fc2", "ffn", "block_in", "block_out")):
+        return "ffn"
+    if any(k in n for k in ("embed", "wte", "wpe", "position", "token_type")):
+        return "embeddings"
+    if any(k in n for k in ("lm_head", "pooler", "classifier", "score")):
+        return "head"
+    if any(k in n for k in ("attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "value")):
+        return "attention"
+    return "other"

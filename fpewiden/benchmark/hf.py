@@ -28,7 +28,7 @@ from fpewiden.benchmark.competitors import (
     torch_int8_entry,
 )
 from fpewiden.benchmark.competitors import label as competitor_label
-from fpewiden.benchmark.formats import model_bytes, pair_layouts
+from fpewiden.benchmark.formats import GROUPS, group_of, model_bytes, pair_layouts
 from fpewiden.benchmark.hf_eval import EvalSet, Forward, evaluate, metrics, tokenize
 from fpewiden.benchmark.measure import (
     MeasuredModel,
@@ -45,21 +45,6 @@ from fpewiden.errors import FpewidenError
 from fpewiden.packed.format import packed_bytes
 from fpewiden.packed.pack import widened_alphas
 from fpewiden.packed.reader import is_packed
-
-GROUPS = ("attention", "ffn", "head", "embeddings", "other")
-
-
-def group_of(name: str, ffn: set[str]) -> str:
-    n = name.lower()
-    if name in ffn or any(k in n for k in ("intermediate", "mlp", "fc1", "fc2", "ffn", "block_in", "block_out")):
-        return "ffn"
-    if any(k in n for k in ("embed", "wte", "wpe", "position", "token_type")):
-        return "embeddings"
-    if any(k in n for k in ("lm_head", "pooler", "classifier", "score")):
-        return "head"
-    if any(k in n for k in ("attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "value")):
-        return "attention"
-    return "other"
 
 
 def grouped_bytes(

@@ -70,6 +70,6 @@ def packed_model(path: Path, engines: list[str]):
 
 
 def _not_embedding(name: str) -> bool:
-    from fpewiden.benchmark.hf import group_of
+    from fpewiden.benchmark.formats import group_of
 
     return group_of(name, set()) != "embeddings"
