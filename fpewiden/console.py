@@ -220,18 +220,22 @@ def status_lines(prefix: str) -> Callable[[str], None]:
     return say
 
 
+VALUE_NAMES = {"F32": "fp32", "BF16": "bf16", "F16": "fp16", "I8": "int8", "U8": "int4"}  # packed values' dtypes
+
+
 def pack_table(report: dict) -> Table:
     """Per Linear weight (and int8 embedding table): the format chosen and the bytes it stores, against dense."""
     t = Table(title=f"{report['dst']}: packed")
-    for col in ("matrix", "format", "non-zeros", "dense bytes", "packed bytes", "ratio"):
+    for col in ("matrix", "format", "values", "non-zeros", "dense bytes", "packed bytes", "ratio"):
         t.add_column(col, justify="left" if col == "matrix" else "right", no_wrap=col == "matrix")
     for r in report["matrices"]:
         nnz = "-" if r["nnz"] is None else f"{r['nnz']:,}"
-        t.add_row(r["name"], r["format"], nnz, f"{r['dense_bytes']:,}", f"{r['packed_bytes']:,}",
+        values = VALUE_NAMES.get(r.get("dtype", ""), r.get("dtype", "-"))
+        t.add_row(r["name"], r["format"], values, nnz, f"{r['dense_bytes']:,}", f"{r['packed_bytes']:,}",
                   f"{r['packed_bytes'] / max(1, r['dense_bytes']):.3f}")  # fmt: skip
     d, p = report["dense_bytes"], report["packed_bytes"]
     what = "Linear weights" + (
         ", embedding tables" if any(r["format"] == "embedding" for r in report["matrices"]) else ""
     )
-    t.add_row(f"total ({what})", "", "", f"{d:,}", f"{p:,}", f"{p / max(1, d):.3f}", style="bold")
+    t.add_row(f"total ({what})", "", "", "", f"{d:,}", f"{p:,}", f"{p / max(1, d):.3f}", style="bold")
     return t

@@ -38,6 +38,9 @@ def describe(meta: FpeMetadata, has_zeros: bool) -> str:
             refit = ", least-squares refit" if cal.get("reconstruct") else ""
             size = f"{cal['tokens']:,} tokens" if "tokens" in cal else f"{cal.get('samples')} samples"
             what += f"; calibrated on {cal.get('data')} ({size}; {how}{refit})"
+            q = cal.get("quantization")
+            if q:
+                what += f"; quantized to {q.get('bits')} by {q.get('method')} (scales {q.get('scales')})"
         else:
             what += "; by magnitude, not calibrated"
         if meta.source:

@@ -170,8 +170,8 @@ def pack_checkpoint(
                 entry, arrays = packed[name] = _table(ck, name)
                 dense_bytes = fmt.dense_bytes(*entry.shape, DTYPES[entry.source_dtype])
                 stored = sum(a.nbytes for a in arrays.values())
-                rows.append({"name": name, "format": "embedding", "dense_bytes": dense_bytes, "packed_bytes": stored,
-                             "nnz": None})  # fmt: skip
+                rows.append({"name": name, "format": "embedding", "dtype": "I8", "dense_bytes": dense_bytes,
+                             "packed_bytes": stored, "nnz": None})  # fmt: skip
                 continue
             if name not in kinds:
                 continue
@@ -187,6 +187,7 @@ def pack_checkpoint(
                     quantized.add(name)
                 packed[name] = (entry, arrays_of(pm))
             rows.append({"name": name, "format": pm.format if pm else "dense", "dense_bytes": dense_bytes,
+                         "dtype": DTYPE_NAMES[pm.dtype] if pm else ck.dtypes[name],
                          "packed_bytes": pm.nbytes if pm else dense_bytes, "nnz": pm.nnz if pm else None})  # fmt: skip
             done[0] += 1
             if on_matrix:
