@@ -46,7 +46,7 @@ opts = ConvertOptions(alpha=1)
 split = lambda p, support, chosen: assignment(opts, p, support, torch.Generator().manual_seed(pair_seed(0, "pair")))
 base = status("VmRSS")
 t = time.perf_counter()
-res = calibrate_pair(pair, x, fn, None, CalibratedOptions(1, 0.0), split, pair.nnz() // 2)
+res = calibrate_pair(pair, x, fn, None, CalibratedOptions(alpha=1, fraction=0.0), split, pair.nnz() // 2)
 print(json.dumps({"peak_net_bytes": status("VmHWM") - base, "seconds": time.perf_counter() - t,
                   "output_error": res.error_after, "solvers": res.solvers}))
 """

@@ -60,16 +60,16 @@ class CalibratedTransform:
         self.ck, self.opts, self.settings = ck, opts, opts.calibration
         c = opts.calibration
         self.copts = CalibratedOptions(
-            opts.alpha,
-            opts.expand_fraction,
-            c.importance,
-            c.reconstruct,
-            c.ridge,
-            c.anchor,
-            c.refit_incoming,
-            c.refit_outgoing,
-            c.solver,
-            str(resolve_device(c.device)),
+            alpha=opts.alpha,
+            fraction=opts.expand_fraction,
+            importance=c.importance,
+            reconstruct=c.reconstruct,
+            ridge=c.ridge,
+            anchor=c.anchor,
+            refit_incoming=c.refit_incoming,
+            refit_outgoing=c.refit_outgoing,
+            solver=c.solver,
+            device=str(resolve_device(c.device)),
         )
         self.chosen, self.scratch = chosen, scratch
         # a matrix is quantized by the last pair that converts it (in a chain a hidden matrix is one pair's

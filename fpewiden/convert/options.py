@@ -121,7 +121,7 @@ class Calibration:
 GROUP_SIZE = 32  # int4's default: one scale per 32 inputs, as ORT's MatMulNBits default block
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Quantization:
     """`--quantize`: the converted pairs' weights on an int8 or 4-bit grid (fpewiden/quantize.py), GPTQ-compensated
     on the calibration data (gptq.py). int8: one scale per output row; int4: one per `group_size` inputs. The
@@ -138,7 +138,7 @@ class Quantization:
             if group_size is not None:
                 raise FpewidenError("--group-size needs --quantize int4")
             return None
-        return Quantization(bits, GROUP_SIZE if bits == "int4" and group_size is None else group_size)
+        return Quantization(bits=bits, group_size=GROUP_SIZE if bits == "int4" and group_size is None else group_size)
 
     def grid(self):
         from fpewiden.quantize import BITS, Grid

@@ -22,7 +22,7 @@ from fpewiden.fpe.ridge import refit as fit_rows
 from fpewiden.fpe.selection import expand_selected, saliency, select_neurons, wasserstein_to_gaussian
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CalibratedOptions:
     """`fraction`: share of each layer's neurons expanded (by Wasserstein distance; 1: all, as FPE; 0: none,
     which is calibrated pruning). `importance`: magnitude or activation (saliency). `reconstruct`: refit the kept
