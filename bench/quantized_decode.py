@@ -1,4 +1,5 @@
-"""Decode with int8 weights: fpewiden's packed int8 models against torch's dynamic int8 (issue 31's decode target).
+"""Decode with int8 and 4-bit weights: fpewiden's packed models against torch's dynamic int8 (issue 31's decode
+target).
 
 A Llama-shaped decoder with TinyLlama-1.1B's widths (hidden 2048, FFN 5632, 32 heads, 4 KV heads, untied
 embeddings), `--layers` layers, random weights, built offline (bench/packed_models.py's). Greedy decoding with the
@@ -10,6 +11,7 @@ KV cache at batch 1, one thread unless named, models interleaved round by round 
   FFNs 50%, fpewiden int8         `convert --alpha 1 --budget 0.5` (the FFNs at half their non-zeros), then
                                   `pack --dtype int8`
   FFNs 50%, torch int8            the same pruned model under torch's dynamic int8 (zeros stored densely)
+  original / FFNs 50%, fpewiden int4   the same two, `pack --dtype int4` (a scale per 32 inputs; tables int8)
 
 Issue 31's target: FFNs 50% + int8 ≥ 1.25× the tokens/s of the dense model under torch's dynamic int8.
 
@@ -45,6 +47,8 @@ def models(work: Path, layers: int) -> dict[str, torch.nn.Module]:
     convert(src, half, ConvertOptions(alpha=1, budget=Budget.parse("0.5")))
     pack_checkpoint(src, work / "original-i8", "int8")
     pack_checkpoint(half, work / "ffn50-i8", "int8")
+    pack_checkpoint(src, work / "original-i4", "int4")
+    pack_checkpoint(half, work / "ffn50-i4", "int4")
     original = load_model(src, head=True).model.eval()
     pruned = load_model(half, head=True).model.eval()
     return {
@@ -53,6 +57,8 @@ def models(work: Path, layers: int) -> dict[str, torch.nn.Module]:
         "original, fpewiden int8": load(work / "original-i8").eval(),
         "FFNs 50%, fpewiden int8": load(work / "ffn50-i8").eval(),
         "FFNs 50%, torch int8": torch_int8(pruned),
+        "original, fpewiden int4": load(work / "original-i4").eval(),
+        "FFNs 50%, fpewiden int4": load(work / "ffn50-i4").eval(),
     }
 
 
@@ -87,7 +93,7 @@ def main() -> None:
     doc = json_document({"command": command, "cpu": cpu_name(), "kernels": kernels.path(), "rows": rows})
     (args.out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
     lines = [
-        f"# Decode with int8 weights: Llama-shaped, {args.layers} layers (TinyLlama widths), batch 1",
+        f"# Decode with int8 and 4-bit weights: Llama-shaped, {args.layers} layers (TinyLlama widths), batch 1",
         "",
         f"`{command}`",
         "",
