@@ -11,6 +11,7 @@ order, masks are identical on every rank because they come from the same checkpo
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import pickle
@@ -302,6 +303,9 @@ def _train(
                 )
         if state_path is not None:
             _crash_if_asked(epoch + 1, dist)
+    if wrapped is not model:  # DDP's reducer holds the process group: freed now, while every rank is still in it,
+        del wrapped, opt  # not at interpreter exit after teardown (a rank aborted there in the suite, under load)
+        gc.collect()
     return history
 
 
