@@ -1,4 +1,4 @@
-"""A packed checkpoint (what `fpewiden pack` wrote, fp32, bf16 or int8 values) as a model bench measures: the
+"""A packed checkpoint (what `fpewiden pack` wrote, fp32, bf16, int8 or int4 values) as a model bench measures: the
 file a user ships, run by fpewiden's kernels (engine `packed`) and counted at the bytes it stores.
 
 Bytes moved per inference: every packed matrix's arrays as stored (values, bits, row offsets, scales), every other
