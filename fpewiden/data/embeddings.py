@@ -43,7 +43,12 @@ def cache_dir() -> Path:
 
 def read_labelled(task: str, path: Path) -> tuple[list[str], list[str]]:
     if not path.is_file():
-        raise FpewidenError(f"embed:{task} needs {path} (set FPEWIDEN_DATASETS to the datasets folder)")
+        source = "TREC question classification (Li & Roth)" if task.startswith("trec") else "SST-5 sentences"
+        raise FpewidenError(
+            f"embed:{task} reads the {source} plain-text files, not shipped with fpewiden: no {path}; set "
+            "FPEWIDEN_DATASETS to the folder holding trec/ and sst5/, or give your own labelled sentences "
+            "(--data embed:FILE.tsv, text<TAB>label lines)"
+        )
     texts, labels = [], []
     for line in path.read_text(encoding="latin-1").splitlines():
         if not line.strip():
