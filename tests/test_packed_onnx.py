@@ -50,9 +50,13 @@ def op_model(pm: fmt.PackedMatrix, bias: torch.Tensor | None) -> bytes:
     if bias is not None:
         inits.append(initializer(bias, "bias"))
         ins[4] = "bias"
+    if pm.scales is not None:
+        inits.append(initializer(pm.scales, "scales"))
+        ins.append("scales")
     while not ins[-1]:
         ins.pop()
     attrs = dict(format=pm.format, rows=pm.rows, cols=pm.cols, stride=pm.stride, alpha=pm.alpha, planes=pm.planes)
+    attrs |= {"group": pm.group} if pm.group else {}
     node = helper.make_node(ort.OP, ins, ["y"], domain=ort.DOMAIN, **attrs)
     graph = helper.make_graph(
         [node],
@@ -71,6 +75,8 @@ def ragged(fmt_name: str, dtype: torch.dtype) -> tuple[fmt.PackedMatrix, torch.T
     if fmt_name == "bitmask":
         w = torch.randn(37, 45, generator=g) * (torch.rand(37, 45, generator=g) < 0.4)
         w[[0, 5, 36]] = 0
+        if dtype in fmt.QUANTIZED:
+            return fmt.pack_bitmask(w, dtype), w
         return fmt.pack_bitmask(w.to(dtype).float(), dtype), w
     alpha = 3
     parent = torch.randn(13, 45, generator=g)
@@ -79,6 +85,8 @@ def ragged(fmt_name: str, dtype: torch.dtype) -> tuple[fmt.PackedMatrix, torch.T
     w = torch.zeros(13, alpha, 45)
     w.scatter_(1, child.unsqueeze(1), parent.unsqueeze(1))
     w = w.view(13 * alpha, 45)
+    if dtype in fmt.QUANTIZED:
+        return fmt.pack_parent(w, alpha, dtype, group=16), w
     return fmt.pack_parent(w.to(dtype).float(), alpha, dtype), w
 
 
@@ -101,6 +109,36 @@ def test_the_ort_op_matches_the_dense_reference_on_every_path(monkeypatch, isa, 
         want = (x.double() @ dense.T + bias.double()).numpy()
         assert got.shape == (batch, 2, pm.rows)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_op
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.int8, fmt.INT4], ids=["int8", "int4"])
+@pytest.mark.parametrize("fmt_name", ["bitmask", "parent", "dense"])
+def test_the_ort_op_runs_int8_and_int4_values_as_the_torch_op(monkeypatch, isa, dtype, fmt_name):
+    """Quantized values with their scales: the op computes what the torch op does on the same path (the same
+    kernels: bit for bit where both quantize the inputs to int8), and the dequantized product within int8's
+    input rounding."""
+    import onnxruntime
+
+    from fpewiden.packed.ops import PackedLinear
+
+    monkeypatch.setenv(kernels.ENV, isa)
+    if fmt_name == "dense":
+        pm = fmt.pack_dense(torch.randn(21, 45, generator=torch.Generator().manual_seed(2)), dtype, group=16)
+    else:
+        pm, _ = ragged(fmt_name, dtype)
+    bias = torch.randn(pm.rows)
+    sess = onnxruntime.InferenceSession(op_model(pm, bias), ort.session_options(1), providers=["CPUExecutionProvider"])
+    layer = PackedLinear(pm, bias, kernel=isa)
+    dense = fmt.unpack(pm).double()
+    for batch in (1, 4, 9):  # 2 and 8 inputs: the decode kernel; 18: the token-batch kernel (fp32 inputs)
+        x = torch.randn(batch, 2, pm.cols)
+        got = sess.run(None, {"x": x.numpy()})[0]
+        want = (x.double() @ dense.T + bias.double()).numpy()
+        assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()
+        if batch * 2 <= 8:
+            np.testing.assert_array_equal(got, layer(x, mode="gemv").numpy())
 
 
 @needs_op
@@ -174,6 +212,26 @@ def test_export_packed_transformers_models(tmp_path, family):
     export([tmp_path / "pk", "--out", out, "--layout", "packed"])
     nodes = [n.op_type for n in onnx.load(str(out), load_external_data=False).graph.node]
     assert nodes.count("PackedMatMul") == (3 if family == "llama" else 2) * 2  # every FFN matrix of 2 layers
+
+
+@needs_export
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_export_quantized_packed_files_verify(tmp_path, dtype):
+    """int8 and int4 packed files (every Linear quantized; a Llama's embedding table int8) export with their
+    scales and verify in ONNX Runtime against the torch runtime of the same file."""
+    src = write_mlp(tmp_path / "m.safetensors", widths=(40, 24, 10))
+    half = tmp_path / "half.safetensors"
+    convert(src, half, ConvertOptions(alpha=1, budget=Budget.parse("0.5")))
+    llama = tiny_causal(tmp_path / "llama", "llama")
+    for ckpt, name in ((half, f"mlp-{dtype}.safetensors"), (llama, f"llama-{dtype}")):
+        packed = tmp_path / name
+        assert runner.invoke(app, ["pack", str(ckpt), "--out", str(packed), "--dtype", dtype]).exit_code == 0
+        out = tmp_path / f"{name}.onnx"
+        res = export([packed, "--out", out, "--layout", "packed"])
+        assert "verified vs PyTorch" in res.stdout
+        graph = onnx.load(str(out), load_external_data=False).graph
+        ops = [n for n in graph.node if n.op_type == "PackedMatMul"]
+        assert ops and all(len(n.input) == 6 and n.input[5] for n in ops)  # every one with its scales
 
 
 def test_export_packed_refusals(tmp_path, monkeypatch):

@@ -3,7 +3,7 @@
 Each packed Linear becomes one `ai.fpewiden::PackedMatMul` node (fpewiden/packed/ort.py; the op the ONNX Runtime
 library in csrc/ort/ runs) fed by the packed arrays as initializers, with the format and shape as attributes:
 
-    Y = PackedMatMul(X, values, bits, row_ptr?, bias?)  format, rows, cols, stride, alpha, planes
+    Y = PackedMatMul(X, values, bits, row_ptr?, bias?, scales?)  format, rows, cols, stride, alpha, planes, group
 
 Everything else is standard ONNX from torch.onnx's dynamo exporter (torch_onnx.py), which maps the torch op
 `fpewiden::packed_linear` to that node through a custom translation table. MLP chains and Hugging Face models
@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fpewiden.errors import FpewidenError
 from fpewiden.export.hf import ModelOutput, output_name
 from fpewiden.export.onnx_edit import Built
 from fpewiden.export.torch_onnx import to_onnx
@@ -39,6 +38,7 @@ def register_schema() -> None:
         ("alpha", "parent format: children per parent (1 for bitmask)"),
         ("planes", "parent format: bit planes of the child id (0 for bitmask)"),
     )}  # fmt: skip
+    group = A("group", defs.OpSchema.AttrType.INT, "int4 values: columns per scale", required=False)
     defs.register_schema(
         defs.OpSchema(
             OP,
@@ -51,13 +51,18 @@ def register_schema() -> None:
                 P("bits", "tensor(uint8)", "bitmask rows or child-id planes"),
                 P("row_ptr", "tensor(int64)", "bitmask: rows + 1 offsets into values", param_option=optional),
                 P("bias", "T", "(rows)", param_option=optional),
+                P("scales", "T", "int8 and int4 values: their scales", param_option=optional),
             ],
             outputs=[P("Y", "T", "(…, rows)")],
             type_constraints=[
                 ("T", ["tensor(float)"], "activations"),
-                ("V", ["tensor(float)", "tensor(bfloat16)", "tensor(float16)"], "stored values"),
+                (
+                    "V",
+                    ["tensor(float)", "tensor(bfloat16)", "tensor(float16)", "tensor(int8)", "tensor(uint8)"],
+                    "stored values (uint8: int4, two per byte)",
+                ),
             ],
-            attributes=[A("format", defs.OpSchema.AttrType.STRING, "bitmask | parent"), *ints.values()],
+            attributes=[A("format", defs.OpSchema.AttrType.STRING, "bitmask | parent | dense"), *ints.values(), group],
         )
     )
 
@@ -72,9 +77,10 @@ def _translation() -> dict:
 
     def packed_linear(x, values, bits, row_ptr, bias, rows, cols, fmt, dtype, alpha, planes, stride, isa, mode,
                       scales=None, group=0):  # fmt: skip
+        quantized = {"group": group} if group else {}
         return getattr(fpw, OP)(
-            x, values, bits, row_ptr, bias,
-            format=FORMATS[fmt], rows=rows, cols=cols, stride=stride, alpha=alpha, planes=planes,
+            x, values, bits, row_ptr, bias, scales,
+            format=FORMATS[fmt], rows=rows, cols=cols, stride=stride, alpha=alpha, planes=planes, **quantized,
         )  # fmt: skip
 
     return {torch.ops.fpewiden.packed_linear.default: packed_linear}
@@ -91,13 +97,6 @@ def write_packed_onnx(model: nn.Module, kind: str, vocab: int, out: Path) -> Pat
 def packed_graph(model: nn.Module, kind: str, vocab: int, opset: int, what: str) -> Built:
     """The graph of a packed torch module (an MLP chain, or a transformers model with PackedLinear layers), with
     verification inputs of another batch (and sequence length) than the export's."""
-    from fpewiden.packed.ops import PackedLinear
-
-    if any(m.scales is not None for m in model.modules() if isinstance(m, PackedLinear)):
-        raise FpewidenError(
-            f"{what}: int8 and int4 packed matrices have no ONNX Runtime op yet; run this file in torch "
-            "(fpewiden.packed.load) or export the fp32 packed file"
-        )
     table = _translation()
     g = torch.Generator().manual_seed(0)
     if kind == "mlp":

@@ -1,13 +1,16 @@
 // ONNX Runtime binding of the packed kernels: the custom op `ai.fpewiden::PackedMatMul` (fpewiden/export/packed.py
 // writes it; fpewiden/packed/ort.py builds and locates this library).
 //
-//   Y = PackedMatMul(X, values, bits, row_ptr?, bias?)   X: float (..., cols) -> Y: float (..., rows)
-//   attributes: format ("bitmask" | "parent"), rows, cols, stride, alpha, planes (fpewiden/packed/format.py)
+//   Y = PackedMatMul(X, values, bits, row_ptr?, bias?, scales?)   X: float (..., cols) -> Y: float (..., rows)
+//   attributes: format ("bitmask" | "parent" | "dense"), rows, cols, stride, alpha, planes, group (int4's
+//   columns per scale; absent or 0 otherwise) (fpewiden/packed/format.py)
 //
-// `values` is float, bfloat16 or float16 (the op accepts any element type and checks it); the initializers are
-// read where ONNX Runtime holds them, never copied. Threads come from the session's intra-op pool
-// (KernelContext_ParallelFor), so `intra_op_num_threads` sets them as for every other node. Few inputs run the
-// decode kernel (weights streamed once per 8 inputs), more run the token-batch kernel (the batch in SIMD lanes).
+// `values` is float, bfloat16, float16, int8 or uint8 (int4, two per byte; the op accepts any element type and
+// checks it); int8 and int4 values come with their `scales`. The initializers are read where ONNX Runtime holds
+// them, never copied. Threads come from the session's intra-op pool (KernelContext_ParallelFor), so
+// `intra_op_num_threads` sets them as for every other node. Few inputs run the decode kernel (weights streamed
+// once per 8 inputs; int8 and int4 values with int8 inputs where the CPU has AVX-512 VNNI, as the torch op's
+// gemv_q8), more run the token-batch kernel (the batch in SIMD lanes, fp32 inputs).
 //
 // Built against the C API headers of ONNX Runtime 1.21 (API version 21): it loads in any ONNX Runtime >= 1.21.
 #define ORT_API_MANUAL_INIT
@@ -61,7 +64,14 @@ struct Kernel {
     (void)api;
     Ort::ConstKernelInfo ki(info);
     const std::string format = ki.GetAttribute<std::string>("format");
-    w.format = format == "bitmask" ? FPW_BITMASK : format == "parent" ? FPW_PARENT : -1;  // -1: the validator refuses
+    w.format = format == "bitmask" ? FPW_BITMASK : format == "parent" ? FPW_PARENT : format == "dense" ? FPW_DENSE
+                                                                                                   : -1;  // refused
+    int64_t group = 0;  // files written before int4 have no such attribute
+    try {
+      group = ki.GetAttribute<int64_t>("group");
+    } catch (const Ort::Exception&) {
+    }
+    w.group = group >= 0 && group <= INT32_MAX ? (int32_t)group : -1;
     w.rows = ki.GetAttribute<int64_t>("rows");
     w.cols = ki.GetAttribute<int64_t>("cols");
     w.stride = ki.GetAttribute<int64_t>("stride");
@@ -72,41 +82,57 @@ struct Kernel {
     k = fpw_select(forced && *forced && std::strcmp(forced, "torch") != 0 ? forced : "best");
     if (k == nullptr) throw std::runtime_error("fpewiden PackedMatMul: this CPU cannot run the forced kernels");
     // constant initializers are validated here, once: a bad file fails at session creation, before any run
-    Ort::ConstValue arrays[3];
+    // (values, bits, row_ptr where the bitmask layout has it, scales where given)
+    Ort::ConstValue arrays[5];
     bool constant = true;
-    for (size_t i : {1, 2, 3}) {
+    for (size_t i : {1, 2, 3, 5}) {
+      if (i >= ki.GetInputCount()) break;
+      if (i == 3 && w.format != FPW_BITMASK) continue;
       int is_constant = 0;
-      if (i == 3 && (w.format != FPW_BITMASK || ki.GetInputCount() < 4)) break;
       arrays[i - 1] = ki.GetTensorConstantInput(i, &is_constant);
+      if (i == 5 && !arrays[4]) break;  // no scales: an input left out
       constant = constant && is_constant && arrays[i - 1];
     }
     if (constant) {
-      checked = matrix(arrays[0], arrays[1], arrays[2]);
+      checked = matrix(arrays[0], arrays[1], arrays[2], arrays[4]);
       validated = true;
       auto info = arrays[0].GetTensorTypeAndShapeInfo();
-      huge_pages(checked.values, info.GetElementCount() * (checked.dtype == FPW_F32 ? 4 : 2));
+      const size_t size = checked.dtype == FPW_F32 ? 4 : checked.dtype == FPW_I8 || checked.dtype == FPW_I4 ? 1 : 2;
+      huge_pages(checked.values, info.GetElementCount() * size);
       huge_pages(checked.bits, arrays[1].GetTensorTypeAndShapeInfo().GetElementCount());
     }
   }
 
   // The matrix of the op's fields and these arrays, refused unless fpw_validate passes it.
-  FpwMatrix matrix(Ort::ConstValue values, Ort::ConstValue bits, Ort::ConstValue row_ptr) const {
+  FpwMatrix matrix(Ort::ConstValue values, Ort::ConstValue bits, Ort::ConstValue row_ptr,
+                   Ort::ConstValue scales) const {
     FpwMatrix m = w;
     auto vi = values.GetTensorTypeAndShapeInfo();
+    int64_t size = 2;
     switch (vi.GetElementType()) {
-      case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: m.dtype = FPW_F32; break;
+      case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: m.dtype = FPW_F32, size = 4; break;
       case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16: m.dtype = FPW_BF16; break;
       case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: m.dtype = FPW_F16; break;
-      default: throw std::runtime_error("fpewiden PackedMatMul: values must be float, bfloat16 or float16");
+      case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8: m.dtype = FPW_I8, size = 1; break;
+      case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: m.dtype = FPW_I4, size = 1; break;
+      default: throw std::runtime_error("fpewiden PackedMatMul: values must be float, bfloat16, float16, int8 or uint8");
     }
-    FpwSizes sizes{(int64_t)vi.GetElementCount(), m.dtype == FPW_F32 ? 4 : 2,
-                   (int64_t)bits.GetTensorTypeAndShapeInfo().GetElementCount(), 0};
+    FpwSizes sizes{(int64_t)vi.GetElementCount(), size, (int64_t)bits.GetTensorTypeAndShapeInfo().GetElementCount(),
+                   0, 0};
     m.values = values.GetTensorRawData();
     m.bits = bits.GetTensorData<uint8_t>();
     m.row_ptr = nullptr;
     if (m.format == FPW_BITMASK && row_ptr) {
       sizes.row_ptr = (int64_t)row_ptr.GetTensorTypeAndShapeInfo().GetElementCount();
       m.row_ptr = row_ptr.GetTensorData<int64_t>();
+    }
+    m.scales = nullptr;
+    if (scales) {
+      auto si = scales.GetTensorTypeAndShapeInfo();
+      if (si.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+        throw std::runtime_error("fpewiden PackedMatMul: scales must be float");
+      sizes.scales = (int64_t)si.GetElementCount();
+      m.scales = scales.GetTensorData<float>();
     }
     if (const char* why = fpw_validate(&m, &sizes))
       throw std::runtime_error(std::string("fpewiden PackedMatMul: invalid packed matrix: ") + why);
@@ -123,12 +149,17 @@ struct Kernel {
     float* y;
     int64_t grain;
     bool spmm;
+    FpwGemvQ8 q8 = nullptr;  // int8 inputs: xq (ld_in bytes per input) and their scales sx
+    const int8_t* xq = nullptr;
+    const float* sx = nullptr;
   };
 
   static void run_chunk(void* data, size_t i) {
     const Task* t = static_cast<const Task*>(data);
     const int64_t u0 = (int64_t)i * t->grain, u1 = std::min(t->units, u0 + t->grain);
-    if (t->spmm)
+    if (t->q8)
+      t->q8(&t->w, t->xq, t->ld_in, t->sx, t->n, t->bias, t->y, t->ld_out, u0, u1);
+    else if (t->spmm)
       t->self->k->spmm(&t->w, t->x, t->ld_in, t->n, t->bias, t->y, t->ld_out, u0, u1);
     else
       t->self->k->gemv(&t->w, t->x, t->ld_in, t->n, t->bias, t->y, t->ld_out, u0, u1);
@@ -150,6 +181,7 @@ struct Kernel {
     Ort::ConstValue x = ctx.GetInput(0), values = ctx.GetInput(1), bits = ctx.GetInput(2);
     Ort::ConstValue row_ptr = ctx.GetInputCount() > 3 ? ctx.GetInput(3) : Ort::ConstValue{};
     Ort::ConstValue bias = ctx.GetInputCount() > 4 ? ctx.GetInput(4) : Ort::ConstValue{};
+    Ort::ConstValue scales = ctx.GetInputCount() > 5 ? ctx.GetInput(5) : Ort::ConstValue{};
     auto xi = x.GetTensorTypeAndShapeInfo();
     if (xi.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
       throw std::runtime_error("fpewiden PackedMatMul: X must be float");
@@ -162,8 +194,9 @@ struct Kernel {
     // the initializers checked at creation, else (inputs fed at run time) these arrays, checked now
     const bool same = validated && values.GetTensorRawData() == checked.values &&
                       bits.GetTensorRawData() == checked.bits &&
-                      (!checked.row_ptr || (row_ptr && row_ptr.GetTensorRawData() == checked.row_ptr));
-    const FpwMatrix m = same ? checked : matrix(values, bits, row_ptr);
+                      (!checked.row_ptr || (row_ptr && row_ptr.GetTensorRawData() == checked.row_ptr)) &&
+                      (!checked.scales || (scales && scales.GetTensorRawData() == checked.scales));
+    const FpwMatrix m = same ? checked : matrix(values, bits, row_ptr, scales);
     const int64_t units = m.format == FPW_PARENT ? m.rows / m.alpha : m.rows;
     const float* b = nullptr;
     if (bias) {
@@ -186,6 +219,20 @@ struct Kernel {
     const int64_t grain = std::max({int64_t(1), (int64_t(1) << 16) / std::max<int64_t>(1, per_unit),
                                     (units + MAX_TASKS - 1) / MAX_TASKS});
     const size_t chunks = (size_t)((units + grain - 1) / grain);
+    // int8 inputs for int8 and int4 values where the VNNI kernel runs (the avx512 kernels chosen, as the torch op)
+    const FpwGemvQ8 q8 = (m.dtype == FPW_I8 || m.dtype == FPW_I4) && k == fpw_select("avx512") &&
+                                 w.cols <= FPW_Q8_MAX_COLS
+                             ? fpw_select_q8()
+                             : nullptr;
+    if (!spmm && q8) {
+      const int64_t ldq = (w.cols + 63) / 64 * 64;
+      std::vector<int8_t> xq((size_t)(n * ldq));
+      std::vector<float> sx((size_t)n);
+      fpw_quantize_inputs(xp, w.cols, n, w.cols, xq.data(), ldq, sx.data());
+      Task t{this, m, units, xp, ldq, n, w.rows, b, y, grain, false, q8, xq.data(), sx.data()};
+      ctx.ParallelFor(&run_chunk, chunks, 0, &t);
+      return;
+    }
     if (!spmm) {
       Task t{this, m, units, xp, w.cols, n, w.rows, b, y, grain, false};
       ctx.ParallelFor(&run_chunk, chunks, 0, &t);
@@ -213,11 +260,11 @@ struct PackedMatMul : Ort::CustomOpBase<PackedMatMul, Kernel, true> {
   }
   const char* GetName() const { return "PackedMatMul"; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return 5; }
+  size_t GetInputTypeCount() const { return 6; }
   ONNXTensorElementDataType GetInputType(size_t i) const {
     switch (i) {
       case 0: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-      case 1: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;  // float, bfloat16 or float16: checked in Compute
+      case 1: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;  // float, bfloat16, float16, int8, uint8: checked
       case 2: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
       case 3: return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
       default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
