@@ -12,7 +12,10 @@ medians: ORT dense and ORT packed sessions (intra-op threads = --threads, no spi
 Also the file bytes against the original's dense export, and, with onnxruntime-extensions installed, what its
 Python custom ops (the route needing no ORT headers) cost per call.
 
-  python bench/ort_packed.py [--threads 1,2 --batches 1,4,16,32 --out bench/results/ort_packed]
+With `--dtype int8|int4` every model is packed with quantized values (the original too, in the dense layout) and
+the original's `quantize_dynamic` int8 export joins as "original ORT int8", what a user gets in one line.
+
+  python bench/ort_packed.py [--threads 1,2 --batches 1,4,16,32 --dtype int8 --out bench/results/ort_packed]
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ def file_bytes(p: Path) -> int:
     return p.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
-def build(work: Path) -> dict[str, dict]:
+def build(work: Path, dtype: str | None = None) -> dict[str, dict]:
     torch.manual_seed(0)
     up = torch.empty(FFN, HIDDEN).uniform_(-1, 1) / HIDDEN**0.5
     down = torch.empty(HIDDEN, FFN).uniform_(-1, 1) / FFN**0.5
@@ -65,19 +68,25 @@ def build(work: Path) -> dict[str, dict]:
         t = time.perf_counter()
         export(ck, work / f"{name}.dense.onnx", verify=False)
         models[name] = {"dense_onnx": work / f"{name}.dense.onnx", "dense_export_s": time.perf_counter() - t}
-        if name == "original":
+        if name == "original" and dtype is None:
             continue
         pk = work / f"{name}.packed.safetensors"
-        report = pack_checkpoint(ck, pk)
+        report = pack_checkpoint(ck, pk, dtype)
         t = time.perf_counter()
         res = export(pk, work / f"{name}.packed.onnx", layout="packed")
         models[name].update(packed=pk, packed_onnx=work / f"{name}.packed.onnx", verify=res["verify"],
                             packed_export_s=time.perf_counter() - t,
                             formats=[m["format"] for m in report["matrices"]])  # fmt: skip
         print(json.dumps({name: {k: str(v) for k, v in models[name].items()}}), flush=True)
+    if dtype is not None:  # the one-line competitor: ORT's dynamic int8 of the original's dense export
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        q = work / "original.int8.onnx"
+        quantize_dynamic(str(models["original"]["dense_onnx"]), str(q), weight_type=QuantType.QInt8)
+        models["original"]["ort_int8_onnx"] = q
     base = file_bytes(models["original"]["dense_onnx"])
     for m in models.values():
-        m["bytes"] = {k: file_bytes(m[k]) / base for k in ("dense_onnx", "packed_onnx") if k in m}
+        m["bytes"] = {k: file_bytes(m[k]) / base for k in ("dense_onnx", "packed_onnx", "ort_int8_onnx") if k in m}
     return models
 
 
@@ -100,6 +109,9 @@ def sessions(models: dict, threads: int) -> dict:
         runs[f"{name} ORT dense"] = lambda x, s=s: s.run(None, {"x": x.numpy()})
         tm = load_model(m["dense_onnx"].with_name(f"{name}.safetensors")).model.eval()
         runs[f"{name} torch dense"] = lambda x, tm=tm: tm(x)
+        if "ort_int8_onnx" in m:
+            s = ort.InferenceSession(str(m["ort_int8_onnx"]), opts(False), providers=["CPUExecutionProvider"])
+            runs[f"{name} ORT int8"] = lambda x, s=s: s.run(None, {"x": x.numpy()})
         if "packed_onnx" in m:
             s = ort.InferenceSession(str(m["packed_onnx"]), opts(True), providers=["CPUExecutionProvider"])
             runs[f"{name} ORT packed"] = lambda x, s=s: s.run(None, {"x": x.numpy()})
@@ -147,7 +159,8 @@ def markdown(doc: dict) -> str:
         f"`{doc['command']}`",
         "",
         f"CPU: {doc['cpu']}; kernels: {doc['kernels']}; onnxruntime {doc['onnxruntime']}, torch {torch.__version__}. "
-        "Llama-7B FFN pair 4096→11008→4096 (ReLU), fp32. Latency: medians of interleaved rounds, as ratios against "
+        f"Llama-7B FFN pair 4096→11008→4096 (ReLU), packed values {doc.get('dtype') or 'fp32'}. "
+        "Latency: medians of interleaved rounds, as ratios against "
         "ORT dense of the original in the same round (ms in brackets).",
         "",
         "## File bytes against the original's dense export",
@@ -185,11 +198,12 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--batches", default="1,4,16,32")
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--dtype", default=None, help="pack with int8 or int4 values")
     ap.add_argument("--out", type=Path, default=Path("bench/results/ort_packed"))
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as d:
-        models = build(Path(d))
+        models = build(Path(d), args.dtype)
         for threads in [int(t) for t in args.threads.split(",")]:
             torch.set_num_threads(threads)
             runs = sessions(models, threads)
@@ -204,11 +218,12 @@ def main() -> None:
             del runs
     engines = list(rows[0]["timings"])
     for m in models.values():
-        for k in ("dense_onnx", "packed_onnx", "packed"):
+        for k in ("dense_onnx", "packed_onnx", "packed", "ort_int8_onnx"):
             m.pop(k, None)
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     doc = {"command": command, "cpu": cpu_name(), "kernels": kernels.path(), "onnxruntime": onnxruntime.__version__,
-           "models": models, "engines": engines, "rows": rows, "pyop_ms": pyop_overhead()}  # fmt: skip
+           "models": models, "engines": engines, "rows": rows, "pyop_ms": pyop_overhead(),
+           "dtype": args.dtype}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(json_document(doc), indent=1) + "\n")
     (args.out / "results.md").write_text(markdown(doc))
