@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quantized_quality import embeddings  # the original's embeddings, as the quality table scores them
+from quantized_quality import calibration_file, embeddings, eval_texts  # as the quality table scores them
 
-from fpewiden.data.embeddings import minilm_dir, task_sentences
+from fpewiden.data.embeddings import minilm_dir
 from fpewiden.io.provenance import MD_MARKER
 from fpewiden.model.pooling import mean_pool
 
@@ -63,15 +63,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     src = minilm_dir()
-    texts = {
-        "TREC (in domain)": task_sentences("trec6", "test")[0][: args.eval],
-        "SST-5 (other domain)": task_sentences("sst5", "test")[0][: args.eval],
-    }
+    texts = eval_texts(args.eval)
     rows = []
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
-        cal = work / "trec-train.txt"
-        cal.write_text("\n".join(task_sentences("trec6", "train")[0]) + "\n")
+        cal = calibration_file(work)
         ref = {k: embeddings(src, t) for k, t in texts.items()}
         gptq = ("--alpha", 1, "--budget", "same", "--no-reconstruct", "--calibration", cal, "--packed")
         for bits in ("int8", "int4"):

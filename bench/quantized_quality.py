@@ -62,6 +62,21 @@ def embeddings(folder: Path, texts: list[str], rtn: tuple[str, int | None] | Non
     return torch.cat(out)
 
 
+def eval_texts(n: int) -> dict[str, list[str]]:
+    """The unseen sentences scored: TREC test questions (the calibration's domain) and SST-5 test sentences."""
+    return {
+        "TREC (in domain)": task_sentences("trec6", "test")[0][:n],
+        "SST-5 (other domain)": task_sentences("sst5", "test")[0][:n],
+    }
+
+
+def calibration_file(work: Path) -> Path:
+    """TREC's training questions, one per line: what every quantized MiniLM here is calibrated on."""
+    cal = work / "trec-train.txt"
+    cal.write_text("\n".join(task_sentences("trec6", "train")[0]) + "\n")
+    return cal
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--eval", type=int, default=300, help="test sentences scored per domain")
@@ -71,15 +86,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     src = minilm_dir()
-    texts = {
-        "TREC (in domain)": task_sentences("trec6", "test")[0][: args.eval],
-        "SST-5 (other domain)": task_sentences("sst5", "test")[0][: args.eval],
-    }
+    texts = eval_texts(args.eval)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
-        cal = work / "trec-train.txt"
-        cal.write_text("\n".join(task_sentences("trec6", "train")[0]) + "\n")
+        cal = calibration_file(work)
         ref = {k: embeddings(src, t) for k, t in texts.items()}
 
         def score(label: str, folder: Path, method: str, grid: str, seconds: float | None, rtn=None) -> None:
