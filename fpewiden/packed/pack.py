@@ -66,7 +66,7 @@ def mask_of(pm: fmt.PackedMatrix, transposed: bool) -> torch.Tensor:
     return pack_mask((pattern.T if transposed else pattern).contiguous())
 
 
-def scales_of(pm: fmt.PackedMatrix) -> torch.Tensor:
+def scales_back(pm: fmt.PackedMatrix) -> torch.Tensor:
     """A quantized matrix's scales as convert --quantize records them, (rows, groups): what unpack writes back, so
     packing the unpacked checkpoint again stores the same values."""
     per_unit = pm.scales.view(pm.units, -1)
@@ -296,8 +296,9 @@ def unpack_checkpoint(src: Path, dst: Path, force: bool = False) -> dict:
     by_file: dict[str, list[str]] = {}
     for n, f in pc.source_file.items():
         by_file.setdefault(f, []).append(n)
-    derived = {n: mask_of(pc.packed(n), e.transposed) for n, e in pc.entries.items() if e.mask}
-    quantized = {n: scales_of(pc.packed(n)) for n, e in pc.entries.items() if e.dtype in ("I8", "U8")}
+    # from the bits and scales alone: the values are read once, by the dense writer
+    derived = {n: mask_of(pc.layout(n), e.transposed) for n, e in pc.entries.items() if e.mask}
+    quantized = {n: scales_back(pc.layout(n)) for n, e in pc.entries.items() if e.dtype in ("I8", "U8")}
     if pc.kind == "mlp":
         if dst.suffix != ".safetensors":
             raise FpewidenError(f"--out {dst}: an MLP unpacks to one .safetensors file")

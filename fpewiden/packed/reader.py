@@ -59,6 +59,15 @@ class PackedCheckpoint:
         e = self.entries[name]
         return matrix(e, {role: self.stored(t) for role, t in e.arrays(name).items()})
 
+    def layout(self, name: str) -> fmt.PackedMatrix:
+        """The packed matrix without its values (a meta tensor of their shape stands in): what its structure and
+        scales need, read without the bytes that dominate a file."""
+        e = self.entries[name]
+        arrays = {role: self.stored(t) for role, t in e.arrays(name).items() if role != "values"}
+        header = self.headers[e.arrays(name)["values"]].entries[e.arrays(name)["values"]]
+        arrays["values"] = torch.empty(header.shape, dtype=DTYPES[header.dtype], device="meta")
+        return matrix(e, arrays)
+
     def get(self, name: str) -> torch.Tensor:
         """A tensor of the unpacked checkpoint (a packed matrix unpacked to its stored shape and dtype)."""
         if name in self.entries:
