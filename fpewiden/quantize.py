@@ -31,12 +31,6 @@ class Grid:
     def groups(self, cols: int) -> int:
         return 1 if self.group_size is None else -(-cols // self.group_size)
 
-    def columns(self, cols: int, g: int) -> slice:
-        """The columns group `g` covers."""
-        if self.group_size is None:
-            return slice(0, cols)
-        return slice(g * self.group_size, min(cols, (g + 1) * self.group_size))
-
 
 def peak_scales(w: torch.Tensor, qmax: int, unit: int = 1) -> torch.Tensor:
     """fp32 scales, one per row of `w` (rows, cols): max |row| / qmax, the max taken over each unit of rows; 1 for
@@ -48,10 +42,16 @@ def peak_scales(w: torch.Tensor, qmax: int, unit: int = 1) -> torch.Tensor:
 
 
 def scales_of(w: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """Round-to-nearest scales (rows, groups) for `w` on `grid`."""
-    cols = w.shape[1]
-    return torch.stack([peak_scales(w[:, grid.columns(cols, g)], grid.qmax, grid.unit)
-                        for g in range(grid.groups(cols))], dim=1)  # fmt: skip
+    """Round-to-nearest scales (rows, groups) for `w` on `grid`: each group's peak at once (the last group padded
+    with zeros), not a slice per group."""
+    rows, cols = w.shape
+    if grid.group_size is None:
+        return peak_scales(w, grid.qmax, grid.unit)[:, None]
+    n, g = grid.groups(cols), grid.group_size
+    peak = torch.nn.functional.pad(w.detach().abs().to(torch.float32), (0, n * g - cols)).view(rows, n, g).amax(2)
+    if grid.unit > 1:
+        peak = peak.view(-1, grid.unit, n).amax(1).repeat_interleave(grid.unit, dim=0)
+    return torch.where(peak > 0, peak / grid.qmax, torch.ones_like(peak))
 
 
 def expand_scales(scales: torch.Tensor, cols: int, grid: Grid) -> torch.Tensor:
