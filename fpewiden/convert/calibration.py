@@ -53,9 +53,18 @@ def _activation_of(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 class CalibratedTransform:
     """A PairTransform that converts each pair from its calibration inputs (see the module docstring)."""
 
-    def __init__(self, ck: Checkpoint, opts: ConvertOptions, chosen: list[PairSpec], scratch: Path | None = None):
+    def __init__(
+        self,
+        ck: Checkpoint,
+        opts: ConvertOptions,
+        chosen: list[PairSpec],
+        scratch: Path | None = None,
+        last_use: dict[str, int] | None = None,
+    ):
         """`scratch`: the directory where the carried hidden states wait while a pair calibrates (convert gives the
-        output's; None: the system's temporary directory)."""
+        output's; None: the system's temporary directory). `last_use`: the plan's index of the last pair that
+        converts each matrix (--quantize quantizes a matrix there: in a chain a hidden matrix is one pair's
+        outgoing and the next one's incoming, and quantized values would not survive the next pair's refit)."""
         assert opts.calibration is not None
         self.ck, self.opts, self.settings = ck, opts, opts.calibration
         c = opts.calibration
@@ -72,9 +81,7 @@ class CalibratedTransform:
             device=str(resolve_device(c.device)),
         )
         self.chosen, self.scratch = chosen, scratch
-        # a matrix is quantized by the last pair that converts it (in a chain a hidden matrix is one pair's
-        # outgoing and the next one's incoming: quantized values would not survive the next pair's refit)
-        self.last_use = {n: k for k, p in enumerate(chosen) for n in (*p.in_weights, p.out_weight)}
+        self.last_use = last_use or {}
         self.stats: list[dict] = []
         self.warnings: list[str] = []  # printed by the CLI after the conversion
         if ck.kind == "mlp":
@@ -256,7 +263,7 @@ class CalibratedTransform:
         out, scales = res.pair, None
         if self.opts.quantize is not None:
             q = self.opts.quantize
-            which = [self.last_use[n] == k for n in (*spec.in_weights, spec.out_weight)]
+            which = [self.last_use.get(n, k) == k for n in (*spec.in_weights, spec.out_weight)]
             # an FPE pair whose every neuron is widened is stored in the parent layout: children share a scale
             unit = self.copts.alpha if self.copts.alpha > 1 and self.copts.fraction >= 1 else 1
             quantized = quantize_pair(out, x, fn, q.grid(), which, q.compensate, unit)

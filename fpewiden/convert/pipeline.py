@@ -269,7 +269,7 @@ def convert(
     if transform is None and opts.calibration is not None:
         from fpewiden.convert.calibration import CalibratedTransform
 
-        transform = CalibratedTransform(ck, opts, chosen, scratch=dst.parent)  # created by check_outputs
+        transform = CalibratedTransform(ck, opts, chosen, dst.parent, plan.last_use)  # dst.parent: by check_outputs
     transform = transform or FpeTransform(opts)
     base = {"format": "pt", **meta.strings()}
     if ck.kind == "mlp":
