@@ -233,7 +233,10 @@ def test_int8_quantization_keeps_the_mask_and_bounds_the_error(rows, cols, densi
         if pm.format == "bitmask":  # the mask is w's own, whatever the kept values round to
             assert torch.equal(fmt._unpack_bits(pm.bits, rows, cols, pm.stride), w != 0)
         assert bool((d[w == 0] == 0).all())
-        assert bool(((d - w).abs() <= scales.view(-1, 1) / 2 * (1 + 1e-6)).all())
+        # half a step, up to the fp32 rounding of q · scale and of the difference (hypothesis found a weight at
+        # exactly 33.5 steps: rounded to even, it lands half a step away, plus an ulp of the weight)
+        slack = 4 * torch.finfo(torch.float32).eps * w.abs()
+        assert bool(((d - w).abs() <= scales.view(-1, 1) / 2 * (1 + 1e-6) + slack).all())
         peak = w.abs().argmax(1, keepdim=True)
         assert torch.allclose(d.gather(1, peak), w.gather(1, peak), rtol=1e-6, atol=0)
     assert fmt.pack_bitmask(w, torch.int8).nnz == int((w != 0).sum())  # kept values rounding to 0 keep their place
