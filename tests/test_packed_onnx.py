@@ -1,11 +1,10 @@
 """Packed models in ONNX Runtime: the PackedMatMul op on every kernel path, `export --layout packed` (MLP chains,
 BERT-style and gated FFNs), bench's `ort-packed` engine, and how the ONNX Runtime headers are obtained."""
 
-import hashlib
-import io
 import json
-import lzma
-import tarfile
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -295,52 +294,51 @@ def test_bench_ort_packed_engine(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- where the headers come from
 
 
-def fake_deb(files: dict[str, bytes]) -> bytes:
-    """A .deb (an ar archive) whose data.tar.xz holds `files`."""
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(f"./usr/include/onnxruntime/{name}")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    members = [
-        ("debian-binary", b"2.0\n"),
-        ("control.tar.xz", lzma.compress(b"")),
-        ("data.tar.xz", lzma.compress(raw.getvalue())),
-    ]
-    out = b"!<arch>\n"
-    for name, data in members:
-        out += (
-            f"{name:<16}{0:<12}{0:<6}{0:<6}{'100644':<8}{len(data):<10}`\n".encode()
-            + data
-            + (b"\n" if len(data) % 2 else b"")
-        )
-    return out
+def fake_deb(tmp: Path, headers: dict[str, bytes]) -> Path:
+    """A real Debian package (built by dpkg-deb) holding `headers` where libonnxruntime-dev keeps them."""
+    tree = tmp / "pkg"
+    (tree / "DEBIAN").mkdir(parents=True)
+    control = f"Package: {ort_headers.PACKAGE}\nVersion: 1.21.0+dfsg-1\nArchitecture: all\nMaintainer: t <t@t>\n"
+    (tree / "DEBIAN/control").write_text(control + "Description: test\n")
+    inc = tree / "usr/include/onnxruntime"
+    inc.mkdir(parents=True)
+    for name, data in headers.items():
+        (inc / name).write_bytes(data)
+    deb = tmp / f"{ort_headers.PACKAGE}_1.21.0_all.deb"
+    subprocess.run(["dpkg-deb", "--build", "--root-owner-group", str(tree), str(deb)], check=True, capture_output=True)
+    return deb
 
 
-def test_headers_come_only_through_the_verified_chain(tmp_path, monkeypatch):
+@pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs Debian's dpkg-deb")
+def test_headers_come_from_apt_get_download(tmp_path, monkeypatch):
+    """apt does the fetching and verifying; fpewiden gives it a private index and unpacks what it downloaded."""
     headers = {"onnxruntime_c_api.h": b"#define ORT_API_VERSION 21\n", "onnxruntime_cxx_api.h": b"// api\n"}
-    deb = fake_deb(headers)
-    record = f"Version: 1.21.0\nFilename: pool/x.deb\nSHA256: {hashlib.sha256(deb).hexdigest()}\n"
-    index = f"Package: other\nVersion: 1\n\nPackage: {ort_headers.PACKAGE}\n{record}"
-    packed = lzma.compress(index.encode())
-    release = f"SHA256:\n {hashlib.sha256(packed).hexdigest()} {len(packed)} main/binary-amd64/Packages.xz\n"
-    served = {"Packages.xz": packed, "x.deb": deb}
-    monkeypatch.setattr(ort_headers, "_verified_release", lambda archive, suite, tmp: release)
-    monkeypatch.setattr(ort_headers, "mirror", lambda: "archive")  # apt's own configuration, in real use
-    monkeypatch.setattr(ort_headers, "_get", lambda url: served[url.rsplit("/", 1)[1]])
-    monkeypatch.setattr(ort_headers.os, "uname", lambda: type("U", (), {"machine": "x86_64"})())
+    deb = fake_deb(tmp_path, headers)
+    bin_dir, log = tmp_path / "bin", tmp_path / "apt.log"
+    bin_dir.mkdir()
+    apt = bin_dir / "apt-get"  # stands in for apt: logs its arguments, "downloads" the package or fails like apt
+    apt.write_text(
+        f'#!/bin/sh\necho "$@" >> {log}\n'
+        f'[ -n "$APT_FAILS" ] && {{ echo "E: The repository is not signed." >&2; exit 100; }}\n'
+        f'case "$*" in *download*) cp {deb} . ;; esac\n'
+    )
+    apt.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setattr(ort_headers, "mirror", lambda: "http://archive.example/debian")  # apt's configuration
     dest = tmp_path / "inc"
-    assert "libonnxruntime-dev 1.21.0" in ort_headers.fetch_debian(dest)
+    source = ort_headers.fetch_debian(dest)
+    assert f"{ort_headers.PACKAGE} 1.21.0+dfsg-1" in source and "apt-get" in source
     assert (dest / "onnxruntime_cxx_api.h").read_bytes() == headers["onnxruntime_cxx_api.h"]
     assert ort_headers.api_version(dest) == 21
-    served["x.deb"] = deb[:-1] + b"X"  # a package that is not the one the signed index names
-    with pytest.raises(RuntimeError, match="does not match"):
+    update, download = log.read_text().splitlines()
+    assert update.endswith(" update") and download.endswith(f" download {ort_headers.PACKAGE}/trixie")
+    assert "-oDir::Etc::SourceParts=/nonexistent" in update  # the user's own apt state is never touched
+    assert "-oDir::State::Lists=" in update and "/var/lib/apt" not in update
+    monkeypatch.setenv("APT_FAILS", "1")
+    with pytest.raises(RuntimeError, match=r"trixie: apt-get.*The repository is not signed"):
         ort_headers.fetch_debian(tmp_path / "inc2")
-    served["x.deb"], served["Packages.xz"] = deb, lzma.compress(index.replace("1.21.0", "6.6.6").encode())
-    with pytest.raises(RuntimeError, match="index does not match its InRelease"):
-        ort_headers.fetch_debian(tmp_path / "inc3")
-    assert not (tmp_path / "inc2").exists() and not (tmp_path / "inc3").exists()
+    assert not (tmp_path / "inc2").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["apt.log", "bin", "inc", "pkg", deb.name])
 
 
 def test_the_archive_comes_from_apt_configuration_or_the_environment(monkeypatch):

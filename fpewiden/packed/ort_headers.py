@@ -4,25 +4,20 @@ No PyPI or npm package ships them (the onnxruntime and onnxruntime-extensions wh
 onnxruntime-react-native were checked). Debian's `libonnxruntime-dev` does, so they come, in this order, from:
 `$FPEWIDEN_ORT_INCLUDE`; the system's (`apt install libonnxruntime-dev` on Debian 13 or newer); a copy fetched
 earlier into packed/_build/; or the Debian archive this machine's apt is configured with (`$FPEWIDEN_DEBIAN_MIRROR`
-names another; no host is named here), fetched the way apt trusts it: the suite's InRelease checked by
-`gpgv` against the system's Debian archive keyring, the package index by the SHA256 that InRelease lists, the
-package by the SHA256 the index lists. Only the headers are kept (under packed/_build/, never committed); nothing
+names another; no host is named here), downloaded by `apt-get download` into a private index (apt checks the
+suite's signature against the system's Debian archive keyring, the index and the package by their hashes) and
+unpacked by `dpkg-deb`. Only the headers are kept (under packed/_build/, never committed); nothing
 is installed. A library built against API version N loads in any ONNX Runtime >= 1.N.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
-import json
-import lzma
 import os
 import re
 import shutil
 import subprocess
-import tarfile
 import tempfile
-import urllib.request
 from pathlib import Path
 
 MIRROR_ENV = "FPEWIDEN_DEBIAN_MIRROR"
@@ -106,116 +101,88 @@ def _uris(text: str) -> list[str]:
     return out
 
 
-def _get(url: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=60) as r:
-        return r.read()
+def _apt_options(root: Path) -> list[str]:
+    """apt-get options for a private index under `root`: the user's own lists, cache and lock are untouched, and
+    no root is needed. apt still checks the suite's signature against the system keyring, the index against the
+    signed release and the package against the index."""
+    opts = [
+        f"-oDir::Etc::SourceList={root / 'sources.list'}",
+        "-oDir::Etc::SourceParts=/nonexistent",
+        f"-oDir::State::Lists={root / 'lists'}",
+        f"-oDir::Cache={root / 'cache'}",
+        "-oDebug::NoLocking=1",
+        "-oAcquire::Languages=none",
+    ]
+    return [*opts, "-oAPT::Sandbox::User=root"] if os.geteuid() == 0 else opts  # _apt cannot write to a temp dir
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _verified_release(archive: str, suite: str, tmp: Path) -> str:
-    """The suite's InRelease text once gpgv has accepted its signature."""
-    if not KEYRING.is_file() or shutil.which("gpgv") is None:
-        raise RuntimeError(f"cannot verify Debian's archive here (needs gpgv and {KEYRING})")
-    signed = tmp / f"{suite}.InRelease"
-    signed.write_bytes(_get(f"{archive}/dists/{suite}/InRelease"))
-    res = subprocess.run(["gpgv", "--keyring", str(KEYRING), str(signed)], capture_output=True, text=True)
+def _run(args: list[str], cwd: Path) -> str:
+    """stdout of a command; its last line of error output as a RuntimeError when it fails."""
+    try:
+        res = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise RuntimeError(f"{args[0]}: {e}") from None
     if res.returncode:
-        raise RuntimeError(f"Debian's {suite} InRelease failed its signature check")
-    return signed.read_text(errors="replace")
+        lines = [ln for ln in (res.stderr + res.stdout).splitlines() if ln.strip()]
+        raise RuntimeError(f"{' '.join(args[:1] + args[-2:])}: {lines[-1] if lines else res.returncode}")
+    return res.stdout
 
 
-def _listed_sha256(release: str, name: str) -> str | None:
-    body = release.split("SHA256:", 1)[-1]
-    m = re.search(rf"^\s+([0-9a-f]{{64}})\s+\d+\s+{re.escape(name)}$", body, re.M)
-    return m.group(1) if m else None
+def _download(archive: str, suite: str, root: Path) -> Path:
+    """The package's .deb from `suite`, downloaded and verified by apt into `root`."""
+    for tool in ("apt-get", "dpkg-deb"):
+        if shutil.which(tool) is None:
+            raise RuntimeError(f"needs {tool} (Debian's package tools)")
+    if not KEYRING.is_file():
+        raise RuntimeError(f"cannot verify Debian's archive here (needs {KEYRING})")
+    for d in ("lists/partial", "cache/archives/partial"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    (root / "sources.list").write_text(f"deb [signed-by={KEYRING}] {archive} {suite} main\n")
+    opts = _apt_options(root)
+    _run(["apt-get", "-q", *opts, "update"], root)
+    _run(["apt-get", "-q", *opts, "download", f"{PACKAGE}/{suite}"], root)
+    debs = sorted(root.glob(f"{PACKAGE}_*.deb"))
+    if not debs:
+        raise RuntimeError(f"apt-get downloaded no {PACKAGE}")
+    return debs[0]
 
 
-def _package_record(index: str) -> dict[str, str] | None:
-    for stanza in index.split("\n\n"):
-        if re.search(rf"^Package: {PACKAGE}$", stanza, re.M):
-            return dict(re.findall(r"^([A-Za-z0-9-]+): (.*)$", stanza, re.M))
-    return None
-
-
-def _ar_member(deb: bytes, prefix: str) -> tuple[str, bytes]:
-    """The first member of a .deb (an `ar` archive) whose name starts with `prefix`."""
-    if not deb.startswith(b"!<arch>\n"):
-        raise RuntimeError("not a Debian package")
-    pos = 8
-    while pos + 60 <= len(deb):
-        name = deb[pos : pos + 16].decode().strip().rstrip("/")
-        size = int(deb[pos + 48 : pos + 58].decode().strip())
-        if name.startswith(prefix):
-            return name, deb[pos + 60 : pos + 60 + size]
-        pos += 60 + size + (size & 1)
-    raise RuntimeError(f"the package has no {prefix}*")
-
-
-def _fetch_suite(archive: str, suite: str, arch: str, tmp: Path) -> tuple[dict[str, str], bytes]:
-    """The package's index record and its data archive from one suite, every step verified."""
-    release = _verified_release(archive, suite, tmp)
-    name = f"main/binary-{arch}/Packages.xz"
-    want = _listed_sha256(release, name)
-    packed = _get(f"{archive}/dists/{suite}/{name}")
-    if want is None or _sha256(packed) != want:
-        raise RuntimeError(f"{suite}'s package index does not match its InRelease")
-    record = _package_record(lzma.decompress(packed).decode(errors="replace"))
-    if record is None:
-        raise RuntimeError(f"{suite} has no {PACKAGE}")
-    deb = _get(f"{archive}/{record['Filename']}")
-    if _sha256(deb) != record.get("SHA256"):
-        raise RuntimeError(f"{record['Filename']} does not match {suite}'s index")
-    member, data = _ar_member(deb, "data.tar")
-    if not member.endswith((".xz", ".gz", ".tar")):
-        raise RuntimeError(f"cannot read {member}")
-    return record, data
-
-
-def _unpack_headers(data: bytes, stage: Path) -> None:
-    """The .h files below usr/include/onnxruntime/ of a package's data archive, into `stage`."""
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        for m in tar.getmembers():
-            parts = Path(m.name).parts
-            if m.isfile() and "include" in parts and m.name.endswith(".h"):
-                out = stage / Path(*parts[parts.index("include") + 2 :])
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_bytes(tar.extractfile(m).read())  # type: ignore[union-attr]
+def _unpack_headers(deb: Path, stage: Path) -> str:
+    """The .h files below usr/include/onnxruntime/ of a package, into `stage`; returns the package's version."""
+    tree = stage.parent / (stage.name + ".tree")
+    try:
+        _run(["dpkg-deb", "-x", str(deb), str(tree)], stage.parent)
+        for h in (tree / "usr/include/onnxruntime").rglob("*.h"):
+            out = stage / h.relative_to(tree / "usr/include/onnxruntime")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(h, out)
+        return _run(["dpkg-deb", "-f", str(deb), "Version"], stage.parent).strip()
+    finally:
+        shutil.rmtree(tree, ignore_errors=True)
 
 
 def fetch_debian(dest: Path) -> str:
-    """Fetch, verify and unpack the headers into `dest` (replaced whole, or left as it was); returns where they
-    came from. A network failure ends the search at once (the other suites are on the same mirror)."""
-    arch = "amd64" if os.uname().machine in ("x86_64", "amd64") else "arm64"
+    """Fetch and unpack the headers into `dest` (replaced whole, or left as it was); returns where they came from."""
     archive = mirror()
     dest.parent.mkdir(parents=True, exist_ok=True)
     reasons = []
-    with tempfile.TemporaryDirectory() as d:
-        for suite in SUITES:
-            try:
-                record, data = _fetch_suite(archive, suite, arch, Path(d))
-            except OSError as e:  # the mirror cannot be reached
-                reasons.append(f"{suite}: {e}")
-                break
-            except (RuntimeError, ValueError, KeyError, lzma.LZMAError) as e:
-                reasons.append(f"{suite}: {e}")
-                continue
-            stage = Path(tempfile.mkdtemp(dir=dest.parent))
-            try:
-                _unpack_headers(data, stage)
-                source = f"Debian {suite} {PACKAGE} {record.get('Version')} (sha256 {record['SHA256'][:16]}…)"
-                (stage / "SOURCE").write_text(source + "\n")
-                (stage / "record.json").write_text(json.dumps(record, indent=1) + "\n")
-                if not _usable(stage):
-                    raise RuntimeError(f"{PACKAGE} {record.get('Version')} has no usable {HEADER}")
-                if dest.exists():
-                    shutil.rmtree(dest)
-                os.replace(stage, dest)
-                return source
-            except (OSError, RuntimeError, tarfile.TarError) as e:
-                reasons.append(f"{suite}: {e}")
-            finally:
-                shutil.rmtree(stage, ignore_errors=True)  # gone once moved into place
+    for suite in SUITES:
+        stage = Path(tempfile.mkdtemp(dir=dest.parent))
+        try:
+            with tempfile.TemporaryDirectory() as root:
+                deb = _download(archive, suite, Path(root))
+                digest = hashlib.sha256(deb.read_bytes()).hexdigest()
+                version = _unpack_headers(deb, stage)
+            source = f"Debian {suite} {PACKAGE} {version} (sha256 {digest[:16]}…, fetched by apt-get)"
+            (stage / "SOURCE").write_text(source + "\n")
+            if not _usable(stage):
+                raise RuntimeError(f"{PACKAGE} {version} has no usable {HEADER}")
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.replace(stage, dest)
+            return source
+        except (OSError, RuntimeError) as e:
+            reasons.append(f"{suite}: {e}")
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)  # gone once moved into place
     raise RuntimeError("no ONNX Runtime headers: " + "; ".join(reasons))
