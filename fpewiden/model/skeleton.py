@@ -5,8 +5,6 @@ loader to fill in. Buffers (rotary frequencies, position ids) are made for real,
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -14,25 +12,6 @@ from torch import nn
 
 from fpewiden.errors import FpewidenError
 from fpewiden.io.checkpoint import Checkpoint
-
-
-@contextlib.contextmanager
-def parameters_on_meta() -> Iterator[None]:
-    """Every parameter registered inside the block moves to the meta device as it is registered, so modules'
-    own initialisation (kaiming, normal_) runs on meta tensors and costs nothing."""
-    register = nn.Module.register_parameter
-
-    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        register(module, name, param)
-        if param is not None and param.device.type != "meta":
-            p = module._parameters[name]
-            module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
-
-    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
 def has_lm_head(config: dict) -> bool:
@@ -53,7 +32,9 @@ def empty_model(folder: Path, head: bool = True) -> nn.Module:
     except (OSError, ValueError, KeyError) as e:
         raise FpewidenError(f"transformers cannot read {folder / 'config.json'}: {str(e).splitlines()[0]}") from None
     auto = transformers.AutoModelForCausalLM if head and has_lm_head(cfg.to_dict()) else transformers.AutoModel
-    with parameters_on_meta():
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary frequencies) made for real
         try:
             model = auto.from_config(cfg)
         except (ValueError, KeyError, TypeError) as e:
