@@ -92,7 +92,7 @@ def main() -> None:
                     continue
                 if fields is not None and isinstance(fields.get("samples"), dict):
                     fields = {**fields, "samples": fields["samples"][corpus]}
-                cal = Calibration(str(cal_files[corpus]), **fields) if fields is not None else None
+                cal = Calibration(data=str(cal_files[corpus]), **fields) if fields is not None else None
                 dst = work / f"{variant}-{corpus}"
                 t = time.perf_counter()
                 convert(src, dst, ConvertOptions(alpha=alpha, budget=Budget.parse(args.budget), calibration=cal))

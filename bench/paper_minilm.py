@@ -113,7 +113,7 @@ def main() -> None:
         text.write_text("\n".join(train_texts[: args.sentences]))
         for n, (label, alpha, budget, cal, layout) in enumerate(configs):
             conv, ft = Path(d) / f"{n}_{alpha}_{budget}", Path(d) / f"{n}_{alpha}_{budget}_ft"
-            calibration = Calibration(str(text), **cal) if cal is not None else None
+            calibration = Calibration(data=str(text), **cal) if cal is not None else None
             opts = ConvertOptions(alpha=alpha, budget=Budget.parse(budget), calibration=calibration, **layout)
             report = convert(original, conv, opts)
             for stage, model_dir in (("converted", conv), ("distilled", ft)):

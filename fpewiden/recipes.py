@@ -51,13 +51,14 @@ class Conversion(BaseModel):
     @field_validator("split")
     @classmethod
     def _split(cls, v: str) -> str:
-        """the same splits as convert's --split, grouped:G included."""
-        head, _, g = v.partition(":")
-        if v in ("random", "clause", "feature", "shared", "activation") or (
-            head == "grouped" and g.isdigit() and int(g) >= 1
-        ):
-            return v
-        raise ValueError("expected random, clause, feature, shared, grouped:G (G ≥ 1) or activation")
+        """the same splits as convert's --split, grouped:G included (convert/options.py decides)."""
+        from fpewiden.convert.options import split_groups
+
+        try:
+            split_groups(v)
+        except FpewidenError:
+            raise ValueError("expected random, clause, feature, shared, grouped:G (G ≥ 1) or activation") from None
+        return v
 
     @field_validator("budget", mode="before")
     @classmethod
@@ -72,6 +73,31 @@ class Conversion(BaseModel):
         except FpewidenError:
             raise ValueError("expected 'same', 'all', a non-zero count, or a fraction in (0, 1]") from None
         return str(v)
+
+    def options(self, *, seed: int, activation: str, data: str, clauses: list[list[int]] | None = None):
+        """The convert options this entry asks for (one model for the CLI, recipes and library callers)."""
+        from fpewiden.convert import Calibration, ConvertOptions
+
+        calibration = None
+        if self.calibrate:  # on the recipe's own training data
+            calibration = Calibration(
+                data=data,
+                importance=self.importance,
+                reconstruct=self.reconstruct,
+                select=self.select,
+                fraction=self.expand_fraction,
+            )
+        return ConvertOptions(
+            alpha=self.alpha,
+            split=self.split,
+            clauses=clauses,
+            budget=self.budget,
+            seed=seed,
+            activation=activation,
+            outgoing=self.outgoing,
+            overlap=self.overlap,
+            calibration=calibration,
+        )
 
     @property
     def label(self) -> str:

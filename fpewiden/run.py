@@ -22,7 +22,7 @@ from fpewiden.benchmark.outputs import markdown as bench_markdown
 from fpewiden.benchmark.outputs import table as bench_table
 from fpewiden.benchmark.outputs import write as write_bench
 from fpewiden.console import console, progress_bar, results_table
-from fpewiden.convert import Budget, Calibration, ConvertOptions, convert
+from fpewiden.convert import Budget, ConvertOptions, convert
 from fpewiden.data.specs import data_file, load_data
 from fpewiden.errors import EmptyLayerError
 from fpewiden.io.atomic import atomic_dir, atomic_file
@@ -157,22 +157,7 @@ def _run(recipe: Recipe, stage: Path, out: Path, provenance: Provenance) -> dict
                     )
                 conv = d / f"{name}.safetensors"
                 clauses = json.loads((d / "clauses.json").read_text()) if c.split == "clause" else None
-                calibration = (
-                    Calibration(recipe.data, None, c.importance, c.reconstruct, c.select, c.expand_fraction)
-                    if c.calibrate
-                    else None
-                )
-                opts = ConvertOptions(
-                    alpha=c.alpha,
-                    split=c.split,
-                    clauses=clauses,
-                    budget=Budget.parse(c.budget),
-                    seed=seed,
-                    activation=recipe.model.activation,
-                    outgoing=c.outgoing,
-                    overlap=c.overlap,
-                    calibration=calibration,
-                )
+                opts = c.options(seed=seed, activation=recipe.model.activation, data=recipe.data, clauses=clauses)
                 try:
                     report = convert(warm, conv, opts)
                 except EmptyLayerError as e:  # this conversion cannot exist; the others' work still counts

@@ -158,7 +158,7 @@ def hf_sweep(
             opts = ConvertOptions(
                 alpha=alpha,
                 budget=target,
-                calibration=Calibration(str(calibration)) if calibration else None,
+                calibration=Calibration(data=str(calibration)) if calibration else None,
             )
             conv = stage / f"alpha{alpha}"
             console().print(f"α={alpha}: convert" + (" (calibrated)" if calibration else ""))

@@ -334,7 +334,7 @@ def test_calibrated_widening_keeps_an_mlp_accurate_before_fine_tuning(tmp_path):
     base = accuracy(dense, data)
     plain, cal = tmp_path / "plain.safetensors", tmp_path / "cal.safetensors"
     convert(dense, plain, ConvertOptions(alpha=4))
-    report = convert(dense, cal, ConvertOptions(alpha=4, calibration=Calibration("digits", select="all")))
+    report = convert(dense, cal, ConvertOptions(alpha=4, calibration=Calibration(data="digits", select="all")))
     assert report["nnz_after"] == report["nnz_before"]
     assert open_checkpoint(cal).meta.calibration["layers"][0]["expanded"] == 8
     calibrated = accuracy(cal, data)
@@ -349,7 +349,9 @@ def test_alpha_1_calibrated_is_pruning_with_exact_budget(tmp_path):
     report = convert(
         src,
         out,
-        ConvertOptions(alpha=1, budget=Budget.parse("0.4"), calibration=Calibration(str(tmp_path / "cal.safetensors"))),
+        ConvertOptions(
+            alpha=1, budget=Budget.parse("0.4"), calibration=Calibration(data=str(tmp_path / "cal.safetensors"))
+        ),
     )
     assert report["nnz_after"] == round(0.4 * report["nnz_before"])
     assert load_file(out)["0.weight"].shape == (16, 12)
@@ -408,7 +410,7 @@ def test_block_by_block_calibration_equals_running_the_whole_model(tmp_path, fam
     outs = {}
     for whole in (False, True):
         out = tmp_path / f"o{whole}"
-        cal = Calibration(text, whole_model=whole)
+        cal = Calibration(data=text, whole_model=whole)
         convert(src, out, ConvertOptions(alpha=2, budget=Budget.parse("0.6"), calibration=cal))
         outs[whole] = {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
     assert seen and sorted(set(seen)) == list(range(max(seen) + 1))  # the onloaded path ran, block by block
@@ -536,7 +538,7 @@ def test_only_the_command_tunes_malloc_for_the_process(tmp_path, monkeypatch):
     src = write_mlp(tmp_path / "m.safetensors", widths=(12, 16, 3))
     data = tmp_path / "cal.safetensors"
     save_file({"x": torch.randn(64, 12)}, str(data))
-    convert(src, tmp_path / "lib.safetensors", ConvertOptions(alpha=2, calibration=Calibration(str(data))))
+    convert(src, tmp_path / "lib.safetensors", ConvertOptions(alpha=2, calibration=Calibration(data=str(data))))
     assert calls == []
     args = ["convert", str(src), "--out", str(tmp_path / "cli.safetensors"), "--calibration", str(data)]
     res = CliRunner().invoke(app, args)

@@ -147,7 +147,7 @@ def convert(
         activation=activation,
         outgoing=outgoing,
         overlap=overlap,
-        calibration=Calibration(calibration, **calibrated) if calibration is not None else None,
+        calibration=Calibration(data=calibration, **calibrated) if calibration is not None else None,
         quantize=Quantization.of(quantize, group_size),
     )
     from fpewiden.inspect import convert_note

@@ -1,11 +1,17 @@
-"""What a conversion is asked to do, checked before any file is opened: α, split, budget, targets, baselines."""
+"""What a conversion is asked to do, checked before any file is opened: α, split, budget, targets, baselines.
+
+One model (pydantic, built by keyword only) serves the CLI, recipes (recipes.Conversion.options) and library
+callers; each is checked as a whole when it is built, and a refusal is one line naming the flag.
+"""
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fpewiden.errors import FpewidenError
 from fpewiden.fpe.expand import OUTGOING
@@ -14,6 +20,20 @@ SPLITS = ("random", "clause", "feature", "shared", "grouped:G", "activation")
 IMPORTANCE = ("magnitude", "activation")
 SELECT = ("wasserstein", "all")
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
+# extra keys are mistakes, not options; a model is re-checked when a field is assigned
+OPTIONS = ConfigDict(extra="forbid", validate_assignment=True, arbitrary_types_allowed=True)
+
+
+def split_groups(split: str) -> int | None:
+    """G of `grouped:G` (shared is G = 1); None for other splits. A split that is none of SPLITS is refused."""
+    if split == "shared":
+        return 1
+    head, _, g = split.partition(":")
+    if head == "grouped" and g.isdigit() and int(g) >= 1:
+        return int(g)
+    if head == "grouped" or split not in SPLITS:
+        raise FpewidenError(f"--split {split!r}: choose one of {', '.join(SPLITS)} (grouped:G needs G ≥ 1)")
+    return None
 
 
 @dataclass(frozen=True)
@@ -72,8 +92,7 @@ class Budget:
         return str(int(self.value)) if self.kind == "count" else str(self.value)
 
 
-@dataclass
-class Calibration:
+class Calibration(BaseModel):
     """`--calibration`: convert from the model's behaviour on sample data (convert/calibration.py).
 
     `data`: a text file (Hugging Face models; one sample per line) or a DATA spec (MLPs; its x). `samples` None:
@@ -81,6 +100,8 @@ class Calibration:
     `wasserstein` (the share `fraction` farthest from Gaussian). The defaults are the best combination measured
     when widening (bench/results/calibration); on MiniLM no widening beat calibrated pruning (`--alpha 1`).
     """
+
+    model_config = OPTIONS
 
     data: str
     samples: int | None = None
@@ -95,6 +116,16 @@ class Calibration:
     solver: str = "auto"  # the refits: exact per-row least squares, cg, obs (SparseGPT's update), auto by cost
     device: str = "auto"  # where the refits run: auto (CUDA when present) | cpu | cuda
     whole_model: bool = False  # HF: the whole model in memory (the reference the block-by-block path is tested on)
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _path_text(cls, v: object) -> object:
+        return str(v) if isinstance(v, Path) else v
+
+    @model_validator(mode="after")
+    def _checked(self) -> Calibration:
+        self.validate()
+        return self
 
     def expand_fraction(self, alpha: int) -> float:
         if alpha == 1:
@@ -121,11 +152,12 @@ class Calibration:
 GROUP_SIZE = 32  # int4's default: one scale per 32 inputs, as ORT's MatMulNBits default block
 
 
-@dataclass(frozen=True, kw_only=True)
-class Quantization:
+class Quantization(BaseModel):
     """`--quantize`: the converted pairs' weights on an int8 or 4-bit grid (fpewiden/quantize.py), GPTQ-compensated
     on the calibration data (gptq.py). int8: one scale per output row; int4: one per `group_size` inputs. The
     scales are recorded beside the weights, so `pack --dtype int8` stores exactly these values."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     bits: str
     group_size: int | None = None
@@ -139,6 +171,11 @@ class Quantization:
                 raise FpewidenError("--group-size needs --quantize int4")
             return None
         return Quantization(bits=bits, group_size=GROUP_SIZE if bits == "int4" and group_size is None else group_size)
+
+    @model_validator(mode="after")
+    def _checked(self) -> Quantization:
+        self.validate()
+        return self
 
     def grid(self):
         from fpewiden.quantize import BITS, Grid
@@ -165,34 +202,41 @@ class Quantization:
         }
 
 
-@dataclass
-class ConvertOptions:
+class ConvertOptions(BaseModel):
     """α=1 expands nothing: with a budget below `same` the conversion is magnitude pruning of the same matrices,
     the baseline FPE is compared with (and, with calibration, Wanda or SparseGPT-like pruning)."""
+
+    model_config = OPTIONS
 
     alpha: int
     split: str = "random"
     clauses: list[list[int]] | None = None
-    budget: Budget = field(default_factory=lambda: Budget("same"))
+    budget: Budget = Field(default_factory=lambda: Budget("same"))
     seed: int = 0
-    targets: list[str] = field(default_factory=list)
+    targets: list[str] = Field(default_factory=list)
     activation: str = "relu"
     outgoing: str = "copy"
     overlap: float = 0.0  # the paper's control: share of inputs that also reach a second child (not FPE when > 0)
     calibration: Calibration | None = None
     quantize: Quantization | None = None
 
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _budget(cls, v: object) -> object:
+        """A budget as the flag spells it ('same', 0.5, '50%', 300000) or a Budget."""
+        if isinstance(v, (str, int, float)) and not isinstance(v, bool):
+            return Budget.parse(str(v))
+        return v
+
+    @model_validator(mode="after")
+    def _checked(self) -> ConvertOptions:
+        self.validate()
+        return self
+
     @property
     def groups(self) -> int | None:
         """G of `--split grouped:G` (shared is G = 1); None for other splits."""
-        if self.split == "shared":
-            return 1
-        head, _, g = self.split.partition(":")
-        if head != "grouped" or not g:
-            return None
-        if not g.isdigit() or int(g) < 1:
-            raise FpewidenError(f"--split {self.split!r}: grouped:G needs a number of groups G ≥ 1")
-        return int(g)
+        return split_groups(self.split)
 
     @property
     def expand_fraction(self) -> float:
@@ -205,8 +249,7 @@ class ConvertOptions:
         """Every option on its own; what needs the checkpoint is checked by the plan."""
         if self.alpha < 1:
             raise FpewidenError(f"--alpha must be at least 1 (got {self.alpha}; 1 prunes without widening)")
-        if self.split not in SPLITS and self.groups is None:
-            raise FpewidenError(f"--split {self.split!r}: choose one of {', '.join(SPLITS)}")
+        split_groups(self.split)
         if self.split == "clause" and self.clauses is None:
             raise FpewidenError("--split clause needs --clauses FILE")
         if self.split != "clause" and self.clauses is not None:
