@@ -164,7 +164,7 @@ def onnx_bytes(path: Path) -> int:
 def test_export_packed_mlps_verify_and_shrink(tmp_path):
     """50% pruning and FPE α=2 (same non-zeros) of a 256-512-256 MLP, packed and exported: the file holds the
     packed bytes and nothing densified (the ratios at Llama-7B shapes are bench/ort_packed.py's), and runs in a
-    user's own ONNX Runtime session as the README shows."""
+    user's own ONNX Runtime session as docs/packed.md shows."""
     import onnxruntime
 
     from fpewiden import packed

@@ -20,7 +20,7 @@ def export(
     layout: Annotated[
         str,
         typer.Option(
-            help="dense | sparse (sparse initializers) | fast (alias block: dense blocks, see README) | packed "
+            help="dense | sparse (sparse initializers) | fast (alias block: dense blocks, see docs/export.md) | packed "
             "(a packed checkpoint's matrices as fpewiden's ONNX Runtime op, run at their non-zero bytes)"
         ),
     ] = "dense",

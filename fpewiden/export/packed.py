@@ -44,7 +44,7 @@ def register_schema() -> None:
             OP,
             DOMAIN,
             1,
-            doc="Y = X Wᵀ + bias for a packed W (fpewiden/packed/format.py; the README documents the layout)",
+            doc="Y = X Wᵀ + bias for a packed W (fpewiden/packed/format.py; docs/packed.md documents the layout)",
             inputs=[
                 P("X", "T", "(…, cols)"),
                 P("values", "V", "the stored values, PAD zeros at the end"),

@@ -1,5 +1,5 @@
 """The packed formats of a weight matrix: pure tensor transformations, no I/O (the kernels in csrc/ read exactly
-this layout; the README documents it bit by bit).
+this layout; docs/packed.md documents it bit by bit).
 
 A matrix W is packed as used in y = W x: (rows, cols) = (output features, input features). Three formats:
 
