@@ -14,6 +14,25 @@ from torch.nn import functional as F
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
 
 
+class Chain(nn.Module):
+    """Layers in order with one activation between them (not after the last): the forward every MLP chain
+    shares, dense (ChainMLP) or packed (packed/loader.PackedChain)."""
+
+    def __init__(self, layers: list[nn.Module], activation: str):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.activation = activation
+        self.act = ACTIVATIONS[activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < last:
+                x = self.act(x)
+        return x
+
+
 class ChainLayer(nn.Module):
     """One Linear of the chain: its own module so that FSDP can shard the chain layer by layer (a unit is a
     module whose forward runs)."""
@@ -27,15 +46,12 @@ class ChainLayer(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-class ChainMLP(nn.Module):
+class ChainMLP(Chain):
     def __init__(self, layers: list[tuple[str, torch.Tensor, torch.Tensor | None]], activation: str = "relu"):
         """`layers`: (module name, weight, bias or None) in forward order."""
-        super().__init__()
+        super().__init__([ChainLayer(w, b) for _, w, b in layers], activation)
         self.names = [name for name, _, _ in layers]
-        self.layers = nn.ModuleList([ChainLayer(w, b) for _, w, b in layers])
         self.has_bias = [b is not None for _, _, b in layers]
-        self.activation = activation
-        self.act = ACTIVATIONS[activation]
 
     @property
     def weights(self) -> list[nn.Parameter]:
@@ -58,14 +74,6 @@ class ChainMLP(nn.Module):
 
     def named_weights(self) -> dict[str, nn.Parameter]:
         return {f"{n}.weight": w for n, w in zip(self.names, self.weights, strict=True)}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < last:
-                x = self.act(x)
-        return x
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The state dict under the original names."""

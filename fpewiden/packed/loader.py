@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fpewiden.errors import FpewidenError
+from fpewiden.model.chain_mlp import Chain
 from fpewiden.packed.format import QUANTIZED
 from fpewiden.packed.ops import PackedLinear
 from fpewiden.packed.reader import PackedCheckpoint, read_packed
@@ -34,24 +35,8 @@ class DenseLinear(nn.Module):
         return F.linear(x.to(torch.float32), self.weight, self.bias).to(x.dtype)
 
 
-class PackedChain(nn.Module):
+class PackedChain(Chain):
     """An MLP chain of packed (or dense) Linear layers with one activation between them."""
-
-    def __init__(self, layers: list[nn.Module], activation: str):
-        super().__init__()
-        from fpewiden.model.chain_mlp import ACTIVATIONS
-
-        self.layers = nn.ModuleList(layers)
-        self.activation = activation
-        self.act = ACTIVATIONS[activation]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < last:
-                x = self.act(x)
-        return x
 
 
 def _layer(pc: PackedCheckpoint, weight: str, bias: str | None, kernel: str | None) -> nn.Module:
