@@ -21,9 +21,11 @@ from rich.progress import (
 from rich.table import Table
 
 
-def console() -> Console:
-    """Wide enough for the tables when stdout is a pipe (rich would fall back to 80 columns)."""
-    return Console() if sys.stdout.isatty() else Console(width=160)
+def console(max_width: int | None = None) -> Console:
+    """Wide enough for the tables when stdout is a pipe (rich would fall back to 80 columns); `max_width` caps it
+    for tables laid out to fit (bench's summary: 100 columns)."""
+    c = Console() if sys.stdout.isatty() else Console(width=160)
+    return Console(width=max_width) if max_width is not None and c.width > max_width else c
 
 
 class LoggedProgress(Progress):

@@ -18,9 +18,10 @@ import yaml
 from safetensors.torch import save_file
 
 from fpewiden import __version__
-from fpewiden.benchmark.outputs import markdown as bench_markdown
-from fpewiden.benchmark.outputs import table as bench_table
 from fpewiden.benchmark.outputs import write as write_bench
+from fpewiden.benchmark.report import CONSOLE_WIDTH
+from fpewiden.benchmark.report import console_table as bench_table
+from fpewiden.benchmark.report import markdown as bench_markdown
 from fpewiden.console import console, progress_bar, results_table
 from fpewiden.convert import Budget, ConvertOptions, convert
 from fpewiden.data.specs import data_file, load_data
@@ -210,7 +211,7 @@ def _run(recipe: Recipe, stage: Path, out: Path, provenance: Provenance) -> dict
     (stage / "results.md").write_text(md + f"\n{markdown_marker(provenance)}\n")
     console().print(results_table(recipe.name, summary, table_columns(summary)))
     if bench_rows:
-        console().print(bench_table(bench_rows))
+        console(CONSOLE_WIDTH).print(bench_table(bench_rows))
     return result
 
 

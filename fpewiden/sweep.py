@@ -43,7 +43,7 @@ def sweep_command(
         raise FpewidenError("--sweep takes one recipe, checkpoint or Hugging Face folder")
     asked = [p for p in reports if p is not None]
     if reports[2] is not None:
-        from fpewiden.benchmark.outputs import check_plot_path
+        from fpewiden.benchmark.plot import check_plot_path
 
         check_plot_path(reports[2])
         if not _has_matplotlib():

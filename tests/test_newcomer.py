@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from fpewiden.benchmark.measure import MeasuredModel, Workload, median_ci, model_labels, time_entries
-from fpewiden.benchmark.outputs import place_labels, speedup_text
+from fpewiden.benchmark.plot import place_labels
+from fpewiden.benchmark.report import ratio_text
 from fpewiden.cli import app
 from fpewiden.convert import Budget, ConvertOptions, convert
 from fpewiden.errors import FpewidenError
@@ -127,14 +128,14 @@ def test_every_format_records_its_writer(tmp_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from fpewiden.benchmark import outputs
+    from fpewiden.benchmark import plot
 
     rows = [
         {"model": "a", "metrics": {"accuracy": 0.5}, "best_bytes": 1000, "latency": {}},
         {"model": "b", "metrics": {"accuracy": 0.6}, "best_bytes": 2000, "latency": {}},
     ]
     for ext, magic in ((".png", b"\x89PNG"), (".svg", b"<?xml"), (".pdf", b"%PDF"), (".jpg", b"\xff\xd8")):
-        outputs.plot(rows, tmp_path / f"p{ext}", "t", prov)
+        plot.plot(rows, tmp_path / f"p{ext}", "t", prov)
         assert (tmp_path / f"p{ext}").read_bytes().startswith(magic), ext  # the format the extension names
     plt.close("all")
     for name in ("r.json", "r.md", "p.png", "p.svg", "p.pdf", "p.jpg"):
@@ -179,9 +180,9 @@ def test_models_are_interleaved_call_by_call(tmp_path):
     assert all(sorted(r) == ["a", "b", "c"] for r in rounds)  # every round runs each model once
     assert len(set(rounds)) > 1  # in orders that change, so no model always follows the same one
     lat = {e.path.name: e.info["latency"]["torch"]["1"] for e in entries}
-    assert lat["b"]["vs_reference"]["within_noise"] and speedup_text(lat["b"]) == "≈1"
-    assert lat["c"]["vs_reference"]["speedup"] == pytest.approx(0.5)
-    assert not lat["c"]["vs_reference"]["within_noise"] and speedup_text(lat["c"]) == "0.50×"
+    assert lat["b"]["vs_reference"]["within_noise"] and ratio_text(lat["b"]) == "≈1"
+    assert lat["c"]["vs_reference"]["latency_ratio"] == pytest.approx(2.0)  # twice the reference's time
+    assert not lat["c"]["vs_reference"]["within_noise"] and ratio_text(lat["c"]) == "2.00×"
     assert lat["a"]["p10_ms"] <= lat["a"]["median_ms"] <= lat["a"]["p90_ms"]
 
 
@@ -314,7 +315,7 @@ def test_plot_labels_stay_inside_their_axes():
     """A point at the right edge with a long name is labelled to its left, not into the next panel."""
     import matplotlib
 
-    from fpewiden.benchmark.outputs import place_labels
+    from fpewiden.benchmark.plot import place_labels
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -337,9 +338,9 @@ def test_plot_has_mb_axis_title_and_latency_panel(tmp_path):
     assert res.exit_code == 0, res.output
     svg = (tmp_path / "b.svg").read_text()
     assert (
-        re.search(r"bytes moved per inference, (bytes|kB|MB|GB)", svg)
+        re.search(r"bytes per inference, (bytes|kB|MB|GB)", svg)
         and "dnf:inputs=16" in svg
-        and "median latency" in svg
+        and "latency × reference" in svg
     )
 
 

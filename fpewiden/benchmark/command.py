@@ -8,7 +8,9 @@ from pathlib import Path
 
 import torch
 
-from fpewiden.benchmark.outputs import check_plot_path, table, write
+from fpewiden.benchmark.outputs import write
+from fpewiden.benchmark.plot import check_plot_path
+from fpewiden.benchmark.report import CONSOLE_WIDTH, console_table
 from fpewiden.console import console, status_lines
 from fpewiden.data.specs import data_file
 from fpewiden.devices import resolve_device
@@ -123,7 +125,7 @@ def bench_command(
         dataset = load_eval(data, seed)
         rows = bench(paths, dataset, sizes, lens, engine_list, dev, repeat, warmup, threads, tokenizer, say)
         extra["seq_lens"] = lens
-    console().print(table(rows))
+    console(CONSOLE_WIDTH).print(console_table(rows))
     write(rows, json_out, markdown, plot, provenance, {"data": dataset.describe(), **extra})
     return rows
 

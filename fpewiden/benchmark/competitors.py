@@ -8,7 +8,7 @@ bytes and latency, on the same tables and Pareto plot.
   torch-int8  torch.ao.quantization.quantize_dynamic of the reference's torch model (nn.Linear → int8)
 
 A competitor row runs in its base engine (`ort` or `torch`); bench times the reference in that engine too, so its
-speed-up is against the reference in the same runtime. Its bytes are what it stores: integer matrices, their
+latency × is against the reference in the same runtime. Its bytes are what it stores: integer matrices, their
 scales, and every float tensor as it is.
 """
 
@@ -36,7 +36,7 @@ def split_engines(engines: list[str]) -> tuple[list[str], list[str]]:
 
 
 def reference_engines(engines: list[str], competitors: list[str]) -> list[str]:
-    """The reference's engines: the requested ones and each competitor's base engine (its speed-up's baseline)."""
+    """The reference's engines: the requested ones and each competitor's base engine (its latency ratio's baseline)."""
     return engines + sorted({COMPETITORS[c][0] for c in competitors} - set(engines))
 
 

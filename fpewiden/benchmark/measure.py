@@ -144,9 +144,10 @@ def time_entries(
     every model alike instead of on one model's block of runs, and no job always follows the same one (a job
     run right after a large model finds the caches full of that model's weights).
     Per job: median, p10, p90. Against the reference (the first model, same engine): the median of the
-    per-round ratios and its 95% interval; a speed-up whose interval holds 1 is `within_noise`, and reports show
-    it as ≈1. `repeat` 0 chooses the runs from the time one round takes (AUTO_SECONDS per job). `say` receives
-    progress lines (model, engine, workload, time left).
+    per-round ratios of this model's time to the reference's (latency ×: below 1 is faster) and its 95% interval;
+    a ratio whose interval holds 1 is `within_noise`, and reports show it as ≈1. `repeat` 0 chooses the runs
+    from the time one round takes (AUTO_SECONDS per job). `say` receives progress lines (model, engine,
+    workload, time left).
     """
     say = say or (lambda _msg: None)
     n_jobs = sum(len(e.runners) for e in entries)
@@ -196,9 +197,9 @@ def time_entries(
                     "sparse_path": eng in SPARSE_ENGINES,
                 }
                 if eng in ref:
-                    ratios = [a / b for a, b in zip(times[ref[eng]], times[j], strict=True)]
-                    sp, lo, hi = median_ci(ratios)
-                    entry["vs_reference"] = {"speedup": sp, "ci95": [lo, hi], "within_noise": lo <= 1.0 <= hi}
+                    ratios = [t / r for r, t in zip(times[ref[eng]], times[j], strict=True)]
+                    ratio, lo, hi = median_ci(ratios)
+                    entry["vs_reference"] = {"latency_ratio": ratio, "ci95": [lo, hi], "within_noise": lo <= 1.0 <= hi}
                 if w.seq_len is not None:
                     entry.update(batch=w.batch, seq_len=w.seq_len, tokens_per_sec=w.batch * w.seq_len / med)
                 e.info.setdefault("latency", {}).setdefault(eng, {})[w.key] = entry
@@ -284,8 +285,8 @@ def summarise(entries: list[MeasuredModel], threads: int) -> list[dict]:
             for v in lat.values():
                 if moved:
                     v["weight_gb_per_s"] = moved / (v["median_ms"] * 1e6)
-        row["speedup_vs_reference"] = {  # the median of paired per-round ratios (time_entries)
-            eng: {b: v["vs_reference"]["speedup"] for b, v in lat.items() if "vs_reference" in v}
+        row["latency_vs_reference"] = {  # the median of paired per-round ratios (time_entries); below 1 is faster
+            eng: {b: v["vs_reference"]["latency_ratio"] for b, v in lat.items() if "vs_reference" in v}
             for eng, lat in i.get("latency", {}).items()
         }
         rows.append(row)
