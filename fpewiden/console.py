@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from rich import box
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -177,16 +178,33 @@ def inspect_table(report: dict) -> Table:
     return t
 
 
-def results_table(title: str, summary: list[dict], metrics: list[str]) -> Table:
-    t = Table(title=f"{title}: mean ± std over seeds")
+def results_table(
+    title: str,
+    summary: list[dict],
+    metrics: list[str],
+    difference: str | None = None,
+    cell: Callable[[dict], str] | None = None,
+) -> Table:
+    """Mean ± std over seeds per model, and (`difference`) each model's paired difference to dense."""
+    t = Table(
+        title=f"{title}: mean ± std over seeds" + (f"; {difference}" if difference else ""),
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1),
+        collapse_padding=True,
+    )
     for col in ("model", "neurons", "non-zeros", *metrics):
-        t.add_column(col, justify="left" if col == "model" else "right")
+        short = col.replace(f"{metrics[0]}_at_conversion", "at conversion") if metrics else col
+        t.add_column(short, justify="left" if col == "model" else "right", no_wrap=col != "model")
+    if difference:
+        t.add_column("Δ vs dense", justify="right", no_wrap=True)
+        t.caption = "≈: not distinguishable from dense (the 95% interval of the paired difference holds 0)"
     for s in summary:
         t.add_row(
             s["model"],
             str(s["neurons"]),
             str(s["nnz"]),
             *[f"{s[m]['mean']:.4f} ± {s[m]['std']:.4f}" if m in s else "" for m in metrics],
+            *([cell(s)] if difference and cell else []),
         )
     return t
 

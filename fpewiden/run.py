@@ -32,6 +32,7 @@ from fpewiden.io.outputs import check_outputs
 from fpewiden.io.provenance import Provenance, digest, json_document, mark_dir, markdown_marker
 from fpewiden.model.chain_mlp import ChainMLP
 from fpewiden.recipes import Recipe
+from fpewiden.significance import difference_text, mean_interval, paired
 from fpewiden.train.finetune import finetune
 
 METRICS = ("exact_match", "accuracy", "mse", "cosine", "loss")
@@ -50,7 +51,8 @@ def _fresh_model(recipe: Recipe, seed: int, path: Path) -> Path:
 
 
 def _summarise(rows: list[dict]) -> list[dict]:
-    """Mean ± std over seeds for each model label, keeping the order of first appearance."""
+    """Mean ± std over seeds for each model label (first appearance order), each metric's 95% interval of the mean,
+    and for every model but dense its paired difference to dense by seed (fpewiden/significance.py)."""
     by_label: dict[str, list[dict]] = {}
     for r in rows:
         by_label.setdefault(r["model"], []).append(r)
@@ -61,13 +63,34 @@ def _summarise(rows: list[dict]) -> list[dict]:
             for key, stage in ((m, "final"), (f"{m}_at_conversion", "initial")):
                 vals = [r[stage][m] for r in rs if m in r.get(stage, {})]
                 if vals:
+                    iv = mean_interval(vals)
                     entry[key] = {
                         "mean": statistics.fmean(vals),
                         "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                        "ci95": [iv[1], iv[2]] if iv else None,
                         "values": vals,
                     }
         out.append(entry)
+    dense = by_label.get("dense", [])
+    for entry in out:
+        metric = next((m for m in METRICS if m in entry), None)
+        if entry["model"] != "dense" and dense and metric is not None:
+            own = {r["seed"]: r["final"][metric] for r in by_label[entry["model"]] if metric in r["final"]}
+            base = {r["seed"]: r["final"][metric] for r in dense if metric in r["final"]}
+            entry["vs_dense"] = {"metric": metric, **(paired(own, base) or {"mean": None})}
     return out
+
+
+def difference_column(summary: list[dict]) -> str | None:
+    metric = next((s["vs_dense"]["metric"] for s in summary if "vs_dense" in s), None)
+    return f"Δ {metric} vs dense (95% CI)" if metric else None
+
+
+def difference_cell(s: dict, digits: int = 4, short: bool = False) -> str:
+    d = s.get("vs_dense")
+    if d is None:
+        return "-"
+    return "one seed: no interval" if d["mean"] is None else difference_text(d, digits, short)
 
 
 def table_columns(summary: list[dict]) -> list[str]:
@@ -78,19 +101,22 @@ def table_columns(summary: list[dict]) -> list[str]:
 
 def markdown(recipe: Recipe, summary: list[dict], left_out: list[dict] | None = None) -> str:
     metrics = table_columns(summary)
+    diff = difference_column(summary)
     lines = [
         f"# {recipe.name}",
         "",
         recipe.description.strip(),
         "",
         f"data `{recipe.data}`, {recipe.epochs} epochs ({recipe.warmup_epochs} dense warm-up), "
-        f"seeds {recipe.seeds}; mean ± std over seeds.",
+        f"seeds {recipe.seeds}; mean ± std over seeds. Δ: the paired difference to dense, seed by seed, with its "
+        "95% t interval; 'not distinguishable' where that interval holds 0.",
         "",
-        "| model | neurons | non-zeros | " + " | ".join(metrics) + " |",
-        "|---|---|---|" + "---|" * len(metrics),
+        "| model | neurons | non-zeros | " + " | ".join([*metrics, *filter(None, [diff])]) + " |",
+        "|---|---|---|" + "---|" * (len(metrics) + bool(diff)),
     ]
     for s in summary:
         cells = [f"{s[m]['mean']:.4f} ± {s[m]['std']:.4f}" if m in s else "" for m in metrics]
+        cells += [difference_cell(s)] if diff else []
         lines.append(f"| {s['model']} | {s['neurons']} | {s['nnz']} | " + " | ".join(cells) + " |")
     for x in left_out or []:
         lines.append(f"\nLeft out: {x['model']} (seed {x['seed']}): {x['reason']}.")
@@ -209,7 +235,10 @@ def _run(recipe: Recipe, stage: Path, out: Path, provenance: Provenance) -> dict
             + "\n![accuracy against bytes](bench.png)\n"
         )
     (stage / "results.md").write_text(md + f"\n{markdown_marker(provenance)}\n")
-    console().print(results_table(recipe.name, summary, table_columns(summary)))
+    diff = difference_column(summary)
+    main = table_columns(summary)[:1] + table_columns(summary)[-1:]  # the rest is in results.md
+    cell = lambda s: difference_cell(s, 3, short=True)  # noqa: E731
+    console(CONSOLE_WIDTH).print(results_table(recipe.name, summary, main, diff, cell))
     if bench_rows:
         console(CONSOLE_WIDTH).print(bench_table(bench_rows))
     return result

@@ -314,6 +314,8 @@ def bench(
             say(f"scoring {label} on {data.spec}")
             out = ref if fwd is forwards[0] else evaluate(fwd, eval_batches)
             e.info["metrics"] = metrics(out, ref, probe, data.labels)
+            if data.labels is not None:  # the probe's accuracy is a share of the held-out sentences
+                e.info["metric_samples"] = {"probe_accuracy": len(data.labels)}
         vocab = min([len(tok), *((json_config(p) or {}).get("vocab_size", len(tok)) for p in paths if p.is_dir())])
         time_entries(entries, workloads(batch_sizes, seq_lens, vocab), repeat, warmup, say)
         time_decode(entries, vocab, say)

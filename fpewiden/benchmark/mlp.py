@@ -327,4 +327,6 @@ def bench(
     with tempfile.TemporaryDirectory() as d:
         entries = load_entries(paths, data, engines, device, Path(d), threads, say)
         time_entries(entries, workloads(data, batch_sizes), repeat, warmup, say)
+    for e in entries:  # every metric is a share of (or a mean over) the held-out rows: their count bounds it
+        e.info["metric_samples"] = {m: len(data.x_val) for m in e.info["metrics"]}
     return summarise(entries, threads)

@@ -12,6 +12,7 @@ from fpewiden.benchmark.report import (
     LOWER_IS_BETTER,
     engines,
     front,
+    interval,
     main_metric,
     model_label,
     short_name,
@@ -112,6 +113,11 @@ def figure(rows: list[dict], title: str):
     grid = fig.add_gridspec(1, 1 + len(shown), width_ratios=[1.6] + [1.0] * len(shown))
     ax = fig.add_subplot(grid[0, 0])
     idx = front(rows, metric)
+    ivs = [interval(r, metric) for r in rows]
+    if any(ivs):
+        lo = [y - iv[0] if iv else 0.0 for y, iv in zip(ys, ivs, strict=True)]
+        hi = [iv[1] - y if iv else 0.0 for y, iv in zip(ys, ivs, strict=True)]
+        ax.errorbar(xs, ys, yerr=[lo, hi], fmt="none", ecolor="tab:blue", alpha=0.5, capsize=2, zorder=2)
     ax.scatter(xs, ys, color="tab:blue", zorder=3)
     (front_line,) = ax.plot([xs[i] for i in idx], [ys[i] for i in idx], color="tab:red", lw=1.5, zorder=2)
     _bytes_axis(ax, xs)
@@ -121,7 +127,7 @@ def figure(rows: list[dict], title: str):
     ax.set_ylabel(metric + (" (lower is better)" if metric in LOWER_IS_BETTER else ""))
     ax.set_title(f"{metric} against bytes", fontsize=9)
     ax.grid(alpha=0.3)
-    handles, names = [front_line], ["Pareto front"]
+    handles, names = [front_line], ["Pareto front" + (" (steps beyond 95% intervals)" if any(ivs) else "")]
     palette = ("C1", "C2", "C4", "C5", "C6", "C8", "C9", "C7")  # not C0 (the points) nor C3 (the front's red)
     colours = {eng: palette[k % len(palette)] for k, eng in enumerate(engs)}
     first = None

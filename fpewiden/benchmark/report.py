@@ -12,6 +12,7 @@ from rich.table import Table
 
 from fpewiden.benchmark.formats import pareto_front
 from fpewiden.benchmark.measure import sparse_path_note
+from fpewiden.significance import proportion_interval
 
 METRIC_ORDER = ("exact_match", "accuracy", "probe_accuracy", "cosine", "agreement", "perplexity", "mse", "loss")
 LOWER_IS_BETTER = ("perplexity", "mse", "loss")
@@ -29,9 +30,31 @@ def main_metric(rows: list[dict]) -> str:
     return common[0]
 
 
+PROPORTIONS = ("exact_match", "accuracy", "probe_accuracy")  # shares of held-out samples: Wilson intervals
+
+
+def interval(row: dict, metric: str) -> tuple[float, float] | None:
+    """The metric's 95% interval from the held-out sample count (proportions only); None where none is known."""
+    n = row.get("metric_samples", {}).get(metric)
+    if metric not in PROPORTIONS or not n:
+        return None
+    return proportion_interval(row["metrics"][metric], n)
+
+
 def front(rows: list[dict], metric: str) -> list[int]:
+    """The Pareto front of the metric against bytes, by bytes, through steps that are real: where intervals are
+    known, a point joins only if its interval clears the last point kept (more bytes must buy a difference a
+    new draw of the test set would not undo)."""
     sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
-    return pareto_front([(float(r["best_bytes"]), sign * r["metrics"][metric]) for r in rows])
+    idx = pareto_front([(float(r["best_bytes"]), sign * r["metrics"][metric]) for r in rows])
+    kept: list[int] = []
+    for i in idx:
+        if kept:
+            a, b = interval(rows[kept[-1]], metric), interval(rows[i], metric)
+            if a is not None and b is not None and b[0] <= a[1]:
+                continue  # not distinguishable from a smaller model already on the front
+        kept.append(i)
+    return kept
 
 
 def engines(rows: list[dict]) -> list[str]:
@@ -105,6 +128,12 @@ def notes(rows: list[dict]) -> list[str]:
         "Bytes: weights moved per inference, counted from the tensors (quantized files: as stored); bound: the "
         "reference's dense fp32 bytes over the model's.",
     ]
+    metric = main_metric(rows)
+    if any(interval(r, metric) for r in rows):
+        out.append(
+            f"Pareto front: a larger model joins it only where its {metric}'s 95% interval (Wilson, from the "
+            "held-out sample count) clears the last smaller model's: closer points are not distinguishable."
+        )
     if any(r["latency"] for r in rows):
         out.append(sparse_note(rows))
     return out
@@ -127,7 +156,7 @@ def console_table(rows: list[dict]) -> Table:
         title_justify="left",
     )
     t.add_column("model", no_wrap=True, max_width=NAME_WIDTH + 2)
-    t.add_column(metric[:9], justify="right", no_wrap=True)
+    t.add_column(metric, justify="right", no_wrap=True)
     t.add_column("weights", justify="right", no_wrap=True)
     t.add_column("engine", no_wrap=True)
     for key in shown:
@@ -166,7 +195,7 @@ def markdown(rows: list[dict]) -> str:
             _md_row(
                 [
                     f"**{label}** (Pareto)" if i in on_front else label,
-                    f"{r['metrics'][metric]:.4f}",
+                    _with_interval(r, metric),
                     *(f"{r['metrics'][m]:.4f}" if m in r["metrics"] else "-" for m in others),
                     str(r["neurons"] if r.get("neurons") is not None else "-"),
                     f"{r['nnz']:,}",
@@ -210,6 +239,12 @@ def markdown(rows: list[dict]) -> str:
                 lines.append(_md_row([model_label(r, i == 0), eng, f"{d['tokens_per_sec']:.1f}"]))
     lines += ["", *notes(rows)]
     return "\n".join(lines) + "\n"
+
+
+def _with_interval(row: dict, metric: str) -> str:
+    iv = interval(row, metric)
+    value = f"{row['metrics'][metric]:.4f}"
+    return value + (f" [{iv[0]:.4f}, {iv[1]:.4f}]" if iv else "")
 
 
 def _md_row(cells: list[str]) -> str:
