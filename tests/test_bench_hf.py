@@ -65,7 +65,7 @@ def test_encoder_folders_and_onnx_files_on_text_and_labels(tmp_path):
     assert doc["seq_lens"] == [8, 16]
     # labelled sentences: one probe on the reference's embeddings, scored on every model
     tsv = tmp_path / "l.tsv"
-    tsv.write_text("\n".join(f"{'q' if i % 2 else 'p'}\t{WORDS[i % 30]} {WORDS[(3 * i) % 30]}" for i in range(60)))
+    tsv.write_text("\n".join(f"{WORDS[i % 30]} {WORDS[(3 * i) % 30]}\t{'q' if i % 2 else 'p'}" for i in range(60)))
     pack_checkpoint(half, tmp_path / "half-i8", "int8")  # a packed folder: a model of its own, on the kernels
     bench(src, half, tmp_path / "half-i8", "--data", tsv, "--json", tmp_path / "p.json",
           "--engines", "torch,packed,torch-int8")  # fmt: skip

@@ -3,9 +3,10 @@
 Accuracy, in the ways users measure encoders and decoders, all against the reference model (the first):
 - a text file: cosine of the mean-pooled last hidden state to the reference's; for causal models also the
   perplexity of each model on the text and the top-1 agreement of its next-token predictions with the reference;
-- labelled sentences (`embed:trec6|trec50|sst5[,n=N]`, or a TSV `label<TAB>text`): a logistic-regression probe
-  trained once on the reference's embeddings of the train split, scored on every model's embeddings of the
-  held-out split (the same probe for every model), plus the cosine on the held-out split.
+- labelled sentences (`embed:trec6|trec50|sst5[,n=N]`, or a .tsv of `text<TAB>label` lines or a .csv with
+  text and label columns): a logistic-regression probe trained once on the reference's embeddings of the train
+  split, scored on every model's embeddings of the held-out split (the same probe for every model), plus the
+  cosine on the held-out split.
 Bytes per storage format are counted per group of linear layers (attention, FFN, head; embeddings apart, since a
 lookup reads only the rows it needs); latency per engine, batch size and sequence length.
 """

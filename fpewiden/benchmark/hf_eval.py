@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fpewiden.errors import FpewidenError
 from fpewiden.model.pooling import mean_pool
 
 EVAL_BATCH = 32
@@ -37,7 +36,8 @@ class EvalSet:
 
 
 def load_eval(spec: str, seed: int = 0) -> EvalSet:
-    """A text file, a TSV of labelled sentences, or `embed:TASK[,n=N]` (the sentence sets of ../shared/datasets)."""
+    """A text file, labelled sentences (a .tsv of `text<TAB>label` lines or a .csv with text and label columns: the
+    format `embed:FILE` reads too, split 80/20 by the seed), or `embed:TASK[,n=N]` (../shared/datasets)."""
     from fpewiden.data.text import read_sentences
 
     s = spec.strip()
@@ -51,10 +51,11 @@ def load_eval(spec: str, seed: int = 0) -> EvalSet:
         te_n = max(1, n // 4) if n else len(te_x)
         return EvalSet(s, te_x[:te_n], te_y[:te_n], tr_x[:tr_n], tr_y[:tr_n])
     path = Path(s)
-    if path.suffix == ".tsv":
-        rows = [line.split("\t", 1) for line in read_sentences(path, 10, "a labelled benchmark")]
-        if any(len(r) != 2 or not r[1].strip() for r in rows):
-            raise FpewidenError(f"{path}: every line must be LABEL<TAB>TEXT")
+    if path.suffix.lower() in (".tsv", ".csv"):
+        from fpewiden.data.embeddings import read_text_labels
+
+        read_sentences(path, 10, "a labelled benchmark")  # the same checks as any text file: exists, enough lines
+        rows = [(y, t) for t, y in zip(*read_text_labels(path), strict=True)]
         order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
         n_test = max(1, len(rows) // 5)
         test, train = [rows[i] for i in order[:n_test]], [rows[i] for i in order[n_test:]]

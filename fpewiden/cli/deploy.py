@@ -59,7 +59,8 @@ def bench(
     data: Annotated[
         str | None,
         typer.Option(
-            help="MLPs: a DATA spec. HF models: a text file, a TSV (label<TAB>text) or embed:trec6|trec50|sst5."
+            help="MLPs: a DATA spec. HF models: a text file, a .tsv (text<TAB>label) or .csv, or "
+            "embed:trec6|trec50|sst5."
         ),
     ] = None,
     sweep: Annotated[
