@@ -188,5 +188,6 @@ def test_hf_export_prints_no_library_chatter(tmp_path):
         text=True,
     )
     assert res.returncode == 0, res.stderr[-2000:]
-    assert res.stderr.strip() == "", res.stderr[-2000:]
+    own = ("exporting bert (dense)", "exported b.onnx")  # fpewiden's progress lines, for a log: nothing else
+    assert all(ln.startswith(own) for ln in res.stderr.splitlines()), res.stderr[-2000:]
     assert (tmp_path / "b.onnx").is_file()

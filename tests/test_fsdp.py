@@ -237,3 +237,18 @@ def test_a_checkpoint_missing_a_parameter_is_loaded_whole_under_fsdp(tmp_path):
     del tensors[next(k for k in tensors if k.endswith("norm.weight") and "layers" not in k)]
     save_file(tensors, str(weights), metadata={"format": "pt"})
     assert load_skeleton(src) is None
+
+
+def test_ddp_distils_gpt2(tmp_path):
+    """GPT-2 (Conv1D weights, a tied LM head) under DDP on 2 processes: every parameter the distillation loss
+    reaches is reduced, the run ends, the masks hold."""
+    src = tiny_causal(tmp_path / "gpt2", "gpt2")
+    conv = tmp_path / "fpe"
+    convert(src, conv, ConvertOptions(alpha=2))
+    text = sentences(tmp_path / "text.txt", n=24)
+    torchrun("finetune", str(conv), "--teacher", str(src), "--data", str(text), "--epochs", "1", "--device", "cpu",
+             "--batch-size", "4", "--out", str(tmp_path / "ddp"))  # fmt: skip
+    before, after = open_checkpoint(conv), open_checkpoint(tmp_path / "ddp")
+    masked = [n for n in before.shapes if before.mask(n) is not None]
+    assert masked and all(torch.equal(after.get(n) != 0, before.mask(n)) for n in masked)
+    assert any(not torch.equal(before.get(n), after.get(n)) for n in masked)  # it did train

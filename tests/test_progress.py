@@ -26,6 +26,14 @@ def test_plain_lines_throttled_completed_and_a_heartbeat(capsys, monkeypatch):
     assert not any("layer 2" in line for line in lines)
 
 
+def test_export_says_it_is_at_work_in_a_log(tmp_path):
+    src = write_mlp(tmp_path / "m.safetensors", widths=(12, 16, 3))
+    res = CliRunner().invoke(app, ["export", str(src), "--out", str(tmp_path / "m.onnx")])
+    assert res.exit_code == 0, res.output
+    lines = res.stderr.splitlines()  # a long export also says "still at work" every HEARTBEAT seconds
+    assert lines and lines[-1].startswith("exported m.onnx: 1 of 1, ")
+
+
 def test_convert_says_its_progress_in_a_log(tmp_path):
     src = write_mlp(tmp_path / "m.safetensors", widths=(12, 16, 3))
     res = CliRunner().invoke(app, ["convert", str(src), "--out", str(tmp_path / "o.safetensors")])

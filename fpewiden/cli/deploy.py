@@ -41,10 +41,13 @@ def export(
     A packed export runs in ONNX Runtime with fpewiden's op registered:
       opts.register_custom_ops_library(str(fpewiden.packed.ort_library()))
     """
-    from fpewiden.console import console, export_table
+    from fpewiden.console import console, export_table, progress_bar
     from fpewiden.export.export import export as run_export
 
-    result = run_export(ckpt, out, layout, dtype, opset, verify, force=force)
+    with progress_bar() as bar:  # tracing and verifying a transformer takes minutes: a log hears it is at work
+        task = bar.add_task(f"exporting {ckpt.name} ({layout})", total=1)
+        result = run_export(ckpt, out, layout, dtype, opset, verify, force=force)
+        bar.update(task, completed=1, description=f"exported {out.name}")
     if "note" in result:
         typer.echo(f"warning: {result['note']}", err=True)
     console().print(export_table(result))
