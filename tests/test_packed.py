@@ -150,20 +150,26 @@ def test_every_kernel_path_matches_the_dense_reference(path, dtype):
                 assert err < 1e-5, (pm.format, pm.rows, pm.cols, batch, mode, err)
 
 
-HAS_Q8 = "avx512" in PATHS and bool(torch.ops.fpewiden.has_q8())
+HAS_VNNI = "avx512" in PATHS and bool(torch.ops.fpewiden.has_vnni())
+I8 = fmt.DTYPE_CODES[torch.int8]
+Q8_PATHS = [p for p in ("avx512", "avx2") if p in PATHS and torch.ops.fpewiden.has_q8(p, I8)]
+INT8_INPUTS = kernels.path() in Q8_PATHS  # int8 layers quantize their inputs on the kernels a model loads with
 
 
-@pytest.mark.skipif(not HAS_Q8, reason="no AVX-512 VNNI + VBMI + VBMI2 on this CPU")
-def test_int8_activations_compute_exactly_the_quantized_product():
-    """gemv_q8 (the default for int8 and int4 layers where VNNI runs, every layout): inputs rounded per row to int8
-    at max |x| / 127, integer sums (int4: each 64 columns' sums times their groups' scales): equal to the double
-    product of the rounded inputs and the dequantized weights."""
+@pytest.mark.skipif(not Q8_PATHS, reason="no int8-input kernel on this CPU (AVX2, or AVX-512 VNNI + VBMI2)")
+@pytest.mark.parametrize("path", Q8_PATHS)
+def test_int8_activations_compute_exactly_the_quantized_product(path):
+    """gemv_q8 (the default for int8 layers on AVX2 and on AVX-512 VNNI, int4 too there; every layout): inputs
+    rounded per row to int8 at max |x| / 127, integer sums (int4: each 64 columns' sums times their groups' scales):
+    equal to the double product of the rounded inputs and the dequantized weights."""
     g = torch.Generator().manual_seed(4)
     big = [fmt.pack_dense(sparse(5, 300, 1.0), fmt.INT4, group=16), fmt.pack_bitmask(sparse(6, 257, 0.4), fmt.INT4)]
     big += [fmt.pack_parent(widened(3, 201, 2), 2, fmt.INT4, group=128)]  # odd columns: rows start mid-byte
-    for pm in int8_cases() + int4_cases() + big:
+    wide = [fmt.pack_bitmask(sparse(3, 4111, 0.5), torch.int8), fmt.pack_parent(widened(2, 1000, 3), 3, torch.int8)]
+    cases = int8_cases() + wide + (int4_cases() + big if path == "avx512" else [])
+    for pm in cases:
         bias = torch.randn(pm.rows, generator=g)
-        layer = PackedLinear(pm, bias, kernel="avx512")
+        layer = PackedLinear(pm, bias, kernel=path)
         assert layer.activations == "int8"
         for batch in (1, 2, 3, 4, 5, 8):
             x = torch.randn(batch, pm.cols, generator=g) * torch.rand(batch, 1, generator=g) * 10
@@ -175,10 +181,24 @@ def test_int8_activations_compute_exactly_the_quantized_product():
             err = float((y.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
             assert err < 1e-5, (pm.format, pm.rows, pm.cols, batch, err)
     with pytest.raises(ValueError, match="int8 activations need"):
-        PackedLinear(fmt.pack_bitmask(sparse(8, 16, 0.5)), activations="int8")
+        PackedLinear(fmt.pack_bitmask(sparse(8, 16, 0.5)), kernel=path, activations="int8")
+    if path == "avx2":  # int4 values run the f32-input kernels there
+        assert PackedLinear(fmt.pack_bitmask(sparse(8, 16, 0.5), fmt.INT4), kernel=path).activations == "fp32"
 
 
-@pytest.mark.skipif(not HAS_Q8, reason="no VNNI on this CPU: oneDNN's int8 GEMM would saturate, so never used")
+@pytest.mark.skipif(not {"avx512", "avx2"} <= set(Q8_PATHS), reason="needs both int8-input kernels")
+def test_the_avx2_and_vnni_int8_kernels_agree_bit_for_bit():
+    """Both sum exactly in int32 and scale alike: a model gives the same outputs on a Zen 3 and a Zen 4."""
+    g = torch.Generator().manual_seed(6)
+    for pm in [*int8_cases(), fmt.pack_bitmask(sparse(7, 2053, 0.3), torch.int8)]:
+        bias = torch.randn(pm.rows, generator=g)
+        x = torch.randn(7, pm.cols, generator=g) * 3
+        a, b = PackedLinear(pm, bias, kernel="avx512"), PackedLinear(pm, bias, kernel="avx2")
+        for batch in (1, 2, 5, 7):
+            assert torch.equal(a(x[:batch], mode="gemv"), b(x[:batch], mode="gemv")), (pm.format, pm.cols, batch)
+
+
+@pytest.mark.skipif(not HAS_VNNI, reason="no VNNI on this CPU: oneDNN's int8 GEMM would saturate, so never used")
 @pytest.mark.parametrize("path", [p for p in PATHS if p != "torch"])
 def test_token_batches_of_int8_layers_run_torchs_int8_gemm_exactly(path):
     """int8_mm (int8 layers of 16 inputs or more, VNNI CPUs): inputs rounded per row as gemv_q8 does, exact int32
@@ -426,7 +446,7 @@ def test_int8_packs_every_linear_and_unpacks_to_what_the_kernels_compute(tmp_pat
         with torch.no_grad():
             # the unpacked weights exactly, up to the inputs' own int8 rounding where int8 activations run
             ref8 = load_model(back).model.eval()(x)
-            assert float((module(x) - ref8).norm() / ref8.norm()) < (0.01 if HAS_Q8 else 1e-6)
+            assert float((module(x) - ref8).norm() / ref8.norm()) < (0.01 if INT8_INPUTS else 1e-6)
             exact = __import__("fpewiden.packed", fromlist=["load"]).load(out, activations="fp32")  # inputs kept
             assert float((exact(x) - ref8).norm() / ref8.norm()) < 1e-6
             y, ref = module(x), load_model(ckpt).model.eval()(x)
@@ -457,7 +477,7 @@ def test_int8_packs_every_linear_and_unpacks_to_what_the_kernels_compute(tmp_pat
     assert torch.equal(ref.get_input_embeddings()(ids), table(ids))  # unpack wrote q · scale, the lookup's values
     with torch.no_grad():
         a, b = model(input_ids=ids).logits, ref(input_ids=ids).logits
-        assert float((a - b).norm() / b.norm()) < (0.01 if HAS_Q8 else 1e-5)
+        assert float((a - b).norm() / b.norm()) < (0.01 if INT8_INPUTS else 1e-5)
 
 
 def test_bf16_values_halve_the_bytes(tmp_path):

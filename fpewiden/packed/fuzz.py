@@ -29,6 +29,7 @@ SANITIZE = ["-O2", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefine
 EDGES = ["-fsanitize-coverage=inline-8bit-counters,pc-table"]  # coverage without comparison tracing
 ISA_FLAGS = {
     "isa_avx2.cc": ["-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2", "-mpopcnt"],
+    "isa_avx2_q8.cc": ["-mavx2", "-mfma", "-mbmi", "-mbmi2", "-mpopcnt"],
     "isa_avx512.cc": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-mbmi", "-mbmi2",
                       "-mpopcnt"],
     "isa_avx512_vnni.cc": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx512vbmi",

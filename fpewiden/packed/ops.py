@@ -7,9 +7,9 @@ Modes, chosen per call from the number of input rows (fpewiden/packed/crossover.
 proportional to the non-zeros (prefill, encoders), `dense` unpacks to fp32 and calls torch's GEMM (large batches,
 where the GEMM's efficiency beats skipping zeros).
 
-int8 matrices (any layout) on a CPU with AVX-512 VNNI and VBMI2 run `gemv` as `gemv_q8`: the inputs
-quantized to int8 per row (max |x| / 127, as torch's and ONNX Runtime's dynamic int8 do) and integer dot products;
-there, token batches also have the mode `int8_mm` (the same input rounding, the int8 values as dense rows, torch's
+int8 matrices (any layout) on the avx512 kernels with VNNI and VBMI2, or on the avx2 kernels, run `gemv` as
+`gemv_q8`: the inputs quantized to int8 per row (max |x| / 127, as torch's and ONNX Runtime's dynamic int8 do) and
+exact integer dot products (the same outputs on both); with VNNI, token batches also have the mode `int8_mm` (the same input rounding, the int8 values as dense rows, torch's
 int8 GEMM) (`activations="int8"`, the default there). Elsewhere, and with
 `activations="fp32"`, int8 values are widened to fp32 in registers and the inputs stay fp32. int4 matrices run
 `gemv_q8` too (the nibbles spread to bytes, each 64 columns' integer sums scaled by their groups' scales); their
@@ -82,7 +82,9 @@ class PackedLinear(nn.Module):
         if self.activations not in ("fp32", "int8"):
             raise ValueError(f"activations={self.activations!r}: fp32 or int8")
         if self.activations == "int8" and not (self._gemv_q8 or self._int8_mm):
-            raise ValueError("int8 activations need int8 or int4 values and AVX-512 VNNI + VBMI2 kernels")
+            raise ValueError(
+                "int8 activations need int8 values on the avx2 or avx512 kernels (int4: AVX-512 VNNI + VBMI2)"
+            )
         if self.activations == "fp32":
             self._gemv_q8 = self._int8_mm = False
 
@@ -90,7 +92,7 @@ class PackedLinear(nn.Module):
         """Whether the int8-activation kernel can run this layer's few-input calls."""
         if self.values.dtype not in (torch.int8, INT4) or self.in_features > Q8_MAX_COLS:
             return False
-        return self.kernel == "avx512" and bool(torch.ops.fpewiden.has_q8())
+        return self.kernel in ("avx512", "avx2") and bool(torch.ops.fpewiden.has_q8(self.kernel, self._dtype))
 
     def _int8_gemm(self) -> bool:
         """Whether token batches can run torch's int8 GEMM on the int8 values (the dense layout's as stored, the
@@ -99,7 +101,7 @@ class PackedLinear(nn.Module):
         sums; pytorch/pytorch#136746), and never for fewer than 16 inputs (torch 2.13's CPU _int_mm is wrong for
         one input column). bench/int_mm_check.py measures both (bench/results/int_mm_check)."""
         return (self.values.dtype == torch.int8 and self.kernel != "torch"
-                and 16 <= self.in_features <= Q8_MAX_COLS and bool(torch.ops.fpewiden.has_q8()))  # fmt: skip
+                and 16 <= self.in_features <= Q8_MAX_COLS and bool(torch.ops.fpewiden.has_vnni()))  # fmt: skip
 
     def modes(self) -> tuple[str, ...]:
         """The modes this layer can run: MODES, and `int8_mm` (inputs quantized per row, torch._int_mm on the

@@ -33,6 +33,13 @@ static const Features& cpu() {
 
 extern "C" FpwGemvQ8 fpw_select_q8(void) { return cpu().q8 ? fpw_gemv_q8_avx512vnni : NULL; }
 
+extern "C" FpwGemvQ8 fpw_select_q8_for(const char* isa, int32_t dtype) {
+  if (isa == NULL || (dtype != FPW_I8 && dtype != FPW_I4)) return NULL;
+  if (strcmp(isa, "avx512") == 0) return cpu().q8 && cpu().avx512 ? fpw_gemv_q8_avx512vnni : NULL;
+  if (strcmp(isa, "avx2") == 0) return cpu().avx2 && dtype == FPW_I8 ? fpw_gemv_q8_avx2 : NULL;
+  return NULL;
+}
+
 extern "C" void fpw_quantize_inputs(const float* x, int64_t ldx, int64_t batch, int64_t cols, int8_t* xq,
                                     int64_t ldxq, float* sx) {
   if (cpu().q8) return fpw_quantize_inputs_avx512(x, ldx, batch, cols, xq, ldxq, sx);

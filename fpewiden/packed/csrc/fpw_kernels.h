@@ -101,8 +101,14 @@ const FpwKernels* fpw_kernels_portable(void);
 const FpwKernels* fpw_select(const char* isa);
 // The int8-activation kernel (AVX-512 VNNI + VBMI + VBMI2), or NULL where this CPU lacks those.
 FpwGemvQ8 fpw_select_q8(void);
+// The int8-activation kernel that runs beside an ISA's kernels ("avx512": the VNNI kernel, int8 and int4 values;
+// "avx2": fpw_gemv_q8_avx2, int8 values), or NULL where this CPU or the value type (an FpwDtype) has none.
+FpwGemvQ8 fpw_select_q8_for(const char* isa, int32_t dtype);
 void fpw_gemv_q8_avx512vnni(const FpwMatrix* w, const int8_t* xq, int64_t ldxq, const float* sx, int64_t batch,
                             const float* bias, float* y, int64_t ldy, int64_t u0, int64_t u1);
+// AVX2 (vpmaddubsw, vpshufb): int8 values only; the same outputs as the VNNI kernel, bit for bit.
+void fpw_gemv_q8_avx2(const FpwMatrix* w, const int8_t* xq, int64_t ldxq, const float* sx, int64_t batch,
+                      const float* bias, float* y, int64_t ldy, int64_t u0, int64_t u1);
 // The int8 values of units [u0, u1) as dense rows (q, the scales not applied; rows x cols, row-major): the
 // matrix torch's int8 GEMM multiplies for token batches. Same CPUs as fpw_gemv_q8_avx512vnni; int8 matrices only.
 void fpw_unpack_q8_avx512vnni(const FpwMatrix* w, int8_t* dense, int64_t u0, int64_t u1);

@@ -88,7 +88,7 @@ inline void rows_q8(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, const fl
     const float s = w.scales[r + i];
     for (int b = 0; b < B; b++) {
       const int32_t dot = _mm512_reduce_add_epi32(acc[i][b]) - x128[b];
-      y[b * ldy + r + i] = (float)dot * (s * sx[b]) + (bias ? bias[r + i] : 0.0f);
+      y[b * ldy + r + i] = __builtin_fmaf((float)dot, s * sx[b], bias ? bias[r + i] : 0.0f);  // as fpw_gemv_q8_avx2
     }
   }
 }
@@ -176,7 +176,7 @@ inline void parents_q8(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, const
       const int64_t row = (i0 + i) * A + c;
       for (int b = 0; b < B; b++) {
         const int32_t dot = _mm512_reduce_add_epi32(acc[i][c][b]) - x128[b];
-        y[b * ldy + row] = (float)dot * (s * sx[b]) + (bias ? bias[row] : 0.0f);
+        y[b * ldy + row] = __builtin_fmaf((float)dot, s * sx[b], bias ? bias[row] : 0.0f);
       }
     }
   }

@@ -168,11 +168,11 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& values, const at::Tenso
     });
     return y;
   }
-  if (mode == "gemv_q8") {  // int8 activations (per input row), int8 weights: the VNNI kernel
-    const FpwGemvQ8 q8 = fpw_select_q8();
-    TORCH_CHECK(q8 != nullptr && isa == "avx512", "fpewiden: gemv_q8 needs the avx512 kernels with VNNI and VBMI2");
-    TORCH_CHECK((w.dtype == FPW_I8 || w.dtype == FPW_I4) && cols <= FPW_Q8_MAX_COLS,
-                "fpewiden: gemv_q8 runs int8 and int4 matrices of at most ", FPW_Q8_MAX_COLS, " columns");
+  if (mode == "gemv_q8") {  // int8 activations (per input row), int8 (or, on VNNI, int4) weights
+    const FpwGemvQ8 q8 = fpw_select_q8_for(isa.c_str(), w.dtype);
+    TORCH_CHECK(q8 != nullptr, "fpewiden: gemv_q8 runs int8 values on the avx2 kernels, or int8 and int4 values on "
+                "the avx512 kernels with VNNI and VBMI2");
+    TORCH_CHECK(cols <= FPW_Q8_MAX_COLS, "fpewiden: gemv_q8 runs matrices of at most ", FPW_Q8_MAX_COLS, " columns");
     const int64_t ldq = (cols + 63) / 64 * 64;
     at::Tensor xq = at::empty({n, ldq}, x.options().dtype(at::kChar));
     at::Tensor sx = at::empty({n}, x.options());
@@ -253,7 +253,9 @@ std::string best_isa() { return fpw_select("best")->isa; }
 
 bool has_isa(std::string isa) { return fpw_select(isa.c_str()) != nullptr; }
 
-bool has_q8() { return fpw_select_q8() != nullptr; }
+bool has_q8(std::string isa, int64_t dtype) { return fpw_select_q8_for(isa.c_str(), (int32_t)dtype) != nullptr; }
+
+bool has_vnni() { return fpw_select_q8() != nullptr; }
 
 }  // namespace
 
@@ -267,7 +269,8 @@ TORCH_LIBRARY(fpewiden, m) {
   m.def("hugepage_copy(Tensor t) -> Tensor");
   m.def("best_isa() -> str", &best_isa);
   m.def("has_isa(str isa) -> bool", &has_isa);
-  m.def("has_q8() -> bool", &has_q8);
+  m.def("has_q8(str isa, int dtype) -> bool", &has_q8);
+  m.def("has_vnni() -> bool", &has_vnni);
 }
 
 TORCH_LIBRARY_IMPL(fpewiden, CPU, m) {

@@ -85,17 +85,28 @@ void run_all(const FpwMatrix& w, int64_t gemv_batch, int64_t spmm_batch, const f
       out->emplace_back(dense, dense + w.rows * w.cols);
     }
   }
-  const FpwGemvQ8 q8 = fpw_select_q8();  // int8 activations: run for its reads and writes (its sums are rounded
-  if (q8 && (w.dtype == FPW_I8 || w.dtype == FPW_I4) && w.cols <= FPW_Q8_MAX_COLS) {  // x, not compared here)
+  // int8 activations: every int8-input kernel this CPU runs (VNNI; AVX2 for int8 values), for its reads and writes;
+  // their sums are exact and scaled alike, so where both run they must agree bit for bit (vs the reference they
+  // differ by the inputs' rounding, not compared here)
+  if ((w.dtype == FPW_I8 || w.dtype == FPW_I4) && w.cols <= FPW_Q8_MAX_COLS) {
     const int64_t ldq = (w.cols + 63) / 64 * 64;
     int8_t* xq = exact<int8_t>(gemv_batch * ldq);
     float* sx = exact<float>(gemv_batch);
     fpw_quantize_inputs(x, w.cols, gemv_batch, w.cols, xq, ldq, sx);
-    q8(&w, xq, ldq, sx, gemv_batch, bias, y, w.rows, 0, units / 2);
-    q8(&w, xq, ldq, sx, gemv_batch, bias, y, w.rows, units / 2, units);
+    std::vector<std::vector<float>> q8_out;
+    for (const char* isa : {"avx512", "avx2"}) {
+      const FpwGemvQ8 k8 = fpw_select_q8_for(isa, w.dtype);
+      if (!k8) continue;
+      k8(&w, xq, ldq, sx, gemv_batch, bias, y, w.rows, 0, units / 2);
+      k8(&w, xq, ldq, sx, gemv_batch, bias, y, w.rows, units / 2, units);
+      q8_out.emplace_back(y, y + gemv_batch * w.rows);
+    }
+    if (q8_out.size() == 2 && memcmp(q8_out[0].data(), q8_out[1].data(), q8_out[0].size() * sizeof(float)) != 0)
+      __builtin_trap();  // the AVX2 and VNNI int8-input kernels disagree
     free(xq);
     free(sx);
   }
+  const FpwGemvQ8 q8 = fpw_select_q8();
   if (q8 && w.dtype == FPW_I8) {
     // the int8 rows torch's int8 GEMM multiplies: q * scale is the reference unpack's value, exactly (the
     // reference computes the same product; a raw matrix's infinite or NaN scales are left out)

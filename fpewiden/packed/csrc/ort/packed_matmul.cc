@@ -10,7 +10,8 @@
 // them, never copied. Threads come from the session's intra-op pool (KernelContext_ParallelFor), so
 // `intra_op_num_threads` sets them as for every other node. Few inputs run the decode kernel (weights streamed
 // once per 8 inputs), more run the token-batch kernel (the batch in SIMD lanes); int8 and int4 values run with
-// int8 inputs at every batch where the CPU has AVX-512 VNNI (the torch op's gemv_q8, 4 inputs per pass).
+// int8 inputs at every batch where an int8-input kernel runs beside the chosen ISA's (the torch op's gemv_q8: VNNI
+// for int8 and int4 values, AVX2 for int8 values).
 //
 // Built against the C API headers of ONNX Runtime 1.21 (API version 21): it loads in any ONNX Runtime >= 1.21.
 #define ORT_API_MANUAL_INIT
@@ -219,13 +220,10 @@ struct Kernel {
     const int64_t grain = std::max({int64_t(1), (int64_t(1) << 16) / std::max<int64_t>(1, per_unit),
                                     (units + MAX_TASKS - 1) / MAX_TASKS});
     const size_t chunks = (size_t)((units + grain - 1) / grain);
-    // int8 inputs for int8 and int4 values where the VNNI kernel runs (the avx512 kernels chosen, as the torch op),
-    // at every batch: its passes of 4 inputs beat the f32-input token-batch kernel on quantized values by 4x at 16
-    // inputs (bench/results/quantized/ort_int8); the op has no int8 GEMM for larger batches
-    const FpwGemvQ8 q8 = (m.dtype == FPW_I8 || m.dtype == FPW_I4) && k == fpw_select("avx512") &&
-                                 w.cols <= FPW_Q8_MAX_COLS
-                             ? fpw_select_q8()
-                             : nullptr;
+    // int8 inputs where an int8-input kernel runs beside the chosen ISA's (as the torch op: VNNI for int8 and int4
+    // values, AVX2 for int8), at every batch: the VNNI kernel's passes of 4 inputs beat the f32-input token-batch
+    // kernel on quantized values by 4x at 16 inputs (bench/results/quantized/ort_int8); no int8 GEMM here
+    const FpwGemvQ8 q8 = w.cols <= FPW_Q8_MAX_COLS ? fpw_select_q8_for(k->isa, m.dtype) : nullptr;
     if (q8) {
       const int64_t ldq = (w.cols + 63) / 64 * 64;
       std::vector<int8_t> xq((size_t)(n * ldq));
