@@ -200,7 +200,7 @@ def main() -> int:
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     clang = subprocess.run([fuzz.clang(), "--version"], capture_output=True, text=True).stdout.splitlines()[0]
     isas = sorted({r["isas"] for r in rows.values()})
-    command = "python bench/fuzz_kernels.py" + (f" --runs {args.runs}" if args.runs != 10_000_000 else "")
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)  # every flag, --out included
     doc = {"command": command, "cpu": cpu, "isas": isas, "clang": clang, "wall_s": round(time.time() - t0),
            "targets": rows}  # fmt: skip
     (args.out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")

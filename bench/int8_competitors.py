@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import tempfile
@@ -173,7 +174,8 @@ def main() -> int:
                     rows.append({"threads": threads, "batch": batch, "engine": name, "median_ms": r["median_ms"],
                                  "ratio": r["median_ms"] / base, "rounds": r["rounds"]})  # fmt: skip
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    forced = os.environ.get(kernels.ENV)  # a forced ISA is part of the command that reproduces the numbers
+    command = (f"{kernels.ENV}={forced} " if forced else "") + "python " + " ".join(shlex.quote(a) for a in sys.argv)
     args.out.mkdir(parents=True, exist_ok=True)
     doc = {"command": command, "cpu": cpu, "kernels": kernels.path(), "file_bytes": sizes,
            "weight_bytes": weight_bytes, "rows": rows}  # fmt: skip
