@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from fpewiden.benchmark.machine import cpu_name
+
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "tests" / "fuzz_corpus"
 
@@ -197,7 +199,7 @@ def main() -> int:
                 "seeds": len(list(seed_dirs[t].iterdir())),
                 "isas": isas[0] if isas else "?",
             }
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    cpu = cpu_name()
     clang = subprocess.run([fuzz.clang(), "--version"], capture_output=True, text=True).stdout.splitlines()[0]
     isas = sorted({r["isas"] for r in rows.values()})
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)  # every flag, --out included

@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from packed import half, timed  # bench/packed.py: the interleaved timer, the 50% matrices
 
 from fpewiden.benchmark.competitors import quantize_onnx
+from fpewiden.benchmark.machine import cpu_name
 from fpewiden.packed import crossover, kernels
 from fpewiden.packed import format as fmt
 from fpewiden.packed.ops import PackedLinear
@@ -173,7 +174,7 @@ def main() -> int:
                 for name, r in t.items():
                     rows.append({"threads": threads, "batch": batch, "engine": name, "median_ms": r["median_ms"],
                                  "ratio": r["median_ms"] / base, "rounds": r["rounds"]})  # fmt: skip
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    cpu = cpu_name()
     forced = os.environ.get(kernels.ENV)  # a forced ISA is part of the command that reproduces the numbers
     command = (f"{kernels.ENV}={forced} " if forced else "") + "python " + " ".join(shlex.quote(a) for a in sys.argv)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fpewiden.benchmark.machine import cpu_name
+
 CHECK = """
 import json, random, torch
 random.seed(0)
@@ -44,7 +46,7 @@ def main() -> None:
     ap.add_argument("--isas", default="AVX2,AVX512_CORE,AVX512_CORE_VNNI")
     ap.add_argument("--out", type=Path, default=Path("bench/results/int_mm_check"))
     args = ap.parse_args()
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    cpu = cpu_name()
     rows = []
     for isa in args.isas.split(","):
         env = {**os.environ, "ONEDNN_MAX_CPU_ISA": isa}

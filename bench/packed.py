@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
+from fpewiden.benchmark.machine import cpu_name
 from fpewiden.io.provenance import MD_MARKER, json_document
 from fpewiden.packed import crossover, kernels
 from fpewiden.packed import format as fmt
@@ -178,13 +179,6 @@ def markdown(rows: list[dict], command: str) -> str:
             f"**{t[packed_key]['median_ms'] / base:.2f}×** ({mode}) | " + " | ".join(modes) + " |"
         )
     return "\n".join(lines) + f"\n\n{MD_MARKER}\n"
-
-
-def cpu_name() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown"
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quantized_quality import calibration_file, embeddings, eval_texts  # as the quality table scores them
 
+from fpewiden.benchmark.machine import cpu_name
 from fpewiden.data.embeddings import minilm_dir
 from fpewiden.io.provenance import MD_MARKER
 from fpewiden.model.pooling import mean_pool
@@ -83,7 +84,7 @@ def main() -> None:
         original_mb = folder_mb(src)
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     (args.out / "files.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1) + "\n")
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    cpu = cpu_name()
     domains = list(texts)
     lines = [
         "# MiniLM's deployable quantized files: GPTQ (convert --quantize --packed) against pack's rounding",
