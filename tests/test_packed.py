@@ -623,3 +623,17 @@ def test_a_sharded_model_packs_unpacks_and_loads(tmp_path):
     ref = load_model(tmp_path / "back", head=True).model.eval()
     with torch.no_grad():
         assert torch.allclose(got, ref(input_ids=ids).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_pack_says_where_sparse_quantized_layers_run_slower_than_dense(monkeypatch):
+    """On the avx2 kernels the sparse int8/int4 layouts lose to dense int8 (no vpexpandb): pack says so, with where
+    that was measured; nowhere else, and not for fp32 or dense matrices."""
+    report = {"matrices": [{"dtype": "I8", "format": "bitmask"}, {"dtype": "U8", "format": "parent"},
+                           {"dtype": "I8", "format": "dense"}, {"dtype": "F32", "format": "bitmask"}]}  # fmt: skip
+    monkeypatch.setattr(kernels, "path", lambda: "avx2")
+    note = kernels.slower_here(report)
+    assert note is not None and "(2 here)" in note and kernels.AVX2_SPARSE_QUANTIZED in note
+    assert (Path(__file__).resolve().parent.parent / kernels.AVX2_SPARSE_QUANTIZED).is_file()
+    assert kernels.slower_here({"matrices": report["matrices"][2:]}) is None
+    monkeypatch.setattr(kernels, "path", lambda: "avx512")
+    assert kernels.slower_here(report) is None

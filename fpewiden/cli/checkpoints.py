@@ -79,6 +79,8 @@ def pack(
 
         report = pack_checkpoint(src, out, dtype, force, on_matrix=step, group_size=group_size)
     console().print(pack_table(report))
+    if (slower := kernels.slower_here(report)) is not None:
+        typer.echo(f"note: {slower}", err=True)
     reason = kernels.native_reason()
     typer.echo(f"kernels: {kernels.path()}" if reason is None else f"kernels: {reason}; the pure-torch fallback runs")
 

@@ -169,6 +169,10 @@ def convert(
     console().print(convert_table(report))
     if packed:
         console().print(pack_table(report["packed"]))
+        from fpewiden.packed.kernels import slower_here
+
+        if (slower := slower_here(report["packed"])) is not None:
+            typer.echo(f"note: {slower}", err=True)
     for warning in report["warnings"]:
         typer.echo(f"warning: {warning}", err=True)
     short = sum(r["short_neurons"] for r in report["layers"])

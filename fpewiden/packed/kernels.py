@@ -101,3 +101,20 @@ def available() -> list[str]:
     import torch
 
     return [isa for isa in PATHS[:3] if torch.ops.fpewiden.has_isa(isa)] + ["torch"]
+
+
+AVX2_SPARSE_QUANTIZED = "bench/results/quantized/llama_ffn_epyc_avx2/results.md"
+
+
+def slower_here(report: dict) -> str | None:
+    """What `pack` must say where a packed file would run slower than its dense counterpart on this machine: on
+    the avx2 kernels (no vpexpandb), int8 and int4 matrices in the bitmask or parent layout lose to the same
+    weights as dense int8 (AVX2_SPARSE_QUANTIZED); None elsewhere."""
+    sparse = [r for r in report["matrices"] if r.get("dtype") in ("I8", "U8") and r["format"] in ("bitmask", "parent")]
+    if not sparse or path() != "avx2":
+        return None
+    return (
+        f"this CPU runs the avx2 kernels, where sparse int8 and int4 layers ({len(sparse)} here) run slower than "
+        f"dense int8 ({AVX2_SPARSE_QUANTIZED}): this file is the smaller one; for speed on this machine, pack the "
+        "unpruned model with --dtype int8"
+    )

@@ -9,11 +9,12 @@ where the GEMM's efficiency beats skipping zeros).
 
 int8 matrices (any layout) on the avx512 kernels with VNNI and VBMI2, or on the avx2 kernels, run `gemv` as
 `gemv_q8`: the inputs quantized to int8 per row (max |x| / 127, as torch's and ONNX Runtime's dynamic int8 do) and
-exact integer dot products (the same outputs on both); with VNNI, token batches also have the mode `int8_mm` (the same input rounding, the int8 values as dense rows, torch's
-int8 GEMM) (`activations="int8"`, the default there). Elsewhere, and with
-`activations="fp32"`, int8 values are widened to fp32 in registers and the inputs stay fp32. int4 matrices run
-`gemv_q8` too (the nibbles spread to bytes, each 64 columns' integer sums scaled by their groups' scales); their
-token batches run with fp32 inputs (each vector of values times its group's scale as it is loaded).
+exact integer dot products (the same outputs on both); with VNNI, token batches also have the mode `int8_mm` (the
+same input rounding, the int8 values as dense rows, torch's int8 GEMM) (`activations="int8"`, the default where
+an int8 path runs). Elsewhere, and with `activations="fp32"`, int8 values are widened to fp32 in registers and the
+inputs stay fp32. int4 matrices run `gemv_q8` on VNNI too (the nibbles spread to bytes, each 64 columns' integer
+sums scaled by their groups' scales); their token batches run with fp32 inputs (each vector of values times its
+group's scale as it is loaded).
 """
 
 from __future__ import annotations
