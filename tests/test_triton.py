@@ -52,7 +52,7 @@ def run(tk, pm: fmt.PackedMatrix, n: int, mode: str, bias: bool, seed: int = 0) 
     layer = PackedLinear(pm, b, kernel="portable")
     x = torch.randn(n, pm.cols, generator=g)
     args = (layer.values, layer.bits, layer.row_ptr, layer.bias, pm.rows, pm.cols, FORMAT_CODES[pm.format])
-    y = tk.linear(x, *args, layer._dtype, pm.alpha, pm.planes, pm.stride, "triton", mode)
+    y = tk.linear(x, *args, layer._dtype, pm.alpha, pm.planes, pm.stride, "triton", mode, layer.scales, pm.group)
     want = x.double() @ fmt.unpack(pm).double().T + (b.double() if bias else 0)
     assert y.shape == (n, pm.rows) and y.dtype == torch.float32
     torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
@@ -69,6 +69,29 @@ def test_bitmask_kernels_match_dense(tk, dtype, mode, n):
 @pytest.mark.parametrize("mode,n", [("gemv", 2), ("spmm", 17)])
 def test_parent_kernels_match_dense(tk, dtype, alpha, mode, n):
     run(tk, parent(13, 45, alpha, dtype), n, mode, bias=alpha != 3)
+
+
+def quantized_cases() -> list[fmt.PackedMatrix]:
+    """int8 (a scale per row; parent: per parent) and int4 (per row and group of 16 or 32 columns) in the bitmask,
+    parent and dense layouts, ragged: odd value counts (int4 rows start mid-byte), columns past a group."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(23, 45, generator=g) * (torch.rand(23, 45, generator=g) < 0.5)
+    p2 = parent(7, 45, 2, torch.float32, seed=1)
+    wide = fmt.unpack(p2)
+    cases = []
+    for dtype, group in ((torch.int8, 0), (fmt.INT4, 16), (fmt.INT4, 32)):
+        kw = {"group": group} if group else {}
+        cases += [fmt.pack_bitmask(w, dtype, **kw), fmt.pack_parent(wide, 2, dtype, **kw)]
+        cases += [fmt.pack_dense(torch.randn(9, 37, generator=g), dtype, **kw)]
+    return cases
+
+
+@pytest.mark.parametrize("mode,n", [("gemv", 3), ("spmm", 18)])
+def test_int8_and_int4_values_in_every_layout_match_dense(tk, mode, n):
+    """The weights format.unpack gives (q · scale), in registers: the CPU kernels' matrices on a GPU."""
+    for pm in quantized_cases():
+        assert fmt.problem(pm) is None
+        run(tk, pm, n, mode, bias=pm.format != "dense")
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -115,16 +138,11 @@ def test_the_gpu_kernels_refuse_what_the_cpu_validator_refuses(tk):
     and after an in-place edit."""
     from tests.test_packed_validation import corrupt_matrices
 
-    for what, pm, why in corrupt_matrices():
-        if pm.values.dtype == torch.int8 or pm.scales is not None or pm.format == "dense":
-            with pytest.raises(RuntimeError, match="no GPU kernels yet"):  # refused before any validation
-                tk.linear(torch.ones(1, pm.cols), pm.values, pm.bits, pm.row_ptr, None, pm.rows, pm.cols,
-                          FORMAT_CODES[pm.format], fmt.DTYPE_CODES[pm.dtype], pm.alpha, pm.planes, pm.stride,
-                          scales=pm.scales)  # fmt: skip
-            continue
+    for what, pm, why in corrupt_matrices():  # int8 and int4 ones too: their scales and groups are checked alike
         args = (pm.values, pm.bits, pm.row_ptr, None, pm.rows, pm.cols, FORMAT_CODES[pm.format])
         with pytest.raises(RuntimeError, match=re.escape(f"invalid packed matrix: {why}")):
-            tk.linear(torch.ones(1, pm.cols), *args, fmt.DTYPE_CODES[pm.dtype], pm.alpha, pm.planes, pm.stride)
+            tk.linear(torch.ones(1, pm.cols), *args, fmt.DTYPE_CODES[pm.dtype], pm.alpha, pm.planes, pm.stride,
+                      "triton", "", pm.scales, pm.group)  # fmt: skip
         assert what
     pm = bitmask(9, 70, 0.5, torch.float32)
     args = (pm.values, pm.bits, pm.row_ptr, None, pm.rows, pm.cols, 0, 0, 1, 0, pm.stride)

@@ -63,6 +63,8 @@ class PackedLinear(nn.Module):
         self.format, self.alpha, self.planes, self.stride, self.nnz = pm.format, pm.alpha, pm.planes, pm.stride, pm.nnz
         self.group = pm.group
         self.kernel = kernel or kernels.path()
+        if self.kernel != "torch":
+            kernels.native_reason()  # a path named by the caller: the library it runs on loaded before first use
         self.register_buffer("values", _resident(pm.values, self.kernel))
         self.register_buffer("bits", _resident(pm.bits, self.kernel))
         self.register_buffer("row_ptr", pm.row_ptr.contiguous() if pm.row_ptr is not None else None)
