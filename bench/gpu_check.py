@@ -267,15 +267,21 @@ def check_packed(device: str, dry: bool) -> str:
     child = torch.randint(2, (ffn, hidden), generator=g)
     wide = torch.zeros(ffn, 2, hidden).scatter_(1, child.unsqueeze(1), original.unsqueeze(1)).view(-1, hidden)
     cases.append(("FPE α=2 up (parent)", fmt.pack_parent(wide.to(dt).float(), 2, dt), original.to(dt)))
+    half = cases[0][2].float()  # the up matrix at 50%, quantized: the packed int8 and int4 paths against fp16 cuBLAS
+    cases.append(("up 50% int8", fmt.pack_bitmask(half, torch.int8), half.to(dt)))
+    cases.append(("up dense int4", fmt.pack_dense(original, fmt.INT4), original.to(dt)))
     notes = []
     for name, pm, dense in cases:
         arrays = [t.to(device) if t is not None else None for t in (pm.values, pm.bits, pm.row_ptr)]
+        scales = pm.scales.to(device) if pm.scales is not None else None
         dense = dense.to(device)
         ref_w = fmt.unpack(pm).to(device, torch.float32)
         ratios = []
         for n in (1, 17) if dry else (1, 4, 16, 32):
             x = torch.randn(n, pm.cols, generator=g).to(device)
-            args = (*arrays, None, pm.rows, pm.cols, FORMAT_CODES[pm.format], 2, pm.alpha, pm.planes, pm.stride)
+            code = fmt.DTYPE_CODES[pm.dtype]
+            args = (*arrays, None, pm.rows, pm.cols, FORMAT_CODES[pm.format], code, pm.alpha, pm.planes, pm.stride,
+                    "triton", "", scales, pm.group)  # fmt: skip
             y = tk.linear(x, *args)
             want = x.double() @ ref_w.double().T
             err = float((y.double() - want).abs().max() / want.abs().max())
