@@ -11,11 +11,16 @@
 // F16C from CPUID leaf 1 (ECX bit 29): clang before 16 has no "f16c" for __builtin_cpu_supports, and the sanitizer
 // builds of the fuzz harness (csrc/fuzz/) use clang.
 struct Features {
-  bool avx512, avx2, q8;
+  bool avx512, avx2, q8, zen5;
   Features() {
     __builtin_cpu_init();
     unsigned a, b, c, d;
     const bool f16c = __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C);
+    const unsigned family = ((a >> 8) & 0xF) == 0xF ? 0xF + ((a >> 20) & 0xFF) : (a >> 8) & 0xF;
+    unsigned v[4] = {0, 0, 0, 0};
+    __get_cpuid(0, &v[0], &v[1], &v[2], &v[3]);
+    const bool amd = v[1] == 0x68747541 && v[3] == 0x69746e65 && v[2] == 0x444d4163;  // "AuthenticAMD"
+    zen5 = amd && family >= 0x1A;
     avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
     avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c && __builtin_cpu_supports("bmi") &&
@@ -30,6 +35,8 @@ static const Features& cpu() {
   static const Features f;
   return f;
 }
+
+extern "C" int fpw_q8_short_rows_one_at_a_time(void) { return !cpu().zen5; }
 
 extern "C" FpwGemvQ8 fpw_select_q8(void) { return cpu().q8 ? fpw_gemv_q8_avx512vnni : NULL; }
 

@@ -104,11 +104,12 @@ inline void rows_in_passes(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, c
 template <int B, bool DENSE>
 inline void range_q8(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, const float* sx, const int32_t* x128,
                      const float* bias, float* y, int64_t ldy, int64_t u0, int64_t u1) {
-  // Rows per pass: the dense layout's rows of up to 4 KB one at a time, so the values are one sequential stream
-  // (8 short rows in flight outran the prefetcher), longer rows 8 at a time; bitmask rows 2 at a time for one or
-  // two inputs, 4 for more. Chosen on Zen 4 from ad-hoc runs; bench/quantized_decode.py and
-  // bench/int8_competitors.py are the committed measure of the result.
-  if (DENSE && B <= 2 && w.cols <= 4096)
+  // Rows per pass: the dense layout's rows 8 at a time for one or two inputs, 4 for more; bitmask rows 2 at a time
+  // for one or two inputs, 4 for more. Except on Zen 4 and the Intel Xeons, where dense rows of up to 4 KB went one
+  // at a time, so the values were one sequential stream (8 short rows in flight outran the prefetcher there;
+  // bench/results/quantized/decode); on Zen 5 (AMD family 1Ah) that one stream ran at half the speed of 8 rows
+  // (11008x4096: 3.5 ms against 1.8 ms; bench/results/quantized/decode_zen5).
+  if (DENSE && B <= 2 && w.cols <= 4096 && fpw_q8_short_rows_one_at_a_time())
     return rows_in_passes<1, B, DENSE>(w, xq, ldxq, sx, x128, bias, y, ldy, u0, u1);
   constexpr int R = DENSE ? (B <= 2 ? 8 : 4) : (B <= 2 ? 2 : 4);
   rows_in_passes<R, B, DENSE>(w, xq, ldxq, sx, x128, bias, y, ldy, u0, u1);
