@@ -132,24 +132,6 @@ def test_fsdp_distils_a_causal_lm_like_ddp(tmp_path):
     assert_same_training(tmp_path / "ddp", tmp_path / "fsdp", masked)
 
 
-def test_ddp_distils_a_bert_style_model_whose_pooler_the_loss_never_reaches(tmp_path):
-    """Distillation pools the hidden states, so BERT's pooler gets no gradient; DDP waits for one of every
-    trainable parameter and failed ("Expected to have finished reduction…"). The trainer freezes what the loss never
-    reaches before wrapping: the run ends, the pooler is the student's own, the masks hold."""
-    src = tiny_bert(tmp_path / "bert")
-    conv = tmp_path / "fpe"
-    convert(src, conv, ConvertOptions(alpha=2))
-    text = sentences(tmp_path / "text.txt", n=24)
-    torchrun("finetune", str(conv), "--teacher", str(src), "--data", str(text), "--epochs", "1", "--device", "cpu",
-             "--batch-size", "4", "--out", str(tmp_path / "ddp"))  # fmt: skip
-    before, after = open_checkpoint(conv), open_checkpoint(tmp_path / "ddp")
-    pooler = [n for n in before.shapes if "pooler" in n]
-    assert pooler and all(torch.equal(before.get(n), after.get(n)) for n in pooler)
-    masked = [n for n in before.shapes if before.mask(n) is not None]
-    assert masked and all(torch.equal(after.get(n) != 0, before.mask(n)) for n in masked)
-    assert any(not torch.equal(before.get(n), after.get(n)) for n in masked)  # it did train
-
-
 def test_an_mlp_chain_is_sharded_layer_by_layer():
     """Each Linear is its own FSDP unit, so a rank gathers one layer at a time, not the whole chain."""
     from fpewiden.model.chain_mlp import ChainLayer, ChainMLP
@@ -239,16 +221,21 @@ def test_a_checkpoint_missing_a_parameter_is_loaded_whole_under_fsdp(tmp_path):
     assert load_skeleton(src) is None
 
 
-def test_ddp_distils_gpt2(tmp_path):
-    """GPT-2 (Conv1D weights, a tied LM head) under DDP on 2 processes: every parameter the distillation loss
-    reaches is reduced, the run ends, the masks hold."""
-    src = tiny_causal(tmp_path / "gpt2", "gpt2")
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_ddp_distils_models_whose_parameters_the_loss_may_not_reach(tmp_path, family):
+    """Under DDP on 2 processes: BERT's pooler gets no gradient from the pooled-hidden-state loss (DDP waited for
+    one of every trainable parameter and failed, "Expected to have finished reduction…"; the trainer freezes what
+    the loss never reaches before wrapping, so the pooler stays the student's own); GPT-2 (Conv1D weights, a tied
+    LM head). The run ends, the masks hold, the widened matrices trained."""
+    src = tiny_bert(tmp_path / family) if family == "bert" else tiny_causal(tmp_path / family, family)
     conv = tmp_path / "fpe"
     convert(src, conv, ConvertOptions(alpha=2))
     text = sentences(tmp_path / "text.txt", n=24)
     torchrun("finetune", str(conv), "--teacher", str(src), "--data", str(text), "--epochs", "1", "--device", "cpu",
              "--batch-size", "4", "--out", str(tmp_path / "ddp"))  # fmt: skip
     before, after = open_checkpoint(conv), open_checkpoint(tmp_path / "ddp")
+    pooler = [n for n in before.shapes if "pooler" in n]
+    assert (family == "bert") == bool(pooler) and all(torch.equal(before.get(n), after.get(n)) for n in pooler)
     masked = [n for n in before.shapes if before.mask(n) is not None]
     assert masked and all(torch.equal(after.get(n) != 0, before.mask(n)) for n in masked)
     assert any(not torch.equal(before.get(n), after.get(n)) for n in masked)  # it did train
