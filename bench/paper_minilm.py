@@ -24,8 +24,7 @@ from pathlib import Path
 import torch
 
 from fpewiden.convert import Budget, Calibration, ConvertOptions, convert
-from fpewiden.data.embeddings import minilm_dir, task_sentences
-from fpewiden.model.pooling import mean_pool
+from fpewiden.data.embeddings import minilm_dir, sentence_embeddings, task_sentences
 from fpewiden.train.config import TrainConfig
 from fpewiden.train.finetune import finetune
 
@@ -38,12 +37,7 @@ def embed_with(model_dir: Path, texts: list[str]) -> torch.Tensor:
     transformers.logging.disable_progress_bar()
     tok = transformers.AutoTokenizer.from_pretrained(str(minilm_dir()))
     model = transformers.AutoModel.from_pretrained(str(model_dir)).eval()
-    out = []
-    for i in range(0, len(texts), 128):
-        enc = tok(texts[i : i + 128], padding=True, truncation=True, max_length=64, return_tensors="pt")
-        pooled = mean_pool(model(**enc).last_hidden_state, enc["attention_mask"])
-        out.append(torch.nn.functional.normalize(pooled, dim=1))
-    return torch.cat(out)
+    return sentence_embeddings(model, tok, texts, batch=128, max_length=64)
 
 
 def probe(x: torch.Tensor, y: list[str], xt: torch.Tensor, yt: list[str]) -> float:

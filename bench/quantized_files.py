@@ -26,9 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quantized_quality import calibration_file, embeddings, eval_texts  # as the quality table scores them
 
 from fpewiden.benchmark.machine import cpu_name
-from fpewiden.data.embeddings import minilm_dir
+from fpewiden.data.embeddings import minilm_dir, sentence_embeddings
 from fpewiden.io.provenance import MD_MARKER
-from fpewiden.model.pooling import mean_pool
 
 
 def fpewiden(*args: object) -> None:
@@ -47,12 +46,7 @@ def packed_embeddings(folder: Path, texts: list[str]) -> torch.Tensor:
 
     tok = transformers.AutoTokenizer.from_pretrained(str(minilm_dir()))
     model = load(folder, tune=False)
-    out = []
-    for i in range(0, len(texts), 64):
-        enc = tok(texts[i : i + 64], padding=True, truncation=True, max_length=128, return_tensors="pt")
-        pooled = mean_pool(model(**enc).last_hidden_state, enc["attention_mask"])
-        out.append(torch.nn.functional.normalize(pooled, dim=1))
-    return torch.cat(out)
+    return sentence_embeddings(model, tok, texts, batch=64)
 
 
 def main() -> None:

@@ -26,9 +26,8 @@ from pathlib import Path
 
 import torch
 
-from fpewiden.data.embeddings import minilm_dir, task_sentences
+from fpewiden.data.embeddings import minilm_dir, sentence_embeddings, task_sentences
 from fpewiden.io.provenance import MD_MARKER
-from fpewiden.model.pooling import mean_pool
 from fpewiden.quantize import BITS, Grid, round_to_nearest
 
 GRIDS = {"int8": ("int8", None), "int4 g32": ("int4", 32), "int4 g128": ("int4", 128)}
@@ -53,13 +52,7 @@ def embeddings(folder: Path, texts: list[str], rtn: tuple[str, int | None] | Non
             if isinstance(mod, torch.nn.Linear) and (name.endswith("intermediate.dense") or ".output.dense" in name):
                 if ".attention." not in name:
                     mod.weight.copy_(round_to_nearest(mod.weight, grid)[0])
-    out = []
-    for i in range(0, len(texts), 64):
-        enc = tok(texts[i : i + 64], padding=True, truncation=True, max_length=128, return_tensors="pt")
-        out.append(
-            torch.nn.functional.normalize(mean_pool(model(**enc).last_hidden_state, enc["attention_mask"]), dim=1)
-        )
-    return torch.cat(out)
+    return sentence_embeddings(model, tok, texts, batch=64)
 
 
 def eval_texts(n: int) -> dict[str, list[str]]:

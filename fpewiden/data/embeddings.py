@@ -146,6 +146,18 @@ def minilm_dir() -> Path:
 
 
 @torch.no_grad()
+def sentence_embeddings(model, tok, texts: list[str], batch: int = 128, max_length: int = 128) -> torch.Tensor:
+    """L2-normalised mean-pooled last hidden states of an encoder (any module taking the tokenizer's batch), as
+    all-MiniLM-L6-v2 defines its embeddings: what `embed` and the benchmarks' cosines compare."""
+    out = []
+    for i in range(0, len(texts), batch):
+        enc = tok(texts[i : i + batch], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        pooled = mean_pool(model(**enc).last_hidden_state, enc["attention_mask"])
+        out.append(torch.nn.functional.normalize(pooled, dim=1))
+    return torch.cat(out)
+
+
+@torch.no_grad()
 def embed(texts: list[str], batch: int = 128) -> torch.Tensor:
     import transformers
 
@@ -154,12 +166,7 @@ def embed(texts: list[str], batch: int = 128) -> torch.Tensor:
     path = minilm_dir()
     tok = transformers.AutoTokenizer.from_pretrained(str(path))
     model = transformers.AutoModel.from_pretrained(str(path)).eval()
-    out = []
-    for i in range(0, len(texts), batch):
-        enc = tok(texts[i : i + batch], padding=True, truncation=True, max_length=128, return_tensors="pt")
-        pooled = mean_pool(model(**enc).last_hidden_state, enc["attention_mask"])
-        out.append(torch.nn.functional.normalize(pooled, dim=1))
-    return torch.cat(out)
+    return sentence_embeddings(model, tok, texts, batch)
 
 
 def load_embedded(task: str, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
