@@ -78,24 +78,26 @@ def built() -> bool:
     return stamp.get("sources") == source_hash() and all(binary(t).is_file() for t in TARGETS)
 
 
-# each unit's compile time under the sanitizers, AMD EPYC, clang 14 (the kernel template's instantiations dominate)
-COMPILE_SECONDS = {"isa_avx512.cc": 80.0, "isa_avx512_vnni.cc": 39.0, "isa_avx2.cc": 38.0, "isa_portable.cc": 14.0}
+# the units that take longest under the sanitizers (the kernel template's instantiations), slowest first; the rest
+# compile in seconds
+SLOWEST_FIRST = ("isa_avx512.cc", "isa_avx512_vnni.cc", "isa_avx2.cc", "isa_portable.cc")
 
 
 def _compile_all(jobs: list[list[str]]) -> None:
-    """Every compile on a pool of one process per core, the slowest first (COMPILE_SECONDS): under the sanitizers
+    """Every compile on a pool of one process per core, the slowest first (SLOWEST_FIRST): under the sanitizers
     the AVX-512 variant alone takes about as long as the other units together, so compiling in fixed pairs left a
-    core idle for most of the build (166 s against about 90 s on the AMD EPYC)."""
+    core idle for most of the build."""
     from concurrent.futures import ThreadPoolExecutor
 
-    def size(cmd: list[str]) -> float:
-        return COMPILE_SECONDS.get(Path(cmd[cmd.index("-c") + 1]).name, 1.0)
+    def rank(cmd: list[str]) -> int:
+        name = Path(cmd[cmd.index("-c") + 1]).name
+        return SLOWEST_FIRST.index(name) if name in SLOWEST_FIRST else len(SLOWEST_FIRST)
 
     def run(cmd: list[str]) -> subprocess.CompletedProcess:
         return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-        results = list(pool.map(run, sorted(jobs, key=size, reverse=True)))
+        results = list(pool.map(run, sorted(jobs, key=rank)))
     for res in results:
         if res.returncode:
             errors = [line for line in res.stdout.splitlines() if "error" in line] or res.stdout.splitlines()[-1:]

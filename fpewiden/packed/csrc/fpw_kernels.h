@@ -102,7 +102,7 @@ const FpwKernels* fpw_select(const char* isa);
 // The int8-activation kernel (AVX-512 VNNI + VBMI + VBMI2), or NULL where this CPU lacks those.
 FpwGemvQ8 fpw_select_q8(void);
 // Whether the VNNI kernel streams dense int8 rows of up to 4 KB one at a time (true but on AMD Zen 5, where 8 rows
-// per pass measured twice as fast): read once from CPUID.
+// per pass and a prefetch of the next pass decoded faster): read once from CPUID.
 int fpw_q8_short_rows_one_at_a_time(void);
 // The int8-activation kernel that runs beside an ISA's kernels ("avx512": the VNNI kernel, int8 and int4 values;
 // "avx2": fpw_gemv_q8_avx2, int8 values), or NULL where this CPU or the value type (an FpwDtype) has none.

@@ -47,9 +47,9 @@ inline void rows_q8(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, const fl
   }
   // Bitmask: the next pass's values and bits prefetched as one linear stream, a pass ahead. Rows of a few KB are
   // too short for the hardware prefetcher to train on each (without this the layout streamed at half the dense
-  // layout's rate). Dense: the next pass's rows, a line each per 64 columns, on Zen 5 only (there 32000x2048 took
-  // 1.85 ms with it against 2.67 ms without, 5632x2048 0.145 against 0.23 ms; on Zen 4 prefetching dense rows
-  // made them slower, and short dense rows go one at a time there).
+  // layout's rate). Dense: the next pass's rows, a line each per 64 columns, on Zen 5 only (on Zen 4 prefetching
+  // dense rows made them slower, and short dense rows go one at a time there); decode on Zen 5 with and without it:
+  // bench/results/quantized/decode_zen5_prefetch and decode_zen5.
   const char* dnext = DENSE && r + 2 * R <= w.rows && !fpw_q8_short_rows_one_at_a_time()
                           ? (const char*)w.values + (r + R) * n
                           : nullptr;
@@ -116,8 +116,8 @@ inline void range_q8(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, const f
   // Rows per pass: the dense layout's rows 8 at a time for one or two inputs, 4 for more; bitmask rows 2 at a time
   // for one or two inputs, 4 for more. Except on Zen 4 and the Intel Xeons, where dense rows of up to 4 KB went one
   // at a time, so the values were one sequential stream (8 short rows in flight outran the prefetcher there;
-  // bench/results/quantized/decode); on Zen 5 (AMD family 1Ah) that one stream ran at half the speed of 8 rows
-  // (11008x4096: 3.5 ms against 1.8 ms; bench/results/quantized/decode_zen5).
+  // bench/results/quantized/decode); on Zen 5 (AMD family 1Ah) 8 rows per pass decoded faster
+  // (bench/results/quantized/decode_zen5 against its before_r8.md).
   if (DENSE && B <= 2 && w.cols <= 4096 && fpw_q8_short_rows_one_at_a_time())
     return rows_in_passes<1, B, DENSE>(w, xq, ldxq, sx, x128, bias, y, ldy, u0, u1);
   constexpr int R = DENSE ? (B <= 2 ? 8 : 4) : (B <= 2 ? 2 : 4);
