@@ -29,13 +29,15 @@ def cache_file() -> Path:
 
 
 def key(layer: PackedLinear) -> str:
-    """What the measurement depends on; the kernels' source hash too, so rebuilt kernels are measured anew."""
+    """What the measurement depends on (the layout `gemv` runs too: a spread layer decodes another matrix); the
+    kernels' source hash too, so rebuilt kernels are measured anew."""
     from fpewiden.packed.built import source_hash
 
     density = round(layer.nnz / max(1, layer.out_features * layer.in_features), 1)
     return (
         f"{layer.kernel}|{source_hash()}|threads={torch.get_num_threads()}|{layer.format}|{layer.values.dtype}|"
-        f"{layer.out_features}x{layer.in_features}|density={density}|{','.join(layer.modes())}"
+        f"{layer.out_features}x{layer.in_features}|density={density}|{','.join(layer.modes())}|"
+        f"gemv={layer.running.format}"
     )
 
 

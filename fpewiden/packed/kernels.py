@@ -103,18 +103,20 @@ def available() -> list[str]:
     return [isa for isa in PATHS[:3] if torch.ops.fpewiden.has_isa(isa)] + ["torch"]
 
 
-AVX2_SPARSE_QUANTIZED = "bench/results/quantized/llama_ffn_epyc_avx2/results.md"
+AVX2_SPREAD = "bench/results/quantized/avx2_spread/results.md"
 
 
 def slower_here(report: dict) -> str | None:
-    """What `pack` must say where a packed file would run slower than its dense counterpart on this machine: on
-    the avx2 kernels (no vpexpandb), int8 and int4 matrices in the bitmask or parent layout lose to the same
-    weights as dense int8 (AVX2_SPARSE_QUANTIZED); None elsewhere."""
+    """What `pack` must say where a packed file would run no faster than its dense counterpart on this machine:
+    on the avx2 kernels (no expand instruction) int8 and int4 matrices decode no faster than dense ones (bitmask
+    layers are spread to the dense layout at load, which memory then holds beside the packed arrays; the parent
+    layout loses to dense from 16 inputs: AVX2_SPREAD); None elsewhere."""
     sparse = [r for r in report["matrices"] if r.get("dtype") in ("I8", "U8") and r["format"] in ("bitmask", "parent")]
     if not sparse or path() != "avx2":
         return None
     return (
-        f"this CPU runs the avx2 kernels, where sparse int8 and int4 layers ({len(sparse)} here) run slower than "
-        f"dense int8 ({AVX2_SPARSE_QUANTIZED}): this file is the smaller one; for speed on this machine, pack the "
-        "unpruned model with --dtype int8"
+        f"this CPU runs the avx2 kernels, where sparse int8 and int4 layers ({len(sparse)} here) decode no faster "
+        f"than dense ones: bitmask layers are spread to dense values when loaded, held in memory beside the packed "
+        f"ones ({AVX2_SPREAD}). This file is the smaller one; for the least memory at the same speed on this "
+        "machine, pack the unpruned model with --dtype int8"
     )

@@ -9,12 +9,19 @@ where the GEMM's efficiency beats skipping zeros).
 
 int8 matrices (any layout) on the avx512 kernels with VNNI and VBMI2, or on the avx2 kernels, run `gemv` as
 `gemv_q8`: the inputs quantized to int8 per row (max |x| / 127, as torch's and ONNX Runtime's dynamic int8 do) and
-exact integer dot products (the same outputs on both); with VNNI, token batches also have the mode `int8_mm` (the
-same input rounding, the int8 values as dense rows, torch's int8 GEMM) (`activations="int8"`, the default where
-an int8 path runs). Elsewhere, and with `activations="fp32"`, int8 values are widened to fp32 in registers and the
-inputs stay fp32. int4 matrices run `gemv_q8` on VNNI too (the nibbles spread to bytes, each 64 columns' integer
-sums scaled by their groups' scales); their token batches run with fp32 inputs (each vector of values times its
-group's scale as it is loaded).
+exact integer dot products (the same outputs on both); on the avx512 kernels with VNNI, token batches also have the
+mode `int8_mm` (the same input rounding, the int8 values as dense rows, torch's int8 GEMM) (`activations="int8"`,
+the default where an int8 path runs). Elsewhere, and with `activations="fp32"`, int8 values are widened to fp32 in
+registers and the inputs stay fp32. int4 matrices run `gemv_q8` on VNNI too (the nibbles spread to bytes, each 64
+columns' integer sums scaled by their groups' scales); their token batches run with fp32 inputs (each vector of
+values times its group's scale as it is loaded).
+
+Where the kernels decode a layout slower than the dense one (fpw_runs_spread in csrc/fpw_kernels.h: int8 and int4
+bitmask matrices on the avx2 kernels, which have no expand instruction), the layer spreads its values to the
+dense layout once, at construction, and `gemv` runs that; `gemv_stored` and `spmm` (work by the non-zeros) run the
+stored layout, and the crossover picks per batch (sparse int4 token batches and wide int8 matrices at 16 inputs
+win there; bench/results/quantized/avx2_spread). The file stays small, memory holds both, and an export writes
+the stored layout.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ MODES = ("gemv", "spmm", "dense")
 Q8_MAX_COLS = 65536  # csrc/fpw_kernels.h FPW_Q8_MAX_COLS: int32 sums stay exact
 
 
+_NO_BITS = torch.zeros(0, dtype=torch.uint8)  # the dense layout's (empty) bits
 HUGE = 1 << 20  # tensors from this size on go to huge pages
 
 
@@ -47,7 +55,8 @@ class PackedLinear(nn.Module):
     `kernel`: the path to run (fpewiden/packed/kernels.py; default: the widest this machine has). On the `torch`
     fallback the weight is unpacked once, at construction, and run densely. `table`: (batch, mode) pairs measured
     by crossover.py; n inputs run the mode of the smallest measured batch ≥ n. Until measured: `gemv` up to 8
-    inputs, `spmm` above.
+    inputs, `spmm` above. `spread`: False keeps the stored layout where the kernels would spread it (less memory,
+    slower; bench/avx2_spread.py measures both); None: as the kernels prefer.
     """
 
     def __init__(
@@ -57,6 +66,7 @@ class PackedLinear(nn.Module):
         kernel: str | None = None,
         table: list[tuple[int, str]] | None = None,
         activations: str | None = None,
+        spread: bool | None = None,
     ):
         super().__init__()
         self.in_features, self.out_features = pm.cols, pm.rows
@@ -73,8 +83,29 @@ class PackedLinear(nn.Module):
         self.register_buffer("dense", unpack(pm).to(torch.float32) if self.kernel == "torch" else None)
         self.table = table
         self._fmt, self._dtype = FORMAT_CODES[pm.format], DTYPE_CODES[pm.values.dtype]
+        self._spread = self._spread_values(pm) if spread is not False else None
         self.nbytes = pm.nbytes
         self.set_activations(activations)
+
+    def _spread_values(self, pm: PackedMatrix) -> torch.Tensor | None:
+        """The dense layout's values where this kernel runs `pm`'s layout slower (a plain attribute, not a buffer:
+        state dicts and exports hold the stored layout)."""
+        if self.kernel == "torch" or not torch.ops.fpewiden.runs_spread(self.kernel, self._fmt, self._dtype):
+            return None
+        spread = torch.ops.fpewiden.packed_spread(
+            self.values, self.bits, self.row_ptr, pm.rows, pm.cols, self._fmt, self._dtype, pm.alpha, pm.planes,
+            pm.stride, self.scales, pm.group,
+        )  # fmt: skip
+        return _resident(spread, self.kernel)
+
+    @property
+    def running(self) -> PackedMatrix:
+        """The matrix `gemv` runs: the stored one (`packed`), or its values spread to the dense layout."""
+        if self._spread is None:
+            return self.packed
+        rows, cols = self.out_features, self.in_features
+        return PackedMatrix("dense", rows, cols, self._spread, _NO_BITS, 0, rows * cols, scales=self.scales,
+                            group=self.group)  # fmt: skip
 
     def set_activations(self, activations: str | None) -> None:
         """`int8`: inputs quantized per row where an int8 path runs (gemv_q8, int8_mm); `fp32`: inputs stay fp32
@@ -101,15 +132,20 @@ class PackedLinear(nn.Module):
         """Whether token batches can run torch's int8 GEMM on the int8 values (the dense layout's as stored, the
         others unpacked to int8 rows per call; int32 sums exact up to 65,536 inputs). Only where the CPU has VNNI
         (the unpack is a VNNI + VBMI2 kernel, and without VNNI oneDNN's s8·s8 GEMM saturates 16-bit partial
-        sums; pytorch/pytorch#136746), and never for fewer than 16 inputs (torch 2.13's CPU _int_mm is wrong for
+        sums; pytorch/pytorch#136746), so with the avx512 kernels only (a CPU with AVX-512 VNNI runs those unless
+        another path is forced: the avx2 path forced there measures what an AVX2-only CPU runs), and never for
+        fewer than 16 inputs (torch 2.13's CPU _int_mm is wrong for
         one input column). bench/int_mm_check.py measures both (bench/results/int_mm_check)."""
-        return (self.values.dtype == torch.int8 and self.kernel != "torch"
+        return (self.values.dtype == torch.int8 and self.kernel == "avx512"
                 and 16 <= self.in_features <= Q8_MAX_COLS and bool(torch.ops.fpewiden.has_vnni()))  # fmt: skip
 
     def modes(self) -> tuple[str, ...]:
-        """The modes this layer can run: MODES, and `int8_mm` (inputs quantized per row, torch._int_mm on the
-        int8 values, each output scaled once) for int8 layers with int8 activations."""
-        return (*MODES, "int8_mm") if self._int8_mm else MODES
+        """The modes this layer can run: MODES, `int8_mm` (inputs quantized per row, torch._int_mm on the int8
+        values, each output scaled once) for int8 layers with int8 activations, and `gemv_stored` (`gemv` on the
+        stored layout) where `gemv` runs spread values: a few wide matrices decode 8 or more inputs faster so
+        (bench/results/quantized/avx2_spread)."""
+        modes = (*MODES, "int8_mm") if self._int8_mm else MODES
+        return (*modes, "gemv_stored") if self._spread is not None else modes
 
     @property
     def packed(self) -> PackedMatrix:
@@ -137,18 +173,26 @@ class PackedLinear(nn.Module):
             y = F.linear(x2, self.dense, self.bias)
         else:
             mode = mode or self._mode(x2)
+            stored = mode == "gemv_stored"
+            mode = "gemv" if stored else mode
             if mode == "gemv" and self._gemv_q8:
                 mode = "gemv_q8"
+            spread = self._spread is not None and not stored and mode in ("gemv", "gemv_q8") and x2.is_cpu
+            if spread and not torch.compiler.is_exporting():
+                arrays = (self._spread, _NO_BITS, None, FORMAT_CODES["dense"], 1, 0, 0)
+            else:
+                arrays = (self.values, self.bits, self.row_ptr, self._fmt, self.alpha, self.planes, self.stride)
+            values, bits, row_ptr, fmt, alpha, planes, stride = arrays
             y = torch.ops.fpewiden.packed_linear(
-                x2, self.values, self.bits, self.row_ptr, self.bias, self.out_features, self.in_features,
-                self._fmt, self._dtype, self.alpha, self.planes, self.stride, self.kernel, mode, self.scales,
-                self.group,
+                x2, values, bits, row_ptr, self.bias, self.out_features, self.in_features, fmt, self._dtype, alpha,
+                planes, stride, self.kernel, mode, self.scales, self.group,
             )  # fmt: skip
         return y if flat else y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, "
+            f"{'runs=dense, ' if self._spread is not None else ''}"
             f"dtype={'int4' if self.group else self.values.dtype}, "
             f"nnz={self.nnz}, kernel={self.kernel}, activations={self.activations}"
         )

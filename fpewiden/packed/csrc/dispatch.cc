@@ -119,3 +119,42 @@ extern "C" void fpw_unpack(const FpwMatrix* w, float* dense, int64_t u0, int64_t
     }
   }
 }
+
+extern "C" int fpw_runs_spread(const char* isa, int32_t format, int32_t dtype) {
+  return isa != NULL && strcmp(isa, "avx2") == 0 && format == FPW_BITMASK && (dtype == FPW_I8 || dtype == FPW_I4);
+}
+
+extern "C" int64_t fpw_spread_bytes(const FpwMatrix* w) {
+  const int64_t n = w->rows * w->cols;  // fpw_validate has checked that rows x cols x 4 does not overflow
+  return (w->dtype == FPW_I4 ? (n + 1) / 2 : n) + FPW_PAD;
+}
+
+extern "C" void fpw_spread(const FpwMatrix* w, void* dense, int64_t u0, int64_t u1) {
+  const int64_t n = w->cols;
+  if (w->dtype == FPW_I8) {
+    const int8_t* values = (const int8_t*)w->values;
+    int8_t* out = (int8_t*)dense;
+    for (int64_t r = u0; r < u1; r++) {
+      const uint8_t* row = w->bits + r * w->stride;
+      const int8_t* v = values + w->row_ptr[r];
+      int8_t* o = out + r * n;
+      for (int64_t j = 0; j < n; j++) o[j] = bit_at(row, j) ? *v++ : 0;
+    }
+    if (u1 == w->rows) memset(out + w->rows * n, 0, FPW_PAD);
+    return;
+  }
+  const uint8_t* values = (const uint8_t*)w->values;
+  uint8_t* out = (uint8_t*)dense;
+  const int64_t first = u0 * n / 2, last = (u1 * n + 1) / 2;  // the bytes rows [u0, u1) touch
+  memset(out + first, 0, (size_t)(last - first));
+  for (int64_t r = u0; r < u1; r++) {
+    const uint8_t* row = w->bits + r * w->stride;
+    int64_t p = w->row_ptr[r];
+    for (int64_t j = 0; j < n; j++) {
+      if (!bit_at(row, j)) continue;
+      const int64_t i = r * n + j;
+      out[i >> 1] |= (uint8_t)((fpw_nibble(values, p++) & 15) << ((i & 1) * 4));
+    }
+  }
+  if (u1 == w->rows) memset(out + (w->rows * n + 1) / 2, 0, FPW_PAD);
+}

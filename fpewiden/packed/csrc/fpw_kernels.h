@@ -115,6 +115,21 @@ void fpw_gemv_q8_avx2(const FpwMatrix* w, const int8_t* xq, int64_t ldxq, const 
 // The int8 values of units [u0, u1) as dense rows (q, the scales not applied; rows x cols, row-major): the
 // matrix torch's int8 GEMM multiplies for token batches. Same CPUs as fpw_gemv_q8_avx512vnni; int8 matrices only.
 void fpw_unpack_q8_avx512vnni(const FpwMatrix* w, int8_t* dense, int64_t u0, int64_t u1);
+// Whether `isa`'s decode kernels (gemv, the int8-input gemv) run a matrix of this format and value type (FpwDtype)
+// faster spread to the dense layout (fpw_spread) than in its own: on "avx2", bitmask matrices of int8 or int4
+// values. Without AVX-512's expand instructions, laying a row's values out by its mask costs more than the bytes
+// it saves, at every density from 5% to 50% (bench/avx2_spread.py; bench/results/quantized/avx2_spread). The
+// token-batch kernel (spmm, work by the non-zeros) keeps the stored layout, as does decoding more inputs where
+// the stored rows measure faster (the bindings keep both); the parent layout is never spread.
+int fpw_runs_spread(const char* isa, int32_t format, int32_t dtype);
+// Bytes of the dense layout's values for a bitmask matrix's: rows x cols int8 (int4: ceil(rows x cols / 2)
+// bytes), then FPW_PAD zero bytes.
+int64_t fpw_spread_bytes(const FpwMatrix* w);
+// The dense layout's values of rows [u0, u1) of a validated bitmask matrix of int8 or int4 values: each stored
+// value at its column, 0 elsewhere, the scales unchanged (one per row; int4: per row and group, as the dense
+// layout's), the padding too by the call that ends at `rows`. int4 rows of an odd number of columns share bytes:
+// spread those in one call over every row.
+void fpw_spread(const FpwMatrix* w, void* dense, int64_t u0, int64_t u1);
 // Per input row b of x (batch x cols, row stride ldx): sx[b] = max |x| / 127 (1 for a row of zeros) and
 // xq[b * ldxq + j] = rint(x / sx[b]) (ties to even, clamped to +-127), 0 past `cols` up to ldxq.
 void fpw_quantize_inputs(const float* x, int64_t ldx, int64_t batch, int64_t cols, int8_t* xq, int64_t ldxq,

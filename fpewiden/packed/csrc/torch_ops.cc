@@ -236,6 +236,23 @@ at::Tensor unpack(const at::Tensor& values, const at::Tensor& bits, const std::o
   return dense;
 }
 
+// The dense layout's values of a bitmask matrix of int8 or int4 values (fpw_spread): what PackedLinear runs where
+// fpw_runs_spread says the kernels are faster so (int8 or uint8, like `values`; the scales stay as they are).
+at::Tensor spread(const at::Tensor& values, const at::Tensor& bits, const std::optional<at::Tensor>& row_ptr,
+                  int64_t rows, int64_t cols, int64_t format, int64_t dtype, int64_t alpha, int64_t planes,
+                  int64_t stride, const std::optional<at::Tensor>& scales, int64_t group) {
+  const FpwMatrix w = view(values, bits, row_ptr, rows, cols, format, dtype, alpha, planes, stride, scales, group);
+  TORCH_CHECK(w.format == FPW_BITMASK && (w.dtype == FPW_I8 || w.dtype == FPW_I4),
+              "fpewiden: only bitmask matrices of int8 or int4 values are spread");
+  at::Tensor out = at::empty({fpw_spread_bytes(&w)}, values.options());
+  void* d = out.data_ptr();
+  if (w.dtype == FPW_I4 && cols % 2)  // rows share bytes: one pass
+    fpw_spread(&w, d, 0, rows);
+  else
+    at::parallel_for(0, rows, grain(w, 1), [&](int64_t u0, int64_t u1) { fpw_spread(&w, d, u0, u1); });
+  return out;
+}
+
 // A copy of `t` in memory the kernel may back with 2 MiB pages (madvise; this machine's THP mode is "madvise"):
 // one TLB entry per 2 MiB instead of per 4 KiB. Measured at 11008x4096, 50%, one thread: 7.1 -> 6.1-6.5 ms.
 at::Tensor hugepage_copy(const at::Tensor& t) {
@@ -257,6 +274,10 @@ bool has_q8(std::string isa, int64_t dtype) { return fpw_select_q8_for(isa.c_str
 
 bool has_vnni() { return fpw_select_q8() != nullptr; }
 
+bool runs_spread(std::string isa, int64_t format, int64_t dtype) {
+  return fpw_runs_spread(isa.c_str(), (int32_t)format, (int32_t)dtype) != 0;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fpewiden, m) {
@@ -266,15 +287,20 @@ TORCH_LIBRARY(fpewiden, m) {
   m.def(
       "packed_unpack(Tensor values, Tensor bits, Tensor? row_ptr, int rows, int cols, int format, int dtype, int alpha, "
       "int planes, int stride, str isa, Tensor? scales=None, int group=0) -> Tensor");
+  m.def(
+      "packed_spread(Tensor values, Tensor bits, Tensor? row_ptr, int rows, int cols, int format, int dtype, int alpha, "
+      "int planes, int stride, Tensor? scales=None, int group=0) -> Tensor");
   m.def("hugepage_copy(Tensor t) -> Tensor");
   m.def("best_isa() -> str", &best_isa);
   m.def("has_isa(str isa) -> bool", &has_isa);
   m.def("has_q8(str isa, int dtype) -> bool", &has_q8);
   m.def("has_vnni() -> bool", &has_vnni);
+  m.def("runs_spread(str isa, int format, int dtype) -> bool", &runs_spread);
 }
 
 TORCH_LIBRARY_IMPL(fpewiden, CPU, m) {
   m.impl("packed_linear", &linear);
   m.impl("packed_unpack", &unpack);
+  m.impl("packed_spread", &spread);
   m.impl("hugepage_copy", &hugepage_copy);
 }

@@ -124,6 +124,32 @@ void run_all(const FpwMatrix& w, int64_t gemv_batch, int64_t spmm_batch, const f
     }
     free(q);
   }
+  // the dense layout's values a bitmask matrix of int8 or int4 values is spread to (fpw_runs_spread), in two
+  // ranges as threads split it where rows own their bytes: every weight the stored matrix's (a raw matrix's
+  // infinite or NaN scales left out: 0 times one is not 0)
+  if (w.format == FPW_BITMASK && (w.dtype == FPW_I8 || w.dtype == FPW_I4)) {
+    uint8_t* spread = exact<uint8_t>((size_t)fpw_spread_bytes(&w));
+    if (w.dtype == FPW_I8 || w.cols % 2 == 0) {
+      fpw_spread(&w, spread, 0, units / 2);
+      fpw_spread(&w, spread, units / 2, units);
+    } else {
+      fpw_spread(&w, spread, 0, units);
+    }
+    FpwMatrix d = w;
+    d.format = FPW_DENSE, d.values = spread, d.bits = nullptr, d.row_ptr = nullptr, d.stride = 0, d.alpha = 1;
+    d.planes = 0;
+    float* got = exact<float>(w.rows * w.cols);
+    fpw_unpack(&d, got, 0, units);
+    fpw_unpack(&w, dense, 0, units);
+    const int64_t groups = w.dtype == FPW_I4 ? (w.cols + w.group - 1) / w.group : 1;
+    for (int64_t r = 0; r < w.rows; r++)
+      for (int64_t j = 0; j < w.cols; j++)
+        if (std::isfinite(w.scales[r * groups + j / (w.dtype == FPW_I4 ? w.group : w.cols)]) &&
+            got[r * w.cols + j] != dense[r * w.cols + j])
+          __builtin_trap();  // the spread values are not the stored matrix
+    free(got);
+    free(spread);
+  }
   fpw_unpack(&w, dense, 0, units);
   free(x);
   free(y);

@@ -11,7 +11,9 @@
 // `intra_op_num_threads` sets them as for every other node. Few inputs run the decode kernel (weights streamed
 // once per 8 inputs), more run the token-batch kernel (the batch in SIMD lanes); int8 and int4 values run with
 // int8 inputs at every batch where an int8-input kernel runs beside the chosen ISA's (the torch op's gemv_q8: VNNI
-// for int8 and int4 values, AVX2 for int8 values).
+// for int8 and int4 values, AVX2 for int8 values). Where the chosen ISA runs a layout slower than dense
+// (fpw_runs_spread: int8 and int4 bitmask matrices on AVX2), the values are spread to the dense layout once, at
+// session creation, and run for few inputs (below), as the torch op's PackedLinear does; more run the stored layout.
 //
 // Built against the C API headers of ONNX Runtime 1.21 (API version 21): it loads in any ONNX Runtime >= 1.21.
 #define ORT_API_MANUAL_INIT
@@ -58,6 +60,8 @@ void huge_pages(const void* p, size_t bytes) {
 struct Kernel {
   FpwMatrix w{};        // the op's fields
   FpwMatrix checked{};  // the matrix over the constant initializers, validated at creation
+  FpwMatrix run{};      // what the kernels run for them: `checked`, or its values spread (fpw_runs_spread)
+  std::vector<uint8_t> spread;
   bool validated = false;
   const FpwKernels* k = nullptr;
 
@@ -101,6 +105,16 @@ struct Kernel {
       const size_t size = checked.dtype == FPW_F32 ? 4 : checked.dtype == FPW_I8 || checked.dtype == FPW_I4 ? 1 : 2;
       huge_pages(checked.values, info.GetElementCount() * size);
       huge_pages(checked.bits, arrays[1].GetTensorTypeAndShapeInfo().GetElementCount());
+      run = checked;
+      // where this ISA runs the layout slower than dense, the values spread once, as the torch op does (ops.py):
+      // held beside the initializers (ONNX Runtime keeps those)
+      if (fpw_runs_spread(k->isa, checked.format, checked.dtype)) {
+        spread.resize((size_t)fpw_spread_bytes(&checked));
+        fpw_spread(&checked, spread.data(), 0, checked.rows);
+        huge_pages(spread.data(), spread.size());
+        run.format = FPW_DENSE, run.values = spread.data(), run.bits = nullptr, run.row_ptr = nullptr;
+        run.stride = 0, run.alpha = 1, run.planes = 0;
+      }
     }
   }
 
@@ -197,7 +211,12 @@ struct Kernel {
                       bits.GetTensorRawData() == checked.bits &&
                       (!checked.row_ptr || (row_ptr && row_ptr.GetTensorRawData() == checked.row_ptr)) &&
                       (!checked.scales || (scales && scales.GetTensorRawData() == checked.scales));
-    const FpwMatrix m = same ? checked : matrix(values, bits, row_ptr, scales);
+    // spread values (`run`) where they decoded faster in every case measured (bench/results/quantized/avx2_spread):
+    // int4 up to GEMV_MAX inputs (beyond, the token-batch kernel's work follows the non-zeros), int8 while its
+    // inputs (n x cols bytes) fit 64 KiB (4 inputs of the 22016 columns of a widened down matrix did not, and its
+    // stored rows won there); the torch op picks per batch by measurement instead (crossover.py)
+    const bool few = checked.dtype == FPW_I4 ? n <= GEMV_MAX : n * w.cols <= (int64_t(1) << 16);
+    const FpwMatrix m = same ? (few ? run : checked) : matrix(values, bits, row_ptr, scales);
     const int64_t units = m.format == FPW_PARENT ? m.rows / m.alpha : m.rows;
     const float* b = nullptr;
     if (bias) {
