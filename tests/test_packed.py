@@ -166,6 +166,8 @@ def test_int8_activations_compute_exactly_the_quantized_product(path):
     big = [fmt.pack_dense(sparse(5, 300, 1.0), fmt.INT4, group=16), fmt.pack_bitmask(sparse(6, 257, 0.4), fmt.INT4)]
     big += [fmt.pack_parent(widened(3, 201, 2), 2, fmt.INT4, group=128)]  # odd columns: rows start mid-byte
     wide = [fmt.pack_bitmask(sparse(3, 4111, 0.5), torch.int8), fmt.pack_parent(widened(2, 1000, 3), 3, torch.int8)]
+    # inputs past the L1 cache: the avx2 kernel's column chunks, over blocks of 16 rows and a partial one
+    wide += [fmt.pack_dense(sparse(3, 20000, 1.0), torch.int8), fmt.pack_bitmask(sparse(37, 9000, 0.3), torch.int8)]
     cases = int8_cases() + wide + (int4_cases() + big if path == "avx512" else [])
     for pm in cases:
         bias = torch.randn(pm.rows, generator=g)
@@ -188,14 +190,20 @@ def test_int8_activations_compute_exactly_the_quantized_product(path):
 
 @pytest.mark.skipif(not {"avx512", "avx2"} <= set(Q8_PATHS), reason="needs both int8-input kernels")
 def test_the_avx2_and_vnni_int8_kernels_agree_bit_for_bit():
-    """Both sum exactly in int32 and scale alike: a model gives the same outputs on a Zen 3 and a Zen 4."""
+    """Both sum exactly in int32 and scale alike: a model gives the same outputs on a Zen 3 and a Zen 4; on
+    AVX2 from the stored bitmask or its spread values, one pass over the columns or chunks of them (rows of 9000 and
+    17000 columns: several inputs outgrow the L1 cache)."""
     g = torch.Generator().manual_seed(6)
-    for pm in [*int8_cases(), fmt.pack_bitmask(sparse(7, 2053, 0.3), torch.int8)]:
+    wide = [fmt.pack_bitmask(sparse(7, 2053, 0.3), torch.int8), fmt.pack_bitmask(sparse(19, 9000, 0.4), torch.int8)]
+    for pm in [*int8_cases(), *wide, fmt.pack_dense(sparse(18, 17000, 1.0), torch.int8)]:
         bias = torch.randn(pm.rows, generator=g)
         x = torch.randn(7, pm.cols, generator=g) * 3
         a, b = PackedLinear(pm, bias, kernel="avx512"), PackedLinear(pm, bias, kernel="avx2")
         for batch in (1, 2, 5, 7):
-            assert torch.equal(a(x[:batch], mode="gemv"), b(x[:batch], mode="gemv")), (pm.format, pm.cols, batch)
+            want = a(x[:batch], mode="gemv")
+            assert torch.equal(want, b(x[:batch], mode="gemv")), (pm.format, pm.cols, batch)
+            if "gemv_stored" in b.modes():
+                assert torch.equal(want, b(x[:batch], mode="gemv_stored")), (pm.format, pm.cols, batch)
 
 
 @pytest.mark.skipif("avx2" not in PATHS, reason="no AVX2 on this CPU")

@@ -80,22 +80,22 @@ inline __m256i dot32(__m256i acc, __m256i absw, __m256i w, __m256i x) {
   return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
 }
 
-// One bitmask or dense row against B inputs. Columns run 32 at a time; the last 16 or fewer columns of a dense row
-// are read as 16 bytes (the values' FPW_PAD covers the last row), the inputs past `cols` being 0.
+// Columns [j0, j1) of one bitmask or dense row against B inputs, into acc; `vp` is the row's values at column j0
+// (bitmask: advanced past the values used). Columns run 32 at a time; where j1 = cols, the last 16 or fewer
+// columns of a dense row are read as 16 bytes (the values' FPW_PAD covers the last row), the inputs past `cols`
+// being 0. j0 is a multiple of 32.
 template <int B, bool DENSE>
-inline void row_q8(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, const float* sx, const float* bias, float* y,
-                   int64_t ldy, int64_t r) {
-  const int64_t n = w.cols;
-  const int8_t* vp = (const int8_t*)w.values + (DENSE ? r * n : w.row_ptr[r]);
-  const uint8_t* bp = DENSE ? nullptr : w.bits + r * w.stride;
-  __m256i acc[B];
-#pragma GCC unroll 4
-  for (int b = 0; b < B; b++) acc[b] = _mm256_setzero_si256();
-  int64_t j = 0;
-  for (; j + 32 <= n; j += 32) {
+inline void cols_q8(const int8_t*& vp, const uint8_t* bp, const int8_t* xq, int64_t ldxq, int64_t j0, int64_t j1,
+                    __m256i* acc, const int8_t* pf = nullptr, const uint8_t* pfb = nullptr) {
+  int64_t j = j0;
+  for (; j + 32 <= j1; j += 32) {
+    if (pf != nullptr && ((j - j0) & 63) == 0) {  // the next row's stretch, a line per 64 columns
+      _mm_prefetch((const char*)(pf + (j - j0)), _MM_HINT_T0);
+      if (!DENSE && (j & 511) == 0) _mm_prefetch((const char*)(pfb + j / 8), _MM_HINT_T0);
+    }
     __m256i wv;
     if (DENSE) {
-      wv = _mm256_loadu_si256((const __m256i*)(vp + j));
+      wv = _mm256_loadu_si256((const __m256i*)(vp + j - j0));
     } else {
       const uint32_t m = bits32(bp + j / 8);
       const __m128i a = spread16(vp, m & 0xFFFF);
@@ -106,10 +106,10 @@ inline void row_q8(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, const flo
     for (int b = 0; b < B; b++)
       acc[b] = dot32(acc[b], absw, wv, _mm256_loadu_si256((const __m256i*)(xq + b * ldxq + j)));
   }
-  for (; j < n; j += 16) {  // 16 columns in the low half, zeros in the high half
+  for (; j < j1; j += 16) {  // 16 columns in the low half, zeros in the high half
     __m128i w16;
     if (DENSE) {
-      w16 = _mm_loadu_si128((const __m128i*)(vp + j));
+      w16 = _mm_loadu_si128((const __m128i*)(vp + j - j0));
     } else {
       uint16_t m;
       memcpy(&m, bp + j / 8, 2);
@@ -123,10 +123,63 @@ inline void row_q8(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, const flo
       acc[b] = dot32(acc[b], absw, wv, xv);
     }
   }
+  if (DENSE) vp += j1 - j0;
+}
+
+// One bitmask or dense row against B inputs.
+template <int B, bool DENSE>
+inline void row_q8(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, const float* sx, const float* bias, float* y,
+                   int64_t ldy, int64_t r) {
+  const int8_t* vp = (const int8_t*)w.values + (DENSE ? r * w.cols : w.row_ptr[r]);
+  __m256i acc[B];
+#pragma GCC unroll 4
+  for (int b = 0; b < B; b++) acc[b] = _mm256_setzero_si256();
+  cols_q8<B, DENSE>(vp, DENSE ? nullptr : w.bits + r * w.stride, xq, ldxq, 0, w.cols, acc);
   const float s = w.scales[r];
 #pragma GCC unroll 4
   for (int b = 0; b < B; b++)
     y[b * ldy + r] = __builtin_fmaf((float)hsum(acc[b]), s * sx[b], bias ? bias[r] : 0.0f);
+}
+
+// Rows [u0, u1) where two or more inputs outgrow the L1 cache (B x cols bytes): CHUNK_BYTES of inputs at a time
+// against ROWS rows, so each chunk is read from L1 by every row; per row the chunks' exact int32 sums add up to
+// the same total as one pass (the outputs are row_q8's, bit for bit). Without it, 4 inputs of a 22016-column row
+// took 3x one input's time (bench/results/quantized/avx2_spread, the widened down matrix).
+constexpr int64_t CHUNK_BYTES = 16384, ROWS = 16;
+
+template <int B, bool DENSE>
+inline void rows_chunked_q8(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, const float* sx, const float* bias,
+                            float* y, int64_t ldy, int64_t u0, int64_t u1) {
+  const int64_t n = w.cols, chunk = CHUNK_BYTES / B / 32 * 32;
+  for (int64_t r0 = u0; r0 < u1; r0 += ROWS) {
+    const int rows = (int)(u1 - r0 < ROWS ? u1 - r0 : ROWS);
+    int32_t sums[ROWS][B] = {};
+    const int8_t* vp[ROWS];
+    for (int i = 0; i < rows; i++) vp[i] = (const int8_t*)w.values + (DENSE ? (r0 + i) * n : w.row_ptr[r0 + i]);
+    for (int64_t j0 = 0; j0 < n; j0 += chunk) {
+      const int64_t j1 = n - j0 < chunk ? n : j0 + chunk;
+      for (int i = 0; i < rows; i++) {
+        __m256i acc[B];
+#pragma GCC unroll 4
+        for (int b = 0; b < B; b++) acc[b] = _mm256_setzero_si256();
+        // each row's stretch is a few KB, too short for the hardware prefetcher to train on: the next row's
+        // (or the first row's next stretch) is prefetched while this one is summed
+        const int next = i + 1 < rows ? i + 1 : 0;
+        const int8_t* pf = i + 1 < rows || j1 < n ? vp[next] : nullptr;
+        const uint8_t* pfb = DENSE ? nullptr : w.bits + (r0 + next) * w.stride + (i + 1 < rows ? 0 : j1 - j0) / 8;
+        cols_q8<B, DENSE>(vp[i], DENSE ? nullptr : w.bits + (r0 + i) * w.stride, xq, ldxq, j0, j1, acc, pf, pfb);
+#pragma GCC unroll 4
+        for (int b = 0; b < B; b++) sums[i][b] += hsum(acc[b]);
+      }
+    }
+    for (int i = 0; i < rows; i++) {
+      const int64_t r = r0 + i;
+      const float s = w.scales[r];
+#pragma GCC unroll 4
+      for (int b = 0; b < B; b++)
+        y[b * ldy + r] = __builtin_fmaf((float)sums[i][b], s * sx[b], bias ? bias[r] : 0.0f);
+    }
+  }
 }
 
 // One parent's children against B inputs: the parent's dense values read once, each child's weights kept where its
@@ -180,6 +233,13 @@ inline void parent_q8(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, const 
 template <int B>
 inline void range_q8(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, const float* sx, const float* bias,
                      float* y, int64_t ldy, int64_t u0, int64_t u1) {
+  if (B > 1 && w.format != FPW_PARENT && B * w.cols > CHUNK_BYTES) {
+    if (w.format == FPW_DENSE)
+      rows_chunked_q8<B, true>(w, xq, ldxq, sx, bias, y, ldy, u0, u1);
+    else
+      rows_chunked_q8<B, false>(w, xq, ldxq, sx, bias, y, ldy, u0, u1);
+    return;
+  }
   for (int64_t u = u0; u < u1; u++) {
     if (w.format == FPW_DENSE) {
       row_q8<B, true>(w, xq, ldxq, sx, bias, y, ldy, u);
