@@ -18,10 +18,10 @@ values times its group's scale as it is loaded).
 
 Where the kernels decode a layout slower than the dense one (fpw_runs_spread in csrc/fpw_kernels.h: int8 and int4
 bitmask matrices on the avx2 kernels, which have no expand instruction), the layer spreads its values to the
-dense layout once, at construction, and `gemv` runs that; `gemv_stored` and `spmm` (work by the non-zeros) run the
-stored layout, and the crossover picks per batch (sparse int4 token batches and wide int8 matrices at 16 inputs
-win there; bench/results/quantized/avx2_spread). The file stays small, memory holds both, and an export writes
-the stored layout.
+dense layout once, at construction, and `gemv` runs that; `spmm` (work by the non-zeros) runs the stored layout,
+and the crossover picks per batch (sparse int4 token batches at low density win there;
+bench/results/quantized/avx2_spread). The file stays small, memory holds both, and an export writes the stored
+layout.
 """
 
 from __future__ import annotations
@@ -140,12 +140,9 @@ class PackedLinear(nn.Module):
                 and 16 <= self.in_features <= Q8_MAX_COLS and bool(torch.ops.fpewiden.has_vnni()))  # fmt: skip
 
     def modes(self) -> tuple[str, ...]:
-        """The modes this layer can run: MODES, `int8_mm` (inputs quantized per row, torch._int_mm on the int8
-        values, each output scaled once) for int8 layers with int8 activations, and `gemv_stored` (`gemv` on the
-        stored layout) where `gemv` runs spread values: a few wide matrices decode 8 or more inputs faster so
-        (bench/results/quantized/avx2_spread)."""
-        modes = (*MODES, "int8_mm") if self._int8_mm else MODES
-        return (*modes, "gemv_stored") if self._spread is not None else modes
+        """The modes this layer can run: MODES, and `int8_mm` (inputs quantized per row, torch._int_mm on the
+        int8 values, each output scaled once) for int8 layers with int8 activations."""
+        return (*MODES, "int8_mm") if self._int8_mm else MODES
 
     @property
     def packed(self) -> PackedMatrix:
@@ -173,11 +170,9 @@ class PackedLinear(nn.Module):
             y = F.linear(x2, self.dense, self.bias)
         else:
             mode = mode or self._mode(x2)
-            stored = mode == "gemv_stored"
-            mode = "gemv" if stored else mode
             if mode == "gemv" and self._gemv_q8:
                 mode = "gemv_q8"
-            spread = self._spread is not None and not stored and mode in ("gemv", "gemv_q8") and x2.is_cpu
+            spread = self._spread is not None and mode in ("gemv", "gemv_q8") and x2.is_cpu
             if spread and not torch.compiler.is_exporting():
                 arrays = (self._spread, _NO_BITS, None, FORMAT_CODES["dense"], 1, 0, 0)
             else:

@@ -119,8 +119,8 @@ void fpw_unpack_q8_avx512vnni(const FpwMatrix* w, int8_t* dense, int64_t u0, int
 // faster spread to the dense layout (fpw_spread) than in its own: on "avx2", bitmask matrices of int8 or int4
 // values. Without AVX-512's expand instructions, laying a row's values out by its mask costs more than the bytes
 // it saves, at every density from 5% to 50% (bench/avx2_spread.py; bench/results/quantized/avx2_spread). The
-// token-batch kernel (spmm, work by the non-zeros) keeps the stored layout, as does decoding more inputs where
-// the stored rows measure faster (the bindings keep both); the parent layout is never spread.
+// token-batch kernel (spmm, work by the non-zeros) keeps the stored layout (the bindings keep both); the parent
+// layout is never spread (it decodes one input faster than its dense expansion).
 int fpw_runs_spread(const char* isa, int32_t format, int32_t dtype);
 // Bytes of the dense layout's values for a bitmask matrix's: rows x cols int8 (int4: ceil(rows x cols / 2)
 // bytes), then FPW_PAD zero bytes.

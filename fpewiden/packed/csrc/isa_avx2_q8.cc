@@ -143,8 +143,10 @@ inline void row_q8(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, const flo
 
 // Rows [u0, u1) where two or more inputs outgrow the L1 cache (B x cols bytes): CHUNK_BYTES of inputs at a time
 // against ROWS rows, so each chunk is read from L1 by every row; per row the chunks' exact int32 sums add up to
-// the same total as one pass (the outputs are row_q8's, bit for bit). Without it, 4 inputs of a 22016-column row
-// took 3x one input's time (bench/results/quantized/avx2_spread, the widened down matrix).
+// the same total as one pass (the outputs are row_q8's, bit for bit). The next row's stretch is prefetched: a few KB
+// is too short for the hardware prefetcher to train on. 4 inputs of the 4096x22016 int8 matrix (Zen 5 forced to
+// AVX2) took 11.58 ms against 3.84 for one before (bench/results/quantized/avx2_spread as of 863d836), 5.09
+// against 3.68 with both (its results now).
 constexpr int64_t CHUNK_BYTES = 16384, ROWS = 16;
 
 template <int B, bool DENSE>

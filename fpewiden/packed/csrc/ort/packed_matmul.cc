@@ -212,11 +212,11 @@ struct Kernel {
                       (!checked.row_ptr || (row_ptr && row_ptr.GetTensorRawData() == checked.row_ptr)) &&
                       (!checked.scales || (scales && scales.GetTensorRawData() == checked.scales));
     // spread values (`run`) where they decoded faster in every case measured (bench/results/quantized/avx2_spread):
-    // int4 up to GEMV_MAX inputs (beyond, the token-batch kernel's work follows the non-zeros), int8 while its
-    // inputs (n x cols bytes) fit 64 KiB (4 inputs of the 22016 columns of a widened down matrix did not, and its
-    // stored rows won there); the torch op picks per batch by measurement instead (crossover.py)
-    const bool few = checked.dtype == FPW_I4 ? n <= GEMV_MAX : n * w.cols <= (int64_t(1) << 16);
-    const FpwMatrix m = same ? (few ? run : checked) : matrix(values, bits, row_ptr, scales);
+    // int8 at every batch (its int8-input kernel runs them all), int4 up to GEMV_MAX inputs (beyond, the token-batch
+    // kernel's work follows the non-zeros: sparse int4 won there at low density); the torch op picks per batch by
+    // measurement instead (crossover.py)
+    const bool spread_here = checked.dtype == FPW_I8 || n <= GEMV_MAX;
+    const FpwMatrix m = same ? (spread_here ? run : checked) : matrix(values, bits, row_ptr, scales);
     const int64_t units = m.format == FPW_PARENT ? m.rows / m.alpha : m.rows;
     const float* b = nullptr;
     if (bias) {
