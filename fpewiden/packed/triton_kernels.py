@@ -55,6 +55,14 @@ def _scaled(v, scales_ptr, unit, j, mask, groups, group, SCALED: tl.constexpr):
 
 
 @triton.jit
+def _dense_tile(values_ptr, scales_ptr, unit, cols, j, mask, groups, group, SCALED: tl.constexpr, INT4: tl.constexpr):
+    """The [U, K] tile at columns j of units stored as dense rows (the dense layout's rows, the parent layout's
+    parent rows), each weight times its scale."""
+    v = _values(values_ptr, unit[:, None] * cols + j[None, :], mask, INT4)
+    return _scaled(v, scales_ptr, unit, j, mask, groups, group, SCALED)
+
+
+@triton.jit
 def _bitmask_tile(values_ptr, bits_ptr, start, running, r, stride, j, mask, INT4: tl.constexpr):
     """The dense [R, K] tile of a bitmask matrix at columns j (unscaled), and how many non-zeros it held per row."""
     bit = _bits(bits_ptr, r, stride, j, mask)
@@ -108,8 +116,7 @@ def _parent_gemv(x_ptr, values_ptr, bits_ptr, bias_ptr, y_ptr, scales_ptr, paren
         j = k0 + tl.arange(0, K)
         jmask = j < cols
         mask = imask[:, None] & jmask[None, :]
-        v = _values(values_ptr, i[:, None] * cols + j[None, :], mask, INT4)
-        v = _scaled(v, scales_ptr, i, j, mask, groups, group, SCALED)  # a parent's scales: its children's
+        v = _dense_tile(values_ptr, scales_ptr, i, cols, j, mask, groups, group, SCALED, INT4)  # children share
         child = _child_ids(bits_ptr, i, parents, stride, j, mask, PLANES)
         prod = v * tl.load(x_ptr + b * cols + j, mask=jmask, other=0.0)[None, :]
         acc += tl.sum(tl.where(child[:, None, :] == c[None, :, None], prod[:, None, :], 0.0), axis=2)
@@ -157,8 +164,7 @@ def _parent_spmm(x_ptr, values_ptr, bits_ptr, bias_ptr, y_ptr, scales_ptr, n, pa
         j = k0 + tl.arange(0, K)
         jmask = j < cols
         mask = imask[:, None] & jmask[None, :]
-        v = _values(values_ptr, i[:, None] * cols + j[None, :], mask, INT4)
-        v = _scaled(v, scales_ptr, i, j, mask, groups, group, SCALED)
+        v = _dense_tile(values_ptr, scales_ptr, i, cols, j, mask, groups, group, SCALED, INT4)
         v = tl.where(_child_ids(bits_ptr, i, parents, stride, j, mask, PLANES) == c, v, 0.0)
         xt = tl.load(x_ptr + t[None, :] * cols + j[:, None], mask=jmask[:, None] & tmask[None, :], other=0.0)
         acc += tl.dot(v, xt, input_precision="ieee")
@@ -180,8 +186,7 @@ def _dense_gemv(x_ptr, values_ptr, bias_ptr, y_ptr, scales_ptr, rows, cols, grou
         j = k0 + tl.arange(0, K)
         jmask = j < cols
         mask = rmask[:, None] & jmask[None, :]
-        v = _scaled(_values(values_ptr, r[:, None] * cols + j[None, :], mask, INT4), scales_ptr, r, j, mask, groups,
-                    group, SCALED)  # fmt: skip
+        v = _dense_tile(values_ptr, scales_ptr, r, cols, j, mask, groups, group, SCALED, INT4)
         acc += tl.sum(v * tl.load(x_ptr + b * cols + j, mask=jmask, other=0.0)[None, :], axis=1)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + r, mask=rmask, other=0.0)
@@ -200,8 +205,7 @@ def _dense_spmm(x_ptr, values_ptr, bias_ptr, y_ptr, scales_ptr, n, rows, cols, g
         j = k0 + tl.arange(0, K)
         jmask = j < cols
         mask = rmask[:, None] & jmask[None, :]
-        v = _scaled(_values(values_ptr, r[:, None] * cols + j[None, :], mask, INT4), scales_ptr, r, j, mask, groups,
-                    group, SCALED)  # fmt: skip
+        v = _dense_tile(values_ptr, scales_ptr, r, cols, j, mask, groups, group, SCALED, INT4)
         xt = tl.load(x_ptr + t[None, :] * cols + j[:, None], mask=jmask[:, None] & tmask[None, :], other=0.0)
         acc += tl.dot(v, xt, input_precision="ieee")
     if HAS_BIAS:
