@@ -138,7 +138,11 @@ extern "C" void fpw_spread(const FpwMatrix* w, void* dense, int64_t u0, int64_t 
       const uint8_t* row = w->bits + r * w->stride;
       const int8_t* v = values + w->row_ptr[r];
       int8_t* o = out + r * n;
-      for (int64_t j = 0; j < n; j++) o[j] = bit_at(row, j) ? *v++ : 0;
+      for (int64_t j = 0; j < n; j++) {  // branch-free: a random mask defeats the branch predictor
+        const int b = bit_at(row, j);
+        o[j] = (int8_t)(*v & -b);  // *v is in bounds: a row's next value, or the values' FPW_PAD zeros
+        v += b;
+      }
     }
     if (u1 == w->rows) memset(out + w->rows * n, 0, FPW_PAD);
     return;
@@ -150,10 +154,11 @@ extern "C" void fpw_spread(const FpwMatrix* w, void* dense, int64_t u0, int64_t 
   for (int64_t r = u0; r < u1; r++) {
     const uint8_t* row = w->bits + r * w->stride;
     int64_t p = w->row_ptr[r];
-    for (int64_t j = 0; j < n; j++) {
-      if (!bit_at(row, j)) continue;
+    for (int64_t j = 0; j < n; j++) {  // branch-free, as int8's
+      const int b = bit_at(row, j);
       const int64_t i = r * n + j;
-      out[i >> 1] |= (uint8_t)((fpw_nibble(values, p++) & 15) << ((i & 1) * 4));
+      out[i >> 1] |= (uint8_t)((fpw_nibble(values, p) & 15 & -b) << ((i & 1) * 4));
+      p += b;
     }
   }
   if (u1 == w->rows) memset(out + (w->rows * n + 1) / 2, 0, FPW_PAD);
