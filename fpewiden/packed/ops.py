@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fpewiden.errors import FpewidenError
 from fpewiden.packed import kernels
 from fpewiden.packed.format import DTYPE_CODES, INT4, PackedMatrix, unpack
 
@@ -73,8 +74,8 @@ class PackedLinear(nn.Module):
         self.format, self.alpha, self.planes, self.stride, self.nnz = pm.format, pm.alpha, pm.planes, pm.stride, pm.nnz
         self.group = pm.group
         self.kernel = kernel or kernels.path()
-        if self.kernel != "torch":
-            kernels.native_reason()  # a path named by the caller: the library it runs on loaded before first use
+        if self.kernel != "torch" and (reason := kernels.native_reason()) is not None:  # loads it otherwise
+            raise FpewidenError(f"the {self.kernel} kernels cannot run: the packed kernels are {reason}")
         self.register_buffer("values", _resident(pm.values, self.kernel))
         self.register_buffer("bits", _resident(pm.bits, self.kernel))
         self.register_buffer("row_ptr", pm.row_ptr.contiguous() if pm.row_ptr is not None else None)
