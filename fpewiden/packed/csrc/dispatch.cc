@@ -36,7 +36,8 @@ static const Features& cpu() {
   return f;
 }
 
-extern "C" int fpw_q8_short_rows_one_at_a_time(void) { return !cpu().zen5; }
+// 8 KB: four of the decode shapes' 2 KB rows (bench/results/quantized/decode_zen5_stream)
+extern "C" int64_t fpw_q8_prefetch_bytes(void) { return cpu().zen5 ? 8192 : 0; }
 
 extern "C" FpwGemvQ8 fpw_select_q8(void) { return cpu().q8 ? fpw_gemv_q8_avx512vnni : NULL; }
 

@@ -101,9 +101,9 @@ const FpwKernels* fpw_kernels_portable(void);
 const FpwKernels* fpw_select(const char* isa);
 // The int8-activation kernel (AVX-512 VNNI + VBMI + VBMI2), or NULL where this CPU lacks those.
 FpwGemvQ8 fpw_select_q8(void);
-// Whether the VNNI kernel streams dense int8 rows of up to 4 KB one at a time (true but on AMD Zen 5, where 8 rows
-// per pass and a prefetch of the next pass decoded faster): read once from CPUID.
-int fpw_q8_short_rows_one_at_a_time(void);
+// How far ahead (bytes) the VNNI kernel prefetches int8 rows for few inputs, reading dense rows one at a time: 0 for
+// one pass ahead and dense rows unprefetched, as on Zen 4 and the Intel Xeons (read once from CPUID).
+int64_t fpw_q8_prefetch_bytes(void);
 // The int8-activation kernel that runs beside an ISA's kernels ("avx512": the VNNI kernel, int8 and int4 values;
 // "avx2": fpw_gemv_q8_avx2, int8 values), or NULL where this CPU or the value type (an FpwDtype) has none.
 FpwGemvQ8 fpw_select_q8_for(const char* isa, int32_t dtype);

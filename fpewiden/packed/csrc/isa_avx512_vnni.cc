@@ -28,9 +28,9 @@ inline uint64_t word_at(const uint8_t* p) {
 
 inline __mmask64 first(int64_t n) { return n >= 64 ? ~(__mmask64)0 : _bzhi_u64(~(uint64_t)0, (unsigned)n); }
 
-template <int R, int B, bool DENSE>
+template <int R, int B, bool DENSE, bool WHOLE = false>
 inline void rows_q8(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, const float* sx, const int32_t* x128,
-                    const float* bias, float* y, int64_t ldy, int64_t r) {
+                    const float* bias, float* y, int64_t ldy, int64_t r, int64_t ahead) {
   // Every array indexed by constants once unrolled, and no branch in the loop body: GCC then keeps the
   // accumulators in registers (with the old `first(k)` branch it stored them to the stack every 64 columns).
   const int64_t n = w.cols;
@@ -45,24 +45,24 @@ inline void rows_q8(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, const fl
 #pragma GCC unroll 8
     for (int b = 0; b < B; b++) acc[i][b] = _mm512_setzero_si512();
   }
-  // Bitmask: the next pass's values and bits prefetched as one linear stream, a pass ahead. Rows of a few KB are
-  // too short for the hardware prefetcher to train on each (without this the layout streamed at half the dense
-  // layout's rate). Dense: the next pass's rows, a line each per 64 columns, on Zen 5 only (on Zen 4 prefetching
-  // dense rows made them slower, and short dense rows go one at a time there); decode on Zen 5 with and without it:
-  // bench/results/quantized/decode_zen5_prefetch and decode_zen5.
-  const char* dnext = DENSE && r + 2 * R <= w.rows && !fpw_q8_short_rows_one_at_a_time()
-                          ? (const char*)w.values + (r + R) * n
-                          : nullptr;
+  // The rows `ahead` of these (range_q8 sets how far) prefetched as they are summed: the values and bits of a
+  // bitmask pass as one linear stream, dense rows a line each per 64 columns (only where fpw_q8_prefetch_bytes says
+  // so: on Zen 4 prefetching dense rows made them slower). Rows of a few KB are too short for the hardware
+  // prefetcher to train on each (without this the bitmask layout streamed at half the dense layout's rate).
+  const bool ahead_ok = r + ahead + R <= w.rows;
+  const char* dnext = DENSE && ahead_ok && fpw_q8_prefetch_bytes() > 0 ? (const char*)w.values + (r + ahead) * n
+                                                                       : nullptr;
   const int64_t chunks = (n + 63) / 64;
-  const char* pf = DENSE ? nullptr : (const char*)w.values + w.row_ptr[r + R];
-  const int64_t pf_step = DENSE ? 0 : ((w.row_ptr[r + R] - w.row_ptr[r]) / chunks + 63) & ~(int64_t)63;
-  const char* pfb = DENSE ? nullptr : (const char*)w.bits + (r + R) * w.stride;
+  const char* pf = DENSE || !ahead_ok ? nullptr : (const char*)w.values + w.row_ptr[r + ahead];
+  const int64_t pf_step =
+      pf == nullptr ? 0 : ((w.row_ptr[r + ahead + R] - w.row_ptr[r + ahead]) / chunks + 63) & ~(int64_t)63;
+  const char* pfb = pf == nullptr ? nullptr : (const char*)w.bits + (r + ahead) * w.stride;
   for (int64_t j = 0; j < n; j += 64) {
     if (DENSE && dnext != nullptr) {
 #pragma GCC unroll 8
       for (int i = 0; i < R; i++) _mm_prefetch(dnext + i * n + j, _MM_HINT_T0);
     }
-    if (!DENSE) {
+    if (!DENSE && pf != nullptr) {
       for (int64_t q = 0; q < pf_step; q += 64) _mm_prefetch(pf + q, _MM_HINT_T0);
       pf += pf_step;
       if ((j & 511) == 0)
@@ -81,10 +81,11 @@ inline void rows_q8(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, const fl
       } else {
         const uint64_t m = word_at(bp[i] + j / 8);
         const uint64_t k = _mm_popcnt_u64(m);
-        // the packed values (a prefix load: never past the stored values; bzhi keeps all 64 bits for k = 64),
-        // made unsigned, then spread to their columns over 128s (the skipped zeros' value); the xor before the
-        // expand rather than after it measured faster on Zen 4
-        const __m512i packed = _mm512_maskz_loadu_epi8(_bzhi_u64(~(uint64_t)0, (unsigned)k), vp[i]);
+        // the packed values (WHOLE: 64 bytes, where the stored values go on for 64 more; else a prefix load,
+        // never past them: bzhi keeps all 64 bits for k = 64), made unsigned, then spread to their columns over
+        // 128s (the skipped zeros' value); the xor before the expand rather than after it measured faster on Zen 4
+        const __m512i packed = WHOLE ? _mm512_loadu_si512((const void*)vp[i])
+                                     : _mm512_maskz_loadu_epi8(_bzhi_u64(~(uint64_t)0, (unsigned)k), vp[i]);
         wv = _mm512_mask_expand_epi8(c128, m, _mm512_xor_si512(packed, c128));
         vp[i] += k;
       }
@@ -105,20 +106,28 @@ inline void rows_q8(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, const fl
 template <int R, int B, bool DENSE>
 inline void rows_in_passes(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, const float* sx, const int32_t* x128,
                            const float* bias, float* y, int64_t ldy, int64_t u0, int64_t u1) {
+  // How far ahead to prefetch: one pass, or where fpw_q8_prefetch_bytes names a distance, the rows that hold
+  // that many bytes (the matrix's mean row: values and bits)
+  const int64_t far = fpw_q8_prefetch_bytes();
+  const int64_t row_bytes = DENSE ? w.cols : w.row_ptr[w.rows] / (w.rows > 0 ? w.rows : 1) + w.stride;
+  const int64_t rows_far = far > 0 && row_bytes > 0 ? (far + row_bytes - 1) / row_bytes : 0;
+  const int64_t ahead = rows_far > R ? rows_far : R;
   int64_t r = u0;
-  for (; r + R <= u1; r += R) rows_q8<R, B, DENSE>(w, xq, ldxq, sx, x128, bias, y, ldy, r);
-  for (; r < u1; r++) rows_q8<1, B, DENSE>(w, xq, ldxq, sx, x128, bias, y, ldy, r);
+  if (!DENSE)  // whole 64-byte loads of a bitmask pass's values while they stay inside the stored values
+    for (const int64_t end = w.row_ptr[w.rows] + FPW_PAD; r + R <= u1 && w.row_ptr[r + R] + 64 <= end; r += R)
+      rows_q8<R, B, DENSE, true>(w, xq, ldxq, sx, x128, bias, y, ldy, r, ahead);
+  for (; r + R <= u1; r += R) rows_q8<R, B, DENSE>(w, xq, ldxq, sx, x128, bias, y, ldy, r, ahead);
+  for (; r < u1; r++) rows_q8<1, B, DENSE>(w, xq, ldxq, sx, x128, bias, y, ldy, r, ahead);
 }
 
 template <int B, bool DENSE>
 inline void range_q8(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, const float* sx, const int32_t* x128,
                      const float* bias, float* y, int64_t ldy, int64_t u0, int64_t u1) {
-  // Rows per pass: the dense layout's rows 8 at a time for one or two inputs, 4 for more; bitmask rows 2 at a time
-  // for one or two inputs, 4 for more. Except on Zen 4 and the Intel Xeons, where dense rows of up to 4 KB went one
-  // at a time, so the values were one sequential stream (8 short rows in flight outran the prefetcher there;
-  // bench/results/quantized/decode); on Zen 5 (AMD family 1Ah) 8 rows per pass decoded faster
-  // (bench/results/quantized/decode_zen5 against its before_r8.md).
-  if (DENSE && B <= 2 && w.cols <= 4096 && fpw_q8_short_rows_one_at_a_time())
+  // Rows per pass: dense rows one at a time for one or two inputs (one sequential stream: on Zen 4 and the Intel
+  // Xeons only rows of up to 4 KB, measured in bench/results/quantized/decode; on Zen 5 all, prefetched
+  // fpw_q8_prefetch_bytes ahead: decode_zen5_stream), else 8 for one or two inputs and 4 for more; bitmask rows 2
+  // at a time for one or two inputs, 4 for more.
+  if (DENSE && B <= 2 && (fpw_q8_prefetch_bytes() > 0 || w.cols <= 4096))
     return rows_in_passes<1, B, DENSE>(w, xq, ldxq, sx, x128, bias, y, ldy, u0, u1);
   constexpr int R = DENSE ? (B <= 2 ? 8 : 4) : (B <= 2 ? 2 : 4);
   rows_in_passes<R, B, DENSE>(w, xq, ldxq, sx, x128, bias, y, ldy, u0, u1);
