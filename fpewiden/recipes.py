@@ -45,6 +45,11 @@ class Conversion(BaseModel):
     reconstruct: bool = True
     select: Literal["wasserstein", "all"] = "all"
     expand_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0
+    # after fine-tuning, the model's weights on each of these grids (its mask kept), scored as a row of its own:
+    # GPTQ on the recipe's training inputs (convert --quantize), or round to nearest with `gptq: false`
+    quantize: list[Literal["int8", "int4"]] = Field(default_factory=list)
+    group_size: Annotated[int, Field(ge=16)] | None = None  # int4: inputs per scale (default 32)
+    gptq: bool = True
 
     _floats = field_validator("overlap", "dropconnect", "expand_fraction", mode="before")(yaml_float)
 
@@ -98,6 +103,31 @@ class Conversion(BaseModel):
             overlap=self.overlap,
             calibration=calibration,
         )
+
+    @model_validator(mode="after")
+    def _quantize(self) -> Conversion:
+        if len(set(self.quantize)) != len(self.quantize):
+            raise ValueError("quantize: each of int8, int4 at most once")
+        if self.group_size is not None and "int4" not in self.quantize:
+            raise ValueError("group_size is for quantize: [int4]; int8 has one scale per output row")
+        for bits in self.quantize:  # convert's own checks (an int8 group, a group that is no power of two)
+            try:
+                self.quantization(bits)
+            except (FpewidenError, ValidationError) as e:
+                msg = e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)
+                raise ValueError(msg.replace("--quantize", "quantize").replace("--group-size", "group_size")) from None
+        return self
+
+    def quantization(self, bits: str):
+        """convert's options for one of `quantize`'s grids."""
+        from fpewiden.convert.options import Quantization
+
+        q = Quantization.of(bits, self.group_size if bits == "int4" else None)
+        return q.model_copy(update={"compensate": self.gptq})
+
+    def quantized_label(self, bits: str) -> str:
+        group = f", group {self.quantization(bits).group_size}" if bits == "int4" else ""
+        return f"{self.label}, {bits}{group} ({'GPTQ' if self.gptq else 'round to nearest'})"
 
     @property
     def label(self) -> str:
@@ -160,6 +190,11 @@ class Recipe(TrainingSettings):
         data = self.data.strip()
         if any(c.split == "clause" for c in self.conversions) and not (data == "dnf" or data.startswith("dnf:")):
             raise ValueError("split clause needs a dnf: task (its clauses are the split)")
+        labels = [c.label for c in self.conversions]
+        labels += [c.quantized_label(b) for c in self.conversions for b in c.quantize]
+        if twice := sorted({x for x in labels if labels.count(x) > 1 or x == "dense"}):
+            # results are kept by label: two such rows would be scored as one model with twice the seeds
+            raise ValueError(f"two conversions give the same model, {twice[0]!r}: make one differ (or drop it)")
         return self
 
     def train_config(self, epochs: int, seed: int, dropconnect: float = 0.0) -> TrainConfig:

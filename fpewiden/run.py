@@ -31,7 +31,7 @@ from fpewiden.io.metadata import FpeMetadata
 from fpewiden.io.outputs import check_outputs
 from fpewiden.io.provenance import Provenance, digest, json_document, mark_dir, markdown_marker
 from fpewiden.model.chain_mlp import ChainMLP
-from fpewiden.recipes import Recipe
+from fpewiden.recipes import Conversion, Recipe
 from fpewiden.significance import difference_text, mean_interval, paired
 from fpewiden.train.finetune import finetune
 
@@ -99,6 +99,13 @@ def table_columns(summary: list[dict]) -> list[str]:
     return [*metrics, f"{metrics[0]}_at_conversion"] if metrics else metrics
 
 
+QUANTIZED_NOTE = (
+    "Rows naming int8 or int4: the fine-tuned model above them with its weights on that grid (its mask unchanged), "
+    "scored as its values dequantize; the closing bench leaves them out (its engines run fp32 weights): "
+    "`fpewiden pack --dtype` and `fpewiden bench` give their bytes and speed."
+)
+
+
 def markdown(recipe: Recipe, summary: list[dict], left_out: list[dict] | None = None) -> str:
     metrics = table_columns(summary)
     diff = difference_column(summary)
@@ -118,6 +125,8 @@ def markdown(recipe: Recipe, summary: list[dict], left_out: list[dict] | None = 
         cells = [f"{s[m]['mean']:.4f} ± {s[m]['std']:.4f}" if m in s else "" for m in metrics]
         cells += [difference_cell(s)] if diff else []
         lines.append(f"| {s['model']} | {s['neurons']} | {s['nnz']} | " + " | ".join(cells) + " |")
+    if any(c.quantize for c in recipe.conversions):
+        lines += ["", QUANTIZED_NOTE]
     for x in left_out or []:
         lines.append(f"\nLeft out: {x['model']} (seed {x['seed']}): {x['reason']}.")
     return "\n".join(lines) + "\n"
@@ -149,7 +158,7 @@ def _run(recipe: Recipe, stage: Path, out: Path, provenance: Provenance) -> dict
     rest = recipe.epochs - recipe.warmup_epochs
     rows: list[dict] = []
     left_out: list[dict] = []
-    jobs = len(recipe.seeds) * (2 + 2 * len(recipe.conversions))
+    jobs = len(recipe.seeds) * (2 + sum(2 + len(c.quantize) for c in recipe.conversions))
     with progress_bar() as bar:
         task = bar.add_task("run", total=jobs)
 
@@ -190,8 +199,8 @@ def _run(recipe: Recipe, stage: Path, out: Path, provenance: Provenance) -> dict
                 except EmptyLayerError as e:  # this conversion cannot exist; the others' work still counts
                     left_out.append({"model": c.label, "seed": seed, "reason": str(e)})
                     console().print(f"note: seed {seed}, {c.label}: left out: {e}")
-                    tick(f"seed {seed}: {c.label} left out")
-                    tick(f"seed {seed}: {c.label} left out")
+                    for _ in range(2 + len(c.quantize)):
+                        tick(f"seed {seed}: {c.label} left out")
                     continue
                 tick(f"seed {seed}: convert {c.label}")
                 final = d / f"{name}_ft.safetensors"
@@ -218,6 +227,12 @@ def _run(recipe: Recipe, stage: Path, out: Path, provenance: Provenance) -> dict
                     )
                 tick(f"seed {seed}: fine-tune {c.label}")
                 rows.append(_row(c.label, final, res, seed, initial))
+                for bits in c.quantize:
+                    quantized = d / f"{name}_{bits}.safetensors"
+                    _quantize(final, quantized, c, bits, recipe, seed)
+                    metrics = evaluate_checkpoint(quantized, recipe.data, seed)
+                    rows.append(_row(c.quantized_label(bits), quantized, {"final": metrics}, seed, {}) | {"grid": bits})
+                    tick(f"seed {seed}: {c.label}, {bits}")
     summary = _summarise(rows)
     bench_rows = _bench_first_seed(recipe, rows) if recipe.bench_repeat > 0 else []
     for r in rows:
@@ -244,18 +259,48 @@ def _run(recipe: Recipe, stage: Path, out: Path, provenance: Provenance) -> dict
     return result
 
 
+def _quantize(src: Path, dst: Path, c: Conversion, bits: str, recipe: Recipe, seed: int) -> None:
+    """The fine-tuned model's weights on `bits`'s grid, its mask unchanged: convert at α=1 and the same non-zeros,
+    selecting by magnitude without a refit (so the kept weights are the model's own), quantizing each matrix with
+    GPTQ on the recipe's training inputs (or rounding to nearest)."""
+    from fpewiden.convert import Calibration
+
+    calibration = Calibration(data=recipe.data, importance="magnitude", reconstruct=False)
+    opts = ConvertOptions(
+        alpha=1,
+        budget=Budget.parse("same"),
+        seed=seed,
+        activation=recipe.model.activation,
+        calibration=calibration,
+        quantize=c.quantization(bits),
+    )
+    convert(src, dst, opts)
+
+
+def evaluate_checkpoint(path: Path, data_spec: str, seed: int) -> dict[str, float]:
+    """Held-out metrics of a checkpoint as it is (no training): the split fine-tuning scores on."""
+    from fpewiden.data.labels import evaluate
+    from fpewiden.model.loaded import load_model
+
+    data = load_data(data_spec, seed)
+    return evaluate(load_model(path).model, data.x_val, data.y_val, data.kind)
+
+
 def _bench_first_seed(recipe: Recipe, rows: list[dict]) -> list[dict]:
-    """Every model the first seed produced, benchmarked together (dense first: the reference)."""
+    """Every model the first seed produced, benchmarked together (dense first: the reference), but the quantized
+    ones: the engines here run fp32 weights, so they would be timed and counted as fp32 (`fpewiden pack --dtype`
+    and `fpewiden bench` measure them)."""
     import torch
 
     from fpewiden.benchmark.mlp import bench
 
     seed = recipe.seeds[0]
-    paths = [Path(r["path"]) for r in rows if r["seed"] == seed]
+    rows = [r for r in rows if r["seed"] == seed and "grid" not in r]
+    paths = [Path(r["path"]) for r in rows]
     data = load_data(recipe.data, seed)
     device = torch.device("cpu") if recipe.device == "auto" else torch.device(recipe.device)
     out = bench(paths, data, [1, 32], ["torch", "ort"], device, repeat=recipe.bench_repeat, warmup=5, threads=2)
-    for r, label in zip(out, [r["model"] for r in rows if r["seed"] == seed], strict=True):
+    for r, label in zip(out, [r["model"] for r in rows], strict=True):
         r["model"] = label
     return out
 

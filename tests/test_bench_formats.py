@@ -45,6 +45,17 @@ def test_block_and_parent_bytes_of_a_shared_tied_pair():
     assert t["dense_fp32"] == (8 * 16 + 6 * 4) * 4  # the widened incoming matrix, stored densely
 
 
+def test_the_parent_format_keeps_a_copied_outgoing_matrix_in_fp32():
+    """An untied outgoing matrix counts at its smallest fp32-valued format, never at fp16's half bytes (which
+    change the numbers computed): a dense pair converted at α=1 is then never smaller than its dense fp32 self."""
+    masks = {"in": torch.ones(8, 32, dtype=torch.bool), "out": torch.ones(16, 8, dtype=torch.bool)}
+    t = model_bytes(masks, vectors=24, pairs=[PairLayout(("in",), "out", 1, None, False)])
+    assert t["parent"] == t["dense_fp32"] == (8 * 32 + 16 * 8) * 4 + 24 * 4
+    half = {"in": masks["in"], "out": torch.arange(128).view(16, 8) % 2 == 0}  # outgoing at 50%: bitmask
+    t = model_bytes(half, vectors=0, pairs=[PairLayout(("in",), "out", 2, None, False)])
+    assert t["parent"] == 4 * 32 * 4 + (4 * 32) // 8 + (64 * 4 + 16)  # parents, 1 bit each, outgoing bitmask
+
+
 def test_pareto_front():
     pts = [(100, 0.9), (50, 0.8), (50, 0.85), (200, 0.95), (120, 0.85), (10, 0.1), (200, 0.95)]
     # (50, 0.8) is dominated by (50, 0.85); (120, 0.85) by (100, 0.9); the duplicate (200, 0.95) points tie

@@ -79,6 +79,62 @@ def test_run_recipe_with_deployable_structures(tmp_path):
     assert res.exit_code == 2 and "grouped:G (G ≥ 1)" in res.stderr
 
 
+def test_a_recipe_quantizes_its_fine_tuned_models_with_their_masks_kept(tmp_path):
+    """`quantize`: each fine-tuned conversion again with its weights on an int8 or int4 grid (GPTQ on the training
+    inputs, or round to nearest), a row of its own scored on the held-out split; the mask is the fine-tuned
+    model's and the recorded scales describe the weights; the closing bench leaves the quantized files out."""
+    from fpewiden.quantize import BITS, Grid, on_grid
+    from fpewiden.run import evaluate_checkpoint
+
+    data = "dnf:inputs=12,clauses=6,literals=2,n=600"
+    recipe = {
+        "data": data,
+        "model": {"hidden": [4]},
+        "epochs": 3,
+        "warmup_epochs": 1,
+        "conversions": [
+            {"alpha": 2, "split": "random", "quantize": ["int8", "int4"], "group_size": 16},
+            {"alpha": 1, "budget": 0.5, "quantize": ["int4"], "gptq": False},
+        ],
+        "seeds": [0],
+        "bench_repeat": 2,
+    }
+    path = tmp_path / "q.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    res = cli("run", path, "--out", tmp_path / "out")
+    assert res.exit_code == 0, res.output
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    runs = {r["model"]: r for r in result["runs"]}
+    fpe = "FPE α=2 random"
+    quantized = {
+        f"{fpe}, int8 (GPTQ)": (runs[fpe], "int8", None),
+        f"{fpe}, int4, group 16 (GPTQ)": (runs[fpe], "int4", 16),
+        "magnitude pruning, budget 0.5, int4, group 32 (round to nearest)": (
+            runs["magnitude pruning, budget 0.5"], "int4", 32),
+    }  # fmt: skip
+    assert list(runs) == ["dense", fpe, *list(quantized)[:2], "magnitude pruning, budget 0.5", list(quantized)[2]]
+    for label, (base, bits, group) in quantized.items():
+        q, ft = open_checkpoint(Path(runs[label]["path"])), open_checkpoint(Path(base["path"]))
+        for name in ("0.weight", "2.weight"):
+            assert torch.equal(q.mask(name), ft.mask(name)), (label, name)
+            assert on_grid(q.get(name), q.scales[name], Grid(BITS[bits], group)), (label, name)
+            assert not torch.equal(q.get(name), ft.get(name))  # the weights did move onto the grid
+        assert runs[label]["final"] == evaluate_checkpoint(Path(runs[label]["path"]), data, 0)
+        assert runs[label]["nnz"] <= base["nnz"] and runs[label]["initial"] == {}
+    assert [b["model"] for b in result["bench"]] == ["dense", fpe, "magnitude pruning, budget 0.5"]
+    assert "Rows naming int8 or int4" in (tmp_path / "out" / "results.md").read_text()
+    for bad, msg in [
+        ({"quantize": ["int8", "int8"]}, "at most once"),
+        ({"quantize": ["int8"], "group_size": 16}, "group_size is for quantize: [int4]"),
+        ({"quantize": ["int4"], "group_size": 24}, "group_size 24: a power of two"),
+        ({"quantize": ["int2"]}, "conversions.0.quantize.0"),
+    ]:
+        path.write_text(yaml.safe_dump({**recipe, "conversions": [{"alpha": 2, **bad}]}))
+        res = cli("run", path, "--out", tmp_path / "bad")
+        assert res.exit_code == 2 and msg in res.stderr and "Traceback" not in res.output, (bad, res.output)
+        assert not (tmp_path / "bad").exists()
+
+
 def test_run_overrides_and_recipe_errors(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(

@@ -82,7 +82,9 @@ def _parent_pair(p: PairLayout, masks: dict[str, torch.Tensor], per: dict[str, d
     bits = math.ceil(math.log2(p.alpha)) if p.alpha > 1 else 0
     incoming = (ha // p.alpha) * d * 4 * len(p.ins) + math.ceil((ha // p.alpha) * d * bits / 8) * len(p.ins)
     o, cols = masks[p.out].shape
-    outgoing = o * cols * 4 if p.tied else min(v for v in per[p.out].values() if v is not None)
+    # the outgoing matrix in its smallest fp32-valued format (fp16/bf16 would change the numbers computed)
+    exact = [v for f, v in per[p.out].items() if v is not None and f not in ("dense_fp16", "dense_bf16")]
+    outgoing = o * cols * 4 if p.tied else min(exact)
     return incoming + outgoing
 
 

@@ -171,7 +171,8 @@ def figure(rows: list[dict], title: str):
     if first is not None:
         first.invert_yaxis()
     more = f" ({len(loads) - len(shown)} more workloads in the Markdown and JSON)" if len(loads) > len(shown) else ""
-    fig.suptitle("\n".join(textwrap.wrap(title + more, width=int(14 * fig.get_figwidth())) or [""]), fontsize=10)
+    # about 11 characters of a 10-point title per inch: 14 ran a long data spec past both edges
+    fig.suptitle("\n".join(textwrap.wrap(title + more, width=int(11 * fig.get_figwidth())) or [""]), fontsize=10)
     fig.legend(handles, names, loc="outside lower center", ncol=min(len(names), 6), fontsize=8, frameon=False)
     fig.canvas.draw()  # final layout and limits, so label boxes are measured where they will be drawn
     fig.set_layout_engine("none")  # and kept there: the point labels below must not move the panels
