@@ -143,7 +143,7 @@ inline __mmask64 child_q8(const uint64_t* planes, int c) {
 
 template <int R, int B, int A>
 inline void parents_q8(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, const float* sx, const int32_t* x128,
-                       const float* bias, float* y, int64_t ldy, int64_t i0) {
+                       const float* bias, float* y, int64_t ldy, int64_t i0, int64_t ahead) {
   constexpr int P = A <= 2 ? 1 : 2;
   const int64_t parents = w.rows / A, n = w.cols;
   const __m512i c128 = _mm512_set1_epi8((char)0x80);
@@ -160,9 +160,9 @@ inline void parents_q8(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, const
 #pragma GCC unroll 4
       for (int b = 0; b < B; b++) acc[i][c][b] = _mm512_setzero_si512();
   }
-  // the next pass's values and planes prefetched a pass ahead, as the bitmask layout's
-  const char* pf = (const char*)w.values + (i0 + R) * n;
-  const char* pfp = (const char*)w.bits + (i0 + R) * w.stride;
+  // the values and planes of the parents `ahead` of these prefetched as they are summed, as the bitmask layout's
+  const char* pf = (const char*)w.values + (i0 + ahead) * n;
+  const char* pfp = (const char*)w.bits + (i0 + ahead) * w.stride;
   for (int64_t j = 0; j < n; j += 64) {
 #pragma GCC unroll 8
     for (int q = 0; q < R; q++) _mm_prefetch(pf + q * n + j, _MM_HINT_T0);
@@ -204,11 +204,20 @@ inline void parents_q8(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, const
 template <int B, int A>
 inline void parent_range_q8(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, const float* sx,
                             const int32_t* x128, const float* bias, float* y, int64_t ldy, int64_t u0, int64_t u1) {
-  // parents per pass: as many as 24 accumulator registers hold (A children x B inputs), at most 4
+  // parents per pass: as many as 24 accumulator registers hold (A children x B inputs), at most 4; on Zen 5
+  // (fpw_q8_prefetch_bytes > 0) one at a time for one or two inputs, one sequential stream prefetched that far
+  // ahead, as dense rows (bench/results/quantized/q8_layouts against its before_parent_stream; bitmask rows, tried
+  // alike, ran slower one at a time)
+  const int64_t far = fpw_q8_prefetch_bytes(), per_parent = w.cols + (A <= 2 ? 1 : 2) * w.stride;
+  if (B <= 2 && far > 0) {
+    const int64_t ahead = (far + per_parent - 1) / per_parent;
+    for (int64_t i = u0; i < u1; i++) parents_q8<1, B, A>(w, xq, ldxq, sx, x128, bias, y, ldy, i, ahead);
+    return;
+  }
   constexpr int R = 24 / (A * B) > 4 ? 4 : 24 / (A * B);
   int64_t i = u0;
-  for (; i + R <= u1; i += R) parents_q8<R, B, A>(w, xq, ldxq, sx, x128, bias, y, ldy, i);
-  for (; i < u1; i++) parents_q8<1, B, A>(w, xq, ldxq, sx, x128, bias, y, ldy, i);
+  for (; i + R <= u1; i += R) parents_q8<R, B, A>(w, xq, ldxq, sx, x128, bias, y, ldy, i, R);
+  for (; i < u1; i++) parents_q8<1, B, A>(w, xq, ldxq, sx, x128, bias, y, ldy, i, 1);
 }
 
 template <int B>
