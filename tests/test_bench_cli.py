@@ -173,6 +173,44 @@ def test_bench_measures_packed_files_at_their_stored_bytes(tmp_path):
     assert res.exit_code == 2 and "measure it with --engines packed" in res.output
 
 
+def test_bench_counts_what_spread_layers_read(tmp_path, monkeypatch):
+    """On the avx2 kernels an int8 bitmask layer runs its values spread to the dense layout: bench keeps the file's
+    stored bytes as the model's size but counts the spread bytes as what each inference reads, and says so; on a
+    path that runs the bitmask itself, nothing is added."""
+    from fpewiden.packed import kernels
+    from fpewiden.packed.pack import pack_checkpoint
+    from fpewiden.packed.reader import read_packed
+
+    if "avx2" not in kernels.available():
+        pytest.skip("no AVX2 on this CPU")
+    src, data = tmp_path / "wide.safetensors", "dnf:inputs=128,clauses=6,literals=3,n=600"
+    save_file(ChainMLP.fresh([128, 64, 6]).tensors(), str(src))  # rows long enough for pack to keep the bitmask
+    half, i8 = tmp_path / "half.safetensors", tmp_path / "i8.safetensors"
+    convert(src, half, ConvertOptions(alpha=1, budget=Budget.parse("0.5")))
+    pack_checkpoint(half, i8, "int8")
+    assert {e.format for e in read_packed(i8).entries.values()} == {"bitmask"}
+    rows = {}
+    for path in ("avx2", *({"avx512", "portable"} & set(kernels.available()))):
+        monkeypatch.setenv(kernels.ENV, path)
+        out = tmp_path / f"{path}.json"
+        md = tmp_path / f"{path}.md"
+        res = runner.invoke(app, ["bench", str(half), str(i8), "--data", data, "--repeat", "3",
+                                  "--engines", "torch,packed", "--json", str(out), "--markdown", str(md)])  # fmt: skip
+        assert res.exit_code == 0, res.output
+        rows[path] = json.loads(out.read_text())["benchmarks"][1]
+        assert rows[path]["packed_kernel"] == path
+        assert ("spread to the dense layout" in md.read_text()) == (path == "avx2"), md.read_text()
+    spread = rows.pop("avx2")
+    # each bitmask matrix spread reads a byte per weight (and its scales) instead of its values, bits and offsets
+    entries = read_packed(i8).entries.values()
+    extra = sum(e.rows * e.cols - e.nnz - e.rows * -(-e.cols // 64) * 8 - (e.rows + 1) * 8 for e in entries)
+    assert spread["read_bytes"] == spread["best_bytes"] + extra
+    for r in rows.values():
+        assert "read_bytes" not in r and r["best_bytes"] == spread["best_bytes"]
+    for v in spread["latency"]["packed"].values():
+        assert v["weight_gb_per_s"] == pytest.approx(spread["read_bytes"] / (v["median_ms"] * 1e6))
+
+
 def test_bench_bad_inputs(tmp_path):
     src = models(tmp_path)[0]
     res = runner.invoke(app, ["bench", str(src), "--data", "dnf:inputs=20,clauses=6"])

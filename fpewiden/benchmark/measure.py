@@ -227,6 +227,8 @@ def weight_bytes(info: dict, engine: str) -> int | None:
     """The weight bytes an engine reads per call: dense fp32 for torch, the fast layout's where ONNX Runtime runs
     it, the packed ones for `packed`."""
     b = info["bytes"]
+    if engine in ("packed", "ort-packed") and info.get("read_bytes") is not None:  # layers spread at load
+        return info["read_bytes"]
     if b.get("stored") is not None:  # a quantized ONNX file: what it stores
         return b["stored"]
     if engine in ("packed", "ort-packed"):

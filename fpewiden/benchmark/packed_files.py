@@ -55,6 +55,7 @@ def packed_model(path: Path, engines: list[str]):
             stored += n * 4
             fp32 += n * 4
             nnz += int(torch.count_nonzero(pc.stored(name))) if len(header.shape) == 2 else 0
+    module = module_of(pc).eval()
     info = {
         "kind": "packed",
         "neurons": None,
@@ -66,7 +67,19 @@ def packed_model(path: Path, engines: list[str]):
     }
     if pc.kind == "hf":
         info["bytes_by_group"] = {"as stored": stored}
-    return info, module_of(pc).eval(), pc.kind
+    if (read := stored + spread_bytes(module)) != stored:
+        info["read_bytes"] = read
+    return info, module, pc.kind
+
+
+def spread_bytes(module: torch.nn.Module) -> int:
+    """The bytes the kernels here read beyond the stored ones: layers that run their values spread to the dense
+    layout (int8 and int4 bitmask matrices on the avx2 kernels, which lack an expand instruction) read that
+    layout's bytes, not the stored bitmask's."""
+    from fpewiden.packed.ops import PackedLinear
+
+    layers = [m for m in module.modules() if isinstance(m, PackedLinear) and m.running.format != m.format]
+    return sum(m.running.nbytes - m.nbytes for m in layers)
 
 
 def _not_embedding(name: str) -> bool:

@@ -136,6 +136,13 @@ def notes(rows: list[dict]) -> list[str]:
         )
     if any(r["latency"] for r in rows):
         out.append(sparse_note(rows))
+    if spread := [r for r in rows if r.get("read_bytes") is not None]:
+        read = ", ".join(f"{r['model']} {human_bytes(r['read_bytes'])}" for r in spread)
+        out.append(
+            f"On the {spread[0].get('packed_kernel')} kernels int8 and int4 bitmask layers run their values spread to "
+            f"the dense layout (faster there: bench/results/quantized/avx2_spread): an inference reads the spread "
+            f"bytes, not the file's ({read}; weight GB/s counts these)."
+        )
     return out
 
 
