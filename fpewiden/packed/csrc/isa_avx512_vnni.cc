@@ -129,7 +129,7 @@ inline void range_q8(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, const f
   // at a time for one or two inputs, 4 for more.
   if (DENSE && B <= 2 && (fpw_q8_prefetch_bytes() > 0 || w.cols <= 4096))
     return rows_in_passes<1, B, DENSE>(w, xq, ldxq, sx, x128, bias, y, ldy, u0, u1);
-  constexpr int R = DENSE ? (B <= 2 ? 8 : 4) : (B <= 2 ? 2 : 4);
+  constexpr int R = B > 4 ? 2 : DENSE ? (B <= 2 ? 8 : 4) : (B <= 2 ? 2 : 4);
   rows_in_passes<R, B, DENSE>(w, xq, ldxq, sx, x128, bias, y, ldy, u0, u1);
 }
 
@@ -214,7 +214,7 @@ inline void parent_range_q8(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, 
     for (int64_t i = u0; i < u1; i++) parents_q8<1, B, A>(w, xq, ldxq, sx, x128, bias, y, ldy, i, ahead);
     return;
   }
-  constexpr int R = 24 / (A * B) > 4 ? 4 : 24 / (A * B);
+  constexpr int R = 24 / (A * B) > 4 ? 4 : 24 / (A * B) < 1 ? 1 : 24 / (A * B);
   int64_t i = u0;
   for (; i + R <= u1; i += R) parents_q8<R, B, A>(w, xq, ldxq, sx, x128, bias, y, ldy, i, R);
   for (; i < u1; i++) parents_q8<1, B, A>(w, xq, ldxq, sx, x128, bias, y, ldy, i, 1);
@@ -508,17 +508,22 @@ void gemv_q4(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, const float* sx
 void gemv_any(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, const float* sx, int64_t batch, const float* bias,
               float* y, int64_t ldy, int64_t u0, int64_t u1) {
   if (w.dtype == FPW_I4) return gemv_q4(w, xq, ldxq, sx, batch, bias, y, ldy, u0, u1);
-  for (int64_t b0 = 0; b0 < batch; b0 += 4) {
+  // dense rows take 8 inputs per pass where 8 are left (two rows at a time: 16 accumulators), the other layouts 4
+  // (the dense int8 Llama pair at 16 inputs: bench/results/quantized/llama_ffn_zen5_stream; bitmask rows, whose
+  // expand the inputs share, ran no faster with 8)
+  const bool eight = w.format == FPW_DENSE;
+  for (int64_t b0 = 0, nb = 0; b0 < batch; b0 += nb) {
     const int8_t* xb = xq + b0 * ldxq;
     float* yb = y + b0 * ldy;
-    const int64_t nb = batch - b0 < 4 ? batch - b0 : 4;
-    int32_t x128[4];
+    nb = eight && batch - b0 >= 8 ? 8 : batch - b0 < 4 ? batch - b0 : 4;
+    int32_t x128[8];
     for (int64_t b = 0; b < nb; b++) x128[b] = times128_sum(xb + b * ldxq, w.cols);
     switch (nb) {
       case 1: range_any<1>(w, xb, ldxq, sx + b0, x128, bias, yb, ldy, u0, u1); break;
       case 2: range_any<2>(w, xb, ldxq, sx + b0, x128, bias, yb, ldy, u0, u1); break;
       case 3: range_any<3>(w, xb, ldxq, sx + b0, x128, bias, yb, ldy, u0, u1); break;
-      default: range_any<4>(w, xb, ldxq, sx + b0, x128, bias, yb, ldy, u0, u1); break;
+      case 4: range_any<4>(w, xb, ldxq, sx + b0, x128, bias, yb, ldy, u0, u1); break;
+      default: range_any<8>(w, xb, ldxq, sx + b0, x128, bias, yb, ldy, u0, u1); break;  // nb = 8
     }
   }
 }
