@@ -126,6 +126,8 @@ inline void cols_q8(const int8_t*& vp, const uint8_t* bp, const int8_t* xq, int6
   if (DENSE) vp += j1 - j0;
 }
 
+constexpr int64_t PREFETCH_BYTES = 8192;  // how far ahead row_q8 prefetches dense rows
+
 // One bitmask or dense row against B inputs.
 template <int B, bool DENSE>
 inline void row_q8(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, const float* sx, const float* bias, float* y,
@@ -134,7 +136,12 @@ inline void row_q8(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, const flo
   __m256i acc[B];
 #pragma GCC unroll 4
   for (int b = 0; b < B; b++) acc[b] = _mm256_setzero_si256();
-  cols_q8<B, DENSE>(vp, DENSE ? nullptr : w.bits + r * w.stride, xq, ldxq, 0, w.cols, acc);
+  // dense rows are one sequential stream: the row PREFETCH_BYTES ahead prefetched as this one is summed, as the
+  // VNNI kernel does on Zen 5 (measured on that Zen 5 forced to these kernels, bench/results/quantized/
+  // llama_ffn_zen5_avx2: not yet on an AVX2-only CPU)
+  const int64_t ahead = DENSE ? (PREFETCH_BYTES + w.cols - 1) / w.cols : 0;
+  const int8_t* pf = ahead > 0 && r + ahead < w.rows ? (const int8_t*)w.values + (r + ahead) * w.cols : nullptr;
+  cols_q8<B, DENSE>(vp, DENSE ? nullptr : w.bits + r * w.stride, xq, ldxq, 0, w.cols, acc, pf);
   const float s = w.scales[r];
 #pragma GCC unroll 4
   for (int b = 0; b < B; b++)
