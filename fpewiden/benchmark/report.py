@@ -136,14 +136,22 @@ def notes(rows: list[dict]) -> list[str]:
         )
     if any(r["latency"] for r in rows):
         out.append(sparse_note(rows))
-    if spread := [r for r in rows if r.get("read_bytes") is not None]:
-        read = ", ".join(f"{r['model']} {human_bytes(r['read_bytes'])}" for r in spread)
-        out.append(
-            f"On the {spread[0].get('packed_kernel')} kernels int8 and int4 bitmask layers run their values spread to "
-            f"the dense layout (faster there: bench/results/quantized/avx2_spread): an inference reads the spread "
-            f"bytes, not the file's ({read}; weight GB/s counts these)."
-        )
+    if spread := spread_note(rows):
+        out.append(spread)
     return out
+
+
+def spread_note(rows: list[dict]) -> str | None:
+    """Where packed layers run spread (the avx2 kernels), what an inference reads instead of the stored bytes."""
+    spread = [r for r in rows if r.get("read_bytes") is not None]
+    if not spread:
+        return None
+    read = ", ".join(f"{r['model']} {human_bytes(r['read_bytes'])}" for r in spread)
+    return (
+        f"On the {spread[0].get('packed_kernel')} kernels int8 and int4 bitmask layers run their values spread to "
+        f"the dense layout (faster there: bench/results/quantized/avx2_spread): an inference reads the spread "
+        f"bytes, not the file's ({read}; weight GB/s counts these)."
+    )
 
 
 def console_table(rows: list[dict]) -> Table:
@@ -183,6 +191,7 @@ def console_table(rows: list[dict]) -> Table:
             t.add_row(*(head if k == 0 else ["", "", ""]), eng, *cells, end_section=k == len(engs) - 1)
     more = len(workloads(rows)) - len(shown)
     caption = notes(rows)[0] + (f" {more} more workload(s) in --markdown and --json." if more > 0 else "")
+    caption += f" {spread}" if (spread := spread_note(rows)) else ""
     t.caption, t.caption_justify = caption, "left"
     return t
 
