@@ -192,7 +192,7 @@ class Recipe(TrainingSettings):
             raise ValueError("split clause needs a dnf: task (its clauses are the split)")
         labels = [c.label for c in self.conversions]
         labels += [c.quantized_label(b) for c in self.conversions for b in c.quantize]
-        if twice := sorted({x for x in labels if labels.count(x) > 1 or x == "dense"}):
+        if twice := sorted({x for x in labels if labels.count(x) > 1}):
             # results are kept by label: two such rows would be scored as one model with twice the seeds
             raise ValueError(f"two conversions give the same model, {twice[0]!r}: make one differ (or drop it)")
         return self

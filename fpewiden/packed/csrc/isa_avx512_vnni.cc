@@ -214,7 +214,7 @@ inline void parent_range_q8(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, 
     for (int64_t i = u0; i < u1; i++) parents_q8<1, B, A>(w, xq, ldxq, sx, x128, bias, y, ldy, i, ahead);
     return;
   }
-  constexpr int R = 24 / (A * B) > 4 ? 4 : 24 / (A * B) < 1 ? 1 : 24 / (A * B);
+  constexpr int R = 24 / (A * B) > 4 ? 4 : 24 / (A * B);
   int64_t i = u0;
   for (; i + R <= u1; i += R) parents_q8<R, B, A>(w, xq, ldxq, sx, x128, bias, y, ldy, i, R);
   for (; i < u1; i++) parents_q8<1, B, A>(w, xq, ldxq, sx, x128, bias, y, ldy, i, 1);
@@ -523,7 +523,7 @@ void gemv_any(const FpwMatrix& w, const int8_t* xq, int64_t ldxq, const float* s
       case 2: range_any<2>(w, xb, ldxq, sx + b0, x128, bias, yb, ldy, u0, u1); break;
       case 3: range_any<3>(w, xb, ldxq, sx + b0, x128, bias, yb, ldy, u0, u1); break;
       case 4: range_any<4>(w, xb, ldxq, sx + b0, x128, bias, yb, ldy, u0, u1); break;
-      default: range_any<8>(w, xb, ldxq, sx + b0, x128, bias, yb, ldy, u0, u1); break;  // nb = 8
+      default: range_q8<8, true>(w, xb, ldxq, sx + b0, x128, bias, yb, ldy, u0, u1); break;  // nb = 8: dense
     }
   }
 }
